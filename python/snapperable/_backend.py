@@ -1,0 +1,191 @@
+"""The backend contract, and the one place that chooses a backend, once, at import.
+
+Two implementations of the same contract exist: the Rust extension ``snapperable._core``
+and the standard-library fallback ``snapperable._pure``. They produce the same input keys
+byte for byte and read and write the same SQLite files, so a checkpoint written by one
+is resumed by the other. ``SNAPPERABLE_BACKEND`` picks one:
+
+- ``rust``: the extension is required; its ImportError propagates;
+- ``python``: the fallback, even where the extension is installed;
+- unset or ``auto``: the extension if it imports, else the fallback.
+
+Public modules import the backend from here, never ``_core`` or ``_pure`` directly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Literal, NamedTuple, Optional, Protocol, Sequence
+
+# Status of an item row (DESIGN 6.1): the integer stored in the `status` column.
+STATUS_OK = 0
+STATUS_FAILED = 1
+
+Synchronous = Literal["full", "normal"]
+
+
+class ItemRow(NamedTuple):
+    """One finished attempt at one item, as the writer appends it (DESIGN 6.1).
+
+    The Snapper builds these; both SQLite stores and the pickle store save them as given.
+    ``input`` and ``output`` are pickles (protocol 4); ``input`` is kept for failed items.
+    """
+
+    key: bytes
+    version: int
+    status: int
+    input: Optional[bytes]
+    output: Optional[bytes]
+    error_type: Optional[str]
+    error: Optional[str]
+    traceback: Optional[str]
+    attempts: int
+    started: float
+    ended: float
+
+
+class RowInfo(NamedTuple):
+    """An item row as read back for metrics and reports: everything but the output."""
+
+    seq: int
+    key: bytes
+    version: int
+    status: int
+    input: Optional[bytes]
+    error_type: Optional[str]
+    error: Optional[str]
+    traceback: Optional[str]
+    attempts: int
+    started: float
+    ended: float
+
+
+class VersionRow(NamedTuple):
+    """A function version known to a checkpoint.
+
+    ``fingerprint`` is what ``versioning.fingerprint`` (or ``version=``) gave;
+    ``parts`` is the JSON object of its named parts, kept to explain a change;
+    ``uses`` is the id whose results this version reads and writes: its own id, or an
+    older one when a change was accepted with ``on_version_change="keep"``.
+    """
+
+    id: int
+    fingerprint: str
+    parts: str
+    uses: int
+    created: float
+
+
+class KeySet(Protocol):
+    """A compact set of 16-byte input keys."""
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, key: object) -> bool: ...
+
+    def add(self, key: bytes) -> None: ...
+
+    def missing(self, keys: bytes) -> list[int]:
+        """Positions ``i`` whose key ``keys[16*i:16*i+16]`` is not in the set."""
+        ...
+
+
+class CheckpointStore(Protocol):
+    """An open checkpoint: the pending buffer, its writer, and reads.
+
+    ``record`` only buffers; a background writer commits what has accumulated (group
+    commit) once ``batch_size`` rows are pending, once the oldest has waited
+    ``max_wait_time`` seconds, or on ``flush``. A writer failure is raised, as
+    ``WriterError``, by the next ``record``, ``flush`` or ``close``; it is never dropped.
+    """
+
+    path: str
+
+    def versions(self) -> list[VersionRow]:
+        """Every known function version, oldest first."""
+        ...
+
+    def add_version(self, fingerprint: str, parts: str, uses: Optional[int]) -> int:
+        """Register a version (committed at once); ``uses=None`` means its own id."""
+        ...
+
+    def key_set(self, version: Optional[int], status: int) -> KeySet:
+        """Keys whose latest row for ``version`` has ``status``.
+
+        ``version=None``: keys whose latest row, for some version, has ``status``.
+        """
+        ...
+
+    def record(self, row: ItemRow) -> None: ...
+
+    def flush(self) -> None:
+        """Return once every recorded row is committed (durable per the store's setting)."""
+        ...
+
+    def outputs_for(self, version: int, keys: bytes) -> list[Any]:
+        """Unpickled outputs of the latest ok row of each key, in the order of ``keys``.
+
+        Keys without an ok row are left out; a key given twice gives its output twice.
+        """
+        ...
+
+    def all_outputs(self, version: int) -> list[Any]:
+        """Unpickled latest ok output of every key, in the order each key was first saved."""
+        ...
+
+    def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
+        """Every row (all versions when ``version`` is None), in the order saved."""
+        ...
+
+    def close(self) -> None:
+        """Flush, stop the writer and release the file. Idempotent."""
+        ...
+
+
+class Backend(Protocol):
+    """What each backend module provides at module level."""
+
+    BACKEND_NAME: str
+
+    def input_key(self, obj: object) -> bytes: ...
+
+    def input_keys(self, objs: Sequence[object]) -> bytes:
+        """The keys of ``objs`` concatenated, ``KEY_SIZE`` bytes each."""
+        ...
+
+    def new_key_set(self) -> KeySet: ...
+
+    def open_sqlite(
+        self,
+        path: str,
+        synchronous: Synchronous,
+        batch_size: int,
+        max_wait_time: Optional[float],
+    ) -> CheckpointStore:
+        """Open (creating with mode 0600 if missing) a SQLite checkpoint at ``path``."""
+        ...
+
+
+def _select() -> Backend:
+    choice = os.environ.get("SNAPPERABLE_BACKEND", "auto").strip().lower()
+    if choice not in ("auto", "rust", "python"):
+        raise ImportError(
+            f"SNAPPERABLE_BACKEND={choice!r} is not one of 'auto', 'rust', 'python'"
+        )
+    if choice == "python":
+        from snapperable import _pure
+
+        return _pure  # type: ignore[return-value]  # a module conforming to Backend
+    try:
+        from snapperable import _core
+    except ImportError:
+        if choice == "rust":
+            raise
+        from snapperable import _pure
+
+        return _pure  # type: ignore[return-value]
+    return _core  # type: ignore[return-value]
+
+
+backend: Backend = _select()
+BACKEND_NAME: str = backend.BACKEND_NAME

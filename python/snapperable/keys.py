@@ -1,0 +1,121 @@
+"""Input keys: the canonical encoding of DESIGN section 4, and its pure-Python reference.
+
+``input_key(x) = blake2b(b"K1" + canon(x), digest_size=16)``. The encoding is fixed by
+exact type, so a key never depends on the process (unlike ``hash()`` of a str) nor on
+insertion order (unlike the pickle of a set or a dict). The Rust core produces the very
+same bytes; ``tests/test_keys.py`` pins both to the vectors here.
+
+Known consequences, documented for users: ``1`` and ``1.0`` are different keys, as are
+``[1]`` and ``(1,)``; a key of an arbitrary object is only as stable as its pickle.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from hashlib import blake2b
+from typing import Callable
+
+KEY_SIZE = 16
+KEY_PREFIX = b"K1"
+MAX_DEPTH = 256
+PICKLE_PROTOCOL = 4
+
+_U32 = struct.Struct("<I")
+_F64 = struct.Struct(">d")
+_QUIET_NAN = bytes.fromhex("7ff8000000000000")
+_U32_MAX = 0xFFFFFFFF
+
+_KEY_HINT = "pass key= to Snapper to choose each item's identity yourself"
+
+
+def _length(n: int, what: str) -> bytes:
+    if n > _U32_MAX:
+        raise TypeError(f"cannot compute an input key: {what} is too large; {_KEY_HINT}")
+    return _U32.pack(n)
+
+
+def _canon_float(x: float) -> bytes:
+    if x != x:
+        return b"f" + _QUIET_NAN
+    return b"f" + _F64.pack(x + 0.0)  # x + 0.0 turns -0.0 into 0.0
+
+
+def _canon_int(x: int) -> bytes:
+    raw = x.to_bytes((x.bit_length() + 8) // 8, "little", signed=True)
+    return b"i" + _U32.pack(len(raw)) + raw
+
+
+def _canon_str(x: str) -> bytes:
+    raw = x.encode("utf-8", "surrogatepass")
+    return b"s" + _length(len(raw), "a str") + raw
+
+
+def _canon_bytes(x: bytes | bytearray) -> bytes:
+    return b"b" + _length(len(x), "a bytes value") + bytes(x)
+
+
+def _canon_pickled(x: object) -> bytes:
+    try:
+        raw = pickle.dumps(x, protocol=PICKLE_PROTOCOL)
+    except Exception as exc:  # pickling may raise anything (TypeError, PicklingError, ...)
+        raise TypeError(
+            f"cannot compute an input key for an object of type {type(x).__qualname__}: "
+            f"it cannot be pickled ({exc}); {_KEY_HINT}"
+        ) from exc
+    return b"p" + _length(len(raw), "a pickled object") + raw
+
+
+_SCALARS: dict[type, Callable[[object], bytes]] = {
+    int: _canon_int,  # type: ignore[dict-item]
+    float: _canon_float,  # type: ignore[dict-item]
+    str: _canon_str,  # type: ignore[dict-item]
+    bytes: _canon_bytes,  # type: ignore[dict-item]
+    bytearray: _canon_bytes,  # type: ignore[dict-item]
+}
+
+
+def canon(x: object, depth: int = 0) -> bytes:
+    """The canonical bytes of ``x`` (DESIGN section 4), without the ``K1`` prefix.
+
+    ``depth`` is how many containers enclose ``x``; a container deeper than
+    ``MAX_DEPTH`` levels raises ``TypeError``.
+    """
+    t = type(x)
+    scalar = _SCALARS.get(t)
+    if scalar is not None:
+        return scalar(x)
+    if x is None:
+        return b"n"
+    if t is bool:
+        return b"T" if x else b"F"
+    if t is tuple or t is list or t is dict or t is set or t is frozenset:
+        depth += 1
+        if depth > MAX_DEPTH:
+            raise TypeError(
+                f"cannot compute an input key: nesting is deeper than {MAX_DEPTH} levels; "
+                f"{_KEY_HINT}"
+            )
+        if t is tuple or t is list:
+            items = x  # type: ignore[assignment]
+            head = (b"t" if t is tuple else b"l") + _length(len(items), "a sequence")  # type: ignore[arg-type]
+            return head + b"".join([canon(item, depth) for item in items])  # type: ignore[attr-defined]
+        if t is dict:
+            pairs = sorted(
+                (canon(k, depth), canon(v, depth))
+                for k, v in x.items()  # type: ignore[attr-defined]
+            )
+            return b"d" + _length(len(pairs), "a dict") + b"".join(k + v for k, v in pairs)
+        members = sorted(canon(item, depth) for item in x)  # type: ignore[attr-defined]
+        return b"S" + _length(len(members), "a set") + b"".join(members)
+    return _canon_pickled(x)
+
+
+def input_key(x: object) -> bytes:
+    """The 16-byte key that identifies an input across runs and processes."""
+    return blake2b(KEY_PREFIX + canon(x), digest_size=KEY_SIZE).digest()
+
+
+def input_keys(items: list[object]) -> bytes:
+    """The keys of ``items``, concatenated (``KEY_SIZE`` bytes each)."""
+    return b"".join([input_key(x) for x in items])

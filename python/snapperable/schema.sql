@@ -1,0 +1,36 @@
+-- The SQLite checkpoint format, version 1 (DESIGN 6.1). Both backends run this file
+-- as it is (the Rust core embeds it with include_str!), so there is one schema.
+-- application_id 0x536e6150 ("SnaP") marks the file as a snapperable checkpoint;
+-- user_version is the format version.
+PRAGMA application_id = 1399742800;
+PRAGMA user_version = 1;
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+-- One row per function version. `uses` is the id whose results the version reads and
+-- writes: its own id, or an older one when a change was accepted with policy "keep".
+CREATE TABLE IF NOT EXISTS versions (
+    id INTEGER PRIMARY KEY,
+    fingerprint TEXT NOT NULL UNIQUE,
+    parts TEXT NOT NULL,
+    uses INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+-- Append-only: one row per finished item (all its attempts); a later row for the same
+-- (key, version) supersedes earlier ones. Reads scan in `seq` order, so no index is
+-- kept: appends stay sequential writes.
+CREATE TABLE IF NOT EXISTS items (
+    seq INTEGER PRIMARY KEY,
+    key BLOB NOT NULL,
+    version INTEGER NOT NULL,
+    status INTEGER NOT NULL,          -- 0 ok, 1 failed
+    input BLOB,                       -- pickle of the input; kept for failed items
+    output BLOB,                      -- pickle of the output (protocol 4); NULL if failed
+    error_type TEXT,
+    error TEXT,
+    traceback TEXT,
+    attempts INTEGER NOT NULL,
+    started REAL NOT NULL,            -- Unix time
+    ended REAL NOT NULL
+);
