@@ -1,0 +1,44 @@
+"""snapperable: resumable long loops with automatic checkpointing."""
+
+from snapperable._backend import BACKEND_NAME as backend
+from snapperable.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointLockedError,
+    ForkedProcessError,
+    FunctionChangedError,
+    SnapperableError,
+    TooManyConsecutiveErrors,
+    UnpicklableOutputError,
+    WriterError,
+)
+from snapperable.metrics import FailedItem, ProcessingMetric, RunPlan
+from snapperable.snapper import Snapper
+from snapperable.storage.base import SnapshotStorage
+from snapperable.storage.pickle_storage import PickleSnapshotStorage
+from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Snapper",
+    "SnapshotStorage",
+    "SQLiteSnapshotStorage",
+    "PickleSnapshotStorage",
+    "FailedItem",
+    "ProcessingMetric",
+    "RunPlan",
+    "backend",
+    "SnapperableError",
+    "CheckpointError",
+    "CheckpointCorruptError",
+    "CheckpointFormatError",
+    "CheckpointLockedError",
+    "WriterError",
+    "ForkedProcessError",
+    "FunctionChangedError",
+    "TooManyConsecutiveErrors",
+    "UnpicklableOutputError",
+    "__version__",
+]

@@ -1,0 +1,58 @@
+"""Reading an append-only item log: later rows for a (key, version) supersede earlier ones.
+
+The pure-Python SQLite store and the pickle store both fold their rows with these; the
+Rust core does the same fold in Rust.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any, Callable, Iterable, Optional
+
+from snapperable._backend import STATUS_OK, KeySet
+from snapperable.errors import CheckpointCorruptError
+from snapperable.keys import KEY_SIZE
+
+# (key, version, status) of each row, in the order saved.
+KeyStatusRows = Iterable[tuple[bytes, int, int]]
+# (key, status, output) of each row of one version, in the order saved.
+OutputRows = Iterable[tuple[bytes, int, Optional[bytes]]]
+
+
+def keys_with_status(
+    rows: KeyStatusRows, status: int, new_key_set: Callable[[], KeySet]
+) -> KeySet:
+    """Keys whose latest row, within its version, has ``status``."""
+    latest: dict[tuple[bytes, int], int] = {}
+    for key, version, row_status in rows:
+        latest[key, version] = row_status
+    result = new_key_set()
+    for (key, _), row_status in latest.items():
+        if row_status == status:
+            result.add(key)
+    return result
+
+
+def latest_outputs(rows: OutputRows) -> dict[bytes, Optional[bytes]]:
+    """Each key, in the order first saved -> its latest ok output, or None if it failed."""
+    latest: dict[bytes, Optional[bytes]] = {}
+    for key, status, output in rows:
+        latest[key] = output if status == STATUS_OK else None
+    return latest
+
+
+def unpickle_output(raw: bytes, path: str) -> Any:
+    try:
+        return pickle.loads(raw)
+    except Exception as exc:
+        raise CheckpointCorruptError(f"{path}: a saved output cannot be unpickled: {exc!r}") from exc
+
+
+def outputs_in_key_order(rows: OutputRows, keys: bytes, path: str) -> list[Any]:
+    latest = latest_outputs(rows)
+    found = (latest.get(keys[i : i + KEY_SIZE]) for i in range(0, len(keys), KEY_SIZE))
+    return [unpickle_output(raw, path) for raw in found if raw is not None]
+
+
+def outputs_in_save_order(rows: OutputRows, path: str) -> list[Any]:
+    return [unpickle_output(raw, path) for raw in latest_outputs(rows).values() if raw is not None]

@@ -1,0 +1,277 @@
+"""The pure-Python backend: the standard library only (DESIGN section 3).
+
+Implements the ``Backend`` contract of ``_backend.py`` with ``hashlib`` keys, a ``set``
+of keys, the group-commit writer of ``_writer.py`` and ``sqlite3``. It reads and writes
+the same files as the Rust core, so either resumes the other's checkpoint.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from importlib import resources
+from typing import Any, Iterator, Optional, Sequence
+
+from snapperable import _folding, keys
+from snapperable._backend import (
+    ItemRow,
+    KeySet,
+    RowInfo,
+    Synchronous,
+    VersionRow,
+)
+from snapperable._writer import GroupCommitWriter
+from snapperable.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointFormatError,
+)
+
+BACKEND_NAME = "python"
+
+APPLICATION_ID = 1399742800
+FORMAT_VERSION = 1
+BUSY_TIMEOUT_MS = 5000
+
+input_key = keys.input_key
+
+
+def input_keys(objs: Sequence[object]) -> bytes:
+    return b"".join([keys.input_key(x) for x in objs])
+
+
+class PyKeySet:
+    """A set of 16-byte keys; the Rust core's is compact, this one is a plain ``set``."""
+
+    __slots__ = ("_keys",)
+
+    def __init__(self) -> None:
+        self._keys: set[bytes] = set()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._keys)
+
+    def add(self, key: bytes) -> None:
+        if len(key) != keys.KEY_SIZE:
+            raise ValueError(f"a key is {keys.KEY_SIZE} bytes, not {len(key)}")
+        self._keys.add(bytes(key))
+
+    def missing(self, keys_blob: bytes) -> list[int]:
+        size = keys.KEY_SIZE
+        if len(keys_blob) % size:
+            raise ValueError(f"keys must be a multiple of {size} bytes long")
+        present = self._keys
+        return [
+            i
+            for i in range(len(keys_blob) // size)
+            if keys_blob[i * size : (i + 1) * size] not in present
+        ]
+
+
+def new_key_set() -> PyKeySet:
+    return PyKeySet()
+
+
+def _schema() -> str:
+    return resources.files("snapperable").joinpath("schema.sql").read_text(encoding="utf-8")
+
+
+_INSERT_ITEM = (
+    "INSERT INTO items (key, version, status, input, output, error_type, error,"
+    " traceback, attempts, started, ended) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+class PySQLiteStore:
+    """A SQLite checkpoint through ``sqlite3``: one connection shared, under a lock, by
+    the caller's reads and the writer thread's commits."""
+
+    def __init__(
+        self,
+        path: str,
+        synchronous: Synchronous,
+        batch_size: int,
+        max_wait_time: Optional[float],
+    ) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._conn = self._connect(synchronous)
+        self._writer: GroupCommitWriter[ItemRow] = GroupCommitWriter(
+            self._commit, batch_size=batch_size, max_wait_time=max_wait_time, name=path
+        )
+        self._closed = False
+
+    # -- opening ------------------------------------------------------------------------
+    def _corrupt(self, why: object) -> CheckpointCorruptError:
+        return CheckpointCorruptError(f"{self.path}: {why}")
+
+    def _connect(self, synchronous: Synchronous) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise CheckpointError(f"cannot open checkpoint {self.path}: {exc}") from exc
+        try:
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            user_version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if app_id == 0 and tables == 0:
+                # One transaction: a crash leaves either no schema or all of it.
+                conn.executescript(f"BEGIN IMMEDIATE; {_schema()}; COMMIT;")
+                conn.executemany(
+                    "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)",
+                    [("format_version", str(FORMAT_VERSION)), ("created_by", _created_by())],
+                )
+            elif app_id != APPLICATION_ID:
+                raise self._corrupt("is not a snapperable checkpoint (application_id differs)")
+            elif user_version > FORMAT_VERSION:
+                raise CheckpointFormatError(
+                    f"{self.path}: checkpoint format {user_version} is newer than this "
+                    f"snapperable understands ({FORMAT_VERSION}); upgrade snapperable"
+                )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise self._mapped(exc) from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _mapped(self, exc: sqlite3.Error) -> CheckpointError:
+        """The one mapping of sqlite3 errors to snapperable's."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or "malformed" in str(
+            exc
+        ) or "not a database" in str(exc):
+            return self._corrupt(exc)
+        return CheckpointError(f"{self.path}: {exc}")
+
+    # -- writes -------------------------------------------------------------------------
+    def _commit(self, rows: list[ItemRow]) -> None:
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_INSERT_ITEM, rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def record(self, row: ItemRow) -> None:
+        self._writer.record(row)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def add_version(self, fingerprint: str, parts: str, uses: Optional[int]) -> int:
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                cur = conn.execute(
+                    "INSERT INTO versions (fingerprint, parts, uses, created)"
+                    " VALUES (?, ?, coalesce(?, -1), (julianday('now') - 2440587.5) * 86400.0)",
+                    (fingerprint, parts, uses),
+                )
+                vid = cur.lastrowid
+                assert vid is not None
+                if uses is None:
+                    conn.execute("UPDATE versions SET uses = id WHERE id = ?", (vid,))
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise self._mapped(exc) from exc
+            return vid
+
+    # -- reads --------------------------------------------------------------------------
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
+        with self._lock:
+            try:
+                return self._conn.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise self._mapped(exc) from exc
+
+    def _key(self, raw: object) -> bytes:
+        if not isinstance(raw, bytes) or len(raw) != keys.KEY_SIZE:
+            raise self._corrupt(f"an item row has a malformed key {raw!r}")
+        return raw
+
+    def versions(self) -> list[VersionRow]:
+        return [
+            VersionRow(*row)
+            for row in self._query(
+                "SELECT id, fingerprint, parts, uses, created FROM versions ORDER BY id"
+            )
+        ]
+
+    def key_set(self, version: Optional[int], status: int) -> KeySet:
+        if version is None:
+            found = self._query("SELECT key, version, status FROM items ORDER BY seq")
+        else:
+            found = self._query(
+                "SELECT key, version, status FROM items WHERE version = ? ORDER BY seq",
+                (version,),
+            )
+        rows = ((self._key(key), row_version, row_status) for key, row_version, row_status in found)
+        return _folding.keys_with_status(rows, status, new_key_set)
+
+    def _output_rows(self, version: int) -> _folding.OutputRows:
+        found = self._query(
+            "SELECT key, status, output FROM items WHERE version = ? ORDER BY seq", (version,)
+        )
+        return ((self._key(key), status, output) for key, status, output in found)
+
+    def outputs_for(self, version: int, keys_blob: bytes) -> list[Any]:
+        return _folding.outputs_in_key_order(self._output_rows(version), keys_blob, self.path)
+
+    def all_outputs(self, version: int) -> list[Any]:
+        return _folding.outputs_in_save_order(self._output_rows(version), self.path)
+
+    def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
+        columns = (
+            "seq, key, version, status, input, error_type, error, traceback,"
+            " attempts, started, ended"
+        )
+        if version is None:
+            found = self._query(f"SELECT {columns} FROM items ORDER BY seq")
+        else:
+            found = self._query(
+                f"SELECT {columns} FROM items WHERE version = ? ORDER BY seq", (version,)
+            )
+        return (RowInfo(*row) for row in found)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._writer.close()
+        finally:
+            with self._lock:
+                self._conn.close()
+
+
+def _created_by() -> str:
+    from snapperable import __version__
+
+    return f"snapperable {__version__}"
+
+
+def open_sqlite(
+    path: str,
+    synchronous: Synchronous,
+    batch_size: int,
+    max_wait_time: Optional[float],
+) -> PySQLiteStore:
+    return PySQLiteStore(path, synchronous, batch_size, max_wait_time)

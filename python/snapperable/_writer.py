@@ -1,0 +1,134 @@
+"""The pure-Python pending buffer and group-commit writer thread (DESIGN section 7).
+
+Used by the pure-Python SQLite store and by the pickle store; the Rust core has its own
+(``rust/writer.rs``) with the same behaviour. Items are handed over with ``record``,
+which only appends to a list; a background thread commits whatever has accumulated in
+one transaction, so a slow commit (an fsync) groups every item that finished meanwhile
+and the per-item cost stays small even at ``batch_size=1``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, Generic, Optional, TypeVar
+
+from snapperable.errors import WriterError
+
+Row = TypeVar("Row")
+
+
+class GroupCommitWriter(Generic[Row]):
+    """Commits recorded rows in the background, grouping what accumulates.
+
+    A commit starts once ``batch_size`` rows are pending, once the oldest pending row
+    has waited ``max_wait_time`` seconds, or when ``flush``/``close`` asks. A failed
+    commit stops the writer; its exception is raised, as ``WriterError``, by every later
+    ``record``, ``flush`` and ``close``.
+    """
+
+    def __init__(
+        self,
+        commit: Callable[[list[Row]], None],
+        *,
+        batch_size: int,
+        max_wait_time: Optional[float],
+        name: str,
+    ) -> None:
+        self._commit = commit
+        self._batch_size = batch_size
+        self._max_wait_time = max_wait_time
+        self._name = name
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: list[Row] = []
+        self._oldest_pending_at = 0.0  # monotonic time the oldest pending row arrived
+        self._recorded = 0  # rows handed to record() so far
+        self._committed = 0  # rows committed so far
+        self._flush_wanted = 0  # a flush waits for `_committed` to reach this
+        self._closing = False
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name=f"snapperable-writer {name}", daemon=True)
+        self._thread.start()
+
+    def record(self, row: Row) -> None:
+        with self._cond:
+            if self._error is not None:
+                self._raise_error()
+            pending = self._pending
+            if not pending and self._max_wait_time is not None:
+                self._oldest_pending_at = time.monotonic()
+                pending.append(row)
+                self._recorded += 1
+                self._cond.notify()  # the writer arms its max_wait_time timer
+                return
+            pending.append(row)
+            self._recorded += 1
+            if len(pending) >= self._batch_size:
+                self._cond.notify()
+
+    def flush(self) -> None:
+        """Return once every row recorded so far is committed."""
+        with self._cond:
+            target = self._recorded
+            self._flush_wanted = max(self._flush_wanted, target)
+            self._cond.notify_all()
+            while self._committed < target and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                self._raise_error()
+
+    def close(self) -> None:
+        """Flush, then stop the thread. Idempotent; raises a writer failure if there was one."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        with self._cond:
+            if self._error is not None:
+                self._raise_error()
+
+    @property
+    def pending(self) -> int:
+        """Rows recorded but not yet committed."""
+        with self._cond:
+            return self._recorded - self._committed
+
+    def _raise_error(self) -> None:
+        assert self._error is not None
+        raise WriterError(f"saving to {self._name} failed: {self._error}") from self._error
+
+    def _ready(self) -> bool:
+        """Is there a commit to start now? Called with the lock held."""
+        if not self._pending:
+            return False
+        if (
+            self._closing
+            or len(self._pending) >= self._batch_size
+            or self._flush_wanted > self._committed
+        ):
+            return True
+        wait = self._max_wait_time
+        return wait is not None and time.monotonic() - self._oldest_pending_at >= wait
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._ready():
+                    if self._closing and not self._pending:
+                        return
+                    timeout = None
+                    if self._pending and self._max_wait_time is not None:
+                        timeout = self._oldest_pending_at + self._max_wait_time - time.monotonic()
+                    self._cond.wait(timeout)
+                batch, self._pending = self._pending, []
+            try:
+                self._commit(batch)
+            except BaseException as exc:  # report anything; the caller decides
+                with self._cond:
+                    self._error = exc
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._committed += len(batch)
+                self._cond.notify_all()

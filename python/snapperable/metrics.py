@@ -1,0 +1,176 @@
+"""What a run leaves to look at: failed items, per-item metrics, reports and run plans."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, Optional, TypeVar
+
+from snapperable._backend import STATUS_OK, RowInfo
+
+T = TypeVar("T")
+
+SLOW_OUTLIER_FACTOR = 3.0  # a duration over p50 * this (and over p95) is an outlier
+MAX_OUTLIERS = 10
+
+
+@dataclass(frozen=True)
+class FailedItem(Generic[T]):
+    """An item that failed in the last ``start()``, and the exception it raised last."""
+
+    item: T
+    exception: BaseException
+
+
+@dataclass(frozen=True)
+class ProcessingMetric:
+    """One saved row: an item's processing, all its attempts included."""
+
+    key: str  # hex of the 16-byte input key
+    success: bool
+    started: float  # Unix time
+    ended: float
+    attempts: int
+    error_type: Optional[str] = None
+    error: Optional[str] = None
+    traceback: Optional[str] = None
+    item: Any = None  # the input, kept for failed items only
+
+    @property
+    def duration(self) -> float:
+        return self.ended - self.started
+
+
+def metric_from_row(row: RowInfo) -> ProcessingMetric:
+    item = None
+    if row.input is not None:
+        try:
+            item = pickle.loads(row.input)
+        except Exception:  # an input whose class is gone: the metric stays useful
+            item = None
+    return ProcessingMetric(
+        key=row.key.hex(),
+        success=row.status == STATUS_OK,
+        started=row.started,
+        ended=row.ended,
+        attempts=row.attempts,
+        error_type=row.error_type,
+        error=row.error,
+        traceback=row.traceback,
+        item=item,
+    )
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What ``start()`` would do for the current iterable and function, counted by key.
+
+    ``stale`` items were done under another function version (``version_changes`` says
+    what changed); ``failed`` ones failed earlier and are retried only with
+    ``retry_failed_items=True``.
+    """
+
+    total: int  # inputs, duplicates included
+    unique: int
+    done: int
+    new: int
+    stale: int
+    failed: int
+    retry_failed_items: bool
+    version_changes: list[str] = field(default_factory=list)
+
+    @property
+    def to_process(self) -> int:
+        return self.new + self.stale + (self.failed if self.retry_failed_items else 0)
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.total} inputs ({self.unique} unique): {self.done} done, {self.new} new, "
+            f"{self.stale} stale, {self.failed} failed earlier; {self.to_process} to process"
+        ]
+        lines += [f"  stale because {change}" for change in self.version_changes]
+        return "\n".join(lines)
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolation percentile of an ascending list (as numpy's default)."""
+    position = (len(sorted_values) - 1) * q
+    low = int(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def summarize(metrics: list[ProcessingMetric]) -> dict[str, Any]:
+    """The numbers of a report, as plain JSON-able data."""
+    durations = sorted(m.duration for m in metrics)
+    failures = [m for m in metrics if not m.success]
+    summary: dict[str, Any] = {
+        "total": len(metrics),
+        "successes": len(metrics) - len(failures),
+        "failures": len(failures),
+        "attempts": sum(m.attempts for m in metrics),
+    }
+    if metrics:
+        p50 = _percentile(durations, 0.5)
+        p95 = _percentile(durations, 0.95)
+        threshold = max(p95, p50 * SLOW_OUTLIER_FACTOR)
+        outliers = sorted((m for m in metrics if m.duration > threshold), key=lambda m: -m.duration)
+        summary["duration"] = {
+            "average": sum(durations) / len(durations),
+            "min": durations[0],
+            "max": durations[-1],
+            "p50": p50,
+            "p95": p95,
+        }
+        summary["time_range"] = {
+            "first_start": min(m.started for m in metrics),
+            "last_end": max(m.ended for m in metrics),
+        }
+        summary["slow_outliers"] = [
+            {"key": m.key, "duration": m.duration} for m in outliers[:MAX_OUTLIERS]
+        ]
+    by_type: dict[str, dict[str, Any]] = {}
+    for m in failures:
+        group = by_type.setdefault(
+            m.error_type or "unknown",
+            {"count": 0, "example": {"key": m.key, "item": repr(m.item), "error": m.error}},
+        )
+        group["count"] += 1
+    summary["failures_by_type"] = by_type
+    return summary
+
+
+def render_report(metrics: list[ProcessingMetric], format: Literal["markdown", "json"]) -> str:
+    if format not in ("markdown", "json"):
+        raise ValueError(f"format must be 'markdown' or 'json', not {format!r}")
+    summary = summarize(metrics)
+    if format == "json":
+        return json.dumps(summary, indent=2, sort_keys=True)
+    lines = [
+        "# snapperable report",
+        "",
+        f"- items: {summary['total']} ({summary['successes']} succeeded, "
+        f"{summary['failures']} failed; {summary['attempts']} attempts)",
+    ]
+    if "duration" in summary:
+        d = summary["duration"]
+        lines.append(
+            f"- duration (s): average {d['average']:.6f}, min {d['min']:.6f}, "
+            f"max {d['max']:.6f}, p50 {d['p50']:.6f}, p95 {d['p95']:.6f}"
+        )
+        r = summary["time_range"]
+        lines.append(f"- time range: {r['first_start']:.3f} to {r['last_end']:.3f} (Unix time)")
+        if summary["slow_outliers"]:
+            lines += ["", "## Slow outliers", "", "| key | duration (s) |", "| --- | --- |"]
+            lines += [f"| {o['key']} | {o['duration']:.6f} |" for o in summary["slow_outliers"]]
+    if summary["failures_by_type"]:
+        lines += ["", "## Failures by exception type", "", "| type | count | example |", "| --- | --- | --- |"]
+        for name, group in sorted(summary["failures_by_type"].items()):
+            example = group["example"]
+            text = f"{example['item']}: {example['error']}".replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {name} | {group['count']} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["FailedItem", "ProcessingMetric", "RunPlan", "summarize", "render_report"]

@@ -1,0 +1,484 @@
+"""Snapper: plan (what is done, what is left) -> execute -> record.
+
+A Snapper runs ``fn`` over an iterable and hands every finished item to the open
+checkpoint's writer. What counts as done is decided per function version: items are
+identified by their input key (``keys.py``, or the user's ``key=``), and results are
+valid for the version of ``fn`` that made them (``versioning.py``).
+
+A Snapper holds its checkpoint file from ``__enter__`` to ``__exit__``; used without
+``with``, it holds it only for the length of each call (``start``, ``load``, ...). The
+seed's own examples rely on the latter: they create a second Snapper on the same
+storage while the first one is still referenced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import random
+import time
+import traceback
+from contextlib import contextmanager
+from itertools import islice
+from typing import (
+    Any,
+    Callable,
+    Generic,
+    Iterable,
+    Iterator,
+    Literal,
+    Optional,
+    TypeVar,
+)
+
+from snapperable import _backend, versioning
+from snapperable._backend import STATUS_FAILED, STATUS_OK, CheckpointStore, ItemRow, KeySet
+from snapperable.errors import (
+    ForkedProcessError,
+    FunctionChangedError,
+    TooManyConsecutiveErrors,
+    UnpicklableOutputError,
+)
+from snapperable.keys import KEY_SIZE
+from snapperable.metrics import FailedItem, ProcessingMetric, RunPlan, metric_from_row, render_report
+from snapperable.storage.base import OpenCheckpoint, SnapshotStorage
+from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+log = logging.getLogger("snapperable")
+
+VersionPolicy = Literal["reprocess", "keep", "raise"]
+VERSION_POLICIES = ("reprocess", "keep", "raise")
+PICKLE_PROTOCOL = 4
+CHUNK = 1024  # inputs keyed and checked against the done set per backend call
+
+
+class Snapper(Generic[T, R]):
+    """Run ``fn`` over ``iterable``, checkpointing every result; resume where it stopped.
+
+    Keyword arguments:
+
+    - ``snapshot_storage``: where the checkpoint lives (default
+      ``SQLiteSnapshotStorage()``, i.e. ``snapper_checkpoint.db`` in the working directory).
+    - ``batch_size``: pending items that start a commit (default 1). Commits group
+      whatever accumulated meanwhile, so 1 is both the safest and fast.
+    - ``max_wait_time``: seconds an item may stay pending before a commit (default None).
+    - ``key``: a function giving each item's identity (default: the item itself).
+    - ``version``: pin the function version by hand; replaces the fingerprint.
+    - ``on_version_change``: ``"reprocess"`` (default) redoes items made by an older
+      version, ``"keep"`` accepts the old results as valid for the new function,
+      ``"raise"`` raises ``FunctionChangedError``.
+    - ``skip_item_errors``: record a failing item (type, message, traceback, attempts,
+      duration) and go on, instead of raising after saving what was done.
+    - ``fatal_exceptions``: exception types re-raised at once even when skipping errors.
+    - ``max_consecutive_exceptions``: halt with ``TooManyConsecutiveErrors`` after this
+      many failures in a row.
+    - ``retry_failed_items``: retry items that failed in an earlier run (default False).
+    - ``retries``, ``retry_on``, ``retry_backoff``, ``retry_max_backoff``: retry an item
+      whose ``fn`` raised one of ``retry_on`` up to ``retries`` more times, sleeping an
+      exponentially growing, jittered delay (``retry_backoff * 2**n``, at most
+      ``retry_max_backoff`` seconds, times a random factor in [0.5, 1]).
+    """
+
+    def __init__(
+        self,
+        iterable: Iterable[T],
+        fn: Callable[[T], R],
+        *,
+        snapshot_storage: Optional[SnapshotStorage[R]] = None,
+        batch_size: int = 1,
+        max_wait_time: Optional[float] = None,
+        key: Optional[Callable[[T], object]] = None,
+        version: Optional[str] = None,
+        on_version_change: VersionPolicy = "reprocess",
+        skip_item_errors: bool = False,
+        fatal_exceptions: tuple[type[BaseException], ...] = (),
+        max_consecutive_exceptions: Optional[int] = None,
+        retry_failed_items: bool = False,
+        retries: int = 0,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        retry_backoff: float = 1.0,
+        retry_max_backoff: float = 60.0,
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be callable, not {type(key).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, not {batch_size!r}")
+        if max_wait_time is not None and not max_wait_time > 0:
+            raise ValueError(f"max_wait_time must be None or > 0 seconds, not {max_wait_time!r}")
+        if on_version_change not in VERSION_POLICIES:
+            raise ValueError(
+                f"on_version_change must be one of {', '.join(VERSION_POLICIES)}, "
+                f"not {on_version_change!r}"
+            )
+        if version is not None and not isinstance(version, str):
+            raise TypeError(f"version must be a str, not {type(version).__name__}")
+        if max_consecutive_exceptions is not None and max_consecutive_exceptions < 1:
+            raise ValueError("max_consecutive_exceptions must be None or >= 1")
+        if retries < 0 or retry_backoff < 0 or retry_max_backoff < 0:
+            raise ValueError("retries, retry_backoff and retry_max_backoff must be >= 0")
+        try:
+            iter(iterable)
+        except TypeError:
+            raise TypeError(f"iterable must be iterable, not {type(iterable).__name__}") from None
+        self.iterable = iterable
+        self.fn = fn
+        self.snapshot_storage: SnapshotStorage[R] = (
+            snapshot_storage if snapshot_storage is not None else SQLiteSnapshotStorage()
+        )
+        self.batch_size = batch_size
+        self.max_wait_time = max_wait_time
+        self.key = key
+        self.version = version
+        self.on_version_change: VersionPolicy = on_version_change
+        self.skip_item_errors = skip_item_errors
+        self.fatal_exceptions = fatal_exceptions
+        self.max_consecutive_exceptions = max_consecutive_exceptions
+        self.retry_failed_items = retry_failed_items
+        self.retries = retries
+        self.retry_on = retry_on
+        self.retry_backoff = retry_backoff
+        self.retry_max_backoff = retry_max_backoff
+        self.failed_items: list[FailedItem[T]] = []
+        self._checkpoint: Optional[OpenCheckpoint] = None
+        self._in_with = False
+        self._version_id: Optional[int] = None
+        self._fingerprint: Optional[versioning.Fingerprint] = None
+        self._keys_in_order: Optional[bytes] = None
+
+    # -- holding the checkpoint ---------------------------------------------------------
+    def __enter__(self) -> "Snapper[T, R]":
+        if self._in_with:
+            raise RuntimeError("this Snapper is already in a `with` block")
+        self._open()
+        self._in_with = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._in_with = False
+        self._close()
+
+    def _open(self) -> OpenCheckpoint:
+        if self._checkpoint is None:
+            checkpoint = self.snapshot_storage.open(self.batch_size, self.max_wait_time)
+            try:
+                self._version_id = self._resolve_version(checkpoint)
+            except BaseException:
+                checkpoint.close()
+                raise
+            self._checkpoint = checkpoint
+        elif self._checkpoint.pid != os.getpid():
+            raise ForkedProcessError(
+                f"this Snapper's checkpoint {self.snapshot_storage.path} was opened in process "
+                f"{self._checkpoint.pid}; a forked child cannot use it. Create a new Snapper "
+                "in the child, on a checkpoint of its own."
+            )
+        return self._checkpoint
+
+    def _close(self) -> None:
+        checkpoint, self._checkpoint = self._checkpoint, None
+        if checkpoint is None:
+            return
+        if checkpoint.pid != os.getpid():
+            # The writer thread and the file hold belong to the parent: leave them be.
+            raise ForkedProcessError(
+                f"this Snapper's checkpoint {self.snapshot_storage.path} belongs to process "
+                f"{checkpoint.pid}, not to this forked child"
+            )
+        checkpoint.close()
+
+    @contextmanager
+    def _session(self) -> Iterator[OpenCheckpoint]:
+        """The open checkpoint for one call; opened and closed around it outside ``with``."""
+        checkpoint = self._open()
+        try:
+            yield checkpoint
+        finally:
+            if not self._in_with:
+                self._close()
+
+    # -- versions -----------------------------------------------------------------------
+    def _current_fingerprint(self) -> versioning.Fingerprint:
+        if self._fingerprint is None:
+            self._fingerprint = (
+                versioning.pinned(self.version)
+                if self.version is not None
+                else versioning.fingerprint(self.fn)
+            )
+        return self._fingerprint
+
+    def _resolve_version(self, checkpoint: OpenCheckpoint) -> int:
+        """The version id whose results this run reads and writes (DESIGN 5)."""
+        store = checkpoint.store
+        current = self._current_fingerprint()
+        known = store.versions()
+        for row in known:
+            if row.fingerprint == current.digest:
+                return row.uses
+        parts = json.dumps(current.parts, sort_keys=True)
+        if not known:
+            return store.add_version(current.digest, parts, None)
+        latest = known[-1]
+        changes = versioning.explain_change(json.loads(latest.parts), current.parts)
+        what = "; ".join(changes) or "fingerprint changed"
+        if self.on_version_change == "raise":
+            raise FunctionChangedError(
+                f"the function changed since checkpoint {store.path} was written ({what}); "
+                'pass on_version_change="reprocess" to redo its items or "keep" to keep them'
+            )
+        if self.on_version_change == "keep":
+            log.warning("%s: function changed (%s); keeping earlier results", store.path, what)
+            return store.add_version(current.digest, parts, latest.uses)
+        log.warning("%s: function changed (%s); its items will be reprocessed", store.path, what)
+        return store.add_version(current.digest, parts, None)
+
+    # -- keys ---------------------------------------------------------------------------
+    def _keys_of(self, items: list[T]) -> bytes:
+        key = self.key
+        if key is None:
+            return _backend.backend.input_keys(items)
+        return _backend.backend.input_keys([key(item) for item in items])
+
+    def _current_keys(self) -> bytes:
+        """Keys of the current iterable in order; from the last complete ``start`` if any."""
+        if self._keys_in_order is None:
+            chunks = []
+            iterator = iter(self.iterable)
+            while chunk := list(islice(iterator, CHUNK)):
+                chunks.append(self._keys_of(chunk))
+            self._keys_in_order = b"".join(chunks)
+        return self._keys_in_order
+
+    # -- running ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Process every item not yet done; return once every result is saved.
+
+        An exception from ``fn`` (unless ``skip_item_errors``), Ctrl-C included, propagates
+        only after everything processed before it is saved.
+        """
+        self.failed_items = []
+        with self._session() as checkpoint:
+            store = checkpoint.store
+            version = self._version_id
+            assert version is not None
+            skip = store.key_set(version, STATUS_OK)
+            if not self.retry_failed_items:
+                for key in store.key_set(version, STATUS_FAILED):
+                    skip.add(key)
+            try:
+                self._keys_in_order = self._run(store, version, skip)
+            finally:
+                store.flush()
+
+    def _run(self, store: CheckpointStore, version: int, skip: KeySet) -> bytes:
+        """The loop: key a chunk, drop what is done, process and record the rest.
+
+        Returns the keys of every input in order, for ``load``. The body is kept flat:
+        it runs once per item, and its overhead is what the benchmark measures.
+        """
+        record = store.record
+        fn = self.fn
+        now = time.time
+        dumps = pickle.dumps
+        consecutive_failures = 0
+        keys_in_order = bytearray()
+        iterator = iter(self.iterable)
+        while chunk := list(islice(iterator, CHUNK)):
+            keys = self._keys_of(chunk)
+            keys_in_order += keys
+            for i in skip.missing(keys):
+                key = keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]
+                if key in skip:  # a duplicate of an item processed earlier in this chunk
+                    continue
+                item = chunk[i]
+                started = now()
+                output: object = _NO_OUTPUT
+                try:
+                    output = fn(item)
+                    payload = dumps(output, PICKLE_PROTOCOL)
+                except BaseException as exc:
+                    if output is not _NO_OUTPUT:
+                        exc = _unpicklable(output, exc)
+                    outcome = self._recover(item, exc)
+                    skip.add(key)
+                    if isinstance(outcome, _Failed):
+                        record(self._failure_row(key, version, item, outcome, started, now()))
+                        consecutive_failures += 1
+                        self._check_consecutive(consecutive_failures, outcome.exception)
+                        continue
+                    payload, attempts = outcome
+                    record(ItemRow(key, version, STATUS_OK, None, payload, None, None, None, attempts, started, now()))
+                    consecutive_failures = 0
+                    continue
+                record(ItemRow(key, version, STATUS_OK, None, payload, None, None, None, 1, started, now()))
+                skip.add(key)
+                consecutive_failures = 0
+        return bytes(keys_in_order)
+
+    def _recover(self, item: T, exc: BaseException) -> "tuple[bytes, int] | _Failed":
+        """After ``fn(item)`` raised ``exc``: retry it, record it, or let ``exc`` propagate.
+
+        Returns the pickled output and attempt count of a retry that succeeded, or the
+        failure to record (``skip_item_errors``); raises what must propagate.
+        """
+        attempts = 1
+        while True:
+            if not isinstance(exc, Exception) or isinstance(exc, self.fatal_exceptions):
+                raise exc  # Ctrl-C, SystemExit and fatal_exceptions stop the run at once
+            retryable = isinstance(exc, self.retry_on) and not isinstance(exc, UnpicklableOutputError)
+            if not (retryable and attempts <= self.retries):
+                break
+            delay = min(self.retry_max_backoff, self.retry_backoff * 2 ** (attempts - 1))
+            log.info("retrying %r after %s: %s (attempt %d)", item, type(exc).__name__, exc, attempts + 1)
+            time.sleep(delay * random.uniform(0.5, 1.0))
+            attempts += 1
+            output: object = _NO_OUTPUT
+            try:
+                output = self.fn(item)
+                return pickle.dumps(output, PICKLE_PROTOCOL), attempts
+            except BaseException as again:
+                exc = again if output is _NO_OUTPUT else _unpicklable(output, again)
+        if not self.skip_item_errors:
+            raise exc
+        self.failed_items.append(FailedItem(item, exc))
+        return _Failed(exc, attempts)
+
+    def _failure_row(
+        self, key: bytes, version: int, item: T, failure: "_Failed", started: float, ended: float
+    ) -> ItemRow:
+        exc = failure.exception
+        try:
+            pickled_input: Optional[bytes] = pickle.dumps(item, PICKLE_PROTOCOL)
+        except Exception:  # the failure is still recorded, without its input
+            pickled_input = None
+        return ItemRow(
+            key,
+            version,
+            STATUS_FAILED,
+            pickled_input,
+            None,
+            f"{type(exc).__module__}.{type(exc).__qualname__}",
+            str(exc),
+            "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+            failure.attempts,
+            started,
+            ended,
+        )
+
+    def _check_consecutive(self, count: int, last: BaseException) -> None:
+        limit = self.max_consecutive_exceptions
+        if limit is not None and count >= limit:
+            raise TooManyConsecutiveErrors(
+                f"{count} items failed in a row; halting. The last raised "
+                f"{type(last).__name__}: {last}"
+            ) from last
+
+    # -- reading ------------------------------------------------------------------------
+    def load(self) -> list[R]:
+        """Outputs for the current iterable, in its order, duplicates repeated.
+
+        Items never processed, or failed, are left out. After ``start`` the keys it saw
+        are reused, so this works when the iterable was a one-shot generator.
+        """
+        with self._session() as checkpoint:
+            version = self._version_id
+            assert version is not None
+            return checkpoint.store.outputs_for(version, self._current_keys())
+
+    def load_all(self) -> list[R]:
+        """Every output saved for the current function version, in the order first saved."""
+        with self._session() as checkpoint:
+            version = self._version_id
+            assert version is not None
+            return checkpoint.store.all_outputs(version)
+
+    def load_metrics(self) -> list[ProcessingMetric]:
+        """One metric per saved row of the current function version, in the order saved."""
+        with self._session() as checkpoint:
+            version = self._version_id
+            assert version is not None
+            return [metric_from_row(row) for row in checkpoint.store.rows(version)]
+
+    def generate_report(self, format: Literal["markdown", "json"] = "markdown") -> str:
+        """A summary of the saved metrics: totals, durations, outliers, failures by type."""
+        return render_report(self.load_metrics(), format)
+
+    def plan(self) -> RunPlan:
+        """What ``start`` would do now, without processing anything.
+
+        Reads the whole iterable (a generator is consumed, though its keys are kept
+        for a later ``load``).
+        """
+        with self._session() as checkpoint:
+            store = checkpoint.store
+            version = self._version_id
+            assert version is not None
+            keys = self._current_keys()
+            done = store.key_set(version, STATUS_OK)
+            failed = store.key_set(version, STATUS_FAILED)
+            done_elsewhere = store.key_set(None, STATUS_OK)
+            counts = {"done": 0, "failed": 0, "stale": 0, "new": 0}
+            seen = _backend.backend.new_key_set()
+            for i in range(0, len(keys), KEY_SIZE):
+                key = keys[i : i + KEY_SIZE]
+                if key in seen:
+                    continue
+                seen.add(key)
+                if key in done:
+                    counts["done"] += 1
+                elif key in failed:
+                    counts["failed"] += 1
+                elif key in done_elsewhere:
+                    counts["stale"] += 1
+                else:
+                    counts["new"] += 1
+            return RunPlan(
+                total=len(keys) // KEY_SIZE,
+                unique=len(seen),
+                done=counts["done"],
+                new=counts["new"],
+                stale=counts["stale"],
+                failed=counts["failed"],
+                retry_failed_items=self.retry_failed_items,
+                version_changes=self._version_changes(store, version),
+            )
+
+    def _version_changes(self, store: CheckpointStore, version: int) -> list[str]:
+        """What changed between the version that made the stale results and this one."""
+        known = store.versions()
+        current = [row for row in known if row.uses == version]
+        older = [row for row in known if row.uses != version and row.id < current[0].id]
+        if not older:
+            return []
+        return versioning.explain_change(json.loads(older[-1].parts), json.loads(current[-1].parts))
+
+
+class _Failed:
+    """An item's last exception and how many attempts it took, to be recorded."""
+
+    __slots__ = ("exception", "attempts")
+
+    def __init__(self, exception: BaseException, attempts: int) -> None:
+        self.exception = exception
+        self.attempts = attempts
+
+
+_NO_OUTPUT = object()  # marks "fn raised" apart from "pickling the output raised"
+
+
+def _unpicklable(output: object, exc: BaseException) -> BaseException:
+    """The item failure for an output that cannot be pickled."""
+    if not isinstance(exc, Exception):
+        return exc  # Ctrl-C while pickling is still Ctrl-C
+    error = UnpicklableOutputError(
+        f"fn returned a {type(output).__module__}.{type(output).__qualname__}, which cannot "
+        f"be pickled, so it cannot be checkpointed: {exc}"
+    )
+    error.__cause__ = exc
+    return error

@@ -1,0 +1,273 @@
+"""A checkpoint in one append-only file of checksummed pickle frames (DESIGN 6.2).
+
+Layout, all integers little-endian:
+
+- header, 16 bytes: ``b"\\x89SNAPPKL"``, u32 format version (1), u32 zero;
+- then one frame per commit: ``b"F"``, u64 payload length, u32 CRC-32 of the payload,
+  u32 CRC-32 of the preceding 13 header bytes, then the payload: a pickle (protocol 4)
+  of ``("items", [row tuple, ...])`` or ``("version", version tuple)``.
+
+Each commit appends one frame and fsyncs; the file is never rewritten whole. A crash
+mid-append leaves a torn last frame: an incomplete header, a frame running past the end
+of the file, a zero-filled tail, or a last frame whose payload checksum fails. That
+tail is cut off on open (with a warning in the log): the items in it were never
+reported saved. Damage anywhere else raises ``CheckpointCorruptError``; the header
+checksum is what keeps a flipped length byte from passing as a torn tail.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import struct
+import threading
+import time
+import zlib
+from typing import Any, Iterator, Optional, TypeVar
+
+from snapperable import _folding
+from snapperable._backend import (
+    CheckpointStore,
+    ItemRow,
+    KeySet,
+    RowInfo,
+    VersionRow,
+    backend,
+)
+from snapperable._writer import GroupCommitWriter
+from snapperable.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
+from snapperable.keys import KEY_SIZE
+from snapperable.storage.base import SnapshotStorage
+
+R = TypeVar("R")
+
+log = logging.getLogger("snapperable")
+
+DEFAULT_FILE_PATH = "snapper_checkpoint.pkl"
+MAGIC = b"\x89SNAPPKL"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sII")
+_FRAME = struct.Struct("<cQI")  # marker, payload length, payload CRC-32
+_FRAME_CHECK = struct.Struct("<I")  # CRC-32 of the _FRAME bytes
+FRAME_HEADER_SIZE = _FRAME.size + _FRAME_CHECK.size
+PICKLE_PROTOCOL = 4
+
+
+def encode_frame(record: tuple[str, Any]) -> bytes:
+    payload = pickle.dumps(record, protocol=PICKLE_PROTOCOL)
+    head = _FRAME.pack(b"F", len(payload), zlib.crc32(payload))
+    return head + _FRAME_CHECK.pack(zlib.crc32(head)) + payload
+
+
+class PickleSnapshotStorage(SnapshotStorage[R]):
+    """Checkpoints in a file of appended pickle frames; simple, for smaller datasets.
+
+    Every read scans the file, so prefer ``SQLiteSnapshotStorage`` for large runs.
+    """
+
+    def __init__(self, file_path: str = DEFAULT_FILE_PATH) -> None:
+        self.file_path = file_path
+        self.path = os.path.abspath(file_path)
+
+    def _open_store(self, batch_size: int, max_wait_time: Optional[float]) -> CheckpointStore:
+        return PickleStore(self.path, batch_size, max_wait_time)
+
+
+class PickleStore:
+    """The ``CheckpointStore`` of a pickle-frame file."""
+
+    def __init__(self, path: str, batch_size: int, max_wait_time: Optional[float]) -> None:
+        self.path = path
+        self._write_lock = threading.Lock()  # frames from the writer and add_version
+        self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            self._prepare()
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._writer: GroupCommitWriter[ItemRow] = GroupCommitWriter(
+            self._commit, batch_size=batch_size, max_wait_time=max_wait_time, name=path
+        )
+        self._closed = False
+
+    def _corrupt(self, why: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError(f"{self.path}: {why}")
+
+    # -- opening ------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        """Write the header of a new file, check an old one, cut off a torn tail."""
+        size = os.fstat(self._fd).st_size
+        header = os.pread(self._fd, _HEADER.size, 0)
+        empty_header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0)
+        if len(header) < _HEADER.size and empty_header.startswith(header):
+            # New file, or a crash while its header was being written: nothing was saved.
+            os.ftruncate(self._fd, 0)
+            os.write(self._fd, empty_header)
+            os.fsync(self._fd)
+            _fsync_directory(self.path)
+            return
+        magic, version, _ = _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0, 0)
+        if magic != MAGIC:
+            raise self._corrupt("is not a snapperable pickle checkpoint")
+        if version > FORMAT_VERSION:
+            raise CheckpointFormatError(
+                f"{self.path}: checkpoint format {version} is newer than this snapperable "
+                f"understands ({FORMAT_VERSION}); upgrade snapperable"
+            )
+        end = self._end_of_good_frames(size)
+        if end < size:
+            log.warning(
+                "%s: dropped a torn last frame (%d bytes) left by an interrupted write",
+                self.path,
+                size - end,
+            )
+            os.ftruncate(self._fd, end)
+            os.fsync(self._fd)
+
+    def _end_of_good_frames(self, size: int) -> int:
+        """Offset just past the last intact frame; raises on damage before the tail."""
+        for _ in self._frames(size, stop_at_torn_tail=True):
+            pass
+        return self._tail_start
+
+    def _frames(self, size: int, *, stop_at_torn_tail: bool) -> Iterator[tuple[int, bytes]]:
+        """(offset, payload) of each intact frame; sets ``_tail_start`` where they end."""
+        pos = _HEADER.size
+        self._tail_start = pos
+        while pos < size:
+            head = os.pread(self._fd, FRAME_HEADER_SIZE, pos)
+            if len(head) < FRAME_HEADER_SIZE:
+                self._torn(pos, stop_at_torn_tail)
+                return
+            marker, length, payload_crc = _FRAME.unpack_from(head)
+            (head_crc,) = _FRAME_CHECK.unpack_from(head, _FRAME.size)
+            if marker != b"F" or head_crc != zlib.crc32(head[: _FRAME.size]):
+                if self._is_zero_tail(pos, size):  # space allocated, never written
+                    self._torn(pos, stop_at_torn_tail)
+                    return
+                raise self._corrupt(f"damaged frame header at offset {pos}")
+            end = pos + FRAME_HEADER_SIZE + length
+            if end > size:
+                self._torn(pos, stop_at_torn_tail)
+                return
+            payload = os.pread(self._fd, length, pos + FRAME_HEADER_SIZE)
+            if zlib.crc32(payload) != payload_crc:
+                if end == size:
+                    self._torn(pos, stop_at_torn_tail)
+                    return
+                raise self._corrupt(f"checksum mismatch in the frame at offset {pos}")
+            yield pos, payload
+            pos = end
+            self._tail_start = pos
+
+    def _torn(self, pos: int, allowed: bool) -> None:
+        if not allowed:
+            raise self._corrupt(f"truncated frame at offset {pos}")
+
+    def _is_zero_tail(self, pos: int, size: int) -> bool:
+        chunk = 1 << 16
+        while pos < size:
+            if os.pread(self._fd, min(chunk, size - pos), pos).strip(b"\0"):
+                return False
+            pos += chunk
+        return True
+
+    def _records(self) -> Iterator[tuple[str, Any]]:
+        size = os.fstat(self._fd).st_size
+        for pos, payload in self._frames(size, stop_at_torn_tail=False):
+            try:
+                record = pickle.loads(payload)
+                kind, body = record
+            except Exception as exc:
+                raise self._corrupt(f"the frame at offset {pos} cannot be read: {exc!r}") from exc
+            yield kind, body
+
+    # -- writes -------------------------------------------------------------------------
+    def _append(self, frame: bytes) -> None:
+        with self._write_lock:
+            os.write(self._fd, frame)
+            os.fsync(self._fd)
+
+    def _commit(self, rows: list[ItemRow]) -> None:
+        self._append(encode_frame(("items", [tuple(row) for row in rows])))
+
+    def record(self, row: ItemRow) -> None:
+        self._writer.record(row)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def add_version(self, fingerprint: str, parts: str, uses: Optional[int]) -> int:
+        self.flush()
+        known = self.versions()
+        vid = known[-1].id + 1 if known else 1
+        row = VersionRow(vid, fingerprint, parts, vid if uses is None else uses, time.time())
+        try:
+            self._append(encode_frame(("version", tuple(row))))
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot save a function version: {exc}") from exc
+        return vid
+
+    # -- reads --------------------------------------------------------------------------
+    def versions(self) -> list[VersionRow]:
+        return [VersionRow(*body) for kind, body in self._records() if kind == "version"]
+
+    def _item_rows(self) -> Iterator[tuple[int, ItemRow]]:
+        seq = 0
+        for kind, body in self._records():
+            if kind != "items":
+                continue
+            for fields in body:
+                seq += 1
+                row = ItemRow(*fields)
+                if not isinstance(row.key, bytes) or len(row.key) != KEY_SIZE:
+                    raise self._corrupt(f"item {seq} has a malformed key")
+                yield seq, row
+
+    def key_set(self, version: Optional[int], status: int) -> KeySet:
+        rows = (
+            (row.key, row.version, row.status)
+            for _, row in self._item_rows()
+            if version is None or row.version == version
+        )
+        return _folding.keys_with_status(rows, status, backend.new_key_set)
+
+    def _output_rows(self, version: int) -> _folding.OutputRows:
+        return (
+            (row.key, row.status, row.output)
+            for _, row in self._item_rows()
+            if row.version == version
+        )
+
+    def outputs_for(self, version: int, keys: bytes) -> list[Any]:
+        return _folding.outputs_in_key_order(self._output_rows(version), keys, self.path)
+
+    def all_outputs(self, version: int) -> list[Any]:
+        return _folding.outputs_in_save_order(self._output_rows(version), self.path)
+
+    def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
+        for seq, row in self._item_rows():
+            if version is None or row.version == version:
+                yield RowInfo(
+                    seq, row.key, row.version, row.status, row.input, row.error_type,
+                    row.error, row.traceback, row.attempts, row.started, row.ended,
+                )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._writer.close()
+        finally:
+            os.close(self._fd)
+
+
+def _fsync_directory(path: str) -> None:
+    """Make a new file's directory entry durable too."""
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
