@@ -234,7 +234,8 @@ class Snapper(Generic[T, R]):
             )
         if self.on_version_change == "keep":
             log.warning("%s: function changed (%s); keeping earlier results", store.path, what)
-            return store.add_version(current.digest, parts, latest.uses)
+            store.add_version(current.digest, parts, latest.uses)
+            return latest.uses
         log.warning("%s: function changed (%s); its items will be reprocessed", store.path, what)
         return store.add_version(current.digest, parts, None)
 

@@ -26,15 +26,8 @@ import time
 import zlib
 from typing import Any, Iterator, Optional, TypeVar
 
-from snapperable import _folding
-from snapperable._backend import (
-    CheckpointStore,
-    ItemRow,
-    KeySet,
-    RowInfo,
-    VersionRow,
-    backend,
-)
+from snapperable import _backend, _folding
+from snapperable._backend import CheckpointStore, ItemRow, KeySet, RowInfo, VersionRow
 from snapperable._writer import GroupCommitWriter
 from snapperable.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
 from snapperable.keys import KEY_SIZE
@@ -231,7 +224,7 @@ class PickleStore:
             for _, row in self._item_rows()
             if version is None or row.version == version
         )
-        return _folding.keys_with_status(rows, status, backend.new_key_set)
+        return _folding.keys_with_status(rows, status, _backend.backend.new_key_set)
 
     def _output_rows(self, version: int) -> _folding.OutputRows:
         return (

@@ -1,0 +1,67 @@
+"""Every behaviour test runs once per available backend (DESIGN 8).
+
+The ``backend`` fixture is autouse: it swaps ``snapperable._backend.backend`` for the
+module under test, which is where the library looks its backend up at call time.
+``SNAPPERABLE_BACKEND`` narrows the set: ``python`` runs the fallback alone (as a user
+without the extension gets), ``rust`` the core alone; unset, both run when the
+extension is built. Tests that start child processes pass ``backend_env`` on, so the
+child uses the same backend.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator
+
+import pytest
+
+from snapperable import _backend, _pure
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _available() -> dict[str, ModuleType]:
+    choice = os.environ.get("SNAPPERABLE_BACKEND", "auto")
+    found: dict[str, ModuleType] = {}
+    if choice in ("auto", "rust"):
+        try:
+            from snapperable import _core
+        except ImportError:
+            if choice == "rust":
+                raise
+        else:
+            found["rust"] = _core
+    if choice in ("auto", "python"):
+        found["python"] = _pure
+    return found
+
+
+BACKENDS = _available()
+
+
+@pytest.fixture(params=sorted(BACKENDS), autouse=True)
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    name: str = request.param
+    monkeypatch.setattr(_backend, "backend", BACKENDS[name])
+    yield name
+
+
+@pytest.fixture
+def backend_env(backend: str) -> dict[str, str]:
+    """Environment for a child process: same backend, this checkout's package."""
+    env = dict(os.environ)
+    env["SNAPPERABLE_BACKEND"] = backend
+    return env
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run the test with ``tmp_path`` as the working directory (for default paths)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+PYTHON = sys.executable

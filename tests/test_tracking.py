@@ -1,0 +1,261 @@
+"""Input-based tracking, streaming, key=, version policies, argument checks."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+import snapperable
+from snapperable import (
+    FunctionChangedError,
+    PickleSnapshotStorage,
+    Snapper,
+    SnapshotStorage,
+    SQLiteSnapshotStorage,
+)
+
+STORAGES: dict[str, Callable[[Path], SnapshotStorage[Any]]] = {
+    "sqlite": lambda d: SQLiteSnapshotStorage(str(d / "run.db")),
+    "pickle": lambda d: PickleSnapshotStorage(str(d / "run.pkl")),
+}
+
+
+@pytest.fixture(params=sorted(STORAGES))
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> SnapshotStorage[Any]:
+    return STORAGES[request.param](tmp_path)
+
+
+class Counter:
+    """A function that counts its calls; ``version=`` keeps the count out of the fingerprint."""
+
+    def __init__(self, fn: Callable[[Any], Any] = repr) -> None:
+        self.fn = fn
+        self.calls: list[Any] = []
+
+    def __call__(self, item: Any) -> Any:
+        self.calls.append(item)
+        return self.fn(item)
+
+
+def run(storage: SnapshotStorage[Any], items: Any, counter: Counter, **kw: Any) -> list[Any]:
+    with Snapper(items, counter, snapshot_storage=storage, version="pinned", **kw) as snapper:
+        snapper.start()
+        return snapper.load()
+
+
+def test_grow_shrink_reorder(storage: SnapshotStorage[Any]) -> None:
+    counter = Counter(lambda x: x * 10)
+    assert run(storage, [1, 2, 3], counter) == [10, 20, 30]
+    assert run(storage, [3, 1, 2, 4, 5], counter) == [30, 10, 20, 40, 50]
+    assert run(storage, [5, 2], counter) == [50, 20]
+    assert counter.calls == [1, 2, 3, 4, 5]
+
+
+def test_duplicates_processed_once_and_repeated_in_load(storage: SnapshotStorage[Any]) -> None:
+    counter = Counter(lambda x: x + 1)
+    assert run(storage, [1, 1, 2, 1, 2], counter) == [2, 2, 3, 2, 3]
+    assert counter.calls == [1, 2]
+
+
+def test_unhashable_and_nested_inputs(storage: SnapshotStorage[Any]) -> None:
+    items: list[Any] = [
+        {"id": 1, "tags": ["a", "b"]},
+        [1, [2, [3]]],
+        {3, 1, 2},
+        {"nested": {"deep": ({"x": 1.5},)}},
+        b"raw",
+        None,
+    ]
+    counter = Counter()
+    first = run(storage, items, counter)
+    assert first == [repr(x) for x in items]
+    # equal values built anew (a set in another order, a dict in another insertion order)
+    again: list[Any] = [
+        {"tags": ["a", "b"], "id": 1},
+        [1, [2, [3]]],
+        {2, 3, 1},
+        {"nested": {"deep": ({"x": 1.5},)}},
+        b"raw",
+        None,
+    ]
+    assert run(storage, again, counter) == first
+    assert len(counter.calls) == len(items)
+
+
+def test_key_function_chooses_identity(storage: SnapshotStorage[Any]) -> None:
+    counter = Counter(lambda rec: rec["text"].upper())
+    records = [{"id": 1, "text": "a", "ts": 1}, {"id": 2, "text": "b", "ts": 2}]
+    assert run(storage, records, counter, key=lambda r: r["id"]) == ["A", "B"]
+    refreshed = [{"id": 1, "text": "a", "ts": 99}, {"id": 3, "text": "c", "ts": 3}]
+    assert run(storage, refreshed, counter, key=lambda r: r["id"]) == ["A", "C"]
+    assert [c["id"] for c in counter.calls] == [1, 2, 3]
+
+
+def test_unkeyable_input_raises_type_error_suggesting_key(storage: SnapshotStorage[Any]) -> None:
+    import threading
+
+    with pytest.raises(TypeError, match="key="):
+        run(storage, [threading.Lock()], Counter())
+    # with key= the same input is fine
+    assert run(storage, [threading.Lock()], Counter(lambda _: 1), key=lambda _: "lock") == [1]
+
+
+def test_generator_is_streamed_and_load_works_after_start(storage: SnapshotStorage[Any]) -> None:
+    pulled: list[int] = []
+
+    def generate() -> Iterator[int]:
+        for i in range(5000):
+            pulled.append(i)
+            yield i
+
+    counter = Counter(lambda x: -x)
+    with Snapper(generate(), counter, snapshot_storage=storage, version="v") as snapper:
+        snapper.start()
+        assert snapper.load() == [-i for i in range(5000)]
+    assert len(pulled) == 5000  # consumed once, by start(); load() reused its keys
+
+
+def test_generator_is_not_materialised(storage: SnapshotStorage[Any]) -> None:
+    """The Snapper pulls items lazily: never more than a chunk ahead of processing."""
+    processed = 0
+    max_ahead = 0
+
+    def generate() -> Iterator[int]:
+        nonlocal max_ahead
+        for i in range(10_000):
+            max_ahead = max(max_ahead, i - processed)
+            yield i
+
+    def fn(x: int) -> int:
+        nonlocal processed
+        processed += 1
+        return x
+
+    with Snapper(generate(), fn, snapshot_storage=storage, version="v") as snapper:
+        snapper.start()
+    assert processed == 10_000
+    assert max_ahead <= snapperable.snapper.CHUNK
+
+
+def test_context_manager_flushes_with_large_batch(storage: SnapshotStorage[Any]) -> None:
+    counter = Counter()
+    with Snapper(range(50), counter, snapshot_storage=storage, batch_size=1000, version="v") as s:
+        s.start()
+    assert Snapper(range(50), counter, snapshot_storage=storage, version="v").load() == [
+        repr(i) for i in range(50)
+    ]
+
+
+def test_load_without_start_reads_the_iterable(storage: SnapshotStorage[Any]) -> None:
+    run(storage, [1, 2, 3], Counter())
+    snapper = Snapper([3, 9, 1], Counter(), snapshot_storage=storage, version="pinned")
+    assert snapper.load() == ["3", "1"]
+
+
+def double(x: int) -> int:
+    return x * 2
+
+
+def triple(x: int) -> int:
+    return x * 3
+
+
+def test_version_policy_reprocess_logs_what_changed(
+    storage: SnapshotStorage[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    Snapper([1, 2], double, snapshot_storage=storage).start()
+    with caplog.at_level(logging.WARNING, logger="snapperable"):
+        snapper = Snapper([1, 2], triple, snapshot_storage=storage)
+        snapper.start()
+    assert snapper.load() == [3, 6]
+    assert "reprocessed" in caplog.text and "changed" in caplog.text
+    # going back to the first version finds its results again: nothing to redo
+    back = Snapper([1, 2], double, snapshot_storage=storage)
+    assert back.plan().to_process == 0
+    assert back.load() == [2, 4]
+
+
+def test_version_policy_keep(storage: SnapshotStorage[Any]) -> None:
+    Snapper([1, 2], double, snapshot_storage=storage).start()
+    kept = Snapper([1, 2, 3], triple, snapshot_storage=storage, on_version_change="keep")
+    kept.start()
+    assert kept.load() == [2, 4, 9]  # old results kept, the new item made by the new fn
+    # the acceptance is remembered: the next run with `triple` needs no policy
+    assert Snapper([1, 2, 3], triple, snapshot_storage=storage, on_version_change="raise").load() == [2, 4, 9]
+
+
+def test_version_policy_raise(storage: SnapshotStorage[Any]) -> None:
+    Snapper([1], double, snapshot_storage=storage).start()
+    with pytest.raises(FunctionChangedError, match="function body changed"):
+        Snapper([1], triple, snapshot_storage=storage, on_version_change="raise").start()
+    # nothing was registered by the refused run
+    assert Snapper([1], double, snapshot_storage=storage, on_version_change="raise").load() == [2]
+
+
+def test_pinned_version_ignores_edits_until_bumped(storage: SnapshotStorage[Any]) -> None:
+    Snapper([1, 2], double, snapshot_storage=storage, version="v1").start()
+    assert Snapper([1, 2], triple, snapshot_storage=storage, version="v1").load() == [2, 4]
+    bumped = Snapper([1, 2], triple, snapshot_storage=storage, version="v2")
+    bumped.start()
+    assert bumped.load() == [3, 6]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"batch_size": 0}, ValueError),
+        ({"batch_size": 1.5}, ValueError),
+        ({"max_wait_time": -1}, ValueError),
+        ({"on_version_change": "ignore"}, ValueError),
+        ({"version": 3}, TypeError),
+        ({"key": "id"}, TypeError),
+        ({"max_consecutive_exceptions": 0}, ValueError),
+        ({"retries": -1}, ValueError),
+    ],
+)
+def test_bad_arguments_fail_early(tmp_path: Path, kwargs: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        Snapper([1], double, snapshot_storage=SQLiteSnapshotStorage(str(tmp_path / "x.db")), **kwargs)
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_bad_positional_arguments() -> None:
+    with pytest.raises(TypeError, match="iterable"):
+        Snapper(5, double)  # type: ignore[call-overload, arg-type]
+    with pytest.raises(TypeError, match="callable"):
+        Snapper([1], 5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="synchronous"):
+        SQLiteSnapshotStorage("x.db", synchronous="off")  # type: ignore[arg-type]
+
+
+def test_synchronous_normal_works(tmp_path: Path) -> None:
+    storage: SQLiteSnapshotStorage[int] = SQLiteSnapshotStorage(str(tmp_path / "n.db"), synchronous="normal")
+    snapper = Snapper(range(100), double, snapshot_storage=storage)
+    snapper.start()
+    assert snapper.load() == [2 * i for i in range(100)]
+
+
+@pytest.mark.parametrize("choice", ["python", "auto"])
+def test_backend_selection_by_environment(choice: str, backend_env: dict[str, str]) -> None:
+    env = dict(backend_env, SNAPPERABLE_BACKEND=choice)
+    out = subprocess.run(
+        [sys.executable, "-c", "import snapperable; print(snapperable.backend)"],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    if choice == "python":
+        assert out == "python"
+    else:
+        assert out in ("rust", "python")
+
+
+def test_unknown_backend_choice_is_an_import_error(backend_env: dict[str, str]) -> None:
+    env = dict(backend_env, SNAPPERABLE_BACKEND="fortran")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import snapperable"], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and "SNAPPERABLE_BACKEND" in proc.stderr
