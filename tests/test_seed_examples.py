@@ -80,6 +80,7 @@ def test_function_version_detection_example(in_tmp: Path) -> None:
 
 @pytest.mark.parametrize("storage_class", [SQLiteSnapshotStorage, PickleSnapshotStorage])
 def test_storage_class_examples(in_tmp: Path, storage_class: type) -> None:
+    storage: SQLiteSnapshotStorage[int] | PickleSnapshotStorage[int]
     if storage_class is SQLiteSnapshotStorage:
         storage = SQLiteSnapshotStorage(db_path="my_checkpoint.db")
         path = in_tmp / "my_checkpoint.db"

@@ -177,7 +177,7 @@ def _select() -> Backend:
     if choice == "python":
         from snapperable import _pure
 
-        return _pure  # type: ignore[return-value]  # a module conforming to Backend
+        return _pure  # mypy checks here that the module conforms to Backend
     try:
         from snapperable import _core
     except ImportError:
@@ -185,8 +185,8 @@ def _select() -> Backend:
             raise
         from snapperable import _pure
 
-        return _pure  # type: ignore[return-value]
-    return _core  # type: ignore[return-value]
+        return _pure
+    return _core
 
 
 backend: Backend = _select()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pickle
 import struct
 from hashlib import blake2b
-from typing import Callable
+from typing import Callable, cast
 
 KEY_SIZE = 16
 KEY_PREFIX = b"K1"
@@ -97,16 +97,14 @@ def canon(x: object, depth: int = 0) -> bytes:
                 f"{_KEY_HINT}"
             )
         if t is tuple or t is list:
-            items = x  # type: ignore[assignment]
-            head = (b"t" if t is tuple else b"l") + _length(len(items), "a sequence")  # type: ignore[arg-type]
-            return head + b"".join([canon(item, depth) for item in items])  # type: ignore[attr-defined]
+            sequence = cast("tuple[object, ...] | list[object]", x)
+            head = (b"t" if t is tuple else b"l") + _length(len(sequence), "a sequence")
+            return head + b"".join([canon(item, depth) for item in sequence])
         if t is dict:
-            pairs = sorted(
-                (canon(k, depth), canon(v, depth))
-                for k, v in x.items()  # type: ignore[attr-defined]
-            )
+            mapping = cast("dict[object, object]", x)
+            pairs = sorted((canon(k, depth), canon(v, depth)) for k, v in mapping.items())
             return b"d" + _length(len(pairs), "a dict") + b"".join(k + v for k, v in pairs)
-        members = sorted(canon(item, depth) for item in x)  # type: ignore[attr-defined]
+        members = sorted(canon(item, depth) for item in cast("set[object]", x))
         return b"S" + _length(len(members), "a set") + b"".join(members)
     return _canon_pickled(x)
 
