@@ -88,6 +88,10 @@ def process(record, scale=2, *, sep=","):
 '''
 
 
+CLEAN = "def clean(text):\n    return text.strip()[:LIMIT]\n"
+assert CLEAN in BASE
+
+
 # --- edits that must not count ----------------------------------------------------------
 
 
@@ -106,10 +110,7 @@ COSMETIC = {
         "def process(\n    record,\n    scale = 2,\n    *,\n    sep = ','\n):",
     ),
     "moved down": "def unrelated():\n    return 1\n\n\n" + BASE,
-    "moved below its helper's caller": BASE.replace("def clean", "def _tmp").replace(
-        "def _tmp", "def clean"
-    )
-    + "\n\ndef other():\n    return clean('x')\n",
+    "helper moved below": BASE.replace(CLEAN, "") + "\n\n" + CLEAN,
     "unrelated global": BASE + "\nOTHER = 123\n",
 }
 
@@ -140,7 +141,10 @@ EDITS = {
         BASE.replace("LIMIT = 10", "LIMIT = 20"),
         ["global `LIMIT` changed"],
     ),
-    "default": (BASE.replace("scale=2", "scale=3"), ["function body changed", "default arguments changed"]),
+    "default": (
+        BASE.replace("scale=2", "scale=3"),
+        ["function body changed", "default arguments changed"],
+    ),
     "keyword default": (
         BASE.replace('sep=","', 'sep=";"'),
         ["function body changed", "keyword-only default arguments changed"],
@@ -249,7 +253,13 @@ def test_dispatch_table_counts_the_functions_in_it(load: Loader) -> None:
 
 
 def test_other_modules_count_by_name_only(load: Loader) -> None:
-    before = "from os.path import join\nimport json\n\ndef process(x):\n    return join(json.dumps(x))\n"
+    before = """
+        from os.path import join
+        import json
+
+        def process(x):
+            return join(json.dumps(x))
+        """
     fp = fp_of(load, before)
     assert set(fp.parts) == {"code", "imported join", "module json"}
     after = before.replace("import json", "import pickle as json")
@@ -257,7 +267,17 @@ def test_other_modules_count_by_name_only(load: Loader) -> None:
 
 
 def test_unencodable_global_counts_by_type(load: Loader) -> None:
-    module = load("import threading\nLOCK = threading.Lock()\n\ndef process(x):\n    with LOCK:\n        return x\n")
+    module = load(
+        """
+        import threading
+
+        LOCK = threading.Lock()
+
+        def process(x):
+            with LOCK:
+                return x
+        """
+    )
     first = fingerprint(module.process)
     setattr(module, "LOCK", threading.Lock())
     assert fingerprint(module.process) == first
@@ -379,6 +399,16 @@ def test_bound_method(load: Loader) -> None:
     # another method it calls is part of the class
     edited = load(MODEL_CLASS.replace("x * self.weight", "x / self.weight")).Model(2).predict
     assert explain_change(fp.parts, fingerprint(edited).parts) == ["class `Model` changed"]
+
+
+def test_unpicklable_attribute_does_not_hide_the_others(load: Loader) -> None:
+    module = load(MODEL_CLASS)
+    first, second = module.Model(2), module.Model(2)
+    first.lock = threading.Lock()
+    second.lock = threading.Lock()
+    assert fingerprint(first.predict) == fingerprint(second.predict)
+    second.weight = 3
+    assert fingerprint(first.predict) != fingerprint(second.predict)
 
 
 def test_callable_object(load: Loader) -> None:

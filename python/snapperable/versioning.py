@@ -28,10 +28,11 @@ What a plain Python function's parts cover:
 Other callables: ``functools.partial`` adds ``partial args`` and ``partial keywords`` to
 the parts of what it wraps; a bound method is its function plus ``class <name>`` (so
 that an edit to another method it calls counts) and ``instance``, the state of the
-object it is bound to; a callable object is its class's ``__call__`` plus the same two;
-a C wrapper with ``__wrapped__`` (``functools.lru_cache``) is what it wraps plus
-``wrapper`` (its type); builtins and C classes (``str``, ``len``) are their qualified
-name. ``pinned("v3")`` replaces all of this with ``{"version": "v3"}``.
+object it is bound to (attribute by attribute); a callable object is its class's
+``__call__`` plus the same two; a C wrapper with ``__wrapped__``
+(``functools.lru_cache``) is what it wraps plus ``wrapper`` (its type); builtins and C
+classes (``str``, ``len``) are their qualified name. ``pinned("v3")`` replaces all of
+this with ``{"version": "v3"}``.
 
 Values are digested with ``keys.canon`` (so dict and set order does not matter), walking
 lists, tuples, dicts and sets by hand so that Python functions inside them (a dispatch
@@ -83,6 +84,7 @@ _U32 = struct.Struct("<I")
 
 _FunctionNode = Union[ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda]
 
+_WITH_DOCSTRING = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 _BUILTIN_CALLABLES = (
     types.BuiltinFunctionType,
     types.MethodDescriptorType,
@@ -513,7 +515,7 @@ def _dump(node: ast.AST, top: bool = False) -> str:
     for name, value in ast.iter_fields(node):
         if top and name == "name":
             continue
-        if name == "body" and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        if name == "body" and isinstance(node, _WITH_DOCSTRING):
             value = _without_docstring(value)
         if value is None or (isinstance(value, list) and not value):
             continue
@@ -566,9 +568,15 @@ def _code_bytes(code: types.CodeType) -> bytes:
 
 
 def _instance_digest(obj: object, stack: set[int]) -> str:
-    """The state of an instance: its attributes if it has a ``__dict__``, else its pickle."""
+    """The state of an instance: its attributes if it has a ``__dict__``, else its pickle.
+
+    Each attribute is digested on its own, so one that cannot be pickled (a connection)
+    falls back to its type without hiding changes in the others.
+    """
     state = getattr(obj, "__dict__", None)
-    return _value_digest(state if isinstance(state, dict) else obj, stack)
+    if not isinstance(state, dict):
+        return _value_digest(obj, stack)
+    return _hex(canon({str(name): _value_digest(value, stack) for name, value in state.items()}))
 
 
 def _value_digest(value: object, stack: set[int]) -> str:
@@ -598,7 +606,9 @@ def _value_bytes(value: object, stack: set[int], depth: int) -> bytes:
         )
         return b"d" + _U32.pack(len(pairs)) + b"".join(k + v for k, v in pairs)
     if kind is set or kind is frozenset:
-        members = sorted(_value_bytes(v, stack, depth + 1) for v in value)  # type: ignore[attr-defined]
+        members = sorted(
+            _value_bytes(v, stack, depth + 1) for v in value  # type: ignore[attr-defined]
+        )
         return b"S" + _U32.pack(len(members)) + b"".join(members)
     if isinstance(value, types.ModuleType):
         return b"m" + value.__name__.encode()
