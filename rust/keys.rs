@@ -1,0 +1,349 @@
+//! Input keys: the canonical encoding of DESIGN section 4, byte for byte the same as the
+//! pure-Python reference `snapperable/keys.py`, and a compact set of keys.
+//!
+//! This module is pure Rust: it encodes values already taken apart into Rust types.
+//! Walking Python objects (which needs the interpreter) lives in `py_keys.rs`.
+
+use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+
+use blake2::digest::consts::U16;
+use blake2::{Blake2b, Digest};
+
+use crate::errors::{Error, Result};
+
+pub const KEY_SIZE: usize = 16;
+pub type Key = [u8; KEY_SIZE];
+
+/// Containers nested deeper than this cannot be keyed (they could exhaust the stack).
+pub const MAX_DEPTH: usize = 256;
+const KEY_PREFIX: &[u8] = b"K1";
+const QUIET_NAN: [u8; 8] = [0x7f, 0xf8, 0, 0, 0, 0, 0, 0];
+const KEY_HINT: &str = "pass key= to Snapper to choose each item's identity yourself";
+
+/// `blake2b(b"K1" + canon, digest_size=16)`.
+pub fn key_of_canon(canon: &[u8]) -> Key {
+    let mut hasher = Blake2b::<U16>::new();
+    hasher.update(KEY_PREFIX);
+    hasher.update(canon);
+    hasher.finalize().into()
+}
+
+/// The type tags of the encoding, one byte each.
+pub mod tag {
+    pub const NONE: u8 = b'n';
+    pub const TRUE: u8 = b'T';
+    pub const FALSE: u8 = b'F';
+    pub const INT: u8 = b'i';
+    pub const FLOAT: u8 = b'f';
+    pub const STR: u8 = b's';
+    pub const BYTES: u8 = b'b';
+    pub const TUPLE: u8 = b't';
+    pub const LIST: u8 = b'l';
+    pub const DICT: u8 = b'd';
+    pub const SET: u8 = b'S';
+    pub const PICKLED: u8 = b'p';
+}
+
+/// The error for a value a key cannot be computed for; the text is the reference's.
+pub fn key_error(what: &str) -> Error {
+    Error::Key(format!("cannot compute an input key: {what}; {KEY_HINT}"))
+}
+
+pub fn too_deep() -> Error {
+    key_error(&format!("nesting is deeper than {MAX_DEPTH} levels"))
+}
+
+pub fn unpicklable(type_name: &str, reason: &str) -> Error {
+    Error::Key(format!(
+        "cannot compute an input key for an object of type {type_name}: it cannot be \
+         pickled ({reason}); {KEY_HINT}"
+    ))
+}
+
+/// Appends `tag` + u32-LE `n`; `what` names the value in the error if `n` overflows.
+pub fn push_header(out: &mut Vec<u8>, tag: u8, n: usize, what: &str) -> Result<()> {
+    let n = u32::try_from(n).map_err(|_| key_error(&format!("{what} is too large")))?;
+    out.push(tag);
+    out.extend_from_slice(&n.to_le_bytes());
+    Ok(())
+}
+
+pub fn push_none(out: &mut Vec<u8>) {
+    out.push(tag::NONE);
+}
+
+pub fn push_bool(out: &mut Vec<u8>, value: bool) {
+    out.push(if value { tag::TRUE } else { tag::FALSE });
+}
+
+/// An int that fits in i64: the minimal two's-complement bytes, `(bit_length + 8) // 8`
+/// of them (one more than strictly needed for the sign, as the reference does).
+pub fn push_i64(out: &mut Vec<u8>, value: i64) {
+    let bit_length = 64 - value.unsigned_abs().leading_zeros() as usize;
+    let len = (bit_length + 8) / 8; // at most 9, for i64::MIN
+    let wide = i128::from(value).to_le_bytes();
+    out.push(tag::INT);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    out.extend_from_slice(&wide[..len]);
+}
+
+/// An int given as its two's-complement little-endian bytes (Python's `int.to_bytes`).
+pub fn push_int_bytes(out: &mut Vec<u8>, le_bytes: &[u8]) -> Result<()> {
+    push_header(out, tag::INT, le_bytes.len(), "an int")?;
+    out.extend_from_slice(le_bytes);
+    Ok(())
+}
+
+pub fn push_float(out: &mut Vec<u8>, value: f64) {
+    out.push(tag::FLOAT);
+    if value.is_nan() {
+        out.extend_from_slice(&QUIET_NAN);
+    } else {
+        // `value + 0.0` turns -0.0 into 0.0 and leaves every other value alone.
+        out.extend_from_slice(&(value + 0.0).to_be_bytes());
+    }
+}
+
+/// A str given as its UTF-8 (`surrogatepass`) bytes.
+pub fn push_str(out: &mut Vec<u8>, utf8: &[u8]) -> Result<()> {
+    push_header(out, tag::STR, utf8.len(), "a str")?;
+    out.extend_from_slice(utf8);
+    Ok(())
+}
+
+pub fn push_bytes(out: &mut Vec<u8>, bytes: &[u8]) -> Result<()> {
+    push_header(out, tag::BYTES, bytes.len(), "a bytes value")?;
+    out.extend_from_slice(bytes);
+    Ok(())
+}
+
+pub fn push_pickled(out: &mut Vec<u8>, pickle: &[u8]) -> Result<()> {
+    push_header(out, tag::PICKLED, pickle.len(), "a pickled object")?;
+    out.extend_from_slice(pickle);
+    Ok(())
+}
+
+/// A set: its members' encodings in bytewise order, so the key ignores iteration order.
+pub fn push_set(out: &mut Vec<u8>, mut members: Vec<Vec<u8>>) -> Result<()> {
+    push_header(out, tag::SET, members.len(), "a set")?;
+    members.sort_unstable();
+    for member in members {
+        out.extend_from_slice(&member);
+    }
+    Ok(())
+}
+
+/// A dict: `(canon(key), canon(value))` pairs in bytewise order of the pair, as Python
+/// sorts the tuples (distinct keys can share an encoding, e.g. two NaNs; the value then
+/// decides).
+pub fn push_dict(out: &mut Vec<u8>, mut pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+    push_header(out, tag::DICT, pairs.len(), "a dict")?;
+    pairs.sort_unstable();
+    for (key, value) in pairs {
+        out.extend_from_slice(&key);
+        out.extend_from_slice(&value);
+    }
+    Ok(())
+}
+
+/// Hashes a [`Key`] by its first eight bytes. Keys are BLAKE2b digests, already uniformly
+/// distributed, so running them through SipHash again would only cost time.
+#[derive(Default)]
+pub struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached through `KeyHash::hash`, which passes exactly eight bytes; fold
+        // anything else in rather than assume.
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+/// A [`Key`] whose `Hash` feeds [`KeyHasher`] one word (a plain `[u8; 16]` would also
+/// hash its length).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct KeyHash(Key);
+
+impl Hash for KeyHash {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(word));
+    }
+}
+
+/// A set of keys stored inline: 16 bytes plus one control byte per slot, about 20 to 37
+/// bytes per key depending on the table's load, and no allocation per key.
+#[derive(Default)]
+pub struct KeySet(HashSet<KeyHash, BuildHasherDefault<KeyHasher>>);
+
+impl KeySet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn contains(&self, key: &Key) -> bool {
+        self.0.contains(&KeyHash(*key))
+    }
+
+    pub fn insert(&mut self, key: Key) -> bool {
+        self.0.insert(KeyHash(key))
+    }
+
+    /// Positions `i` of `keys` (16 bytes each, concatenated) that are not in the set.
+    pub fn missing(&self, keys: &[u8]) -> Result<Vec<usize>> {
+        Ok(split_keys(keys)?
+            .enumerate()
+            .filter(|(_, key)| !self.contains(key))
+            .map(|(i, _)| i)
+            .collect())
+    }
+}
+
+impl FromIterator<Key> for KeySet {
+    fn from_iter<I: IntoIterator<Item = Key>>(iter: I) -> Self {
+        Self(iter.into_iter().map(KeyHash).collect())
+    }
+}
+
+/// The keys of a buffer of concatenated keys; an error if its length is not a multiple
+/// of [`KEY_SIZE`].
+pub fn split_keys(keys: &[u8]) -> Result<impl Iterator<Item = Key> + '_> {
+    if !keys.len().is_multiple_of(KEY_SIZE) {
+        return Err(Error::InvalidArgument(format!(
+            "keys must be a concatenation of {KEY_SIZE}-byte keys, got {} bytes",
+            keys.len()
+        )));
+    }
+    Ok(keys.chunks_exact(KEY_SIZE).map(|chunk| {
+        let mut key = [0u8; KEY_SIZE];
+        key.copy_from_slice(chunk);
+        key
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn canon(f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let mut out = Vec::new();
+        f(&mut out);
+        out
+    }
+
+    #[test]
+    fn ints_use_python_length_rule() {
+        // (x.bit_length() + 8) // 8 bytes, two's complement little-endian.
+        let cases: &[(i64, &str)] = &[
+            (0, "690100000000"),
+            (1, "690100000001"),
+            (-1, "6901000000ff"),
+            (127, "69010000007f"),
+            (128, "69020000008000"),
+            (-128, "690200000080ff"),
+            (255, "6902000000ff00"),
+            (i64::MAX, "6908000000ffffffffffffff7f"),
+            (i64::MIN, "69090000000000000000000080ff"),
+        ];
+        for &(value, expected) in cases {
+            assert_eq!(
+                hex(&canon(|o| push_i64(o, value))),
+                expected,
+                "canon({value})"
+            );
+        }
+    }
+
+    #[test]
+    fn floats_fold_negative_zero_and_nans() {
+        assert_eq!(hex(&canon(|o| push_float(o, -0.0))), "660000000000000000");
+        assert_eq!(hex(&canon(|o| push_float(o, 1.5))), "663ff8000000000000");
+        let weird_nan = f64::from_bits(0xfff8_0000_0000_0001);
+        assert_eq!(
+            hex(&canon(|o| push_float(o, weird_nan))),
+            "667ff8000000000000"
+        );
+        assert_eq!(
+            hex(&canon(|o| push_float(o, f64::INFINITY))),
+            "667ff0000000000000"
+        );
+    }
+
+    #[test]
+    fn scalars_and_key_match_python_reference() {
+        // Values from snapperable.keys: canon("hé") and input_key(None).
+        assert_eq!(
+            hex(&canon(|o| push_str(o, "hé".as_bytes()).unwrap())),
+            "730300000068c3a9"
+        );
+        assert_eq!(hex(&canon(push_none)), "6e");
+        assert_eq!(hex(&canon(|o| push_bool(o, true))), "54");
+        assert_eq!(hex(&key_of_canon(b"n")), "4b4299cfb5bc6c9ae8849f4b86d9c1e3");
+    }
+
+    #[test]
+    fn sets_and_dicts_sort_encodings() {
+        let set = canon(|o| push_set(o, vec![b"b".to_vec(), b"a".to_vec()]).unwrap());
+        assert_eq!(set, b"S\x02\x00\x00\x00ab");
+        let pairs = vec![
+            (b"k".to_vec(), b"2".to_vec()),
+            (b"k".to_vec(), b"1".to_vec()),
+            (b"a".to_vec(), b"9".to_vec()),
+        ];
+        let dict = canon(|o| push_dict(o, pairs).unwrap());
+        assert_eq!(dict, b"d\x03\x00\x00\x00a9k1k2");
+    }
+
+    #[test]
+    fn key_errors_carry_the_reference_text() {
+        assert_eq!(
+            too_deep().to_string(),
+            "cannot compute an input key: nesting is deeper than 256 levels; pass key= to \
+             Snapper to choose each item's identity yourself"
+        );
+    }
+
+    #[test]
+    fn key_set_membership_and_missing() {
+        let mut set = KeySet::new();
+        assert!(set.insert([1; 16]));
+        assert!(!set.insert([1; 16]));
+        set.insert([2; 16]);
+        assert_eq!(set.len(), 2);
+        let mut query = vec![2u8; 16];
+        query.extend_from_slice(&[3; 16]);
+        query.extend_from_slice(&[1; 16]);
+        query.extend_from_slice(&[4; 16]);
+        assert_eq!(set.missing(&query).unwrap(), vec![1, 3]);
+        assert!(matches!(
+            set.missing(&[0; 17]),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+}

@@ -1,0 +1,31 @@
+//! `snapperable._core`: the Rust backend of snapperable (DESIGN 3).
+//!
+//! It provides, at module level, what the `Backend` Protocol of `snapperable/_backend.py`
+//! names: input keys, key sets and SQLite checkpoints with a group-committing writer.
+//! This file only registers; the domain logic (`keys`, `store`, `writer`, `checkpoint`)
+//! is pure Rust, and `py_*` is the thin binding layer over it.
+
+pub mod checkpoint;
+pub mod errors;
+pub mod keys;
+pub mod store;
+pub mod writer;
+
+mod py_imports;
+mod py_keys;
+mod py_store;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("BACKEND_NAME", "rust")?;
+    m.add_function(wrap_pyfunction!(py_keys::input_key, m)?)?;
+    m.add_function(wrap_pyfunction!(py_keys::input_keys, m)?)?;
+    m.add_function(wrap_pyfunction!(py_store::new_key_set, m)?)?;
+    m.add_function(wrap_pyfunction!(py_store::open_sqlite, m)?)?;
+    m.add_class::<py_store::PyKeySet>()?;
+    m.add_class::<py_store::PySqliteCheckpoint>()?;
+    m.add_class::<py_store::PyRowIterator>()?;
+    Ok(())
+}

@@ -1,0 +1,311 @@
+//! Python classes over the checkpoint: `KeySet`, `SqliteCheckpoint` and the iterator of
+//! its rows, plus `open_sqlite`. Only conversion lives here; every SQLite call and every
+//! wait runs with the GIL released (`Python::detach`), so other Python threads (and the
+//! user's function) keep running while the disk works.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+
+use crate::checkpoint::Checkpoint;
+use crate::errors::Error;
+use crate::keys::{self, Key, KEY_SIZE};
+use crate::py_imports::{pickle_loads, row_info_class, version_row_class};
+use crate::store::{ItemRow, RowInfo, Synchronous};
+use crate::writer::Policy;
+
+/// Rows fetched per query while iterating `rows()`: bounds memory on huge checkpoints.
+const ROWS_PAGE: usize = 1024;
+
+/// A compact set of 16-byte input keys.
+#[pyclass(module = "snapperable._core", name = "KeySet")]
+#[derive(Default)]
+pub struct PyKeySet(keys::KeySet);
+
+#[pymethods]
+impl PyKeySet {
+    fn __len__(&self) -> usize {
+        self.0.len()
+    }
+
+    fn __contains__(&self, key: &Bound<'_, PyAny>) -> bool {
+        key.cast::<PyBytes>()
+            .ok()
+            .and_then(|bytes| Key::try_from(bytes.as_bytes()).ok())
+            .is_some_and(|key| self.0.contains(&key))
+    }
+
+    fn add(&mut self, key: &[u8]) -> PyResult<()> {
+        self.0.insert(key_from(key)?);
+        Ok(())
+    }
+
+    /// Positions `i` whose key `keys[16*i:16*i+16]` is not in the set.
+    fn missing(&self, keys: &[u8]) -> PyResult<Vec<usize>> {
+        Ok(self.0.missing(keys)?)
+    }
+}
+
+/// An empty key set.
+#[pyfunction]
+pub fn new_key_set() -> PyKeySet {
+    PyKeySet::default()
+}
+
+fn key_from(bytes: &[u8]) -> Result<Key, Error> {
+    Key::try_from(bytes).map_err(|_| {
+        Error::InvalidArgument(format!("a key is {KEY_SIZE} bytes, got {}", bytes.len()))
+    })
+}
+
+/// An open SQLite checkpoint: the pending buffer, its writer, and reads.
+#[pyclass(module = "snapperable._core", name = "SqliteCheckpoint", frozen)]
+pub struct PySqliteCheckpoint {
+    #[pyo3(get)]
+    path: Py<PyString>,
+    inner: Checkpoint,
+}
+
+/// Opens (creating with mode 0600 if missing) a SQLite checkpoint at `path`.
+#[pyfunction]
+pub fn open_sqlite(
+    py: Python<'_>,
+    path: Bound<'_, PyString>,
+    synchronous: &str,
+    batch_size: i64,
+    max_wait_time: Option<f64>,
+) -> PyResult<PySqliteCheckpoint> {
+    let synchronous = Synchronous::parse(synchronous)?;
+    let policy = Policy {
+        batch_size: usize::try_from(batch_size)
+            .ok()
+            .filter(|&size| size >= 1)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("batch_size must be at least 1, not {batch_size}"))
+            })?,
+        max_wait: max_wait(max_wait_time)?,
+    };
+    // The OS form of the path, so a name that is not valid UTF-8 still opens.
+    let os_path: PathBuf = path.extract()?;
+    let inner = py.detach(|| Checkpoint::open(&os_path, synchronous, policy))?;
+    Ok(PySqliteCheckpoint {
+        path: path.unbind(),
+        inner,
+    })
+}
+
+fn max_wait(seconds: Option<f64>) -> Result<Option<Duration>, Error> {
+    match seconds {
+        None => Ok(None),
+        Some(s) if s.is_nan() || s < 0.0 => Err(Error::InvalidArgument(format!(
+            "max_wait_time must be None or a number of seconds >= 0, not {s}"
+        ))),
+        // Too long to represent (inf included) means no bound at all.
+        Some(s) => Ok(Duration::try_from_secs_f64(s).ok()),
+    }
+}
+
+#[pymethods]
+impl PySqliteCheckpoint {
+    /// Every known function version, oldest first.
+    fn versions<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let versions = py.detach(|| self.inner.with_store(|store| store.versions()))?;
+        let class = version_row_class(py)?;
+        versions
+            .into_iter()
+            .map(|v| class.call1((v.id, v.fingerprint, v.parts, v.uses, v.created)))
+            .collect()
+    }
+
+    #[pyo3(signature = (fingerprint, parts, uses))]
+    fn add_version(
+        &self,
+        py: Python<'_>,
+        fingerprint: &str,
+        parts: &str,
+        uses: Option<i64>,
+    ) -> PyResult<i64> {
+        Ok(py.detach(|| {
+            self.inner
+                .with_store(|store| store.add_version(fingerprint, parts, uses))
+        })?)
+    }
+
+    /// Keys whose latest row for `version` (any version if None) has `status`.
+    #[pyo3(signature = (version, status))]
+    fn key_set(&self, py: Python<'_>, version: Option<i64>, status: i64) -> PyResult<PyKeySet> {
+        let keys = py.detach(|| {
+            self.inner
+                .with_store(|store| store.key_set(version, status))
+        })?;
+        Ok(PyKeySet(keys))
+    }
+
+    /// Buffers one `ItemRow` for the writer; converted here, so no Python object is kept.
+    fn record(&self, row: &Bound<'_, PyAny>) -> PyResult<()> {
+        let row = item_row(row)?;
+        // No detach: this only takes the buffer's lock, which the writer never holds
+        // while it commits, and the writer never needs the GIL.
+        Ok(self.inner.record(row)?)
+    }
+
+    /// Returns once every recorded row is committed.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        Ok(py.detach(|| self.inner.flush())?)
+    }
+
+    /// Unpickled outputs of the latest ok row of each key, in the order of `keys`.
+    fn outputs_for<'py>(
+        &self,
+        py: Python<'py>,
+        version: i64,
+        keys: &[u8],
+    ) -> PyResult<Bound<'py, PyList>> {
+        let wanted: keys::KeySet = keys::split_keys(keys)?.collect();
+        let latest = py.detach(|| {
+            self.inner
+                .with_store(|store| store.latest_outputs(version, Some(&wanted)))
+        })?;
+        let outputs = PyList::empty(py);
+        for key in keys::split_keys(keys)? {
+            if let Some(pickle) = latest.get(&key) {
+                outputs.append(unpickle(py, pickle)?)?;
+            }
+        }
+        Ok(outputs)
+    }
+
+    /// Unpickled latest ok output of every key, in the order each key was first saved.
+    fn all_outputs<'py>(&self, py: Python<'py>, version: i64) -> PyResult<Bound<'py, PyList>> {
+        let latest = py.detach(|| {
+            self.inner
+                .with_store(|store| store.latest_outputs(version, None))
+        })?;
+        let outputs = PyList::empty(py);
+        for key in &latest.first_saved {
+            if let Some(pickle) = latest.get(key) {
+                outputs.append(unpickle(py, pickle)?)?;
+            }
+        }
+        Ok(outputs)
+    }
+
+    /// Every row (of `version`, or of all versions if None) in the order saved.
+    #[pyo3(signature = (version))]
+    fn rows(slf: Bound<'_, Self>, version: Option<i64>) -> PyRowIterator {
+        PyRowIterator {
+            checkpoint: slf.unbind(),
+            version,
+            after: 0,
+            page: VecDeque::new(),
+            exhausted: false,
+        }
+    }
+
+    /// Flushes, stops the writer and releases the file. Idempotent.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        Ok(py.detach(|| self.inner.close())?)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        format!(
+            "<snapperable._core.SqliteCheckpoint {}>",
+            self.path.bind(py)
+        )
+    }
+}
+
+fn unpickle<'py>(py: Python<'py>, pickle: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    pickle_loads(py)?.call1((PyBytes::new(py, pickle),))
+}
+
+/// The 11 fields of an `ItemRow` as Rust values.
+fn item_row(row: &Bound<'_, PyAny>) -> PyResult<ItemRow> {
+    let fields = row
+        .cast::<PyTuple>()
+        .map_err(|_| PyTypeError::new_err("record() takes an ItemRow"))?;
+    if fields.len() != 11 {
+        return Err(PyTypeError::new_err(format!(
+            "record() takes an ItemRow of 11 fields, got {}",
+            fields.len()
+        )));
+    }
+    let blob = |i: usize| -> PyResult<Option<Vec<u8>>> {
+        let value = fields.get_item(i)?;
+        if value.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(value.cast::<PyBytes>()?.as_bytes().to_vec()))
+    };
+    let key = fields.get_item(0)?;
+    Ok(ItemRow {
+        key: key_from(key.cast::<PyBytes>()?.as_bytes())?,
+        version: fields.get_item(1)?.extract()?,
+        status: fields.get_item(2)?.extract()?,
+        input: blob(3)?,
+        output: blob(4)?,
+        error_type: fields.get_item(5)?.extract()?,
+        error: fields.get_item(6)?.extract()?,
+        traceback: fields.get_item(7)?.extract()?,
+        attempts: fields.get_item(8)?.extract()?,
+        started: fields.get_item(9)?.extract()?,
+        ended: fields.get_item(10)?.extract()?,
+    })
+}
+
+/// Iterates a checkpoint's rows page by page, so a checkpoint of millions of rows is
+/// never held in memory at once. Rows are append-only, so paging by `seq` is consistent.
+#[pyclass(module = "snapperable._core", name = "RowIterator")]
+pub struct PyRowIterator {
+    checkpoint: Py<PySqliteCheckpoint>,
+    version: Option<i64>,
+    /// The `seq` of the last row fetched.
+    after: i64,
+    page: VecDeque<RowInfo>,
+    exhausted: bool,
+}
+
+#[pymethods]
+impl PyRowIterator {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        if self.page.is_empty() && !self.exhausted {
+            let checkpoint = self.checkpoint.get();
+            let (version, after) = (self.version, self.after);
+            let page = py.detach(|| {
+                checkpoint
+                    .inner
+                    .with_store(|store| store.rows_after(version, after, ROWS_PAGE))
+            })?;
+            self.exhausted = page.len() < ROWS_PAGE;
+            if let Some(last) = page.last() {
+                self.after = last.seq;
+            }
+            self.page = page.into();
+        }
+        let Some(row) = self.page.pop_front() else {
+            return Ok(None);
+        };
+        let fields = (
+            row.seq,
+            PyBytes::new(py, &row.key),
+            row.version,
+            row.status,
+            row.input.map(|input| PyBytes::new(py, &input)),
+            row.error_type,
+            row.error,
+            row.traceback,
+            row.attempts,
+            row.started,
+            row.ended,
+        );
+        row_info_class(py)?.call1(fields).map(Some)
+    }
+}

@@ -1,0 +1,626 @@
+//! The SQLite checkpoint format of DESIGN 6.1: opening (and creating) a file, appending
+//! rows, and the scans that plan and load a run. Pure Rust: values cross into Python only
+//! in the binding layer.
+//!
+//! The opening procedure is the same step for step as the pure-Python backend's, so that
+//! both accept, create and reject exactly the same files.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{
+    params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior,
+};
+
+use crate::errors::{Error, Result};
+use crate::keys::{Key, KeySet, KEY_SIZE};
+
+/// The one schema, shared with the pure-Python backend.
+const SCHEMA: &str = include_str!("../python/snapperable/schema.sql");
+/// `PRAGMA application_id` of a snapperable checkpoint: "SnaP".
+pub const APPLICATION_ID: i64 = 0x536e_6150;
+/// `PRAGMA user_version`: the newest format this code reads and the one it writes.
+pub const FORMAT_VERSION: i64 = 1;
+pub const STATUS_OK: i64 = 0;
+/// Long enough to ride out another process's commit, short enough to report a real lock.
+const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
+
+/// One finished attempt at one item, as the writer appends it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemRow {
+    pub key: Key,
+    pub version: i64,
+    pub status: i64,
+    pub input: Option<Vec<u8>>,
+    pub output: Option<Vec<u8>>,
+    pub error_type: Option<String>,
+    pub error: Option<String>,
+    pub traceback: Option<String>,
+    pub attempts: i64,
+    pub started: f64,
+    pub ended: f64,
+}
+
+/// An item row read back for reports: everything but the output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowInfo {
+    pub seq: i64,
+    pub key: Key,
+    pub version: i64,
+    pub status: i64,
+    pub input: Option<Vec<u8>>,
+    pub error_type: Option<String>,
+    pub error: Option<String>,
+    pub traceback: Option<String>,
+    pub attempts: i64,
+    pub started: f64,
+    pub ended: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionRow {
+    pub id: i64,
+    pub fingerprint: String,
+    pub parts: String,
+    pub uses: i64,
+    pub created: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synchronous {
+    /// Survives power loss (DESIGN 7's default).
+    Full,
+    /// Survives a crash of the process, not of the machine; faster commits.
+    Normal,
+}
+
+impl Synchronous {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "full" => Ok(Self::Full),
+            "normal" => Ok(Self::Normal),
+            other => Err(Error::InvalidArgument(format!(
+                "synchronous must be 'full' or 'normal', not {other:?}"
+            ))),
+        }
+    }
+
+    fn pragma(self) -> &'static str {
+        match self {
+            Self::Full => "PRAGMA synchronous=FULL",
+            Self::Normal => "PRAGMA synchronous=NORMAL",
+        }
+    }
+}
+
+/// The latest row of each key of one version, from one scan.
+#[derive(Default)]
+pub struct LatestOutputs {
+    /// Every key seen, in the order of its first row.
+    pub first_saved: Vec<Key>,
+    /// The key's latest output if its latest row is ok; `None` if that row failed.
+    pub latest: HashMap<Key, Option<Vec<u8>>>,
+}
+
+impl LatestOutputs {
+    /// The latest ok output of `key`, if it has one.
+    pub fn get(&self, key: &Key) -> Option<&[u8]> {
+        self.latest.get(key).and_then(|output| output.as_deref())
+    }
+}
+
+/// Maps a SQLite failure on `path` to the error callers see: damage to the file is
+/// `Corrupt`, anything else (I/O, locks, full disk) is `Checkpoint`.
+pub fn sqlite_error(path: &str, err: rusqlite::Error) -> Error {
+    let path = path.to_owned();
+    match err.sqlite_error_code() {
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => Error::Corrupt {
+            path,
+            problem: format!("is not a SQLite database or is damaged ({err})"),
+        },
+        _ => match err {
+            rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..) => Error::Corrupt {
+                path,
+                problem: format!("holds a value of an unexpected type ({err})"),
+            },
+            _ => Error::Checkpoint {
+                path,
+                detail: format!("SQLite error: {err}"),
+            },
+        },
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |elapsed| elapsed.as_secs_f64())
+}
+
+/// An open SQLite checkpoint.
+pub struct Store {
+    path: String,
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens the checkpoint at `path`, creating the file (mode 0600) and the schema if
+    /// they do not exist, and refusing a file that is not a snapperable checkpoint of a
+    /// format this code reads.
+    pub fn open(path: &Path, synchronous: Synchronous) -> Result<Self> {
+        let name = path.to_string_lossy().into_owned();
+        create_private_file(path).map_err(|err| Error::Checkpoint {
+            path: name.clone(),
+            detail: format!("cannot create the file: {err}"),
+        })?;
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| sqlite_error(&name, e))?;
+        let mut store = Store { path: name, conn };
+        store.prepare(synchronous)?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn fail(&self, err: rusqlite::Error) -> Error {
+        sqlite_error(&self.path, err)
+    }
+
+    fn prepare(&mut self, synchronous: Synchronous) -> Result<()> {
+        self.conn
+            .busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| self.fail(e))?;
+        let mut header = Header::read(&self.conn).map_err(|e| self.fail(e))?;
+        if header.is_fresh() {
+            header = self.initialize().map_err(|e| self.fail(e))?;
+        }
+        if header.application_id != APPLICATION_ID {
+            return Err(Error::Corrupt {
+                path: self.path.clone(),
+                problem: format!(
+                    "is not a snapperable checkpoint (application_id {})",
+                    header.application_id
+                ),
+            });
+        }
+        if header.user_version > FORMAT_VERSION {
+            return Err(Error::Format {
+                path: self.path.clone(),
+                found: header.user_version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        self.conn
+            .execute_batch("PRAGMA journal_mode=WAL")
+            .and_then(|()| self.conn.execute_batch(synchronous.pragma()))
+            .map_err(|e| self.fail(e))
+    }
+
+    /// Writes the schema into an empty file. The header is read again under the write
+    /// lock, so a process that initialized the file first is not overwritten.
+    fn initialize(&mut self) -> rusqlite::Result<Header> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let header = Header::read(&tx)?;
+        if !header.is_fresh() {
+            return Ok(header);
+        }
+        tx.execute_batch(SCHEMA)?;
+        tx.execute(
+            "INSERT INTO meta (name, value) VALUES ('format_version', ?1), ('created_by', ?2)",
+            params![
+                FORMAT_VERSION.to_string(),
+                concat!("snapperable ", env!("CARGO_PKG_VERSION"))
+            ],
+        )?;
+        let header = Header::read(&tx)?;
+        tx.commit()?;
+        Ok(header)
+    }
+
+    /// Every known function version, oldest first.
+    pub fn versions(&self) -> Result<Vec<VersionRow>> {
+        let read = || -> rusqlite::Result<Vec<VersionRow>> {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT id, fingerprint, parts, uses, created FROM versions ORDER BY id",
+            )?;
+            let rows = stmt.query_map([], |row| {
+                Ok(VersionRow {
+                    id: row.get(0)?,
+                    fingerprint: row.get(1)?,
+                    parts: row.get(2)?,
+                    uses: row.get(3)?,
+                    created: row.get(4)?,
+                })
+            })?;
+            rows.collect()
+        };
+        read().map_err(|e| self.fail(e))
+    }
+
+    /// Registers a version and commits at once; `uses = None` makes it use its own id.
+    pub fn add_version(
+        &mut self,
+        fingerprint: &str,
+        parts: &str,
+        uses: Option<i64>,
+    ) -> Result<i64> {
+        let mut insert = || -> rusqlite::Result<i64> {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT INTO versions (fingerprint, parts, uses, created) VALUES (?1, ?2, ?3, ?4)",
+                params![fingerprint, parts, uses.unwrap_or(0), unix_now()],
+            )?;
+            let id = tx.last_insert_rowid();
+            if uses.is_none() {
+                tx.execute("UPDATE versions SET uses = id WHERE id = ?1", [id])?;
+            }
+            tx.commit()?;
+            Ok(id)
+        };
+        insert().map_err(|e| sqlite_error(&self.path, e))
+    }
+
+    /// Appends `rows` in one `BEGIN IMMEDIATE` transaction: all of them or none.
+    pub fn append(&mut self, rows: &[ItemRow]) -> Result<()> {
+        let mut write = || -> rusqlite::Result<()> {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO items (key, version, status, input, output, error_type, \
+                     error, traceback, attempts, started, ended) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                )?;
+                for row in rows {
+                    insert.execute(params![
+                        &row.key[..],
+                        row.version,
+                        row.status,
+                        row.input,
+                        row.output,
+                        row.error_type,
+                        row.error,
+                        row.traceback,
+                        row.attempts,
+                        row.started,
+                        row.ended,
+                    ])?;
+                }
+            }
+            tx.commit()
+        };
+        write().map_err(|e| sqlite_error(&self.path, e))
+    }
+
+    /// Keys whose latest row for `version` (for any version if `None`) has `status`.
+    pub fn key_set(&self, version: Option<i64>, status: i64) -> Result<KeySet> {
+        // No index on `key` by design (appends stay sequential), so this is one scan in
+        // `seq` order where a later row overwrites an earlier one.
+        let mut latest: HashMap<(Key, i64), i64> = HashMap::new();
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, key, version, status FROM items ORDER BY seq")
+            .map_err(|e| self.fail(e))?;
+        let mut rows = stmt.query([]).map_err(|e| self.fail(e))?;
+        while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
+            let row_version: i64 = row.get(2).map_err(|e| self.fail(e))?;
+            if version.is_some_and(|wanted| wanted != row_version) {
+                continue;
+            }
+            let key = self.key_at(row, 1)?;
+            let row_status: i64 = row.get(3).map_err(|e| self.fail(e))?;
+            latest.insert((key, row_version), row_status);
+        }
+        Ok(latest
+            .into_iter()
+            .filter(|&(_, row_status)| row_status == status)
+            .map(|((key, _), _)| key)
+            .collect())
+    }
+
+    /// The latest row of each key of `version` (only keys in `only`, if given).
+    pub fn latest_outputs(&self, version: i64, only: Option<&KeySet>) -> Result<LatestOutputs> {
+        let mut found = LatestOutputs::default();
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, key, status, output FROM items WHERE version = ?1 ORDER BY seq",
+            )
+            .map_err(|e| self.fail(e))?;
+        let mut rows = stmt.query([version]).map_err(|e| self.fail(e))?;
+        while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
+            let key = self.key_at(row, 1)?;
+            if only.is_some_and(|wanted| !wanted.contains(&key)) {
+                continue;
+            }
+            let status: i64 = row.get(2).map_err(|e| self.fail(e))?;
+            let output = if status == STATUS_OK {
+                let output: Option<Vec<u8>> = row.get(3).map_err(|e| self.fail(e))?;
+                Some(output.ok_or_else(|| self.corrupt_row(row, "is ok but has no output"))?)
+            } else {
+                None
+            };
+            if found.latest.insert(key, output).is_none() {
+                found.first_saved.push(key);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Up to `limit` rows with `seq > after` (of `version`, if given), in `seq` order.
+    pub fn rows_after(
+        &self,
+        version: Option<i64>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<RowInfo>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, key, version, status, input, error_type, error, traceback, \
+                 attempts, started, ended FROM items \
+                 WHERE seq > ?1 AND (?2 IS NULL OR version = ?2) ORDER BY seq LIMIT ?3",
+            )
+            .map_err(|e| self.fail(e))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut rows = stmt
+            .query(params![after, version, limit])
+            .map_err(|e| self.fail(e))?;
+        let mut page = Vec::new();
+        while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
+            let key = self.key_at(row, 1)?;
+            let info = (|| -> rusqlite::Result<RowInfo> {
+                Ok(RowInfo {
+                    seq: row.get(0)?,
+                    key,
+                    version: row.get(2)?,
+                    status: row.get(3)?,
+                    input: row.get(4)?,
+                    error_type: row.get(5)?,
+                    error: row.get(6)?,
+                    traceback: row.get(7)?,
+                    attempts: row.get(8)?,
+                    started: row.get(9)?,
+                    ended: row.get(10)?,
+                })
+            })()
+            .map_err(|e| self.fail(e))?;
+            page.push(info);
+        }
+        Ok(page)
+    }
+
+    /// Closes the connection, reporting what SQLite says (e.g. a failed WAL checkpoint).
+    pub fn close(self) -> Result<()> {
+        let path = self.path;
+        self.conn
+            .close()
+            .map_err(|(_, err)| sqlite_error(&path, err))
+    }
+
+    /// The key in column `index` of `row`; a key that is not a 16-byte blob means the
+    /// file was damaged or written by something else.
+    fn key_at(&self, row: &Row<'_>, index: usize) -> Result<Key> {
+        let value = row.get_ref(index).map_err(|e| self.fail(e))?;
+        value
+            .as_blob()
+            .ok()
+            .and_then(|blob| Key::try_from(blob).ok())
+            .ok_or_else(|| {
+                self.corrupt_row(row, &format!("has a key that is not {KEY_SIZE} bytes"))
+            })
+    }
+
+    fn corrupt_row(&self, row: &Row<'_>, problem: &str) -> Error {
+        let seq = row
+            .get::<_, i64>(0)
+            .map_or_else(|_| "?".to_owned(), |seq| seq.to_string());
+        Error::Corrupt {
+            path: self.path.clone(),
+            problem: format!("is damaged: item row {seq} {problem}"),
+        }
+    }
+}
+
+/// What the first page of a file says about it.
+struct Header {
+    application_id: i64,
+    user_version: i64,
+    has_tables: bool,
+}
+
+impl Header {
+    fn read(conn: &Connection) -> rusqlite::Result<Self> {
+        let pragma = |name: &str| conn.query_row(&format!("PRAGMA {name}"), [], |row| row.get(0));
+        let application_id = pragma("application_id")?;
+        let user_version = pragma("user_version")?;
+        let has_tables = conn
+            .query_row("SELECT 1 FROM sqlite_master LIMIT 1", [], |_| Ok(()))
+            .optional()?
+            .is_some();
+        Ok(Header {
+            application_id,
+            user_version,
+            has_tables,
+        })
+    }
+
+    /// An empty file (or an empty database): ours to initialize.
+    fn is_fresh(&self) -> bool {
+        self.application_id == 0 && !self.has_tables
+    }
+}
+
+/// Creates `path` with mode 0600 if it does not exist; never truncates an existing file.
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path).map(drop)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    pub(crate) struct TempDir(pub PathBuf);
+
+    impl TempDir {
+        pub(crate) fn new() -> Self {
+            static COUNTER: AtomicUsize = AtomicUsize::new(0);
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let dir =
+                std::env::temp_dir().join(format!("snapperable-test-{}-{n}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("create temp dir");
+            TempDir(dir)
+        }
+
+        pub(crate) fn file(&self, name: &str) -> PathBuf {
+            self.0.join(name)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    pub(crate) fn row(key: u8, version: i64, status: i64, output: Option<&[u8]>) -> ItemRow {
+        ItemRow {
+            key: [key; KEY_SIZE],
+            version,
+            status,
+            input: None,
+            output: output.map(<[u8]>::to_vec),
+            error_type: (status != STATUS_OK).then(|| "ValueError".to_owned()),
+            error: None,
+            traceback: None,
+            attempts: 1,
+            started: 1.0,
+            ended: 2.0,
+        }
+    }
+
+    #[test]
+    fn round_trip_with_superseding_rows() {
+        let dir = TempDir::new();
+        let path = dir.file("run.db");
+        let mut store = Store::open(&path, Synchronous::Full).unwrap();
+        let v1 = store.add_version("fp1", "{}", None).unwrap();
+        let v2 = store.add_version("fp2", "{}", Some(v1)).unwrap();
+        let versions = store.versions().unwrap();
+        assert_eq!((versions[0].id, versions[0].uses), (v1, v1));
+        assert_eq!((versions[1].id, versions[1].uses), (v2, v1));
+
+        store
+            .append(&[
+                row(1, v1, 0, Some(b"one")),
+                row(2, v1, 1, None),
+                row(3, v1, 0, Some(b"three")),
+                row(2, v1, 0, Some(b"two")), // supersedes the failure
+                row(3, v1, 1, None),         // supersedes the success
+                row(1, v2, 1, None),
+            ])
+            .unwrap();
+        store.close().unwrap();
+
+        let store = Store::open(&path, Synchronous::Normal).unwrap();
+        let ok = store.key_set(Some(v1), 0).unwrap();
+        assert!(ok.contains(&[1; 16]) && ok.contains(&[2; 16]) && !ok.contains(&[3; 16]));
+        let failed_anywhere = store.key_set(None, 1).unwrap();
+        assert_eq!(failed_anywhere.len(), 2); // key 3 in v1, key 1 in v2
+
+        let latest = store.latest_outputs(v1, None).unwrap();
+        assert_eq!(latest.first_saved, vec![[1; 16], [2; 16], [3; 16]]);
+        assert_eq!(latest.get(&[2; 16]), Some(&b"two"[..]));
+        assert_eq!(latest.get(&[3; 16]), None);
+
+        let all = store.rows_after(None, 0, 100).unwrap();
+        assert_eq!(all.len(), 6);
+        let page = store.rows_after(Some(v1), all[1].seq, 2).unwrap();
+        assert_eq!(
+            page.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![all[2].seq, all[3].seq]
+        );
+    }
+
+    #[test]
+    fn non_database_file_is_corrupt_and_untouched() {
+        let dir = TempDir::new();
+        let path = dir.file("notes.db");
+        let text = b"these are my notes, not a database; please keep them safe\n".repeat(20);
+        std::fs::write(&path, &text).unwrap();
+        match Store::open(&path, Synchronous::Full) {
+            Err(Error::Corrupt { path: named, .. }) => assert_eq!(named, path.to_string_lossy()),
+            Err(other) => panic!("expected Corrupt, got {other}"),
+            Ok(_) => panic!("expected Corrupt, got a store"),
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), text);
+    }
+
+    #[test]
+    fn foreign_database_and_newer_format_are_refused() {
+        let dir = TempDir::new();
+        let foreign = dir.file("other.db");
+        Connection::open(&foreign)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
+        let err = Store::open(&foreign, Synchronous::Full).err().unwrap();
+        assert!(
+            err.to_string().contains("is not a snapperable checkpoint"),
+            "{err}"
+        );
+
+        let newer = dir.file("newer.db");
+        Store::open(&newer, Synchronous::Full)
+            .unwrap()
+            .close()
+            .unwrap();
+        Connection::open(&newer)
+            .unwrap()
+            .execute_batch("PRAGMA user_version = 2")
+            .unwrap();
+        assert!(matches!(
+            Store::open(&newer, Synchronous::Full),
+            Err(Error::Format { found: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn short_key_in_file_is_corrupt() {
+        let dir = TempDir::new();
+        let path = dir.file("run.db");
+        Store::open(&path, Synchronous::Full)
+            .unwrap()
+            .close()
+            .unwrap();
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "INSERT INTO items (key, version, status, attempts, started, ended) \
+                 VALUES (x'0102', 1, 0, 1, 0, 0)",
+            )
+            .unwrap();
+        let store = Store::open(&path, Synchronous::Full).unwrap();
+        assert!(matches!(store.key_set(None, 0), Err(Error::Corrupt { .. })));
+    }
+}

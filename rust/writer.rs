@@ -1,0 +1,420 @@
+//! The pending buffer and its background writer (DESIGN 7): group commit.
+//!
+//! `record` only appends to a buffer under a mutex, so the caller's loop never waits for
+//! the disk. One writer thread commits *everything* pending in one transaction whenever a
+//! commit is due (enough rows, the oldest row waited long enough, or a flush/close asked
+//! for it); rows recorded while it commits go into the next commit. The cost of a commit
+//! (an fsync under `synchronous=FULL`) is thus shared by every row that arrived during
+//! the previous one, even with `batch_size=1`.
+//!
+//! Generic over the row type and the commit function, so it is tested without SQLite.
+
+use std::mem;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::errors::{Error, Result};
+
+/// When a commit is due.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Pending rows that start a commit (at least 1).
+    pub batch_size: usize,
+    /// The longest a row may stay pending; `None`: until `batch_size` or a flush.
+    pub max_wait: Option<Duration>,
+}
+
+struct State<T> {
+    pending: Vec<T>,
+    /// When the oldest pending row arrived.
+    oldest: Option<Instant>,
+    /// Rows recorded since the start, and rows committed; a flush waits for the second
+    /// to reach the first as it was when the flush began.
+    recorded: u64,
+    committed: u64,
+    /// Commit now, whatever the policy says, until `committed` reaches this.
+    flush_upto: u64,
+    closing: bool,
+    writer_running: bool,
+    /// The writer's failure; once set the writer has stopped and nothing more is saved.
+    failure: Option<Error>,
+    /// Whether the failure was raised to a caller yet (close raises it only if not).
+    failure_reported: bool,
+}
+
+struct Shared<T> {
+    state: Mutex<State<T>>,
+    /// Wakes the writer: rows arrived, a flush or close was asked for.
+    work: Condvar,
+    /// Wakes flushers: a commit finished or the writer stopped.
+    progress: Condvar,
+}
+
+pub struct Writer<T> {
+    path: String,
+    batch_size: usize,
+    shared: Arc<Shared<T>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A panic while the lock was held cannot come from user input, but if it happens it
+/// must surface as an error, not as a second panic.
+fn poisoned(path: &str) -> Error {
+    Error::Checkpoint {
+        path: path.to_owned(),
+        detail: "internal state was left inconsistent by an earlier panic".to_owned(),
+    }
+}
+
+fn lock<'a, T>(path: &str, mutex: &'a Mutex<T>) -> Result<MutexGuard<'a, T>> {
+    mutex.lock().map_err(|_| poisoned(path))
+}
+
+impl<T: Send + 'static> Writer<T> {
+    /// Starts the writer thread; `commit` saves one batch, all of it or none.
+    pub fn start<C>(path: &str, policy: Policy, commit: C) -> Result<Self>
+    where
+        C: FnMut(&[T]) -> Result<()> + Send + 'static,
+    {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                pending: Vec::new(),
+                oldest: None,
+                recorded: 0,
+                committed: 0,
+                flush_upto: 0,
+                closing: false,
+                writer_running: true,
+                failure: None,
+                failure_reported: false,
+            }),
+            work: Condvar::new(),
+            progress: Condvar::new(),
+        });
+        let thread = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("snapperable-writer".to_owned())
+                .spawn(move || run(&shared, policy, commit))
+                .map_err(|err| Error::Checkpoint {
+                    path: path.to_owned(),
+                    detail: format!("cannot start the writer thread: {err}"),
+                })?
+        };
+        Ok(Writer {
+            path: path.to_owned(),
+            batch_size: policy.batch_size,
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn state(&self) -> Result<MutexGuard<'_, State<T>>> {
+        lock(&self.path, &self.shared.state)
+    }
+
+    fn writer_error(&self, failure: &Error) -> Error {
+        Error::Writer {
+            path: self.path.clone(),
+            cause: Box::new(failure.clone()),
+        }
+    }
+
+    /// The failure to raise now, if the writer has failed; it marks it reported.
+    fn check_failure(&self, state: &mut State<T>) -> Result<()> {
+        match &state.failure {
+            Some(failure) => {
+                state.failure_reported = true;
+                Err(self.writer_error(failure))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Buffers `row` for the writer. Raises the writer's failure instead, if it failed:
+    /// the row could never be saved.
+    pub fn record(&self, row: T) -> Result<()> {
+        let mut state = self.state()?;
+        self.check_failure(&mut state)?;
+        if state.closing {
+            return Err(Error::Closed {
+                path: self.path.clone(),
+            });
+        }
+        state.pending.push(row);
+        state.recorded += 1;
+        if state.oldest.is_none() {
+            state.oldest = Some(Instant::now());
+        }
+        // The first pending row starts the `max_wait` clock; a full batch starts a
+        // commit. Between the two the writer has nothing to decide, so stays asleep.
+        let len = state.pending.len();
+        if len == 1 || len >= self.batch_size {
+            self.shared.work.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Returns once every row recorded before the call is committed.
+    pub fn flush(&self) -> Result<()> {
+        let mut state = self.state()?;
+        self.check_failure(&mut state)?;
+        let target = state.recorded;
+        if state.committed >= target {
+            return Ok(());
+        }
+        state.flush_upto = state.flush_upto.max(target);
+        self.shared.work.notify_one();
+        while state.committed < target {
+            self.check_failure(&mut state)?;
+            if !state.writer_running {
+                return Err(Error::Closed {
+                    path: self.path.clone(),
+                });
+            }
+            state = self
+                .shared
+                .progress
+                .wait(state)
+                .map_err(|_| poisoned(&self.path))?;
+        }
+        Ok(())
+    }
+
+    /// Commits what is pending, stops the writer and waits for it. Idempotent; raises a
+    /// writer failure that no earlier call raised.
+    pub fn close(&self) -> Result<()> {
+        let Some(thread) = lock(&self.path, &self.thread)?.take() else {
+            return Ok(());
+        };
+        {
+            let mut state = self.state()?;
+            state.closing = true;
+            self.shared.work.notify_one();
+        }
+        thread.join().map_err(|_| Error::Checkpoint {
+            path: self.path.clone(),
+            detail: "the writer thread panicked".to_owned(),
+        })?;
+        let mut state = self.state()?;
+        if state.failure_reported {
+            return Ok(());
+        }
+        self.check_failure(&mut state)
+    }
+}
+
+impl<T> Drop for Writer<T> {
+    fn drop(&mut self) {
+        // Nothing can be raised from here; an explicit `close()` is how callers learn of
+        // failures. Still save what is pending and do not leave the thread behind.
+        let thread = match self.thread.get_mut() {
+            Ok(thread) => thread.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(thread) = thread {
+            if let Ok(mut state) = self.shared.state.lock() {
+                state.closing = true;
+                self.shared.work.notify_one();
+            }
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The writer thread: wait until a commit is due, commit everything pending, repeat.
+///
+/// Its own waits recover a poisoned lock instead of returning: the state it guards is
+/// only counters and a buffer, and a writer that vanished would leave flushers waiting.
+fn run<T, C>(shared: &Shared<T>, policy: Policy, mut commit: C)
+where
+    C: FnMut(&[T]) -> Result<()>,
+{
+    let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+    loop {
+        if state.failure.is_some() {
+            break;
+        }
+        if state.pending.is_empty() {
+            if state.closing {
+                break;
+            }
+            state = shared
+                .work
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+            continue;
+        }
+        let due_in = match (policy.max_wait, state.oldest) {
+            (Some(max_wait), Some(oldest)) => Some(max_wait.saturating_sub(oldest.elapsed())),
+            _ => None,
+        };
+        let due = state.closing
+            || state.pending.len() >= policy.batch_size
+            || state.flush_upto > state.committed
+            || due_in == Some(Duration::ZERO);
+        if !due {
+            state = match due_in {
+                Some(timeout) => {
+                    let waited = shared.work.wait_timeout(state, timeout);
+                    waited.unwrap_or_else(PoisonError::into_inner).0
+                }
+                None => shared
+                    .work
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner),
+            };
+            continue;
+        }
+        let batch = mem::take(&mut state.pending);
+        state.oldest = None;
+        drop(state);
+        let result = commit(&batch);
+        state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+        match result {
+            Ok(()) => state.committed += batch.len() as u64,
+            Err(err) => state.failure = Some(err),
+        }
+        shared.progress.notify_all();
+    }
+    state.writer_running = false;
+    shared.progress.notify_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread::sleep;
+
+    type Batches = Arc<Mutex<Vec<Vec<u32>>>>;
+
+    /// A writer whose commits take `commit_time` and are logged; commits fail from the
+    /// `fail_from`-th one on (counting from 0).
+    fn logging_writer(
+        policy: Policy,
+        commit_time: Duration,
+        fail_from: usize,
+    ) -> (Writer<u32>, Batches) {
+        let batches: Batches = Arc::default();
+        let log = Arc::clone(&batches);
+        let writer = Writer::start("test.db", policy, move |rows: &[u32]| {
+            sleep(commit_time);
+            let mut log = log.lock().unwrap();
+            if log.len() >= fail_from {
+                return Err(Error::Checkpoint {
+                    path: "test.db".into(),
+                    detail: "disk full".into(),
+                });
+            }
+            log.push(rows.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        (writer, batches)
+    }
+
+    const EAGER: Policy = Policy {
+        batch_size: 1,
+        max_wait: None,
+    };
+
+    #[test]
+    fn rows_arriving_during_a_commit_share_the_next_one() {
+        let (writer, batches) = logging_writer(EAGER, Duration::from_millis(100), usize::MAX);
+        writer.record(0).unwrap();
+        sleep(Duration::from_millis(30)); // the writer is now inside the first commit
+        for i in 1..=500 {
+            writer.record(i).unwrap();
+        }
+        writer.flush().unwrap();
+        let batches = batches.lock().unwrap().clone();
+        assert_eq!(batches, vec![vec![0], (1..=500).collect::<Vec<_>>()]);
+        writer.close().unwrap();
+    }
+
+    #[test]
+    fn batch_size_starts_a_commit_without_flush() {
+        let policy = Policy {
+            batch_size: 10,
+            max_wait: None,
+        };
+        let (writer, batches) = logging_writer(policy, Duration::ZERO, usize::MAX);
+        for i in 0..9 {
+            writer.record(i).unwrap();
+        }
+        sleep(Duration::from_millis(50));
+        assert!(batches.lock().unwrap().is_empty());
+        writer.record(9).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while batches.lock().unwrap().is_empty() && Instant::now() < deadline {
+            sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            batches.lock().unwrap().clone(),
+            vec![(0..10).collect::<Vec<_>>()]
+        );
+    }
+
+    #[test]
+    fn max_wait_bounds_how_long_a_row_stays_pending() {
+        let policy = Policy {
+            batch_size: 1000,
+            max_wait: Some(Duration::from_millis(20)),
+        };
+        let (writer, batches) = logging_writer(policy, Duration::ZERO, usize::MAX);
+        let recorded = Instant::now();
+        writer.record(7).unwrap();
+        while batches.lock().unwrap().is_empty() {
+            assert!(
+                recorded.elapsed() < Duration::from_secs(5),
+                "row never committed"
+            );
+            sleep(Duration::from_millis(2));
+        }
+        assert!(recorded.elapsed() >= Duration::from_millis(20));
+    }
+
+    #[test]
+    fn close_commits_what_is_pending_and_is_idempotent() {
+        let policy = Policy {
+            batch_size: 1000,
+            max_wait: None,
+        };
+        let (writer, batches) = logging_writer(policy, Duration::ZERO, usize::MAX);
+        for i in 0..5 {
+            writer.record(i).unwrap();
+        }
+        writer.close().unwrap();
+        writer.close().unwrap();
+        assert_eq!(batches.lock().unwrap().concat(), vec![0, 1, 2, 3, 4]);
+        assert!(matches!(writer.record(5), Err(Error::Closed { .. })));
+    }
+
+    #[test]
+    fn a_failure_is_raised_by_the_next_call_and_by_every_later_one() {
+        let (writer, _) = logging_writer(EAGER, Duration::ZERO, 1);
+        writer.record(0).unwrap();
+        writer.flush().unwrap();
+        writer.record(1).unwrap();
+        let err = writer.flush().unwrap_err();
+        assert!(
+            matches!(&err, Error::Writer { cause, .. } if cause.to_string().contains("disk full"))
+        );
+        assert!(matches!(writer.record(2), Err(Error::Writer { .. })));
+        // Already raised, so close releases quietly instead of raising it a third time.
+        writer.close().unwrap();
+    }
+
+    #[test]
+    fn close_raises_a_failure_nobody_saw() {
+        let policy = Policy {
+            batch_size: 1000,
+            max_wait: None,
+        };
+        let (writer, _) = logging_writer(policy, Duration::ZERO, 0);
+        writer.record(0).unwrap();
+        assert!(matches!(writer.close(), Err(Error::Writer { .. })));
+        writer.close().unwrap();
+    }
+}
