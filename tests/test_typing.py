@@ -1,0 +1,34 @@
+"""The public API is precisely typed for users' mypy --strict runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mypy import api
+
+USER_CODE = '''
+from snapperable import Snapper, SQLiteSnapshotStorage, PickleSnapshotStorage, FailedItem
+
+def parse(line: str) -> dict[str, int]:
+    return {"n": len(line)}
+
+reveal_type(Snapper(range(3), str).load())
+reveal_type(Snapper(["a"], parse, snapshot_storage=SQLiteSnapshotStorage[dict[str, int]]("x.db")).load_all())
+reveal_type(Snapper(["a"], parse).failed_items)
+storage: PickleSnapshotStorage[int] = PickleSnapshotStorage("x.pkl")
+Snapper(["a"], parse, snapshot_storage=storage)
+'''
+
+
+@pytest.mark.parametrize("backend", ["python"], indirect=True)  # static: once is enough
+def test_reveal_types_for_users(tmp_path: Path) -> None:
+    source = tmp_path / "user_code.py"
+    source.write_text(USER_CODE)
+    stdout, _, _ = api.run(["--strict", "--no-incremental", "--cache-dir", str(tmp_path / "cache"), str(source)])
+    lines = stdout.replace("builtins.", "").splitlines()  # older mypy spells out builtins.
+    assert 'Revealed type is "list[str]"' in lines[0]
+    assert 'Revealed type is "list[dict[str, int]]"' in lines[1]
+    assert 'Revealed type is "list[snapperable.metrics.FailedItem[str]]"' in lines[2]
+    # a storage typed for int outputs does not fit a function returning dicts
+    assert 'Argument 2 to "Snapper" has incompatible type' in lines[3], stdout
