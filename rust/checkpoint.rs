@@ -147,6 +147,7 @@ mod tests {
             }
             other => panic!("expected a writer error, got {other:?}"),
         }
+        assert!(matches!(checkpoint.close(), Err(Error::Writer { .. })));
         checkpoint.close().unwrap();
     }
 }

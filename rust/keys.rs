@@ -207,6 +207,10 @@ impl KeySet {
         self.0.contains(&KeyHash(*key))
     }
 
+    pub fn iter(&self) -> impl Iterator<Item = Key> + '_ {
+        self.0.iter().map(|key| key.0)
+    }
+
     pub fn insert(&mut self, key: Key) -> bool {
         self.0.insert(KeyHash(key))
     }

@@ -25,6 +25,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_store::new_key_set, m)?)?;
     m.add_function(wrap_pyfunction!(py_store::open_sqlite, m)?)?;
     m.add_class::<py_store::PyKeySet>()?;
+    m.add_class::<py_store::PyKeyIterator>()?;
     m.add_class::<py_store::PySqliteCheckpoint>()?;
     m.add_class::<py_store::PyRowIterator>()?;
     Ok(())

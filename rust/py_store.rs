@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::{PyException, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
@@ -39,6 +39,11 @@ impl PyKeySet {
             .is_some_and(|key| self.0.contains(&key))
     }
 
+    /// The keys, as of the call, in no particular order.
+    fn __iter__(&self) -> PyKeyIterator {
+        PyKeyIterator(self.0.iter().collect::<Vec<_>>().into_iter())
+    }
+
     fn add(&mut self, key: &[u8]) -> PyResult<()> {
         self.0.insert(key_from(key)?);
         Ok(())
@@ -47,6 +52,21 @@ impl PyKeySet {
     /// Positions `i` whose key `keys[16*i:16*i+16]` is not in the set.
     fn missing(&self, keys: &[u8]) -> PyResult<Vec<usize>> {
         Ok(self.0.missing(keys)?)
+    }
+}
+
+/// Iterates a snapshot of a `KeySet`: 16 bytes a key, not a Python object a key.
+#[pyclass(module = "snapperable._core", name = "KeyIterator")]
+pub struct PyKeyIterator(std::vec::IntoIter<Key>);
+
+#[pymethods]
+impl PyKeyIterator {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&mut self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.0.next().map(|key| PyBytes::new(py, &key))
     }
 }
 
@@ -173,7 +193,7 @@ impl PySqliteCheckpoint {
         let outputs = PyList::empty(py);
         for key in keys::split_keys(keys)? {
             if let Some(pickle) = latest.get(&key) {
-                outputs.append(unpickle(py, pickle)?)?;
+                outputs.append(self.unpickle(py, pickle)?)?;
             }
         }
         Ok(outputs)
@@ -188,7 +208,7 @@ impl PySqliteCheckpoint {
         let outputs = PyList::empty(py);
         for key in &latest.first_saved {
             if let Some(pickle) = latest.get(key) {
-                outputs.append(unpickle(py, pickle)?)?;
+                outputs.append(self.unpickle(py, pickle)?)?;
             }
         }
         Ok(outputs)
@@ -219,8 +239,24 @@ impl PySqliteCheckpoint {
     }
 }
 
-fn unpickle<'py>(py: Python<'py>, pickle: &[u8]) -> PyResult<Bound<'py, PyAny>> {
-    pickle_loads(py)?.call1((PyBytes::new(py, pickle),))
+impl PySqliteCheckpoint {
+    /// A saved output as a Python object. One that no longer unpickles (say, its class
+    /// was renamed) is reported as damage to the checkpoint, as the pure backend does.
+    fn unpickle<'py>(&self, py: Python<'py>, pickle: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+        pickle_loads(py)?
+            .call1((PyBytes::new(py, pickle),))
+            .map_err(|err| {
+                if !err.is_instance_of::<PyException>(py) {
+                    return err;
+                }
+                let corrupt = PyErr::from(Error::Corrupt {
+                    path: self.inner.path().to_owned(),
+                    problem: format!("has a saved output that cannot be unpickled ({err})"),
+                });
+                corrupt.set_cause(py, Some(err));
+                corrupt
+            })
+    }
 }
 
 /// The 11 fields of an `ItemRow` as Rust values.

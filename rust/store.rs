@@ -99,7 +99,8 @@ impl Synchronous {
 pub struct LatestOutputs {
     /// Every key seen, in the order of its first row.
     pub first_saved: Vec<Key>,
-    /// The key's latest output if its latest row is ok; `None` if that row failed.
+    /// The key's latest output if its latest row is ok; `None` if that row failed (or,
+    /// as the pure-Python backend reads it, is ok without an output).
     pub latest: HashMap<Key, Option<Vec<u8>>>,
 }
 
@@ -345,8 +346,7 @@ impl Store {
             }
             let status: i64 = row.get(2).map_err(|e| self.fail(e))?;
             let output = if status == STATUS_OK {
-                let output: Option<Vec<u8>> = row.get(3).map_err(|e| self.fail(e))?;
-                Some(output.ok_or_else(|| self.corrupt_row(row, "is ok but has no output"))?)
+                row.get(3).map_err(|e| self.fail(e))?
             } else {
                 None
             };

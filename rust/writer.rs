@@ -39,8 +39,6 @@ struct State<T> {
     writer_running: bool,
     /// The writer's failure; once set the writer has stopped and nothing more is saved.
     failure: Option<Error>,
-    /// Whether the failure was raised to a caller yet (close raises it only if not).
-    failure_reported: bool,
 }
 
 struct Shared<T> {
@@ -87,7 +85,6 @@ impl<T: Send + 'static> Writer<T> {
                 closing: false,
                 writer_running: true,
                 failure: None,
-                failure_reported: false,
             }),
             work: Condvar::new(),
             progress: Condvar::new(),
@@ -114,20 +111,13 @@ impl<T: Send + 'static> Writer<T> {
         lock(&self.path, &self.shared.state)
     }
 
-    fn writer_error(&self, failure: &Error) -> Error {
-        Error::Writer {
-            path: self.path.clone(),
-            cause: Box::new(failure.clone()),
-        }
-    }
-
-    /// The failure to raise now, if the writer has failed; it marks it reported.
-    fn check_failure(&self, state: &mut State<T>) -> Result<()> {
+    /// The writer's failure as the error to raise, if it has failed.
+    fn check_failure(&self, state: &State<T>) -> Result<()> {
         match &state.failure {
-            Some(failure) => {
-                state.failure_reported = true;
-                Err(self.writer_error(failure))
-            }
+            Some(failure) => Err(Error::Writer {
+                path: self.path.clone(),
+                cause: Box::new(failure.clone()),
+            }),
             None => Ok(()),
         }
     }
@@ -136,7 +126,7 @@ impl<T: Send + 'static> Writer<T> {
     /// the row could never be saved.
     pub fn record(&self, row: T) -> Result<()> {
         let mut state = self.state()?;
-        self.check_failure(&mut state)?;
+        self.check_failure(&state)?;
         if state.closing {
             return Err(Error::Closed {
                 path: self.path.clone(),
@@ -159,7 +149,7 @@ impl<T: Send + 'static> Writer<T> {
     /// Returns once every row recorded before the call is committed.
     pub fn flush(&self) -> Result<()> {
         let mut state = self.state()?;
-        self.check_failure(&mut state)?;
+        self.check_failure(&state)?;
         let target = state.recorded;
         if state.committed >= target {
             return Ok(());
@@ -167,7 +157,7 @@ impl<T: Send + 'static> Writer<T> {
         state.flush_upto = state.flush_upto.max(target);
         self.shared.work.notify_one();
         while state.committed < target {
-            self.check_failure(&mut state)?;
+            self.check_failure(&state)?;
             if !state.writer_running {
                 return Err(Error::Closed {
                     path: self.path.clone(),
@@ -182,8 +172,9 @@ impl<T: Send + 'static> Writer<T> {
         Ok(())
     }
 
-    /// Commits what is pending, stops the writer and waits for it. Idempotent; raises a
-    /// writer failure that no earlier call raised.
+    /// Commits what is pending, stops the writer and waits for it. Idempotent: the first
+    /// call raises the writer's failure, if any (as `record` and `flush` do), later ones
+    /// return quietly.
     pub fn close(&self) -> Result<()> {
         let Some(thread) = lock(&self.path, &self.thread)?.take() else {
             return Ok(());
@@ -197,11 +188,8 @@ impl<T: Send + 'static> Writer<T> {
             path: self.path.clone(),
             detail: "the writer thread panicked".to_owned(),
         })?;
-        let mut state = self.state()?;
-        if state.failure_reported {
-            return Ok(());
-        }
-        self.check_failure(&mut state)
+        let state = self.state()?;
+        self.check_failure(&state)
     }
 }
 
@@ -402,12 +390,12 @@ mod tests {
             matches!(&err, Error::Writer { cause, .. } if cause.to_string().contains("disk full"))
         );
         assert!(matches!(writer.record(2), Err(Error::Writer { .. })));
-        // Already raised, so close releases quietly instead of raising it a third time.
+        assert!(matches!(writer.close(), Err(Error::Writer { .. })));
         writer.close().unwrap();
     }
 
     #[test]
-    fn close_raises_a_failure_nobody_saw() {
+    fn close_raises_a_failure_of_its_own_commit() {
         let policy = Policy {
             batch_size: 1000,
             max_wait: None,

@@ -1,0 +1,75 @@
+"""The Rust backend (``rust/lib.rs``): the ``Backend`` contract of ``_backend.py``.
+
+Kept true by ``python -m mypy.stubtest snapperable._core``; mypy proves in
+``_backend.py`` that this module conforms to ``Backend``.
+"""
+
+from typing import Any, Iterator, Optional, Sequence, final
+
+from snapperable._backend import ItemRow, RowInfo, Synchronous, VersionRow
+
+__all__ = [
+    "BACKEND_NAME",
+    "KeyIterator",
+    "KeySet",
+    "RowIterator",
+    "SqliteCheckpoint",
+    "input_key",
+    "input_keys",
+    "new_key_set",
+    "open_sqlite",
+]
+
+BACKEND_NAME: str
+
+def input_key(obj: object) -> bytes:
+    """The 16-byte key that identifies an input across runs and processes."""
+
+def input_keys(objs: Sequence[object]) -> bytes:
+    """The keys of ``objs`` concatenated, 16 bytes each."""
+
+def new_key_set() -> KeySet:
+    """An empty key set."""
+
+def open_sqlite(
+    path: str,
+    synchronous: Synchronous,
+    batch_size: int,
+    max_wait_time: Optional[float],
+) -> SqliteCheckpoint:
+    """Open (creating with mode 0600 if missing) a SQLite checkpoint at ``path``."""
+
+@final
+class KeySet:
+    """A compact set of 16-byte input keys (about 20-40 bytes a key)."""
+
+    def __len__(self) -> int: ...
+    def __contains__(self, key: object, /) -> bool: ...
+    def __iter__(self) -> KeyIterator: ...
+    def add(self, key: bytes) -> None: ...
+    def missing(self, keys: bytes) -> list[int]: ...
+
+@final
+class KeyIterator:
+    def __iter__(self) -> KeyIterator: ...
+    def __next__(self) -> bytes: ...
+
+@final
+class SqliteCheckpoint:
+    """An open SQLite checkpoint: the pending buffer, its writer, and reads."""
+
+    path: str
+    def versions(self) -> list[VersionRow]: ...
+    def add_version(self, fingerprint: str, parts: str, uses: Optional[int]) -> int: ...
+    def key_set(self, version: Optional[int], status: int) -> KeySet: ...
+    def record(self, row: ItemRow) -> None: ...
+    def flush(self) -> None: ...
+    def outputs_for(self, version: int, keys: bytes) -> list[Any]: ...
+    def all_outputs(self, version: int) -> list[Any]: ...
+    def rows(self, version: Optional[int]) -> RowIterator: ...
+    def close(self) -> None: ...
+
+@final
+class RowIterator:
+    def __iter__(self) -> RowIterator: ...
+    def __next__(self) -> RowInfo: ...

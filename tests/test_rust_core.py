@@ -1,0 +1,505 @@
+"""Tests specific to the Rust core ``snapperable._core``.
+
+Differential: the core must produce the reference keys of ``snapperable.keys`` byte for
+byte, raise the same errors, and read and write checkpoints exactly as the pure-Python
+backend ``snapperable._pure`` does. Behaviour shared by both backends is tested, once
+per backend, in the other test modules.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import pickle
+import sqlite3
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import snapperable
+from snapperable import _pure, keys
+from snapperable._backend import STATUS_FAILED, STATUS_OK, ItemRow, RowInfo, VersionRow
+from snapperable.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointFormatError,
+    WriterError,
+)
+
+pytest.importorskip("snapperable._core")
+from snapperable import _core  # noqa: E402  (typed import, after the skip)
+
+
+@pytest.fixture(autouse=True)
+def backend() -> str:
+    """Overrides the suite's two-backend fixture: these tests name both backends."""
+    return "rust"
+
+
+# -- input keys -------------------------------------------------------------------------
+
+
+class Color(enum.IntEnum):
+    RED = 1
+    GREEN = 2
+
+
+class Name(str):
+    pass
+
+
+@dataclass(frozen=True)
+class Point:
+    x: int
+    label: str
+
+
+def _float_from_hex(text: str) -> float:
+    value: float = struct.unpack(">d", bytes.fromhex(text))[0]
+    return value
+
+
+ODD_FLOATS = [
+    0.0,
+    -0.0,
+    math.inf,
+    -math.inf,
+    math.nan,
+    -math.nan,
+    _float_from_hex("7ff0000000000001"),  # signalling NaN
+    _float_from_hex("fff8000000000042"),  # negative NaN with a payload
+    5e-324,
+]
+
+texts = st.text(
+    alphabet=st.one_of(
+        st.characters(),
+        st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF),  # lone surrogates
+    )
+)
+hashable_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**300), max_value=2**300),
+    st.floats(),
+    st.sampled_from(ODD_FLOATS),
+    texts,
+    st.binary(),
+    st.sampled_from(list(Color)),
+    texts.map(Name),
+    st.builds(Point, st.integers(), st.text()),
+)
+hashables = st.recursive(
+    hashable_scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4).map(tuple), st.frozensets(inner, max_size=4)),
+    max_leaves=8,
+)
+values = st.recursive(
+    st.one_of(hashables, st.binary().map(bytearray)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=5),
+        st.lists(inner, max_size=5).map(tuple),
+        st.dictionaries(hashables, inner, max_size=5),
+        st.sets(hashables, max_size=5),
+        st.frozensets(hashables, max_size=5),
+    ),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(values)
+def test_input_key_matches_reference(value: object) -> None:
+    assert _core.input_key(value) == keys.input_key(value)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(values, max_size=8))
+def test_input_keys_match_reference(items: list[object]) -> None:
+    expected = keys.input_keys(items)
+    assert _core.input_keys(items) == expected
+    assert _core.input_keys(tuple(items)) == expected
+    assert len(expected) == keys.KEY_SIZE * len(items)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        2**63 - 1,
+        2**63,
+        -(2**63),
+        -(2**63) - 1,
+        -(2**64),
+        10**400,
+        -(10**400),
+        {math.nan: 2, float("nan"): 1},  # equal key encodings: the values decide the order
+        {1: "int", True: "bool"},  # one key: 1 == True
+        "\ud800\udc00",  # a surrogate pair left unpaired in a str
+        (Color.RED, Name("x"), Point(1, "p"), bytearray(b"\x00")),
+    ],
+    ids=repr,
+)
+def test_edge_values_match_reference(value: object) -> None:
+    assert _core.input_key(value) == keys.input_key(value)
+
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def _raised(fn: Callable[[object], bytes], value: object) -> BaseException:
+    with pytest.raises(BaseException) as info:
+        fn(value)
+    return info.value
+
+
+def _assert_same_error(value: object) -> BaseException:
+    expected = _raised(keys.input_key, value)
+    got = _raised(_core.input_key, value)
+    assert type(got) is type(expected)
+    assert str(got) == str(expected)
+    return got
+
+
+def test_nesting_limit_is_the_reference_one() -> None:
+    assert _core.input_key(_nested(256)) == keys.input_key(_nested(256))
+    err = _assert_same_error(_nested(257))
+    assert isinstance(err, TypeError) and "key=" in str(err)
+    # also below a dict and a tuple, and for an empty innermost container
+    _assert_same_error({"deep": (_nested(256),)})
+
+
+class _ExplodingReduce:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __reduce__(self) -> Any:
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: lambda: None,
+        lambda: [1, threading.Lock()],
+        lambda: {"k": (threading.Lock(),)},
+        lambda: {frozenset({1}), Point(1, "a")} | {_ExplodingReduce(ValueError("nope"))},
+        # the first problem met wins, in the reference's visiting order
+        lambda: [threading.Lock(), _nested(300)],
+        lambda: [_nested(300), threading.Lock()],
+    ],
+)
+def test_unpicklable_values_raise_the_reference_error(make: Callable[[], object]) -> None:
+    value = make()  # one object for both calls: messages can include its address
+    err = _assert_same_error(value)
+    assert isinstance(err, TypeError)
+    if "pickled" in str(err):
+        assert err.__cause__ is not None
+        assert "pass key= to Snapper" in str(err)
+
+
+def test_base_exceptions_from_pickling_pass_through() -> None:
+    with pytest.raises(KeyboardInterrupt):
+        _core.input_key([_ExplodingReduce(KeyboardInterrupt())])
+
+
+# -- KeySet -----------------------------------------------------------------------------
+
+key_lists = st.lists(st.binary(min_size=16, max_size=16), max_size=40)
+
+
+@settings(max_examples=100, deadline=None)
+@given(key_lists, key_lists)
+def test_key_set_agrees_with_pure(added: list[bytes], queried: list[bytes]) -> None:
+    rust, pure = _core.new_key_set(), _pure.new_key_set()
+    for key in added:
+        rust.add(key)
+        pure.add(key)
+    assert len(rust) == len(pure) == len(set(added))
+    assert sorted(rust) == sorted(pure)
+    blob = b"".join(queried)
+    assert rust.missing(blob) == pure.missing(blob)
+    assert [key in rust for key in queried] == [key in pure for key in queried]
+
+
+def test_key_set_rejects_and_ignores_what_is_not_a_key() -> None:
+    ks = _core.new_key_set()
+    ks.add(b"k" * 16)
+    assert b"k" * 16 in ks
+    for other in (b"k" * 15, b"k" * 17, bytearray(b"k" * 16), "k" * 16, 7, None):
+        assert other not in ks
+    with pytest.raises(ValueError):
+        ks.add(b"short")
+    with pytest.raises(TypeError):
+        ks.add("k" * 16)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        ks.missing(b"x" * 17)
+    assert ks.missing(b"") == []
+
+
+# -- SQLite checkpoints -----------------------------------------------------------------
+
+Opener = Callable[..., Any]
+OPENERS: dict[str, Opener] = {"rust": _core.open_sqlite, "python": _pure.open_sqlite}
+
+
+def _key(i: int) -> bytes:
+    return keys.input_key(i)
+
+
+def _ok(i: int, version: int, output: object) -> ItemRow:
+    return (_key(i), version, STATUS_OK, None, pickle.dumps(output, protocol=4),
+            None, None, None, 1, 100.0 + i, 101.0 + i)
+
+
+def _failed(i: int, version: int) -> ItemRow:
+    return (_key(i), version, STATUS_FAILED, pickle.dumps(i, protocol=4), None,
+            "ValueError", f"bad {i}", "Traceback ...", 3, 100.0 + i, 101.0 + i)
+
+
+@pytest.fixture
+def open_store(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Opens checkpoints under tmp_path and closes whatever a test left open."""
+    opened: list[Any] = []
+
+    def opener(name: str = "run.db", *, with_: str = "rust", synchronous: str = "full",
+               batch_size: int = 1, max_wait_time: float | None = None) -> Any:
+        store = OPENERS[with_](str(tmp_path / name), synchronous, batch_size, max_wait_time)
+        opened.append(store)
+        return store
+
+    yield opener
+    for store in opened:
+        try:
+            store.close()
+        except WriterError:
+            pass
+
+
+def _fill(store: Any) -> tuple[int, int]:
+    """Two versions with superseding rows; returns the version ids."""
+    v1 = store.add_version("fp-1", '{"body": "a"}', None)
+    v2 = store.add_version("fp-2", '{"body": "b"}', v1)
+    for row in [
+        _ok(1, v1, "one"),
+        _failed(2, v1),
+        _ok(3, v1, {"three": 3}),
+        _ok(2, v1, "two"),  # supersedes the failure
+        _failed(3, v1),  # supersedes the success
+        _ok(4, v2, [4]),
+        _ok(1, v1, "one again"),  # a later output replaces the first
+    ]:
+        store.record(row)
+    store.flush()
+    return v1, v2
+
+
+def _snapshot(store: Any, v1: int, v2: int) -> dict[str, Any]:
+    """Everything a store reads back, in comparable form."""
+    wanted = _key(3) + _key(1) + _key(9) + _key(1) + _key(2)
+    return {
+        "versions": [(v.id, v.fingerprint, v.parts, v.uses) for v in store.versions()],
+        "outputs_for": store.outputs_for(v1, wanted),
+        "all_v1": store.all_outputs(v1),
+        "all_v2": store.all_outputs(v2),
+        "rows": list(store.rows(None)),
+        "rows_v2": list(store.rows(v2)),
+        "ok_v1": sorted(store.key_set(v1, STATUS_OK)),
+        "failed_v1": sorted(store.key_set(v1, STATUS_FAILED)),
+        "ok_any": sorted(store.key_set(None, STATUS_OK)),
+    }
+
+
+def test_round_trip(open_store: Callable[..., Any]) -> None:
+    store = open_store()
+    v1, v2 = _fill(store)
+    got = _snapshot(store, v1, v2)
+    assert all(isinstance(v, VersionRow) for v in store.versions())
+    assert got["versions"] == [(v1, "fp-1", '{"body": "a"}', v1), (v2, "fp-2", '{"body": "b"}', v1)]
+    assert got["outputs_for"] == ["one again", "one again", "two"]
+    assert got["all_v1"] == ["one again", "two"]  # key 3's latest row failed
+    assert got["all_v2"] == [[4]]
+    assert all(isinstance(r, RowInfo) for r in got["rows"])
+    assert [r.seq for r in got["rows"]] == list(range(1, 8))
+    assert got["rows"][1] == RowInfo(2, _key(2), v1, STATUS_FAILED, pickle.dumps(2, protocol=4),
+                                     "ValueError", "bad 2", "Traceback ...", 3, 102.0, 103.0)
+    assert [r.key for r in got["rows_v2"]] == [_key(4)]
+    assert got["ok_v1"] == sorted([_key(1), _key(2)])
+    assert got["failed_v1"] == [_key(3)]
+    assert got["ok_any"] == sorted([_key(1), _key(2), _key(4)])
+
+
+def test_agrees_with_pure_backend_and_reads_its_files(open_store: Callable[..., Any]) -> None:
+    snapshots = {}
+    for name in ("rust", "python"):
+        store = open_store(f"{name}.db", with_=name)
+        snapshots[name] = _snapshot(store, *_fill(store))
+        store.close()
+    assert snapshots["rust"] == snapshots["python"]
+    # each backend resumes the other's file
+    for writer, reader in (("rust", "python"), ("python", "rust")):
+        store = open_store(f"{writer}.db", with_=reader)
+        assert _snapshot(store, 1, 2) == snapshots[writer]
+        store.close()
+
+
+def test_new_file_is_private_and_says_who_made_it(tmp_path: Path, open_store: Callable[..., Any]) -> None:
+    open_store("fresh.db").close()
+    path = tmp_path / "fresh.db"
+    assert path.stat().st_mode & 0o777 == 0o600
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA application_id").fetchone()[0] == 1399742800
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        meta = dict(conn.execute("SELECT name, value FROM meta"))
+    conn.close()
+    assert meta == {"format_version": "1", "created_by": f"snapperable {snapperable.__version__}"}
+
+
+def test_rows_iterate_across_pages(open_store: Callable[..., Any]) -> None:
+    store = open_store(batch_size=500)
+    version = store.add_version("fp", "{}", None)
+    for i in range(2500):
+        store.record(_ok(i, version, i))
+    store.flush()
+    rows = store.rows(version)
+    assert iter(rows) is rows
+    assert [row.seq for row in rows] == list(range(1, 2501))
+    assert store.all_outputs(version) == list(range(2500))
+
+
+def test_records_from_many_threads_are_all_saved(open_store: Callable[..., Any]) -> None:
+    store = open_store()
+    version = store.add_version("fp", "{}", None)
+
+    def work(start: int) -> None:
+        for i in range(start, start + 300):
+            store.record(_ok(i, version, i))
+
+    threads = [threading.Thread(target=work, args=(n * 1000,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    store.flush()
+    assert len(store.key_set(version, STATUS_OK)) == 1200
+
+
+def test_max_wait_time_commits_without_flush(open_store: Callable[..., Any]) -> None:
+    store = open_store(batch_size=10_000, max_wait_time=0.05)
+    version = store.add_version("fp", "{}", None)
+    store.record(_ok(1, version, 1))
+    deadline = time.monotonic() + 10
+    while len(store.key_set(version, STATUS_OK)) == 0:
+        assert time.monotonic() < deadline, "the row was never committed"
+        time.sleep(0.01)
+
+
+def test_writer_failure_is_raised_as_writer_error(tmp_path: Path, open_store: Callable[..., Any]) -> None:
+    store = open_store()
+    version = store.add_version("fp", "{}", None)
+    # Another process (so another SQLite library instance, as a user's tool would be)
+    # drops the table under the open checkpoint.
+    drop = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('DROP TABLE items'); c.commit()"
+    subprocess.run([sys.executable, "-c", drop, str(tmp_path / "run.db")], check=True)
+    store.record(_ok(1, version, 1))
+    with pytest.raises(WriterError) as info:
+        store.flush()
+    assert str(tmp_path / "run.db") in str(info.value)
+    assert "no such table" in str(info.value)
+    assert isinstance(info.value.__cause__, CheckpointError)
+    with pytest.raises(WriterError):
+        store.record(_ok(2, version, 2))  # nothing after a failure can be saved
+    with pytest.raises(WriterError):
+        store.close()
+    store.close()  # idempotent
+
+
+def test_non_database_file_is_corrupt_and_kept(tmp_path: Path, open_store: Callable[..., Any]) -> None:
+    path = tmp_path / "notes.db"
+    text = b"not a database, but precious\n" * 100
+    path.write_bytes(text)
+    with pytest.raises(CheckpointCorruptError) as info:
+        open_store("notes.db")
+    assert str(path) in str(info.value)
+    assert path.read_bytes() == text
+
+
+def test_foreign_database_and_newer_format_are_refused(tmp_path: Path, open_store: Callable[..., Any]) -> None:
+    with sqlite3.connect(tmp_path / "other.db") as conn:
+        conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    with pytest.raises(CheckpointCorruptError, match="is not a snapperable checkpoint"):
+        open_store("other.db")
+
+    open_store("newer.db").close()
+    conn = sqlite3.connect(tmp_path / "newer.db")
+    conn.execute("PRAGMA user_version = 2")
+    conn.close()
+    with pytest.raises(CheckpointFormatError, match="newer.db"):
+        open_store("newer.db")
+
+
+def test_damaged_rows_are_corrupt(tmp_path: Path, open_store: Callable[..., Any]) -> None:
+    open_store("bad.db").close()
+    conn = sqlite3.connect(tmp_path / "bad.db")
+    conn.execute("INSERT INTO items (key, version, status, output, attempts, started, ended)"
+                 " VALUES (?, 1, 0, ?, 1, 0, 0)", (_key(1), b"not a pickle"))
+    conn.commit()
+    conn.close()
+    store = open_store("bad.db")
+    with pytest.raises(CheckpointCorruptError, match="unpickled"):
+        store.all_outputs(1)
+    store.close()
+
+    conn = sqlite3.connect(tmp_path / "bad.db")
+    conn.execute("INSERT INTO items (key, version, status, attempts, started, ended)"
+                 " VALUES (x'00', 1, 0, 1, 0, 0)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(CheckpointCorruptError, match="16 bytes"):
+        open_store("bad.db").key_set(None, STATUS_OK)
+
+
+def test_arguments_are_checked(open_store: Callable[..., Any]) -> None:
+    with pytest.raises(ValueError, match="synchronous"):
+        open_store(synchronous="fast")
+    with pytest.raises(ValueError, match="batch_size"):
+        open_store(batch_size=0)
+    with pytest.raises(ValueError, match="max_wait_time"):
+        open_store(max_wait_time=-1.0)
+    store = open_store(synchronous="normal", max_wait_time=math.inf)
+    with pytest.raises(ValueError):
+        store.record((b"short", 1, 0, None, b"", None, None, None, 1, 0.0, 0.0))
+    with pytest.raises(TypeError):
+        store.record(("not", "a", "row"))
+
+
+def test_closed_store_refuses_work(open_store: Callable[..., Any]) -> None:
+    store = open_store()
+    store.close()
+    store.close()
+    with pytest.raises(CheckpointError, match="closed"):
+        store.versions()
+    with pytest.raises(CheckpointError, match="closed"):
+        store.record(_ok(1, 1, 1))
+
+
+def test_path_is_the_given_str(tmp_path: Path, open_store: Callable[..., Any]) -> None:
+    store = open_store()
+    assert store.path == str(tmp_path / "run.db")
+    assert os.path.exists(store.path)
