@@ -6,10 +6,11 @@ Rust core does the same fold in Rust.
 
 from __future__ import annotations
 
+import json
 import pickle
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
-from snapperable._backend import STATUS_OK, KeySet
+from snapperable._backend import STATUS_OK, KeySet, VersionRow
 from snapperable.errors import CheckpointCorruptError
 from snapperable.keys import KEY_SIZE
 
@@ -39,6 +40,24 @@ def latest_outputs(rows: OutputRows) -> dict[bytes, Optional[bytes]]:
     for key, status, output in rows:
         latest[key] = output if status == STATUS_OK else None
     return latest
+
+
+def version_row(fields: Sequence[object], path: str) -> VersionRow:
+    """A ``versions`` row, checked: damage must not pass for a function version."""
+    try:
+        vid, fingerprint, parts, uses, created = fields
+        decoded = json.loads(parts) if isinstance(parts, str) else None
+    except ValueError:  # wrong field count, or parts that are not JSON
+        decoded = None
+    if not (
+        isinstance(vid, int)
+        and isinstance(fingerprint, str)
+        and isinstance(decoded, dict)
+        and isinstance(uses, int)
+        and isinstance(created, (int, float))
+    ):
+        raise CheckpointCorruptError(f"{path}: a function version record is damaged: {fields!r}")
+    return VersionRow(vid, fingerprint, str(parts), uses, float(created))
 
 
 def unpickle_output(raw: bytes, path: str) -> Any:

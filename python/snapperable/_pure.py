@@ -40,37 +40,20 @@ def input_keys(objs: Sequence[object]) -> bytes:
     return b"".join([keys.input_key(x) for x in objs])
 
 
-class PyKeySet:
-    """A set of 16-byte keys; the Rust core's is compact, this one is a plain ``set``."""
+class PyKeySet(set[bytes]):
+    """A set of 16-byte keys. A ``set`` subclass so that ``in`` and ``add``, called once
+    per item, run at C speed; the Rust core's set is compact instead."""
 
-    __slots__ = ("_keys",)
-
-    def __init__(self) -> None:
-        self._keys: set[bytes] = set()
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._keys
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self._keys)
-
-    def add(self, key: bytes) -> None:
-        if len(key) != keys.KEY_SIZE:
-            raise ValueError(f"a key is {keys.KEY_SIZE} bytes, not {len(key)}")
-        self._keys.add(bytes(key))
+    __slots__ = ()
 
     def missing(self, keys_blob: bytes) -> list[int]:
         size = keys.KEY_SIZE
         if len(keys_blob) % size:
             raise ValueError(f"keys must be a multiple of {size} bytes long")
-        present = self._keys
         return [
             i
             for i in range(len(keys_blob) // size)
-            if keys_blob[i * size : (i + 1) * size] not in present
+            if keys_blob[i * size : (i + 1) * size] not in self
         ]
 
 
@@ -137,7 +120,7 @@ class PySQLiteStore:
                 )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             conn.close()
             raise self._mapped(exc) from exc
         except BaseException:
@@ -145,12 +128,19 @@ class PySQLiteStore:
             raise
         return conn
 
-    def _mapped(self, exc: sqlite3.Error) -> CheckpointError:
-        """The one mapping of sqlite3 errors to snapperable's."""
+    def _mapped(self, exc: Exception) -> CheckpointError:
+        """The one mapping of sqlite3 errors to snapperable's; text that does not decode
+        can only come from damage."""
+        if isinstance(exc, UnicodeDecodeError):
+            return self._corrupt(exc)
         code = getattr(exc, "sqlite_errorcode", None)
-        if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or "malformed" in str(
-            exc
-        ) or "not a database" in str(exc):
+        text = str(exc)
+        if (
+            code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+            or "malformed" in text
+            or "not a database" in text
+            or "Could not decode to UTF-8" in text  # a damaged type byte in a record
+        ):
             return self._corrupt(exc)
         return CheckpointError(f"{self.path}: {exc}")
 
@@ -199,7 +189,7 @@ class PySQLiteStore:
         with self._lock:
             try:
                 return self._conn.execute(sql, args).fetchall()
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, UnicodeDecodeError) as exc:
                 raise self._mapped(exc) from exc
 
     def _key(self, raw: object) -> bytes:
@@ -209,7 +199,7 @@ class PySQLiteStore:
 
     def versions(self) -> list[VersionRow]:
         return [
-            VersionRow(*row)
+            _folding.version_row(row, self.path)
             for row in self._query(
                 "SELECT id, fingerprint, parts, uses, created FROM versions ORDER BY id"
             )

@@ -314,10 +314,10 @@ class Snapper(Generic[T, R]):
                         self._check_consecutive(consecutive_failures, outcome.exception)
                         continue
                     payload, attempts = outcome
-                    record(ItemRow(key, version, STATUS_OK, None, payload, None, None, None, attempts, started, now()))
+                    record((key, version, STATUS_OK, None, payload, None, None, None, attempts, started, now()))
                     consecutive_failures = 0
                     continue
-                record(ItemRow(key, version, STATUS_OK, None, payload, None, None, None, 1, started, now()))
+                record((key, version, STATUS_OK, None, payload, None, None, None, 1, started, now()))
                 skip.add(key)
                 consecutive_failures = 0
         return bytes(keys_in_order)
@@ -358,7 +358,7 @@ class Snapper(Generic[T, R]):
             pickled_input: Optional[bytes] = pickle.dumps(item, PICKLE_PROTOCOL)
         except Exception:  # the failure is still recorded, without its input
             pickled_input = None
-        return ItemRow(
+        return (
             key,
             version,
             STATUS_FAILED,

@@ -27,7 +27,17 @@ import zlib
 from typing import Any, Iterator, Optional, TypeVar
 
 from snapperable import _backend, _folding
-from snapperable._backend import CheckpointStore, ItemRow, KeySet, RowInfo, VersionRow
+from snapperable._backend import (
+    ROW_KEY,
+    ROW_OUTPUT,
+    ROW_STATUS,
+    ROW_VERSION,
+    CheckpointStore,
+    ItemRow,
+    KeySet,
+    RowInfo,
+    VersionRow,
+)
 from snapperable._writer import GroupCommitWriter
 from snapperable.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
 from snapperable.keys import KEY_SIZE
@@ -45,6 +55,7 @@ _FRAME = struct.Struct("<cQI")  # marker, payload length, payload CRC-32
 _FRAME_CHECK = struct.Struct("<I")  # CRC-32 of the _FRAME bytes
 FRAME_HEADER_SIZE = _FRAME.size + _FRAME_CHECK.size
 PICKLE_PROTOCOL = 4
+_ROW_FIELDS = 11
 
 
 def encode_frame(record: tuple[str, Any]) -> bytes:
@@ -73,6 +84,7 @@ class PickleStore:
     def __init__(self, path: str, batch_size: int, max_wait_time: Optional[float]) -> None:
         self.path = path
         self._write_lock = threading.Lock()  # frames from the writer and add_version
+        self._torn_append: Optional[OSError] = None
         self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         try:
             self._prepare()
@@ -100,9 +112,13 @@ class PickleStore:
             os.fsync(self._fd)
             _fsync_directory(self.path)
             return
-        magic, version, _ = _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0, 0)
+        magic, version, reserved = (
+            _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0, 0)
+        )
         if magic != MAGIC:
             raise self._corrupt("is not a snapperable pickle checkpoint")
+        if version < 1 or reserved != 0:
+            raise self._corrupt("has a damaged header")
         if version > FORMAT_VERSION:
             raise CheckpointFormatError(
                 f"{self.path}: checkpoint format {version} is newer than this snapperable "
@@ -178,12 +194,32 @@ class PickleStore:
 
     # -- writes -------------------------------------------------------------------------
     def _append(self, frame: bytes) -> None:
+        """Append one frame and fsync it, or leave the file as it was.
+
+        A failed append (a full disk, a file size limit) may leave part of the frame on
+        disk; it is cut off at once, since a later frame appended after it would turn a
+        torn tail into damage in the middle of the file.
+        """
         with self._write_lock:
-            os.write(self._fd, frame)
-            os.fsync(self._fd)
+            if self._torn_append is not None:
+                raise CheckpointError(
+                    f"{self.path}: an earlier failed write could not be undone: {self._torn_append}"
+                )
+            end = os.fstat(self._fd).st_size
+            try:
+                view = memoryview(frame)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+                os.fsync(self._fd)
+            except BaseException as exc:
+                try:
+                    os.ftruncate(self._fd, end)
+                except OSError as undo:
+                    self._torn_append = undo  # the next open cuts the torn tail
+                raise exc
 
     def _commit(self, rows: list[ItemRow]) -> None:
-        self._append(encode_frame(("items", [tuple(row) for row in rows])))
+        self._append(encode_frame(("items", rows)))
 
     def record(self, row: ItemRow) -> None:
         self._writer.record(row)
@@ -204,33 +240,36 @@ class PickleStore:
 
     # -- reads --------------------------------------------------------------------------
     def versions(self) -> list[VersionRow]:
-        return [VersionRow(*body) for kind, body in self._records() if kind == "version"]
+        return [
+            _folding.version_row(body, self.path)
+            for kind, body in self._records()
+            if kind == "version"
+        ]
 
     def _item_rows(self) -> Iterator[tuple[int, ItemRow]]:
         seq = 0
         for kind, body in self._records():
             if kind != "items":
                 continue
-            for fields in body:
+            for row in body:
                 seq += 1
-                row = ItemRow(*fields)
-                if not isinstance(row.key, bytes) or len(row.key) != KEY_SIZE:
-                    raise self._corrupt(f"item {seq} has a malformed key")
+                if len(row) != _ROW_FIELDS or not isinstance(row[ROW_KEY], bytes) or len(row[ROW_KEY]) != KEY_SIZE:
+                    raise self._corrupt(f"item {seq} is malformed")
                 yield seq, row
 
     def key_set(self, version: Optional[int], status: int) -> KeySet:
         rows = (
-            (row.key, row.version, row.status)
+            (row[ROW_KEY], row[ROW_VERSION], row[ROW_STATUS])
             for _, row in self._item_rows()
-            if version is None or row.version == version
+            if version is None or row[ROW_VERSION] == version
         )
         return _folding.keys_with_status(rows, status, _backend.backend.new_key_set)
 
     def _output_rows(self, version: int) -> _folding.OutputRows:
         return (
-            (row.key, row.status, row.output)
+            (row[ROW_KEY], row[ROW_STATUS], row[ROW_OUTPUT])
             for _, row in self._item_rows()
-            if row.version == version
+            if row[ROW_VERSION] == version
         )
 
     def outputs_for(self, version: int, keys: bytes) -> list[Any]:
@@ -241,11 +280,9 @@ class PickleStore:
 
     def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
         for seq, row in self._item_rows():
-            if version is None or row.version == version:
-                yield RowInfo(
-                    seq, row.key, row.version, row.status, row.input, row.error_type,
-                    row.error, row.traceback, row.attempts, row.started, row.ended,
-                )
+            if version is None or row[ROW_VERSION] == version:
+                # RowInfo is the row with its seq first and without the output
+                yield RowInfo(seq, *row[:ROW_OUTPUT], *row[ROW_OUTPUT + 1 :])
 
     def close(self) -> None:
         if self._closed:
