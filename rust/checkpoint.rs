@@ -62,6 +62,9 @@ impl Checkpoint {
 
     /// Runs a read (or a direct write such as `add_version`) on the open store.
     pub fn with_store<R>(&self, f: impl FnOnce(&mut Store) -> Result<R>) -> Result<R> {
+        if self.writer.is_forked_copy() {
+            return Err(self.writer.forked());
+        }
         with_store(&self.path, &self.store, f)
     }
 
@@ -77,6 +80,9 @@ impl Checkpoint {
     /// file is released even when the writer failed; that failure is then raised.
     pub fn close(&self) -> Result<()> {
         let stopped = self.writer.close();
+        if let Err(Error::Forked { .. }) = stopped {
+            return stopped;
+        }
         let store = self
             .store
             .lock()
@@ -87,6 +93,20 @@ impl Checkpoint {
             .take();
         let closed = store.map_or(Ok(()), Store::close);
         stopped.and(closed)
+    }
+}
+
+impl Drop for Checkpoint {
+    fn drop(&mut self) {
+        // In a forked child the connection is the parent's: SQLite must not be called
+        // on it here (closing could checkpoint the parent's WAL), so it is leaked.
+        if self.writer.is_forked_copy() {
+            let store = match self.store.lock() {
+                Ok(mut store) => store.take(),
+                Err(poisoned) => poisoned.into_inner().take(),
+            };
+            std::mem::forget(store);
+        }
     }
 }
 

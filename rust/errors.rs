@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use pyo3::exceptions::{PyOSError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyType;
 
@@ -30,6 +30,9 @@ pub enum Error {
     Writer { path: String, cause: Box<Error> },
     /// The checkpoint was used after `close()`.
     Closed { path: String },
+    /// The checkpoint was opened by process `owner`; this is a child forked from it,
+    /// which has neither the writer thread nor a usable SQLite connection.
+    Forked { path: String, owner: u32 },
     /// A caller passed a value outside what the function accepts.
     InvalidArgument(String),
     /// An input key cannot be computed for a value (too deep, too large, unpicklable).
@@ -60,6 +63,11 @@ impl fmt::Display for Error {
                  after the failure was saved: {cause}"
             ),
             Error::Closed { path } => write!(f, "checkpoint {path} is closed"),
+            Error::Forked { path, owner } => write!(
+                f,
+                "checkpoint {path} was opened in process {owner}; a forked child cannot use \
+                 it: open a checkpoint of its own in the child"
+            ),
             Error::InvalidArgument(message) | Error::Key(message) => f.write_str(message),
         }
     }
@@ -98,6 +106,7 @@ impl Error {
                 err.set_cause(py, Some(cause.into_pyerr(py)));
                 err
             }
+            Error::Forked { .. } => raise_as::<PyRuntimeError>(py, "ForkedProcessError", message),
             Error::InvalidArgument(_) => PyValueError::new_err(message),
             Error::Key(_) => PyTypeError::new_err(message),
         }

@@ -52,6 +52,9 @@ struct Shared<T> {
 pub struct Writer<T> {
     path: String,
     batch_size: usize,
+    /// The process that started the thread. After a fork the child has the buffer but
+    /// not the thread: it must neither wait for it nor join it.
+    owner_pid: u32,
     shared: Arc<Shared<T>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -102,12 +105,17 @@ impl<T: Send + 'static> Writer<T> {
         Ok(Writer {
             path: path.to_owned(),
             batch_size: policy.batch_size,
+            owner_pid: std::process::id(),
             shared,
             thread: Mutex::new(Some(thread)),
         })
     }
 
+    /// The shared state, to the process that owns the writer only.
     fn state(&self) -> Result<MutexGuard<'_, State<T>>> {
+        if self.is_forked_copy() {
+            return Err(self.forked());
+        }
         lock(&self.path, &self.shared.state)
     }
 
@@ -176,20 +184,38 @@ impl<T: Send + 'static> Writer<T> {
     /// call raises the writer's failure, if any (as `record` and `flush` do), later ones
     /// return quietly.
     pub fn close(&self) -> Result<()> {
-        let Some(thread) = lock(&self.path, &self.thread)?.take() else {
+        let mut thread = lock(&self.path, &self.thread)?;
+        if thread.is_none() {
             return Ok(());
-        };
+        }
         {
             let mut state = self.state()?;
             state.closing = true;
             self.shared.work.notify_one();
         }
+        let Some(thread) = thread.take() else {
+            return Ok(());
+        };
         thread.join().map_err(|_| Error::Checkpoint {
             path: self.path.clone(),
             detail: "the writer thread panicked".to_owned(),
         })?;
         let state = self.state()?;
         self.check_failure(&state)
+    }
+}
+
+impl<T> Writer<T> {
+    pub fn is_forked_copy(&self) -> bool {
+        std::process::id() != self.owner_pid
+    }
+
+    /// The error for any use of the writer in a forked child.
+    pub fn forked(&self) -> Error {
+        Error::Forked {
+            path: self.path.clone(),
+            owner: self.owner_pid,
+        }
     }
 }
 
@@ -201,6 +227,11 @@ impl<T> Drop for Writer<T> {
             Ok(thread) => thread.take(),
             Err(poisoned) => poisoned.into_inner().take(),
         };
+        if self.is_forked_copy() {
+            // The thread lives only in the parent; joining its handle here would hang.
+            std::mem::forget(thread);
+            return;
+        }
         if let Some(thread) = thread {
             if let Ok(mut state) = self.shared.state.lock() {
                 state.closing = true;

@@ -9,6 +9,7 @@ per backend, in the other test modules.
 from __future__ import annotations
 
 import enum
+import gc
 import math
 import os
 import pickle
@@ -33,6 +34,7 @@ from snapperable.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointFormatError,
+    ForkedProcessError,
     WriterError,
 )
 
@@ -503,3 +505,36 @@ def test_path_is_the_given_str(tmp_path: Path, open_store: Callable[..., Any]) -
     store = open_store()
     assert store.path == str(tmp_path / "run.db")
     assert os.path.exists(store.path)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_cannot_use_the_checkpoint_and_does_not_hang(open_store: Callable[..., Any]) -> None:
+    store = open_store(batch_size=1000)
+    version = store.add_version("fp", "{}", None)
+    store.record(_ok(1, version, 1))
+    pid = os.fork()
+    if pid == 0:  # the child: every use is refused, dropping the object returns
+        code = 0
+        try:
+            for call in (store.flush, store.close, store.versions):
+                try:
+                    call()
+                    code = 1
+                except ForkedProcessError:
+                    pass
+            del store
+            gc.collect()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            pytest.fail("the forked child hung")
+        time.sleep(0.02)
+    assert os.waitstatus_to_exitcode(status) == 0
+    store.flush()  # the parent's checkpoint is unaffected
+    assert store.all_outputs(version) == [1]
