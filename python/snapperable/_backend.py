@@ -15,7 +15,7 @@ Public modules import the backend from here, never ``_core`` or ``_pure`` direct
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Literal, NamedTuple, Optional, Protocol, Sequence, Tuple
+from typing import Any, Final, Iterator, Literal, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 # Status of an item row (DESIGN 6.1): the integer stored in the `status` column.
 STATUS_OK = 0
@@ -35,8 +35,11 @@ ItemRow = Tuple[
     bytes, int, int, Optional[bytes], Optional[bytes], Optional[str], Optional[str],
     Optional[str], int, float, float,
 ]
-ROW_KEY, ROW_VERSION, ROW_STATUS, ROW_INPUT, ROW_OUTPUT = 0, 1, 2, 3, 4
-ROW_ATTEMPTS, ROW_STARTED, ROW_ENDED = 8, 9, 10
+# Field positions, Final so that mypy types `row[ROW_KEY]` as bytes.
+ROW_KEY: Final = 0
+ROW_VERSION: Final = 1
+ROW_STATUS: Final = 2
+ROW_OUTPUT: Final = 4
 
 
 class RowInfo(NamedTuple):

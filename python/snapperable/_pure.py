@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from importlib import resources
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 from snapperable import _folding, keys
 from snapperable._backend import (
@@ -34,10 +34,7 @@ FORMAT_VERSION = 1
 BUSY_TIMEOUT_MS = 5000
 
 input_key = keys.input_key
-
-
-def input_keys(objs: Sequence[object]) -> bytes:
-    return b"".join([keys.input_key(x) for x in objs])
+input_keys = keys.input_keys
 
 
 class PyKeySet(set[bytes]):

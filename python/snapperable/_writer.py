@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from typing import Callable, Generic, Optional, TypeVar
 
 from snapperable.errors import WriterError
@@ -40,30 +41,33 @@ class GroupCommitWriter(Generic[Row]):
         self._max_wait_time = max_wait_time
         self._name = name
         self._cond = threading.Condition(threading.Lock())
-        self._pending: list[Row] = []
+        # The hand-over: `record` appends without taking the lock (deque.append and
+        # popleft are atomic), so the per-item cost is an append and a flag test.
+        self._pending: deque[Row] = deque()
         self._oldest_pending_at = 0.0  # monotonic time the oldest pending row arrived
-        self._recorded = 0  # rows handed to record() so far
-        self._committed = 0  # rows committed so far
+        self._recorded = 0  # rows handed to record() so far; written by the caller only
+        self._committed = 0  # rows committed so far; written by the writer only
         self._flush_wanted = 0  # a flush waits for `_committed` to reach this
+        self._writer_idle = False  # set, under the lock, before the writer checks for work
         self._closing = False
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name=f"snapperable-writer {name}", daemon=True)
         self._thread.start()
 
     def record(self, row: Row) -> None:
-        with self._cond:
-            if self._error is not None:
-                self._raise_error()
-            pending = self._pending
-            if not pending and self._max_wait_time is not None:
-                self._oldest_pending_at = time.monotonic()
-                pending.append(row)
-                self._recorded += 1
-                self._cond.notify()  # the writer arms its max_wait_time timer
-                return
-            pending.append(row)
-            self._recorded += 1
-            if len(pending) >= self._batch_size:
+        if self._error is not None:
+            self._raise_error()
+        pending = self._pending
+        pending.append(row)
+        self._recorded += 1
+        waiting = len(pending)
+        if waiting == 1 and self._max_wait_time is not None:
+            self._oldest_pending_at = time.monotonic()
+        # No lost wake-up: the writer sets `_writer_idle` before it looks at `_pending`,
+        # so either it sees this row, or this test sees it idle and wakes it (to commit,
+        # or to arm its max_wait_time timer).
+        if self._writer_idle and (waiting >= self._batch_size or self._max_wait_time is not None):
+            with self._cond:
                 self._cond.notify()
 
     def flush(self) -> None:
@@ -88,12 +92,6 @@ class GroupCommitWriter(Generic[Row]):
             if self._error is not None:
                 self._raise_error()
 
-    @property
-    def pending(self) -> int:
-        """Rows recorded but not yet committed."""
-        with self._cond:
-            return self._recorded - self._committed
-
     def _raise_error(self) -> None:
         assert self._error is not None
         raise WriterError(f"saving to {self._name} failed: {self._error}") from self._error
@@ -112,16 +110,19 @@ class GroupCommitWriter(Generic[Row]):
         return wait is not None and time.monotonic() - self._oldest_pending_at >= wait
 
     def _run(self) -> None:
+        pending = self._pending
         while True:
             with self._cond:
+                self._writer_idle = True
                 while not self._ready():
-                    if self._closing and not self._pending:
+                    if self._closing and not pending:
                         return
                     timeout = None
-                    if self._pending and self._max_wait_time is not None:
+                    if pending and self._max_wait_time is not None:
                         timeout = self._oldest_pending_at + self._max_wait_time - time.monotonic()
                     self._cond.wait(timeout)
-                batch, self._pending = self._pending, []
+                self._writer_idle = False
+            batch = [pending.popleft() for _ in range(len(pending))]
             try:
                 self._commit(batch)
             except BaseException as exc:  # report anything; the caller decides

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pickle
 import struct
 from hashlib import blake2b
-from typing import Callable, cast
+from typing import Callable, Sequence, cast
 
 KEY_SIZE = 16
 KEY_PREFIX = b"K1"
@@ -111,9 +111,12 @@ def canon(x: object, depth: int = 0) -> bytes:
 
 def input_key(x: object) -> bytes:
     """The 16-byte key that identifies an input across runs and processes."""
-    return blake2b(KEY_PREFIX + canon(x), digest_size=KEY_SIZE).digest()
+    # Scalars, the common inputs, skip canon's container dispatch.
+    scalar = _SCALARS.get(type(x))
+    data = scalar(x) if scalar is not None else canon(x)
+    return blake2b(KEY_PREFIX + data, digest_size=KEY_SIZE).digest()
 
 
-def input_keys(items: list[object]) -> bytes:
+def input_keys(items: Sequence[object]) -> bytes:
     """The keys of ``items``, concatenated (``KEY_SIZE`` bytes each)."""
     return b"".join([input_key(x) for x in items])

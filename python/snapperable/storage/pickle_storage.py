@@ -281,8 +281,11 @@ class PickleStore:
     def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
         for seq, row in self._item_rows():
             if version is None or row[ROW_VERSION] == version:
-                # RowInfo is the row with its seq first and without the output
-                yield RowInfo(seq, *row[:ROW_OUTPUT], *row[ROW_OUTPUT + 1 :])
+                key, version_id, status, pickled_input, _, error_type, error, tb, attempts, started, ended = row
+                yield RowInfo(
+                    seq, key, version_id, status, pickled_input, error_type, error, tb,
+                    attempts, started, ended,
+                )
 
     def close(self) -> None:
         if self._closed:
