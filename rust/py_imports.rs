@@ -44,3 +44,7 @@ python_attr!(
     /// The `RowInfo` NamedTuple.
     row_info_class => "snapperable._backend"."RowInfo"
 );
+python_attr!(
+    /// `json.loads`, to check the stored parts of a function version.
+    json_loads => "json"."loads"
+);

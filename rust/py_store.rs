@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use pyo3::exceptions::{PyException, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use crate::checkpoint::Checkpoint;
 use crate::errors::Error;
 use crate::keys::{self, Key, KEY_SIZE};
-use crate::py_imports::{pickle_loads, row_info_class, version_row_class};
+use crate::py_imports::{json_loads, pickle_loads, row_info_class, version_row_class};
 use crate::store::{ItemRow, RowInfo, Synchronous};
 use crate::writer::Policy;
 
@@ -137,7 +137,24 @@ impl PySqliteCheckpoint {
         let class = version_row_class(py)?;
         versions
             .into_iter()
-            .map(|v| class.call1((v.id, v.fingerprint, v.parts, v.uses, v.created)))
+            .map(|v| {
+                // `parts` explains a change of version later: damage there must surface
+                // now, as it does in the pure backend (`_folding.version_row`).
+                let parts_ok = json_loads(py)?
+                    .call1((v.parts.as_str(),))
+                    .is_ok_and(|parts| parts.is_instance_of::<PyDict>());
+                if !parts_ok {
+                    return Err(Error::Corrupt {
+                        path: self.inner.path().to_owned(),
+                        problem: format!(
+                            "is damaged: the record of function version {} is not valid",
+                            v.id
+                        ),
+                    }
+                    .into());
+                }
+                class.call1((v.id, v.fingerprint, v.parts, v.uses, v.created))
+            })
             .collect()
     }
 

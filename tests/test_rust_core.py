@@ -477,6 +477,17 @@ def test_damaged_rows_are_corrupt(tmp_path: Path, open_store: Callable[..., Any]
         open_store("bad.db").key_set(None, STATUS_OK)
 
 
+@pytest.mark.parametrize("with_", sorted(OPENERS))
+def test_damaged_version_record_is_corrupt(tmp_path: Path, open_store: Callable[..., Any], with_: str) -> None:
+    open_store("v.db", with_=with_).close()
+    conn = sqlite3.connect(tmp_path / "v.db")
+    conn.execute("INSERT INTO versions (fingerprint, parts, uses, created) VALUES ('fp', '{not json', 1, 0)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(CheckpointCorruptError, match="v.db"):
+        open_store("v.db", with_=with_).versions()
+
+
 def test_arguments_are_checked(open_store: Callable[..., Any]) -> None:
     with pytest.raises(ValueError, match="synchronous"):
         open_store(synchronous="fast")
