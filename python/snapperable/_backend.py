@@ -99,7 +99,10 @@ class CheckpointStore(Protocol):
     ``WriterError``, by the next ``record``, ``flush`` or ``close``; it is never dropped.
     """
 
-    path: str
+    @property
+    def path(self) -> str:
+        """The checkpoint file's absolute path."""
+        ...
 
     def versions(self) -> list[VersionRow]:
         """Every known function version, oldest first."""

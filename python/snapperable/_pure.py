@@ -103,11 +103,12 @@ class PySQLiteStore:
             tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if app_id == 0 and tables == 0:
                 # One transaction: a crash leaves either no schema or all of it.
-                conn.executescript(f"BEGIN IMMEDIATE; {_schema()}; COMMIT;")
+                conn.executescript(f"BEGIN IMMEDIATE; {_schema()};")
                 conn.executemany(
                     "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)",
                     [("format_version", str(FORMAT_VERSION)), ("created_by", _created_by())],
                 )
+                conn.execute("COMMIT")
             elif app_id != APPLICATION_ID:
                 raise self._corrupt("is not a snapperable checkpoint (application_id differs)")
             elif user_version > FORMAT_VERSION:

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from typing import Callable, Generic, Optional, TypeVar
 
-from snapperable.errors import WriterError
+from snapperable.errors import CheckpointError, WriterError
 
 Row = TypeVar("Row")
 
@@ -57,6 +57,8 @@ class GroupCommitWriter(Generic[Row]):
     def record(self, row: Row) -> None:
         if self._error is not None:
             self._raise_error()
+        if self._closing:
+            raise CheckpointError(f"{self._name} is closed; open it again to record")
         pending = self._pending
         pending.append(row)
         self._recorded += 1
