@@ -14,11 +14,11 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
-from snapperable import _backend, _pure
+from snapperable import PickleSnapshotStorage, SnapshotStorage, SQLiteSnapshotStorage, _backend, _pure
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,6 +55,18 @@ def backend_env(backend: str) -> dict[str, str]:
     env = dict(os.environ)
     env["SNAPPERABLE_BACKEND"] = backend
     return env
+
+
+STORAGES: dict[str, Callable[[Path], SnapshotStorage[Any]]] = {
+    "sqlite": lambda d: SQLiteSnapshotStorage(str(d / "run.db")),
+    "pickle": lambda d: PickleSnapshotStorage(str(d / "run.pkl")),
+}
+
+
+@pytest.fixture(params=sorted(STORAGES))
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> SnapshotStorage[Any]:
+    """A fresh checkpoint in ``tmp_path``, once per storage kind."""
+    return STORAGES[request.param](tmp_path)
 
 
 @pytest.fixture

@@ -4,32 +4,18 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
 from snapperable import (
     FailedItem,
-    PickleSnapshotStorage,
     ProcessingMetric,
     Snapper,
     SnapshotStorage,
-    SQLiteSnapshotStorage,
     TooManyConsecutiveErrors,
     UnpicklableOutputError,
 )
-
-STORAGES: dict[str, Callable[[Path], SnapshotStorage[Any]]] = {
-    "sqlite": lambda d: SQLiteSnapshotStorage(str(d / "run.db")),
-    "pickle": lambda d: PickleSnapshotStorage(str(d / "run.pkl")),
-}
-
-
-@pytest.fixture(params=sorted(STORAGES))
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> SnapshotStorage[Any]:
-    return STORAGES[request.param](tmp_path)
-
 
 class Flaky:
     """Fails on chosen items (optionally only for the first ``times`` calls of each)."""

@@ -13,22 +13,10 @@ import pytest
 import snapperable
 from snapperable import (
     FunctionChangedError,
-    PickleSnapshotStorage,
     Snapper,
     SnapshotStorage,
     SQLiteSnapshotStorage,
 )
-
-STORAGES: dict[str, Callable[[Path], SnapshotStorage[Any]]] = {
-    "sqlite": lambda d: SQLiteSnapshotStorage(str(d / "run.db")),
-    "pickle": lambda d: PickleSnapshotStorage(str(d / "run.pkl")),
-}
-
-
-@pytest.fixture(params=sorted(STORAGES))
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> SnapshotStorage[Any]:
-    return STORAGES[request.param](tmp_path)
-
 
 class Counter:
     """A function that counts its calls; ``version=`` keeps the count out of the fingerprint."""
