@@ -1,0 +1,647 @@
+"""snapperable benchmark: one command, one machine, one table.
+
+    python benches/run.py                 # the full run (~2-4 minutes on 2 cores)
+    python benches/run.py --quick         # smaller sizes, one repeat (~30 s)
+    python benches/run.py --items 100000 --dir /mnt/ssd --repeat 5
+
+Every measurement runs in a fresh subprocess (``python benches/run.py --worker ...``) on
+a fresh checkpoint under a temporary directory, so the backend is chosen at import
+(``SNAPPERABLE_BACKEND=rust|python``) and no process cache helps. See benches/README.md
+for what each row measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import platform
+import re
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parent.parent
+PROTOCOL = 4
+WORKER_TIMEOUT = 900  # seconds; a worker that takes longer is reported as failed
+
+# Goals printed next to the numbers.
+GOAL_RUST_X_FLOOR = 2.5
+GOAL_PURE_X_FLOOR = 8.0
+GOAL_RESUME_1M_S = 0.5
+GOAL_RSS_3M_MB = 250.0
+
+
+def fn(x: int) -> int:
+    """The trivial function every variant runs."""
+    return x + 1
+
+
+# ======================================================================================
+# Workers: each runs in its own process and prints one JSON object as its last line.
+# ======================================================================================
+
+
+def _w_plain(n: int, **_: Any) -> dict[str, Any]:
+    items = list(range(n))
+    t0 = time.perf_counter()
+    out = [fn(x) for x in items]
+    t1 = time.perf_counter()
+    assert len(out) == n
+    return {"seconds": t1 - t0, "items": n}
+
+
+def _w_floor(n: int, **_: Any) -> dict[str, Any]:
+    items = list(range(n))
+    dumps = pickle.dumps
+    t0 = time.perf_counter()
+    out = []
+    append = out.append
+    for x in items:
+        y = fn(x)
+        dumps(x, PROTOCOL)
+        append(dumps(y, PROTOCOL))
+    t1 = time.perf_counter()
+    assert len(out) == n
+    return {"seconds": t1 - t0, "items": n}
+
+
+def _w_snapper(n: int, path: str, **_: Any) -> dict[str, Any]:
+    import snapperable
+    from snapperable import Snapper, SQLiteSnapshotStorage
+
+    items = list(range(n))
+    t0 = time.perf_counter()
+    Snapper(items, fn, snapshot_storage=SQLiteSnapshotStorage(path)).start()
+    t1 = time.perf_counter()
+    out = Snapper(items, fn, snapshot_storage=SQLiteSnapshotStorage(path)).load()
+    if len(out) != n or (n and (out[0] != 1 or out[-1] != n)):
+        raise AssertionError(f"load() returned {len(out)} outputs, expected {n}")
+    return {"seconds": t1 - t0, "items": n, "backend": snapperable.backend}
+
+
+def _w_diskcache(n: int, path: str, **_: Any) -> dict[str, Any]:
+    from diskcache import Cache
+
+    items = list(range(n))
+    cache = Cache(path)
+    memo = cache.memoize()(fn)
+    t0 = time.perf_counter()
+    for x in items:
+        memo(x)
+    t1 = time.perf_counter()
+    cache.close()
+    return {"seconds": t1 - t0, "items": n}
+
+
+def _w_joblib(n: int, path: str, **_: Any) -> dict[str, Any]:
+    from joblib import Memory
+
+    items = list(range(n))
+    memo = Memory(path, verbose=0).cache(fn)  # verbose=0 only silences its prints
+    t0 = time.perf_counter()
+    for x in items:
+        memo(x)
+    t1 = time.perf_counter()
+    return {"seconds": t1 - t0, "items": n}
+
+
+def _w_sqlite(n: int, path: str, **_: Any) -> dict[str, Any]:
+    """The naive loop: one INSERT and one COMMIT per item, WAL, synchronous=FULL."""
+    items = list(range(n))
+    dumps = pickle.dumps
+    t0 = time.perf_counter()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE items (seq INTEGER PRIMARY KEY, input BLOB, output BLOB)")
+    insert = "INSERT INTO items (input, output) VALUES (?, ?)"
+    for x in items:
+        y = fn(x)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(insert, (dumps(x, PROTOCOL), dumps(y, PROTOCOL)))
+        conn.execute("COMMIT")
+    conn.close()
+    t1 = time.perf_counter()
+    return {"seconds": t1 - t0, "items": n}
+
+
+def _w_resume(n: int, path: str, **_: Any) -> dict[str, Any]:
+    """A finished checkpoint: a fresh Snapper, start() (nothing to do), load()."""
+    import snapperable
+    from snapperable import Snapper, SQLiteSnapshotStorage
+
+    items = list(range(n))
+    t0 = time.perf_counter()
+    snapper = Snapper(items, fn, snapshot_storage=SQLiteSnapshotStorage(path))
+    snapper.start()
+    t1 = time.perf_counter()
+    out = snapper.load()
+    t2 = time.perf_counter()
+    if len(out) != n or out[-1] != n:
+        raise AssertionError(f"load() returned {len(out)} outputs, expected {n}")
+    return {"seconds": t2 - t0, "start": t1 - t0, "load": t2 - t1, "backend": snapperable.backend}
+
+
+def _w_generator(n: int, path: str, **_: Any) -> dict[str, Any]:
+    """Peak memory of a long generator run: start() then load() length check."""
+    import resource
+
+    import snapperable
+    from snapperable import Snapper, SQLiteSnapshotStorage
+
+    t0 = time.perf_counter()
+    snapper = Snapper((i for i in range(n)), fn, snapshot_storage=SQLiteSnapshotStorage(path))
+    snapper.start()
+    t1 = time.perf_counter()
+    count = len(snapper.load())
+    t2 = time.perf_counter()
+    if count != n:
+        raise AssertionError(f"load() returned {count} outputs, expected {n}")
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"start": t1 - t0, "load": t2 - t1, "self_maxrss_kb": rss_kb, "backend": snapperable.backend}
+
+
+def _w_baseline(**_: Any) -> dict[str, Any]:
+    """Memory of the interpreter with snapperable imported, before any work."""
+    import resource
+
+    import snapperable
+
+    return {"self_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "backend": snapperable.backend}
+
+
+WORKERS: dict[str, Callable[..., dict[str, Any]]] = {
+    "plain": _w_plain,
+    "floor": _w_floor,
+    "snapper": _w_snapper,
+    "diskcache": _w_diskcache,
+    "joblib": _w_joblib,
+    "sqlite": _w_sqlite,
+    "resume": _w_resume,
+    "generator": _w_generator,
+    "baseline": _w_baseline,
+}
+
+
+def worker_main(name: str, args_json: str) -> None:
+    result = WORKERS[name](**json.loads(args_json))
+    sys.stdout.write("\n" + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+# ======================================================================================
+# The parent: runs workers, collects numbers, prints the table.
+# ======================================================================================
+
+
+class WorkerFailed(Exception):
+    pass
+
+
+def run_worker(name: str, backend: Optional[str] = None, **kwargs: Any) -> dict[str, Any]:
+    """Run one worker in a fresh interpreter; its result plus the child's ru_maxrss (KB)."""
+    env = dict(os.environ)
+    env.pop("SNAPPERABLE_BACKEND", None)
+    if backend is not None:
+        env["SNAPPERABLE_BACKEND"] = backend
+    cmd = [sys.executable, str(HERE), "--worker", name, json.dumps(kwargs)]
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, cwd=str(REPO))
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this very child
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.stdout.close()
+        err.seek(0)
+        stderr = err.read().decode("utf-8", "replace")
+    if proc.returncode < 0:
+        import signal
+
+        raise WorkerFailed(f"killed by {signal.Signals(-proc.returncode).name}")
+    if proc.returncode != 0:
+        lines = [line for line in stderr.strip().splitlines() if line.strip()]
+        raise WorkerFailed(lines[-1] if lines else f"exit status {proc.returncode}")
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    result["child_maxrss_kb"] = usage.ru_maxrss
+    return result
+
+
+def rust_available() -> tuple[bool, str]:
+    env = dict(os.environ, SNAPPERABLE_BACKEND="rust")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import snapperable._core"],
+        capture_output=True, text=True, env=env, cwd=str(REPO),
+    )
+    if proc.returncode == 0:
+        return True, ""
+    lines = proc.stderr.strip().splitlines()
+    return False, lines[-1] if lines else "import failed"
+
+
+# -- the machine -----------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mem_gb() -> str:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return f"{int(line.split()[1]) / 1024 / 1024:.0f} GB RAM"
+    except OSError:
+        pass
+    return "RAM unknown"
+
+
+def _filesystem(path: str) -> str:
+    """Type and device of the mount holding ``path`` (fsync cost depends on it)."""
+    best = ("", "?", "?")
+    try:
+        real = os.path.realpath(path)
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mnt, fstype = line.split()[:3]
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                best = (mnt, fstype, dev)
+    except OSError:
+        pass
+    return f"{best[1]} on {best[2]}"
+
+
+def _rust_sqlite_version() -> str:
+    """The SQLite bundled into the Rust core (rusqlite `bundled`), from Cargo.lock."""
+    try:
+        lock = (REPO / "Cargo.lock").read_text()
+        m = re.search(r'name = "libsqlite3-sys"\nversion = "([^"]+)"', lock)
+        if not m:
+            return "?"
+        ver = m.group(1)
+        cargo_home = Path(os.environ.get("CARGO_HOME", Path.home() / ".cargo"))
+        for header in cargo_home.glob(f"registry/src/*/libsqlite3-sys-{ver}/sqlite3/sqlite3.h"):
+            hm = re.search(r'#define SQLITE_VERSION\s+"([^"]+)"', header.read_text(errors="replace"))
+            if hm:
+                return hm.group(1)
+        return f"libsqlite3-sys {ver}"
+    except OSError:
+        return "?"
+
+
+def _git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=str(REPO)).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=str(REPO)).stdout.strip()
+        return sha + (" + uncommitted changes" if dirty else "") if sha else "?"
+    except OSError:
+        return "?"
+
+
+def machine_lines(bench_dir: str) -> list[str]:
+    cores = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    return [
+        f"Machine: {_cpu_model()}, {cores} cores ({usable} usable), {_mem_gb()}, "
+        f"{platform.system()} {platform.release()}",
+        f"Python {platform.python_version()} ({platform.python_implementation()}), "
+        f"SQLite {sqlite3.sqlite_version} (sqlite3 module) / {_rust_sqlite_version()} (Rust core, bundled)",
+        f"Checkpoints in {bench_dir} ({_filesystem(bench_dir)}); snapperable at commit {_git_commit()}",
+    ]
+
+
+# -- measurement -----------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, root: str) -> None:
+        self.args = args
+        self.root = root
+        self.counter = 0
+
+    def fresh(self, name: str) -> str:
+        """A path for a fresh checkpoint (or cache directory) that does not exist yet."""
+        self.counter += 1
+        return os.path.join(self.root, f"{self.counter:03d}-{name}")
+
+    def progress(self, msg: str) -> None:
+        if not self.args.silent:
+            print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+    def repeated(self, label: str, name: str, n: int, repeat: int,
+                 backend: Optional[str] = None, needs_path: bool = False) -> dict[str, Any]:
+        """Median of ``repeat`` fresh runs: seconds per item, and the spread."""
+        per_item = []
+        for r in range(repeat):
+            self.progress(f"{label} ({r + 1}/{repeat})")
+            kwargs: dict[str, Any] = {"n": n}
+            if needs_path:
+                kwargs["path"] = self.fresh(name + ("-" + backend if backend else ""))
+            res = run_worker(name, backend, **kwargs)
+            per_item.append(res["seconds"] / res["items"])
+        return {"items": n, "us": statistics.median(per_item) * 1e6,
+                "min": min(per_item) * 1e6, "max": max(per_item) * 1e6, "repeat": repeat}
+
+
+def fmt_us(us: float) -> str:
+    return f"{us:.2f}" if us < 100 else f"{us:.0f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=None, help="items per loop (default 300000; --quick 30000)")
+    ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke test")
+    ap.add_argument("--dir", default=None, help="where temporary checkpoints go (default /tmp)")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="fresh runs per main row, median reported (default 3; --quick 1)")
+    ap.add_argument("--resume-items", type=int, default=None, help="size of the resume checkpoint (default 1000000)")
+    ap.add_argument("--rss-items", type=int, default=None, help="size of the generator run (default 3000000)")
+    ap.add_argument("--peer-seconds", type=float, default=None,
+                    help="rough time budget per slow peer; its sample is sized from a probe (default 5)")
+    ap.add_argument("--skip-peers", action="store_true", help="skip diskcache, joblib and naive sqlite3")
+    ap.add_argument("--json", default=None, help="also write every number to this JSON file")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary checkpoints")
+    ap.add_argument("--silent", action="store_true", help="no progress lines on stderr")
+    ap.add_argument("--worker", nargs=2, metavar=("NAME", "ARGS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        worker_main(*args.worker)
+        return 0
+
+    quick = args.quick
+    n = args.items or (30_000 if quick else 300_000)
+    repeat = args.repeat or (1 if quick else 3)
+    n_resume = args.resume_items or (100_000 if quick else 1_000_000)
+    n_rss = args.rss_items or (300_000 if quick else 3_000_000)
+    peer_seconds = args.peer_seconds or (1.5 if quick else 5.0)
+
+    base = args.dir or tempfile.gettempdir()
+    os.makedirs(base, exist_ok=True)
+    root = tempfile.mkdtemp(prefix="snapperable-bench-", dir=base)
+    bench = Bench(args, root)
+    report: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M %Z"), "items": n, "repeat": repeat}
+    t_start = time.perf_counter()
+
+    lines = machine_lines(root)
+    report["machine"] = lines
+    print("\n".join(lines))
+    load_before = os.getloadavg()[0]
+    report["loadavg_before"] = load_before
+    if load_before > 0.5:
+        print(f"WARNING: load average {load_before:.2f} before the run: other work is running, "
+              "numbers will be noisy")
+    print(f"Measured {report['when']}; one run of `python benches/run.py"
+          f"{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`")
+    sys.stdout.flush()
+
+    has_rust, why_not = rust_available()
+    na_rust = "n/a (extension not built)"
+    if not has_rust:
+        bench.progress(f"Rust core not importable: {why_not}")
+
+    rows: list[tuple[str, str, Optional[dict[str, Any]], str]] = []  # label, key, result/None, note
+
+    def attempt(label: str, thunk: Callable[[], dict[str, Any]]) -> tuple[Optional[dict[str, Any]], str]:
+        try:
+            return thunk(), ""
+        except WorkerFailed as exc:
+            bench.progress(f"{label} failed: {exc}")
+            return None, f"n/a (failed: {str(exc)[:70]})"
+
+    try:
+        # --- per-item cost -------------------------------------------------------------
+        plain, note = attempt("plain", lambda: bench.repeated("plain loop", "plain", n, repeat))
+        rows.append(("plain loop `[fn(x) for x in items]`", "plain", plain, note))
+        floor, note = attempt("floor", lambda: bench.repeated("floor", "floor", n, repeat))
+        rows.append(("floor: fn + pickle input and output", "floor", floor, note))
+
+        if has_rust:
+            res, note = attempt("rust", lambda: bench.repeated(
+                "snapperable Rust", "snapper", n, repeat, backend="rust", needs_path=True))
+        else:
+            res, note = None, na_rust
+        rows.append(("snapperable, Rust core", "rust", res, note))
+        res, note = attempt("python", lambda: bench.repeated(
+            "snapperable pure-Python", "snapper", n, repeat, backend="python", needs_path=True))
+        rows.append(("snapperable, pure Python", "python", res, note))
+
+        if not args.skip_peers:
+            for label, name in (("diskcache `Cache(dir).memoize()`", "diskcache"),
+                                ("joblib `Memory(dir).cache`", "joblib"),
+                                ("naive sqlite3: INSERT + COMMIT per item", "sqlite")):
+                res, note = attempt(name, lambda name=name: measure_peer(bench, name, n, peer_seconds))
+                rows.append((label, name, res, note))
+
+        # --- fixed cost of a run: an empty iterable (open, schema, fingerprint, close) ------
+        fixed: dict[str, Any] = {}
+        for backend in ("rust", "python"):
+            if backend == "rust" and not has_rust:
+                continue
+            try:
+                bench.progress(f"fixed cost, {backend}")
+                fixed[backend] = statistics.median(
+                    run_worker("snapper", backend, n=0, path=bench.fresh("empty.db"))["seconds"]
+                    for _ in range(repeat))
+            except WorkerFailed:
+                pass
+        report["fixed_cost_s"] = fixed
+
+        # --- resume + load of a finished checkpoint ---------------------------------------
+        resume = measure_resume(bench, n_resume, repeat, has_rust)
+        # --- peak memory of a long generator run ------------------------------------------
+        memory = measure_memory(bench, n_rss, has_rust)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+    elapsed = time.perf_counter() - t_start
+    report["loadavg_after"] = os.getloadavg()[0]
+    print_report(rows, fixed, resume, memory, n, n_resume, n_rss, repeat, elapsed, quick)
+    print(f"1-minute load average: {load_before:.2f} before, {report['loadavg_after']:.2f} after "
+          f"(the benchmark itself keeps about 1-1.5 cores busy).")
+
+    if args.json:
+        report["rows"] = [{"label": l, "key": k, "result": r, "note": s} for l, k, r, s in rows]
+        report["resume"] = resume
+        report["memory"] = memory
+        report["elapsed_s"] = elapsed
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def measure_peer(bench: Bench, name: str, n: int, budget_s: float) -> dict[str, Any]:
+    """A slow peer on a sample sized to roughly ``budget_s`` seconds (all n if it fits)."""
+    probe_n = min(n, 500)
+    bench.progress(f"{name} probe ({probe_n} items)")
+    probe = run_worker(name, n=probe_n, path=bench.fresh(name + "-probe"))
+    per_item = probe["seconds"] / probe_n
+    sample = n if per_item * n <= budget_s else max(probe_n, int(budget_s / per_item) // 1000 * 1000)
+    bench.progress(f"{name} ({sample} items)")
+    res = run_worker(name, n=sample, path=bench.fresh(name))
+    us = res["seconds"] / sample * 1e6
+    return {"items": sample, "us": us, "min": us, "max": us, "repeat": 1}
+
+
+def measure_resume(bench: Bench, n: int, repeat: int, has_rust: bool) -> dict[str, Any]:
+    """A finished n-item checkpoint, resumed + loaded in fresh processes per backend."""
+    path = bench.fresh("resume.db")
+    made_by = None
+    for backend in (["rust"] if has_rust else []) + ["python"]:
+        bench.progress(f"writing the {n}-item checkpoint ({backend})")
+        try:
+            run_worker("snapper", backend, n=n, path=path)
+            made_by = backend
+            break
+        except WorkerFailed as exc:
+            bench.progress(f"writing with {backend} failed: {exc}")
+            for suffix in ("", "-wal", "-shm", ".lock"):
+                try:
+                    os.remove(path + suffix)
+                except FileNotFoundError:
+                    pass
+    out: dict[str, Any] = {"items": n, "made_by": made_by}
+    if made_by is None:
+        out["error"] = "could not write the checkpoint"
+        return out
+    rows_before = _row_count(path)
+    for backend in ("rust", "python"):
+        if backend == "rust" and not has_rust:
+            out[backend] = {"note": "n/a (extension not built)"}
+            continue
+        runs = []
+        try:
+            for r in range(repeat):
+                bench.progress(f"resume + load, {backend} ({r + 1}/{repeat})")
+                runs.append(run_worker("resume", backend, n=n, path=path))
+        except WorkerFailed as exc:
+            out[backend] = {"note": f"n/a (failed: {str(exc)[:70]})"}
+            continue
+        best = sorted(runs, key=lambda res: res["seconds"])[len(runs) // 2]  # the median run
+        out[backend] = {"seconds": best["seconds"], "start": best["start"], "load": best["load"],
+                        "min": min(res["seconds"] for res in runs),
+                        "max": max(res["seconds"] for res in runs)}
+    rows_after = _row_count(path)
+    if rows_after != rows_before:
+        out["warning"] = f"resume wrote rows ({rows_before} -> {rows_after}): it reprocessed items"
+    return out
+
+
+def _row_count(path: str) -> int:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT count(*) FROM items").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def measure_memory(bench: Bench, n: int, has_rust: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"items": n}
+    for backend in ("rust", "python"):
+        if backend == "rust" and not has_rust:
+            out[backend] = {"note": "n/a (extension not built)"}
+            continue
+        try:
+            bench.progress(f"baseline memory, {backend}")
+            base = run_worker("baseline", backend)
+            bench.progress(f"{n}-item generator run, {backend}")
+            res = run_worker("generator", backend, n=n, path=bench.fresh(f"gen-{backend}.db"))
+        except WorkerFailed as exc:
+            out[backend] = {"note": f"n/a (failed: {str(exc)[:70]})"}
+            continue
+        out[backend] = {"peak_mb": res["child_maxrss_kb"] / 1024, "baseline_mb": base["child_maxrss_kb"] / 1024,
+                        "start": res["start"], "load": res["load"]}
+    return out
+
+
+# -- printing --------------------------------------------------------------------------
+
+
+def print_report(rows: list[tuple[str, str, Optional[dict[str, Any]], str]], fixed: dict[str, float],
+                 resume: dict[str, Any], memory: dict[str, Any], n: int, n_resume: int, n_rss: int,
+                 repeat: int, elapsed: float, quick: bool) -> None:
+    floor = next((r for _, k, r, _ in rows if k == "floor"), None)
+    floor_us = floor["us"] if floor else None
+    goals = {"rust": GOAL_RUST_X_FLOOR, "python": GOAL_PURE_X_FLOOR}
+
+    print()
+    print(f"Per item over {n:,} ints, fn(x) = x + 1; snapperable with defaults (batch_size=1, "
+          f"synchronous=FULL); median of {repeat} fresh process{'es' if repeat > 1 else ''} per row, "
+          f"peers once:")
+    header = f"{'variant':<42} {'items':>9} {'µs/item':>9} {'× floor':>8}   {'goal':<11} {'spread µs':<13}"
+    print(header)
+    print("-" * len(header))
+    for label, key, res, note in rows:
+        if res is None:
+            print(f"{label:<42} {'':>9} {note}")
+            continue
+        ratio = res["us"] / floor_us if floor_us else float("nan")
+        goal = goals.get(key)
+        goal_s = ""
+        if goal is not None:
+            goal_s = f"<= {goal:g}x " + ("ok" if ratio <= goal else "MISS")
+        spread = f"{fmt_us(res['min'])}-{fmt_us(res['max'])}" if res["repeat"] > 1 else ""
+        items = f"{res['items']:,}"
+        if res["items"] < n:
+            items += "*"
+        print(f"{label:<42} {items:>9} {fmt_us(res['us']):>9} {ratio:>7.1f}x   {goal_s:<11} {spread:<13}")
+    if any(res is not None and res["items"] < n for _, _, res, _ in rows):
+        print("* measured on the first N items only (too slow for all); per-item µs is comparable.")
+    if fixed:
+        print("snapperable rows include a run's fixed cost (open, schema, fingerprint, close; "
+              "an empty run takes " + ", ".join(f"{v * 1000:.0f} ms {k}" for k, v in fixed.items()) + ").")
+
+    print()
+    full = n_resume == 1_000_000
+    print(f"Resume + load of a finished {n_resume:,}-item checkpoint (written by {resume.get('made_by')}), "
+          f"fresh process, median of {repeat}: fresh Snapper -> start() (processes nothing) -> load():")
+    if "error" in resume:
+        print(f"  {resume['error']}")
+    for backend, label in (("rust", "Rust core"), ("python", "pure Python")):
+        r = resume.get(backend, {})
+        if "seconds" not in r:
+            print(f"  {label:<12} {r.get('note', 'n/a')}")
+            continue
+        goal = ""
+        if backend == "rust":
+            goal = (f"   goal <= {GOAL_RESUME_1M_S:g} s " + ("ok" if r["seconds"] <= GOAL_RESUME_1M_S else "MISS")
+                    if full else f"   (goal <= {GOAL_RESUME_1M_S:g} s is for 1M items)")
+        print(f"  {label:<12} {r['seconds']:6.2f} s  (start {r['start']:.2f} s + load {r['load']:.2f} s; "
+              f"runs {r['min']:.2f}-{r['max']:.2f} s){goal}")
+    if "warning" in resume:
+        print(f"  WARNING: {resume['warning']}")
+
+    print()
+    full = n_rss == 3_000_000
+    print(f"Peak RSS (ru_maxrss of the child) of a {n_rss:,}-item generator run, start() then len(load()):")
+    for backend, label in (("rust", "Rust core"), ("python", "pure Python")):
+        r = memory.get(backend, {})
+        if "peak_mb" not in r:
+            print(f"  {label:<12} {r.get('note', 'n/a')}")
+            continue
+        goal = (f"   goal <= {GOAL_RSS_3M_MB:g} MB " + ("ok" if r["peak_mb"] <= GOAL_RSS_3M_MB else "MISS")
+                if full else f"   (goal <= {GOAL_RSS_3M_MB:g} MB is for 3M items)")
+        print(f"  {label:<12} {r['peak_mb']:6.0f} MB  (interpreter + import {r['baseline_mb']:.0f} MB; "
+              f"start {r['start']:.1f} s, load {r['load']:.1f} s){goal}")
+    print()
+    print(f"Total benchmark time {elapsed:.0f} s." + ("  (--quick: sizes below the goals' sizes)" if quick else ""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
