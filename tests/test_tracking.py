@@ -247,3 +247,11 @@ def test_unknown_backend_choice_is_an_import_error(backend_env: dict[str, str]) 
         [sys.executable, "-c", "import snapperable"], env=env, capture_output=True, text=True
     )
     assert proc.returncode != 0 and "SNAPPERABLE_BACKEND" in proc.stderr
+
+
+def test_progress_bar_counts_every_input(storage: SnapshotStorage[Any], capsys: pytest.CaptureFixture[str]) -> None:
+    run(storage, range(30), Counter())
+    with Snapper(range(50), Counter(), snapshot_storage=storage, version="pinned", progress=True) as snapper:
+        snapper.start()
+    err = capsys.readouterr().err
+    assert "snapperable" in err and "50/50" in err

@@ -13,6 +13,7 @@ storage while the first one is still referenced.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -23,13 +24,15 @@ import traceback
 from contextlib import contextmanager
 from itertools import islice
 from typing import (
-    Any,
     Callable,
     Generic,
     Iterable,
     Iterator,
     Literal,
     Optional,
+    TYPE_CHECKING,
+    NoReturn,
+    Sized,
     TypeVar,
 )
 
@@ -45,6 +48,9 @@ from snapperable.keys import KEY_SIZE
 from snapperable.metrics import FailedItem, ProcessingMetric, RunPlan, metric_from_row, render_report
 from snapperable.storage.base import OpenCheckpoint, SnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -82,6 +88,7 @@ class Snapper(Generic[T, R]):
       whose ``fn`` raised one of ``retry_on`` up to ``retries`` more times, sleeping an
       exponentially growing, jittered delay (``retry_backoff * 2**n``, at most
       ``retry_max_backoff`` seconds, times a random factor in [0.5, 1]).
+    - ``progress``: draw a tqdm progress bar during ``start`` (needs ``tqdm``).
     """
 
     def __init__(
@@ -103,6 +110,7 @@ class Snapper(Generic[T, R]):
         retry_on: tuple[type[BaseException], ...] = (Exception,),
         retry_backoff: float = 1.0,
         retry_max_backoff: float = 60.0,
+        progress: bool = False,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
@@ -145,6 +153,9 @@ class Snapper(Generic[T, R]):
         self.retry_on = retry_on
         self.retry_backoff = retry_backoff
         self.retry_max_backoff = retry_max_backoff
+        if progress and importlib.util.find_spec("tqdm") is None:
+            raise ImportError("progress=True draws a tqdm bar: pip install tqdm")
+        self.progress = progress
         self.failed_items: list[FailedItem[T]] = []
         self._checkpoint: Optional[OpenCheckpoint] = None
         self._in_with = False
@@ -272,12 +283,23 @@ class Snapper(Generic[T, R]):
             if not self.retry_failed_items:
                 for key in store.key_set(version, STATUS_FAILED):
                     skip.add(key)
+            bar = self._progress_bar() if self.progress else None
             try:
-                self._keys_in_order = self._run(store, version, skip)
+                self._keys_in_order = self._run(store, version, skip, bar)
             finally:
                 store.flush()
+                if bar is not None:
+                    bar.close()
 
-    def _run(self, store: CheckpointStore, version: int, skip: KeySet) -> bytes:
+    def _progress_bar(self) -> "tqdm[NoReturn]":
+        from tqdm.auto import tqdm  # imported only when asked for: it is slow to import
+
+        total = len(self.iterable) if isinstance(self.iterable, Sized) else None
+        return tqdm(total=total, desc="snapperable", unit="item")
+
+    def _run(
+        self, store: CheckpointStore, version: int, skip: KeySet, bar: "Optional[tqdm[NoReturn]]"
+    ) -> bytes:
         """The loop: key a chunk, drop what is done, process and record the rest.
 
         Returns the keys of every input in order, for ``load``. The body is kept flat:
@@ -293,7 +315,12 @@ class Snapper(Generic[T, R]):
         while chunk := list(islice(iterator, CHUNK)):
             keys = self._keys_of(chunk)
             keys_in_order += keys
-            for i in skip.missing(keys):
+            missing = skip.missing(keys)
+            if bar is not None:
+                bar.update(len(chunk) - len(missing))  # done before this run
+            for i in missing:
+                if bar is not None:
+                    bar.update()
                 key = keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]
                 if key in skip:  # a duplicate of an item processed earlier in this chunk
                     continue
