@@ -277,6 +277,10 @@ impl PySqliteCheckpoint {
 }
 
 /// The 11 fields of an `ItemRow` as Rust values.
+///
+/// Runs once per item: fields are read as borrowed references (no reference-count
+/// traffic) and only the blobs and texts are copied, since the writer thread that saves
+/// them runs without the GIL.
 fn item_row(row: &Bound<'_, PyAny>) -> PyResult<ItemRow> {
     let fields = row
         .cast::<PyTuple>()
@@ -287,26 +291,33 @@ fn item_row(row: &Bound<'_, PyAny>) -> PyResult<ItemRow> {
             fields.len()
         )));
     }
+    let field = |i: usize| fields.get_borrowed_item(i);
     let blob = |i: usize| -> PyResult<Option<Vec<u8>>> {
-        let value = fields.get_item(i)?;
+        let value = field(i)?;
         if value.is_none() {
             return Ok(None);
         }
         Ok(Some(value.cast::<PyBytes>()?.as_bytes().to_vec()))
     };
-    let key = fields.get_item(0)?;
+    let text = |i: usize| -> PyResult<Option<String>> {
+        let value = field(i)?;
+        if value.is_none() {
+            return Ok(None);
+        }
+        value.extract()
+    };
     Ok(ItemRow {
-        key: key_from(key.cast::<PyBytes>()?.as_bytes())?,
-        version: fields.get_item(1)?.extract()?,
-        status: fields.get_item(2)?.extract()?,
+        key: key_from(field(0)?.cast::<PyBytes>()?.as_bytes())?,
+        version: field(1)?.extract()?,
+        status: field(2)?.extract()?,
         input: blob(3)?,
         output: blob(4)?,
-        error_type: fields.get_item(5)?.extract()?,
-        error: fields.get_item(6)?.extract()?,
-        traceback: fields.get_item(7)?.extract()?,
-        attempts: fields.get_item(8)?.extract()?,
-        started: fields.get_item(9)?.extract()?,
-        ended: fields.get_item(10)?.extract()?,
+        error_type: text(5)?,
+        error: text(6)?,
+        traceback: text(7)?,
+        attempts: field(8)?.extract()?,
+        started: field(9)?.extract()?,
+        ended: field(10)?.extract()?,
     })
 }
 

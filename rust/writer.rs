@@ -10,7 +10,8 @@
 //! Generic over the row type and the commit function, so it is tested without SQLite.
 
 use std::mem;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -25,9 +26,13 @@ pub struct Policy {
     pub max_wait: Option<Duration>,
 }
 
+/// A batch buffer of more rows than this is not kept for reuse: one huge flush must not
+/// pin its memory for the rest of the run.
+const SPARE_CAPACITY: usize = 1 << 16;
+
 struct State<T> {
     pending: Vec<T>,
-    /// When the oldest pending row arrived.
+    /// When the oldest pending row arrived; kept only under a `max_wait` policy.
     oldest: Option<Instant>,
     /// Rows recorded since the start, and rows committed; a flush waits for the second
     /// to reach the first as it was when the flush began.
@@ -37,6 +42,12 @@ struct State<T> {
     flush_upto: u64,
     closing: bool,
     writer_running: bool,
+    /// The writer is blocked on `work` and only a notify will make it look again.
+    /// Notifying costs a futex syscall even when nobody waits, so `record` (called per
+    /// item) notifies only when this is set, and clears it so one wake-up is sent once.
+    writer_idle: bool,
+    /// Threads blocked in `flush`: the writer signals `progress` only if there are any.
+    flushers: usize,
     /// The writer's failure; once set the writer has stopped and nothing more is saved.
     failure: Option<Error>,
 }
@@ -51,12 +62,47 @@ struct Shared<T> {
 
 pub struct Writer<T> {
     path: String,
-    batch_size: usize,
-    /// The process that started the thread. After a fork the child has the buffer but
-    /// not the thread: it must neither wait for it nor join it.
+    policy: Policy,
+    /// The process that started the thread, and the fork count at the time. After a
+    /// fork the child has the buffer but not the thread: it must neither wait for it
+    /// nor join it.
     owner_pid: u32,
+    owner_forks: u64,
     shared: Arc<Shared<T>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Forks of this process so far, counted by a `pthread_atfork` child hook; `None` if the
+/// hook could not be installed.
+fn fork_count() -> Option<u64> {
+    static FORKS: AtomicU64 = AtomicU64::new(0);
+    static HOOKED: AtomicBool = AtomicBool::new(false);
+    static INSTALL: Once = Once::new();
+
+    extern "C" fn count_fork() {
+        // Runs in the child right after fork: an atomic add is all it may safely do.
+        FORKS.fetch_add(1, Ordering::Relaxed);
+    }
+
+    INSTALL.call_once(|| {
+        #[cfg(unix)]
+        {
+            // SAFETY: `count_fork` is a plain `extern "C" fn` with no captured state,
+            // valid for the life of the process; the hook is installed once.
+            let status = unsafe { libc::pthread_atfork(None, None, Some(count_fork)) };
+            HOOKED.store(status == 0, Ordering::Relaxed);
+        }
+        #[cfg(not(unix))]
+        HOOKED.store(true, Ordering::Relaxed); // no fork: the count stays 0
+    });
+    HOOKED
+        .load(Ordering::Relaxed)
+        .then(|| FORKS.load(Ordering::Relaxed))
+}
+
+/// The fork count to compare against later (0 if the hook is missing; unused then).
+fn forks_so_far() -> u64 {
+    fork_count().unwrap_or(0)
 }
 
 /// A panic while the lock was held cannot come from user input, but if it happens it
@@ -87,6 +133,8 @@ impl<T: Send + 'static> Writer<T> {
                 flush_upto: 0,
                 closing: false,
                 writer_running: true,
+                writer_idle: false,
+                flushers: 0,
                 failure: None,
             }),
             work: Condvar::new(),
@@ -104,8 +152,9 @@ impl<T: Send + 'static> Writer<T> {
         };
         Ok(Writer {
             path: path.to_owned(),
-            batch_size: policy.batch_size,
+            policy,
             owner_pid: std::process::id(),
+            owner_forks: forks_so_far(),
             shared,
             thread: Mutex::new(Some(thread)),
         })
@@ -142,13 +191,16 @@ impl<T: Send + 'static> Writer<T> {
         }
         state.pending.push(row);
         state.recorded += 1;
-        if state.oldest.is_none() {
+        let len = state.pending.len();
+        // The first pending row starts the `max_wait` clock (read only under that
+        // policy: the clock costs a call per batch).
+        if len == 1 && self.policy.max_wait.is_some() {
             state.oldest = Some(Instant::now());
         }
-        // The first pending row starts the `max_wait` clock; a full batch starts a
-        // commit. Between the two the writer has nothing to decide, so stays asleep.
-        let len = state.pending.len();
-        if len == 1 || len >= self.batch_size {
+        // The first row and a full batch are what the writer decides on; between the two
+        // it has nothing to do, and while it commits it looks at `pending` again anyway.
+        if state.writer_idle && (len == 1 || len >= self.policy.batch_size) {
+            state.writer_idle = false;
             self.shared.work.notify_one();
         }
         Ok(())
@@ -163,11 +215,18 @@ impl<T: Send + 'static> Writer<T> {
             return Ok(());
         }
         state.flush_upto = state.flush_upto.max(target);
+        state.writer_idle = false;
         self.shared.work.notify_one();
-        while state.committed < target {
-            self.check_failure(&state)?;
+        state.flushers += 1;
+        let outcome = loop {
+            if state.committed >= target {
+                break Ok(());
+            }
+            if let Err(failure) = self.check_failure(&state) {
+                break Err(failure);
+            }
             if !state.writer_running {
-                return Err(Error::Closed {
+                break Err(Error::Closed {
                     path: self.path.clone(),
                 });
             }
@@ -176,8 +235,9 @@ impl<T: Send + 'static> Writer<T> {
                 .progress
                 .wait(state)
                 .map_err(|_| poisoned(&self.path))?;
-        }
-        Ok(())
+        };
+        state.flushers -= 1;
+        outcome
     }
 
     /// Commits what is pending, stops the writer and waits for it. Idempotent: the first
@@ -191,6 +251,7 @@ impl<T: Send + 'static> Writer<T> {
         {
             let mut state = self.state()?;
             state.closing = true;
+            state.writer_idle = false;
             self.shared.work.notify_one();
         }
         let Some(thread) = thread.take() else {
@@ -207,7 +268,12 @@ impl<T: Send + 'static> Writer<T> {
 
 impl<T> Writer<T> {
     pub fn is_forked_copy(&self) -> bool {
-        std::process::id() != self.owner_pid
+        // Checked on every call, `record` included: an atomic load, where asking the OS
+        // for the pid is a syscall. Without the fork hook, fall back to the pid.
+        match fork_count() {
+            Some(forks) => forks != self.owner_forks,
+            None => std::process::id() != self.owner_pid,
+        }
     }
 
     /// The error for any use of the writer in a forked child.
@@ -235,6 +301,7 @@ impl<T> Drop for Writer<T> {
         if let Some(thread) = thread {
             if let Ok(mut state) = self.shared.state.lock() {
                 state.closing = true;
+                state.writer_idle = false;
                 self.shared.work.notify_one();
             }
             let _ = thread.join();
@@ -250,6 +317,9 @@ fn run<T, C>(shared: &Shared<T>, policy: Policy, mut commit: C)
 where
     C: FnMut(&[T]) -> Result<()>,
 {
+    // The buffer of the last batch, emptied, handed back to `record` at the next take:
+    // rows then go into memory already allocated instead of a growing fresh `Vec`.
+    let mut spare: Vec<T> = Vec::new();
     let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
     loop {
         if state.failure.is_some() {
@@ -259,10 +329,12 @@ where
             if state.closing {
                 break;
             }
+            state.writer_idle = true;
             state = shared
                 .work
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
+            state.writer_idle = false;
             continue;
         }
         let due_in = match (policy.max_wait, state.oldest) {
@@ -274,6 +346,7 @@ where
             || state.flush_upto > state.committed
             || due_in == Some(Duration::ZERO);
         if !due {
+            state.writer_idle = true;
             state = match due_in {
                 Some(timeout) => {
                     let waited = shared.work.wait_timeout(state, timeout);
@@ -284,18 +357,27 @@ where
                     .wait(state)
                     .unwrap_or_else(PoisonError::into_inner),
             };
+            state.writer_idle = false;
             continue;
         }
-        let batch = mem::take(&mut state.pending);
+        let mut batch = mem::replace(&mut state.pending, mem::take(&mut spare));
         state.oldest = None;
         drop(state);
         let result = commit(&batch);
+        let committed = batch.len() as u64;
+        // Rows (and their blobs) are freed here, outside the lock.
+        batch.clear();
+        if batch.capacity() <= SPARE_CAPACITY {
+            spare = batch;
+        }
         state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
         match result {
-            Ok(()) => state.committed += batch.len() as u64,
+            Ok(()) => state.committed += committed,
             Err(err) => state.failure = Some(err),
         }
-        shared.progress.notify_all();
+        if state.flushers > 0 {
+            shared.progress.notify_all();
+        }
     }
     state.writer_running = false;
     shared.progress.notify_all();
