@@ -52,26 +52,26 @@ def fn(x: int) -> int:
 
 def _w_plain(n: int, **_: Any) -> dict[str, Any]:
     items = list(range(n))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = [fn(x) for x in items]
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     assert len(out) == n
-    return {"seconds": t1 - t0, "items": n}
+    return {"seconds": t1 - t0, "cpu": c1 - c0, "items": n}
 
 
 def _w_floor(n: int, **_: Any) -> dict[str, Any]:
     items = list(range(n))
     dumps = pickle.dumps
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = []
     append = out.append
     for x in items:
         y = fn(x)
         dumps(x, PROTOCOL)
         append(dumps(y, PROTOCOL))
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     assert len(out) == n
-    return {"seconds": t1 - t0, "items": n}
+    return {"seconds": t1 - t0, "cpu": c1 - c0, "items": n}
 
 
 def _w_snapper(n: int, path: str, **_: Any) -> dict[str, Any]:
@@ -79,13 +79,13 @@ def _w_snapper(n: int, path: str, **_: Any) -> dict[str, Any]:
     from snapperable import Snapper, SQLiteSnapshotStorage
 
     items = list(range(n))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     Snapper(items, fn, snapshot_storage=SQLiteSnapshotStorage(path)).start()
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     out = Snapper(items, fn, snapshot_storage=SQLiteSnapshotStorage(path)).load()
     if len(out) != n or (n and (out[0] != 1 or out[-1] != n)):
         raise AssertionError(f"load() returned {len(out)} outputs, expected {n}")
-    return {"seconds": t1 - t0, "items": n, "backend": snapperable.backend}
+    return {"seconds": t1 - t0, "cpu": c1 - c0, "items": n, "backend": snapperable.backend}
 
 
 def _w_diskcache(n: int, path: str, **_: Any) -> dict[str, Any]:
@@ -94,12 +94,12 @@ def _w_diskcache(n: int, path: str, **_: Any) -> dict[str, Any]:
     items = list(range(n))
     cache = Cache(path)
     memo = cache.memoize()(fn)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for x in items:
         memo(x)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     cache.close()
-    return {"seconds": t1 - t0, "items": n}
+    return {"seconds": t1 - t0, "cpu": c1 - c0, "items": n}
 
 
 def _w_joblib(n: int, path: str, **_: Any) -> dict[str, Any]:
@@ -107,18 +107,18 @@ def _w_joblib(n: int, path: str, **_: Any) -> dict[str, Any]:
 
     items = list(range(n))
     memo = Memory(path, verbose=0).cache(fn)  # verbose=0 only silences its prints
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for x in items:
         memo(x)
-    t1 = time.perf_counter()
-    return {"seconds": t1 - t0, "items": n}
+    t1, c1 = time.perf_counter(), time.process_time()
+    return {"seconds": t1 - t0, "cpu": c1 - c0, "items": n}
 
 
 def _w_sqlite(n: int, path: str, **_: Any) -> dict[str, Any]:
     """The naive loop: one INSERT and one COMMIT per item, WAL, synchronous=FULL."""
     items = list(range(n))
     dumps = pickle.dumps
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
@@ -130,8 +130,8 @@ def _w_sqlite(n: int, path: str, **_: Any) -> dict[str, Any]:
         conn.execute(insert, (dumps(x, PROTOCOL), dumps(y, PROTOCOL)))
         conn.execute("COMMIT")
     conn.close()
-    t1 = time.perf_counter()
-    return {"seconds": t1 - t0, "items": n}
+    t1, c1 = time.perf_counter(), time.process_time()
+    return {"seconds": t1 - t0, "cpu": c1 - c0, "items": n}
 
 
 def _w_resume(n: int, path: str, **_: Any) -> dict[str, Any]:
@@ -344,19 +344,41 @@ class Bench:
         if not self.args.silent:
             print(f"  .. {msg}", file=sys.stderr, flush=True)
 
-    def repeated(self, label: str, name: str, n: int, repeat: int,
-                 backend: Optional[str] = None, needs_path: bool = False) -> dict[str, Any]:
-        """Median of ``repeat`` fresh runs: seconds per item, and the spread."""
-        per_item = []
+    def round_robin(self, specs: list[tuple[str, str, Optional[str]]], n: int,
+                    repeat: int) -> dict[str, tuple[Optional[dict[str, Any]], str]]:
+        """Each (key, worker, backend) ``repeat`` times, in rounds (A B C D, A B C D, ...),
+        so a passing disturbance hits every row alike; the median run of each is kept."""
+        runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _, _ in specs}
+        failed: dict[str, str] = {}
         for r in range(repeat):
-            self.progress(f"{label} ({r + 1}/{repeat})")
-            kwargs: dict[str, Any] = {"n": n}
-            if needs_path:
-                kwargs["path"] = self.fresh(name + ("-" + backend if backend else ""))
-            res = run_worker(name, backend, **kwargs)
-            per_item.append(res["seconds"] / res["items"])
-        return {"items": n, "us": statistics.median(per_item) * 1e6,
-                "min": min(per_item) * 1e6, "max": max(per_item) * 1e6, "repeat": repeat}
+            for key, name, backend in specs:
+                if key in failed:
+                    continue
+                self.progress(f"{key} ({r + 1}/{repeat})")
+                kwargs: dict[str, Any] = {"n": n}
+                if name == "snapper":
+                    kwargs["path"] = self.fresh(f"{key}.db")
+                try:
+                    runs[key].append(run_worker(name, backend, **kwargs))
+                except WorkerFailed as exc:
+                    self.progress(f"{key} failed: {exc}")
+                    failed[key] = f"n/a (failed: {str(exc)[:70]})"
+        out: dict[str, tuple[Optional[dict[str, Any]], str]] = {}
+        for key, _, _ in specs:
+            if key in failed:
+                out[key] = (None, failed[key])
+                continue
+            out[key] = (summarize(runs[key], n), "")
+        return out
+
+
+def summarize(runs: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """The median run (by time) of a row, with the spread and its CPU use."""
+    per_item = sorted(res["seconds"] / res["items"] for res in runs)
+    median = sorted(runs, key=lambda res: res["seconds"])[len(runs) // 2]
+    return {"items": median["items"], "us": statistics.median(per_item) * 1e6,
+            "min": per_item[0] * 1e6, "max": per_item[-1] * 1e6, "repeat": len(runs),
+            "cpu_per_wall": median["cpu"] / median["seconds"]}
 
 
 def fmt_us(us: float) -> str:
@@ -426,21 +448,19 @@ def main() -> int:
             return None, f"n/a (failed: {str(exc)[:70]})"
 
     try:
-        # --- per-item cost -------------------------------------------------------------
-        plain, note = attempt("plain", lambda: bench.repeated("plain loop", "plain", n, repeat))
-        rows.append(("plain loop `[fn(x) for x in items]`", "plain", plain, note))
-        floor, note = attempt("floor", lambda: bench.repeated("floor", "floor", n, repeat))
-        rows.append(("floor: fn + pickle input and output", "floor", floor, note))
-
+        # --- per-item cost: the main rows in rounds -------------------------------------
+        specs: list[tuple[str, str, Optional[str]]] = [("plain", "plain", None), ("floor", "floor", None)]
         if has_rust:
-            res, note = attempt("rust", lambda: bench.repeated(
-                "snapperable Rust", "snapper", n, repeat, backend="rust", needs_path=True))
-        else:
-            res, note = None, na_rust
-        rows.append(("snapperable, Rust core", "rust", res, note))
-        res, note = attempt("python", lambda: bench.repeated(
-            "snapperable pure-Python", "snapper", n, repeat, backend="python", needs_path=True))
-        rows.append(("snapperable, pure Python", "python", res, note))
+            specs.append(("rust", "snapper", "rust"))
+        specs.append(("python", "snapper", "python"))
+        main_rows = bench.round_robin(specs, n, repeat)
+        labels = {"plain": "plain loop `[fn(x) for x in items]`",
+                  "floor": "floor: fn + pickle input and output",
+                  "rust": "snapperable, Rust core",
+                  "python": "snapperable, pure Python"}
+        for key, label in labels.items():
+            res, note = main_rows.get(key, (None, na_rust))
+            rows.append((label, key, res, note))
 
         if not args.skip_peers:
             for label, name in (("diskcache `Cache(dir).memoize()`", "diskcache"),
@@ -495,8 +515,7 @@ def measure_peer(bench: Bench, name: str, n: int, budget_s: float) -> dict[str, 
     sample = n if per_item * n <= budget_s else max(probe_n, int(budget_s / per_item) // 1000 * 1000)
     bench.progress(f"{name} ({sample} items)")
     res = run_worker(name, n=sample, path=bench.fresh(name))
-    us = res["seconds"] / sample * 1e6
-    return {"items": sample, "us": us, "min": us, "max": us, "repeat": 1}
+    return summarize([res], sample)
 
 
 def measure_resume(bench: Bench, n: int, repeat: int, has_rust: bool) -> dict[str, Any]:
@@ -584,7 +603,8 @@ def print_report(rows: list[tuple[str, str, Optional[dict[str, Any]], str]], fix
     print(f"Per item over {n:,} ints, fn(x) = x + 1; snapperable with defaults (batch_size=1, "
           f"synchronous=FULL); median of {repeat} fresh process{'es' if repeat > 1 else ''} per row, "
           f"peers once:")
-    header = f"{'variant':<42} {'items':>9} {'µs/item':>9} {'× floor':>8}   {'goal':<11} {'spread µs':<13}"
+    header = (f"{'variant':<42} {'items':>9} {'µs/item':>9} {'× floor':>8}   {'goal':<12} "
+              f"{'runs µs':<11} {'cpu/wall':>8}")
     print(header)
     print("-" * len(header))
     for label, key, res, note in rows:
@@ -600,9 +620,12 @@ def print_report(rows: list[tuple[str, str, Optional[dict[str, Any]], str]], fix
         items = f"{res['items']:,}"
         if res["items"] < n:
             items += "*"
-        print(f"{label:<42} {items:>9} {fmt_us(res['us']):>9} {ratio:>7.1f}x   {goal_s:<11} {spread:<13}")
+        print(f"{label:<42} {items:>9} {fmt_us(res['us']):>9} {ratio:>7.1f}x   {goal_s:<12} "
+              f"{spread:<11} {res['cpu_per_wall']:>8.2f}")
     if any(res is not None and res["items"] < n for _, _, res, _ in rows):
         print("* measured on the first N items only (too slow for all); per-item µs is comparable.")
+    print("cpu/wall: CPU time of the process (all its threads) over wall time of the median run; "
+          "below 1.0 on a\nsingle-threaded row means it was not running all the time (another process took the core).")
     if fixed:
         print("snapperable rows include a run's fixed cost (open, schema, fingerprint, close; "
               "an empty run takes " + ", ".join(f"{v * 1000:.0f} ms {k}" for k, v in fixed.items()) + ").")
