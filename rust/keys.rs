@@ -4,7 +4,7 @@
 //! This module is pure Rust: it encodes values already taken apart into Rust types.
 //! Walking Python objects (which needs the interpreter) lives in `py_keys.rs`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 
 use blake2::digest::consts::U16;
@@ -185,14 +185,64 @@ impl Hash for KeyHash {
     }
 }
 
+/// A ([`Key`], version) pair, hashed as one word: the key's first eight bytes mixed with
+/// the version (multiplied by an odd constant so that small versions spread out).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct KeyVersion(pub Key, pub i64);
+
+impl Hash for KeyVersion {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&self.0[..8]);
+        let version = (self.1 as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        state.write_u64(u64::from_le_bytes(word) ^ version);
+    }
+}
+
+type FastBuild = BuildHasherDefault<KeyHasher>;
+
+/// A map from keys to `V`, hashed as cheaply as [`KeySet`].
+pub struct KeyMap<V>(HashMap<KeyHash, V, FastBuild>);
+
+impl<V> KeyMap<V> {
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self(HashMap::with_capacity_and_hasher(capacity, FastBuild::default()))
+    }
+
+    /// Inserts or replaces; returns the value replaced, if any.
+    pub fn insert(&mut self, key: Key, value: V) -> Option<V> {
+        self.0.insert(KeyHash(key), value)
+    }
+
+    pub fn get(&self, key: &Key) -> Option<&V> {
+        self.0.get(&KeyHash(*key))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A map from (key, version) pairs to `V`.
+pub type KeyVersionMap<V> = HashMap<KeyVersion, V, FastBuild>;
+
 /// A set of keys stored inline: 16 bytes plus one control byte per slot, about 20 to 37
 /// bytes per key depending on the table's load, and no allocation per key.
 #[derive(Default)]
-pub struct KeySet(HashSet<KeyHash, BuildHasherDefault<KeyHasher>>);
+pub struct KeySet(HashSet<KeyHash, FastBuild>);
 
 impl KeySet {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty set with room for `capacity` keys, so filling it does not rehash.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self(HashSet::with_capacity_and_hasher(capacity, FastBuild::default()))
     }
 
     pub fn len(&self) -> usize {
@@ -213,6 +263,10 @@ impl KeySet {
 
     pub fn insert(&mut self, key: Key) -> bool {
         self.0.insert(KeyHash(key))
+    }
+
+    pub fn remove(&mut self, key: &Key) -> bool {
+        self.0.remove(&KeyHash(*key))
     }
 
     /// Positions `i` of `keys` (16 bytes each, concatenated) that are not in the set.

@@ -48,3 +48,8 @@ python_attr!(
     /// `json.loads`, to check the stored parts of a function version.
     json_loads => "json"."loads"
 );
+python_attr!(
+    /// `map`, to run `pickle.loads` over many outputs from C, without a call per output
+    /// crossing the binding.
+    builtin_map => "builtins"."map"
+);

@@ -8,18 +8,22 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use pyo3::exceptions::{PyException, PyTypeError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use crate::checkpoint::Checkpoint;
 use crate::errors::Error;
 use crate::keys::{self, Key, KEY_SIZE};
-use crate::py_imports::{json_loads, pickle_loads, row_info_class, version_row_class};
-use crate::store::{ItemRow, RowInfo, Synchronous};
+use crate::py_imports::{builtin_map, json_loads, pickle_loads, row_info_class, version_row_class};
+use crate::store::{ItemRow, LatestOutputs, RowInfo, Span, Synchronous};
 use crate::writer::Policy;
 
 /// Rows fetched per query while iterating `rows()`: bounds memory on huge checkpoints.
 const ROWS_PAGE: usize = 1024;
+/// Outputs copied into Python `bytes` at a time before they are unpickled: bounds the
+/// extra memory of a load while keeping the per-output overhead off the binding.
+const UNPICKLE_CHUNK: usize = 4096;
 
 /// A compact set of 16-byte input keys.
 #[pyclass(module = "snapperable._core", name = "KeySet")]
@@ -182,6 +186,12 @@ impl PySqliteCheckpoint {
         Ok(PyKeySet(keys))
     }
 
+    /// `(ok, failed)`: keys whose latest row of `version` is ok, and failed; one scan.
+    fn key_sets(&self, py: Python<'_>, version: i64) -> PyResult<(PyKeySet, PyKeySet)> {
+        let (ok, failed) = py.detach(|| self.inner.with_store(|store| store.key_sets(version)))?;
+        Ok((PyKeySet(ok), PyKeySet(failed)))
+    }
+
     /// Buffers one `ItemRow` for the writer; converted here, so no Python object is kept.
     fn record(&self, row: &Bound<'_, PyAny>) -> PyResult<()> {
         let row = item_row(row)?;
@@ -202,33 +212,35 @@ impl PySqliteCheckpoint {
         version: i64,
         keys: &[u8],
     ) -> PyResult<Bound<'py, PyList>> {
-        let wanted: keys::KeySet = keys::split_keys(keys)?.collect();
-        let latest = py.detach(|| {
-            self.inner
-                .with_store(|store| store.latest_outputs(version, Some(&wanted)))
+        // Checked before the scan, so bad input costs nothing.
+        let wanted = keys::split_keys(keys)?;
+        let (latest, spans) = py.detach(|| -> Result<_, Error> {
+            let latest = self
+                .inner
+                .with_store(|store| store.latest_outputs(version))?;
+            // The lookups too run without the GIL; only the unpickling needs it.
+            let spans = wanted
+                .filter_map(|key| latest.span(&key))
+                .collect::<Vec<_>>();
+            Ok((latest, spans))
         })?;
-        let outputs = PyList::empty(py);
-        for key in keys::split_keys(keys)? {
-            if let Some(pickle) = latest.get(&key) {
-                outputs.append(self.unpickle(py, pickle)?)?;
-            }
-        }
-        Ok(outputs)
+        self.unpickle_all(py, &latest, &spans)
     }
 
     /// Unpickled latest ok output of every key, in the order each key was first saved.
     fn all_outputs<'py>(&self, py: Python<'py>, version: i64) -> PyResult<Bound<'py, PyList>> {
-        let latest = py.detach(|| {
-            self.inner
-                .with_store(|store| store.latest_outputs(version, None))
+        let (latest, spans) = py.detach(|| -> Result<_, Error> {
+            let latest = self
+                .inner
+                .with_store(|store| store.latest_outputs(version))?;
+            let spans = latest
+                .first_saved
+                .iter()
+                .filter_map(|key| latest.span(key))
+                .collect::<Vec<_>>();
+            Ok((latest, spans))
         })?;
-        let outputs = PyList::empty(py);
-        for key in &latest.first_saved {
-            if let Some(pickle) = latest.get(key) {
-                outputs.append(self.unpickle(py, pickle)?)?;
-            }
-        }
-        Ok(outputs)
+        self.unpickle_all(py, &latest, &spans)
     }
 
     /// Every row (of `version`, or of all versions if None) in the order saved.
@@ -257,22 +269,42 @@ impl PySqliteCheckpoint {
 }
 
 impl PySqliteCheckpoint {
-    /// A saved output as a Python object. One that no longer unpickles (say, its class
-    /// was renamed) is reported as damage to the checkpoint, as the pure backend does.
-    fn unpickle<'py>(&self, py: Python<'py>, pickle: &[u8]) -> PyResult<Bound<'py, PyAny>> {
-        pickle_loads(py)?
-            .call1((PyBytes::new(py, pickle),))
-            .map_err(|err| {
-                if !err.is_instance_of::<PyException>(py) {
-                    return err;
-                }
-                let corrupt = PyErr::from(Error::Corrupt {
-                    path: self.inner.path().to_owned(),
-                    problem: format!("has a saved output that cannot be unpickled ({err})"),
-                });
-                corrupt.set_cause(py, Some(err));
-                corrupt
-            })
+    /// The saved outputs at `spans` as Python objects, in order. An output that no
+    /// longer unpickles (say, its class was renamed) is reported as damage to the
+    /// checkpoint, as the pure backend does.
+    fn unpickle_all<'py>(
+        &self,
+        py: Python<'py>,
+        latest: &LatestOutputs,
+        spans: &[Span],
+    ) -> PyResult<Bound<'py, PyList>> {
+        let outputs = PyList::empty(py);
+        let extend = outputs.getattr(intern!(py, "extend"))?;
+        let (map, loads) = (builtin_map(py)?, pickle_loads(py)?);
+        for chunk in spans.chunks(UNPICKLE_CHUNK) {
+            let pickles = PyList::new(
+                py,
+                chunk.iter().map(|&span| PyBytes::new(py, latest.output(span))),
+            )?;
+            // `outputs.extend(map(loads, pickles))`: the loop over the chunk and each
+            // call of `loads` happen in C, with no argument tuple per output.
+            extend
+                .call1((map.call1((loads, pickles))?,))
+                .map_err(|err| self.unpickling_failed(py, err))?;
+        }
+        Ok(outputs)
+    }
+
+    fn unpickling_failed(&self, py: Python<'_>, err: PyErr) -> PyErr {
+        if !err.is_instance_of::<PyException>(py) {
+            return err; // Ctrl-C while unpickling is still Ctrl-C
+        }
+        let corrupt = PyErr::from(Error::Corrupt {
+            path: self.inner.path().to_owned(),
+            problem: format!("has a saved output that cannot be unpickled ({err})"),
+        });
+        corrupt.set_cause(py, Some(err));
+        corrupt
     }
 }
 

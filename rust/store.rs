@@ -5,16 +5,16 @@
 //! The opening procedure is the same step for step as the pure-Python backend's, so that
 //! both accept, create and reject exactly the same files.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rusqlite::types::ValueRef;
 use rusqlite::{
     params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior,
 };
 
 use crate::errors::{Error, Result};
-use crate::keys::{Key, KeySet, KEY_SIZE};
+use crate::keys::{Key, KeyMap, KeySet, KeyVersion, KeyVersionMap, KEY_SIZE};
 
 /// The one schema, shared with the pure-Python backend.
 const SCHEMA: &str = include_str!("../python/snapperable/schema.sql");
@@ -23,6 +23,11 @@ pub const APPLICATION_ID: i64 = 0x536e_6150;
 /// `PRAGMA user_version`: the newest format this code reads and the one it writes.
 pub const FORMAT_VERSION: i64 = 1;
 pub const STATUS_OK: i64 = 0;
+pub const STATUS_FAILED: i64 = 1;
+/// Bytes of the file SQLite maps into memory during a full scan: it then reads pages
+/// in place instead of copying each one out of the OS cache (a scan of a million rows
+/// takes about half the time). Off otherwise, so writes never depend on a mapping.
+const SCAN_MMAP_SIZE: i64 = 1 << 30;
 /// Long enough to ride out another process's commit, short enough to report a real lock.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
@@ -95,19 +100,79 @@ impl Synchronous {
 }
 
 /// The latest row of each key of one version, from one scan.
-#[derive(Default)]
+///
+/// The outputs lie back to back in one buffer instead of one allocation each: a resume
+/// reads a million of them at once.
 pub struct LatestOutputs {
     /// Every key seen, in the order of its first row.
     pub first_saved: Vec<Key>,
-    /// The key's latest output if its latest row is ok; `None` if that row failed (or,
-    /// as the pure-Python backend reads it, is ok without an output).
-    pub latest: HashMap<Key, Option<Vec<u8>>>,
+    /// Per key, the index in `spans` of its latest output if its latest row is ok;
+    /// [`NO_OUTPUT`] if that row failed (or, as the pure-Python backend reads it, is ok
+    /// without an output).
+    latest: KeyMap<u32>,
+    /// Where each saved output lies in `arena`.
+    spans: Vec<Span>,
+    arena: Vec<u8>,
+}
+
+const NO_OUTPUT: u32 = u32::MAX;
+
+/// Where one output lies in the buffer of a [`LatestOutputs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    start: usize,
+    end: usize,
 }
 
 impl LatestOutputs {
+    fn with_capacity(rows: usize) -> Self {
+        LatestOutputs {
+            first_saved: Vec::new(),
+            latest: KeyMap::with_capacity(rows),
+            spans: Vec::with_capacity(rows),
+            arena: Vec::new(),
+        }
+    }
+
+    /// Where the latest ok output of `key` lies, if it has one.
+    pub fn span(&self, key: &Key) -> Option<Span> {
+        let &index = self.latest.get(key)?;
+        self.spans.get(usize::try_from(index).ok()?).copied()
+    }
+
+    /// The output at `span` (one from [`Self::span`]; any other gives an empty slice).
+    pub fn output(&self, span: Span) -> &[u8] {
+        self.arena.get(span.start..span.end).unwrap_or_default()
+    }
+
     /// The latest ok output of `key`, if it has one.
     pub fn get(&self, key: &Key) -> Option<&[u8]> {
-        self.latest.get(key).and_then(|output| output.as_deref())
+        self.span(key).map(|span| self.output(span))
+    }
+
+    /// Records the row of `key` that supersedes its earlier ones.
+    fn set(&mut self, key: Key, output: Option<&[u8]>) -> std::result::Result<(), ()> {
+        let index = match output {
+            Some(output) => {
+                // NO_OUTPUT itself is never a valid index.
+                let index = u32::try_from(self.spans.len())
+                    .ok()
+                    .filter(|&index| index != NO_OUTPUT)
+                    .ok_or(())?;
+                let start = self.arena.len();
+                self.arena.extend_from_slice(output);
+                self.spans.push(Span {
+                    start,
+                    end: self.arena.len(),
+                });
+                index
+            }
+            None => NO_OUTPUT,
+        };
+        if self.latest.insert(key, index).is_none() {
+            self.first_saved.push(key);
+        }
+        Ok(())
     }
 }
 
@@ -305,33 +370,109 @@ impl Store {
 
     /// Keys whose latest row for `version` (for any version if `None`) has `status`.
     pub fn key_set(&self, version: Option<i64>, status: i64) -> Result<KeySet> {
+        let Some(version) = version else {
+            return self.key_set_any_version(status);
+        };
         // No index on `key` by design (appends stay sequential), so this is one scan in
-        // `seq` order where a later row overwrites an earlier one.
-        let mut latest: HashMap<(Key, i64), i64> = HashMap::new();
+        // `seq` order where a later row overwrites an earlier one: each row puts its key
+        // in or out of the set.
+        let reserve = if status == STATUS_OK { self.row_bound()? } else { 0 };
+        let mut keys = KeySet::with_capacity(reserve);
+        self.scan_key_status(version, |key, row_status| {
+            if row_status == status {
+                keys.insert(key);
+            } else {
+                keys.remove(&key);
+            }
+        })?;
+        Ok(keys)
+    }
+
+    /// The keys whose latest row of `version` is ok, and those whose latest row failed:
+    /// what a run skips, from one scan.
+    pub fn key_sets(&self, version: i64) -> Result<(KeySet, KeySet)> {
+        // Almost every key of a finished run is ok: size that set for all rows at once.
+        let mut ok = KeySet::with_capacity(self.row_bound()?);
+        let mut failed = KeySet::new();
+        self.scan_key_status(version, |key, status| {
+            if status == STATUS_OK {
+                ok.insert(key);
+                if !failed.is_empty() {
+                    failed.remove(&key);
+                }
+            } else {
+                ok.remove(&key);
+                if status == STATUS_FAILED {
+                    failed.insert(key);
+                } else {
+                    failed.remove(&key);
+                }
+            }
+        })?;
+        Ok((ok, failed))
+    }
+
+    /// Keys whose latest row, within some version, has `status`.
+    fn key_set_any_version(&self, status: i64) -> Result<KeySet> {
+        let mut latest: KeyVersionMap<i64> = KeyVersionMap::default();
+        latest.reserve(self.row_bound()?);
+        let _mapped = self.mapped_for_scan()?;
         let mut stmt = self
             .conn
             .prepare_cached("SELECT seq, key, version, status FROM items ORDER BY seq")
             .map_err(|e| self.fail(e))?;
         let mut rows = stmt.query([]).map_err(|e| self.fail(e))?;
         while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
-            let row_version: i64 = row.get(2).map_err(|e| self.fail(e))?;
-            if version.is_some_and(|wanted| wanted != row_version) {
-                continue;
-            }
             let key = self.key_at(row, 1)?;
+            let row_version: i64 = row.get(2).map_err(|e| self.fail(e))?;
             let row_status: i64 = row.get(3).map_err(|e| self.fail(e))?;
-            latest.insert((key, row_version), row_status);
+            latest.insert(KeyVersion(key, row_version), row_status);
         }
         Ok(latest
             .into_iter()
             .filter(|&(_, row_status)| row_status == status)
-            .map(|((key, _), _)| key)
+            .map(|(KeyVersion(key, _), _)| key)
             .collect())
     }
 
-    /// The latest row of each key of `version` (only keys in `only`, if given).
-    pub fn latest_outputs(&self, version: i64, only: Option<&KeySet>) -> Result<LatestOutputs> {
-        let mut found = LatestOutputs::default();
+    /// Calls `visit(key, status)` for each row of `version`, in the order saved.
+    fn scan_key_status(&self, version: i64, mut visit: impl FnMut(Key, i64)) -> Result<()> {
+        let _mapped = self.mapped_for_scan()?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, key, status FROM items WHERE version = ?1 ORDER BY seq")
+            .map_err(|e| self.fail(e))?;
+        let mut rows = stmt.query([version]).map_err(|e| self.fail(e))?;
+        while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
+            let key = self.key_at(row, 1)?;
+            let status: i64 = row.get(2).map_err(|e| self.fail(e))?;
+            visit(key, status);
+        }
+        Ok(())
+    }
+
+    /// Maps the file into memory until the returned guard is dropped.
+    fn mapped_for_scan(&self) -> Result<MappedScan<'_>> {
+        self.conn
+            .pragma_update(None, "mmap_size", SCAN_MMAP_SIZE)
+            .map_err(|e| self.fail(e))?;
+        Ok(MappedScan(&self.conn))
+    }
+
+    /// An upper bound on the number of item rows (the largest `seq`), found without a
+    /// scan; sizes the tables a scan fills.
+    fn row_bound(&self) -> Result<usize> {
+        let max_seq: Option<i64> = self
+            .conn
+            .query_row("SELECT max(seq) FROM items", [], |row| row.get(0))
+            .map_err(|e| self.fail(e))?;
+        Ok(max_seq.map_or(0, |seq| usize::try_from(seq).unwrap_or(0)))
+    }
+
+    /// The latest row of each key of `version`.
+    pub fn latest_outputs(&self, version: i64) -> Result<LatestOutputs> {
+        let mut found = LatestOutputs::with_capacity(self.row_bound()?);
+        let _mapped = self.mapped_for_scan()?;
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -341,18 +482,20 @@ impl Store {
         let mut rows = stmt.query([version]).map_err(|e| self.fail(e))?;
         while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
             let key = self.key_at(row, 1)?;
-            if only.is_some_and(|wanted| !wanted.contains(&key)) {
-                continue;
-            }
             let status: i64 = row.get(2).map_err(|e| self.fail(e))?;
+            // Borrowed from SQLite's row buffer and copied once, into the arena.
             let output = if status == STATUS_OK {
-                row.get(3).map_err(|e| self.fail(e))?
+                match row.get_ref(3).map_err(|e| self.fail(e))? {
+                    ValueRef::Blob(output) => Some(output),
+                    ValueRef::Null => None,
+                    _ => return Err(self.corrupt_row(row, "has an output that is not a blob")),
+                }
             } else {
                 None
             };
-            if found.latest.insert(key, output).is_none() {
-                found.first_saved.push(key);
-            }
+            found
+                .set(key, output)
+                .map_err(|()| self.corrupt_row(row, "is past the most outputs one read can hold"))?;
         }
         Ok(found)
     }
@@ -429,6 +572,16 @@ impl Store {
             path: self.path.clone(),
             problem: format!("is damaged: item row {seq} {problem}"),
         }
+    }
+}
+
+/// Unmaps the file when a scan ends, however it ends.
+struct MappedScan<'a>(&'a Connection);
+
+impl Drop for MappedScan<'_> {
+    fn drop(&mut self) {
+        // Failing to unmap leaves only a mapping that SQLite keeps coherent anyway.
+        let _ = self.0.pragma_update(None, "mmap_size", 0);
     }
 }
 
@@ -548,7 +701,11 @@ pub(crate) mod tests {
         let failed_anywhere = store.key_set(None, 1).unwrap();
         assert_eq!(failed_anywhere.len(), 2); // key 3 in v1, key 1 in v2
 
-        let latest = store.latest_outputs(v1, None).unwrap();
+        let (ok, failed) = store.key_sets(v1).unwrap();
+        assert_eq!((ok.len(), failed.len()), (2, 1));
+        assert!(ok.contains(&[1; 16]) && ok.contains(&[2; 16]) && failed.contains(&[3; 16]));
+
+        let latest = store.latest_outputs(v1).unwrap();
         assert_eq!(latest.first_saved, vec![[1; 16], [2; 16], [3; 16]]);
         assert_eq!(latest.get(&[2; 16]), Some(&b"two"[..]));
         assert_eq!(latest.get(&[3; 16]), None);

@@ -323,6 +323,8 @@ def _snapshot(store: Any, v1: int, v2: int) -> dict[str, Any]:
         "ok_v1": sorted(store.key_set(v1, STATUS_OK)),
         "failed_v1": sorted(store.key_set(v1, STATUS_FAILED)),
         "ok_any": sorted(store.key_set(None, STATUS_OK)),
+        "key_sets_v1": [sorted(keys) for keys in store.key_sets(v1)],
+        "key_sets_v2": [sorted(keys) for keys in store.key_sets(v2)],
     }
 
 
@@ -343,6 +345,8 @@ def test_round_trip(open_store: Callable[..., Any]) -> None:
     assert got["ok_v1"] == sorted([_key(1), _key(2)])
     assert got["failed_v1"] == [_key(3)]
     assert got["ok_any"] == sorted([_key(1), _key(2), _key(4)])
+    assert got["key_sets_v1"] == [got["ok_v1"], got["failed_v1"]]
+    assert got["key_sets_v2"] == [[_key(4)], []]
 
 
 def test_agrees_with_pure_backend_and_reads_its_files(open_store: Callable[..., Any]) -> None:

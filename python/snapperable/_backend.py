@@ -119,6 +119,11 @@ class CheckpointStore(Protocol):
         """
         ...
 
+    def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
+        """``(ok, failed)``: ``key_set(version, STATUS_OK)`` and ``key_set(version,
+        STATUS_FAILED)`` from one read of the checkpoint."""
+        ...
+
     def record(self, row: ItemRow) -> None: ...
 
     def flush(self) -> None:

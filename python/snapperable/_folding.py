@@ -10,7 +10,7 @@ import json
 import pickle
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from snapperable._backend import STATUS_OK, KeySet, VersionRow
+from snapperable._backend import STATUS_FAILED, STATUS_OK, KeySet, VersionRow
 from snapperable.errors import CheckpointCorruptError
 from snapperable.keys import KEY_SIZE
 
@@ -32,6 +32,20 @@ def keys_with_status(
         if row_status == status:
             result.add(key)
     return result
+
+
+def ok_and_failed(rows: KeyStatusRows, new_key_set: Callable[[], KeySet]) -> tuple[KeySet, KeySet]:
+    """Keys whose latest row is ok, and keys whose latest row failed; rows of one version."""
+    latest: dict[bytes, int] = {}
+    for key, _, row_status in rows:
+        latest[key] = row_status
+    ok, failed = new_key_set(), new_key_set()
+    for key, row_status in latest.items():
+        if row_status == STATUS_OK:
+            ok.add(key)
+        elif row_status == STATUS_FAILED:
+            failed.add(key)
+    return ok, failed
 
 
 def latest_outputs(rows: OutputRows) -> dict[bytes, Optional[bytes]]:

@@ -214,6 +214,13 @@ class PySQLiteStore:
         rows = ((self._key(key), row_version, row_status) for key, row_version, row_status in found)
         return _folding.keys_with_status(rows, status, new_key_set)
 
+    def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
+        found = self._query(
+            "SELECT key, version, status FROM items WHERE version = ? ORDER BY seq", (version,)
+        )
+        rows = ((self._key(key), row_version, row_status) for key, row_version, row_status in found)
+        return _folding.ok_and_failed(rows, new_key_set)
+
     def _output_rows(self, version: int) -> _folding.OutputRows:
         found = self._query(
             "SELECT key, status, output FROM items WHERE version = ? ORDER BY seq", (version,)

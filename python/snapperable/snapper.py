@@ -279,9 +279,9 @@ class Snapper(Generic[T, R]):
             store = checkpoint.store
             version = self._version_id
             assert version is not None
-            skip = store.key_set(version, STATUS_OK)
+            skip, failed = store.key_sets(version)
             if not self.retry_failed_items:
-                for key in store.key_set(version, STATUS_FAILED):
+                for key in failed:
                     skip.add(key)
             bar = self._progress_bar() if self.progress else None
             try:
@@ -448,8 +448,7 @@ class Snapper(Generic[T, R]):
             version = self._version_id
             assert version is not None
             keys = self._current_keys()
-            done = store.key_set(version, STATUS_OK)
-            failed = store.key_set(version, STATUS_FAILED)
+            done, failed = store.key_sets(version)
             done_elsewhere = store.key_set(None, STATUS_OK)
             counts = {"done": 0, "failed": 0, "stale": 0, "new": 0}
             seen = _backend.backend.new_key_set()

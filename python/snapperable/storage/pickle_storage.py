@@ -265,6 +265,14 @@ class PickleStore:
         )
         return _folding.keys_with_status(rows, status, _backend.backend.new_key_set)
 
+    def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
+        rows = (
+            (row[ROW_KEY], row[ROW_VERSION], row[ROW_STATUS])
+            for _, row in self._item_rows()
+            if row[ROW_VERSION] == version
+        )
+        return _folding.ok_and_failed(rows, _backend.backend.new_key_set)
+
     def _output_rows(self, version: int) -> _folding.OutputRows:
         return (
             (row[ROW_KEY], row[ROW_STATUS], row[ROW_OUTPUT])
