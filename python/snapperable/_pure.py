@@ -20,7 +20,7 @@ from snapperable._backend import (
     Synchronous,
     VersionRow,
 )
-from snapperable._writer import GroupCommitWriter
+from snapperable._writer import WriterBackedStore
 from snapperable.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -68,7 +68,7 @@ _INSERT_ITEM = (
 )
 
 
-class PySQLiteStore:
+class PySQLiteStore(WriterBackedStore):
     """A SQLite checkpoint through ``sqlite3``: one connection shared, under a lock, by
     the caller's reads and the writer thread's commits."""
 
@@ -82,10 +82,7 @@ class PySQLiteStore:
         self.path = path
         self._lock = threading.Lock()
         self._conn = self._connect(synchronous)
-        self._writer: GroupCommitWriter[ItemRow] = GroupCommitWriter(
-            self._commit, batch_size=batch_size, max_wait_time=max_wait_time, name=path
-        )
-        self._closed = False
+        self._start_writer(path, batch_size, max_wait_time)
 
     # -- opening ------------------------------------------------------------------------
     def _corrupt(self, why: object) -> CheckpointCorruptError:
@@ -154,12 +151,6 @@ class PySQLiteStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-
-    def record(self, row: ItemRow) -> None:
-        self._writer.record(row)
-
-    def flush(self) -> None:
-        self._writer.flush()
 
     def add_version(self, fingerprint: str, parts: str, uses: Optional[int]) -> int:
         with self._lock:
@@ -246,15 +237,9 @@ class PySQLiteStore:
             )
         return (RowInfo(*row) for row in found)
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._writer.close()
-        finally:
-            with self._lock:
-                self._conn.close()
+    def _release(self) -> None:
+        with self._lock:
+            self._conn.close()
 
 
 def _created_by() -> str:

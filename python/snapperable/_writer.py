@@ -14,6 +14,7 @@ import time
 from collections import deque
 from typing import Callable, Generic, Optional, TypeVar
 
+from snapperable._backend import ItemRow
 from snapperable.errors import CheckpointError, WriterError
 
 Row = TypeVar("Row")
@@ -135,3 +136,40 @@ class GroupCommitWriter(Generic[Row]):
             with self._cond:
                 self._committed += len(batch)
                 self._cond.notify_all()
+
+
+class WriterBackedStore:
+    """The write half of the pure-Python stores (SQLite and pickle).
+
+    Rows go through a ``GroupCommitWriter`` to the subclass's ``_commit``; ``close``
+    stops the writer, then ``_release`` lets go of the file.
+    """
+
+    # Bound straight to the writer's methods: the Snapper calls `record` once per item,
+    # and a forwarding method would add a Python call to each.
+    record: Callable[[ItemRow], None]
+    flush: Callable[[], None]
+
+    def _start_writer(self, path: str, batch_size: int, max_wait_time: Optional[float]) -> None:
+        self._writer: GroupCommitWriter[ItemRow] = GroupCommitWriter(
+            self._commit, batch_size=batch_size, max_wait_time=max_wait_time, name=path
+        )
+        self.record = self._writer.record
+        self.flush = self._writer.flush
+        self._closed = False
+
+    def _commit(self, rows: list[ItemRow]) -> None:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Flush, stop the writer and release the file. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._writer.close()
+        finally:
+            self._release()

@@ -38,7 +38,7 @@ from snapperable._backend import (
     RowInfo,
     VersionRow,
 )
-from snapperable._writer import GroupCommitWriter
+from snapperable._writer import WriterBackedStore
 from snapperable.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
 from snapperable.keys import KEY_SIZE
 from snapperable.storage.base import SnapshotStorage
@@ -78,7 +78,7 @@ class PickleSnapshotStorage(SnapshotStorage[R]):
         return PickleStore(self.path, batch_size, max_wait_time)
 
 
-class PickleStore:
+class PickleStore(WriterBackedStore):
     """The ``CheckpointStore`` of a pickle-frame file."""
 
     def __init__(self, path: str, batch_size: int, max_wait_time: Optional[float]) -> None:
@@ -91,10 +91,7 @@ class PickleStore:
         except BaseException:
             os.close(self._fd)
             raise
-        self._writer: GroupCommitWriter[ItemRow] = GroupCommitWriter(
-            self._commit, batch_size=batch_size, max_wait_time=max_wait_time, name=path
-        )
-        self._closed = False
+        self._start_writer(path, batch_size, max_wait_time)
 
     def _corrupt(self, why: str) -> CheckpointCorruptError:
         return CheckpointCorruptError(f"{self.path}: {why}")
@@ -221,12 +218,6 @@ class PickleStore:
     def _commit(self, rows: list[ItemRow]) -> None:
         self._append(encode_frame(("items", rows)))
 
-    def record(self, row: ItemRow) -> None:
-        self._writer.record(row)
-
-    def flush(self) -> None:
-        self._writer.flush()
-
     def add_version(self, fingerprint: str, parts: str, uses: Optional[int]) -> int:
         self.flush()
         known = self.versions()
@@ -295,14 +286,8 @@ class PickleStore:
                     attempts, started, ended,
                 )
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._writer.close()
-        finally:
-            os.close(self._fd)
+    def _release(self) -> None:
+        os.close(self._fd)
 
 
 def _fsync_directory(path: str) -> None:
