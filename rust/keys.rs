@@ -206,7 +206,10 @@ pub struct KeyMap<V>(HashMap<KeyHash, V, FastBuild>);
 
 impl<V> KeyMap<V> {
     pub fn with_capacity(capacity: usize) -> Self {
-        Self(HashMap::with_capacity_and_hasher(capacity, FastBuild::default()))
+        Self(HashMap::with_capacity_and_hasher(
+            capacity,
+            FastBuild::default(),
+        ))
     }
 
     /// Inserts or replaces; returns the value replaced, if any.
@@ -216,6 +219,10 @@ impl<V> KeyMap<V> {
 
     pub fn get(&self, key: &Key) -> Option<&V> {
         self.0.get(&KeyHash(*key))
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &V> + '_ {
+        self.0.values()
     }
 
     pub fn len(&self) -> usize {
@@ -242,7 +249,10 @@ impl KeySet {
 
     /// An empty set with room for `capacity` keys, so filling it does not rehash.
     pub fn with_capacity(capacity: usize) -> Self {
-        Self(HashSet::with_capacity_and_hasher(capacity, FastBuild::default()))
+        Self(HashSet::with_capacity_and_hasher(
+            capacity,
+            FastBuild::default(),
+        ))
     }
 
     pub fn len(&self) -> usize {
@@ -283,6 +293,50 @@ impl FromIterator<Key> for KeySet {
     fn from_iter<I: IntoIterator<Item = Key>>(iter: I) -> Self {
         Self(iter.into_iter().map(KeyHash).collect())
     }
+}
+
+/// Items below this count are left in their order by [`order_for_table`]: their table
+/// fits in the CPU caches, where the order of accesses hardly matters.
+const LOCALITY_MIN_ITEMS: usize = 1 << 15;
+
+/// Reorders `items` (stably, so items with the same key keep their order) by the low 24
+/// bits of their key's hash.
+///
+/// The std hash table puts a key at the slot given by the low bits of its hash, so
+/// visiting keys in this order sweeps a table of up to 2^24 slots in a few sequential
+/// passes instead of missing the cache on every key: a million inserts into a table
+/// that a SQLite scan keeps evicting from the caches take about a quarter of the time.
+/// If the table ever placed keys differently, only that gain would be lost.
+pub fn order_for_table<T: Copy>(items: &mut Vec<T>, key: impl Fn(&T) -> &Key) {
+    if items.len() < LOCALITY_MIN_ITEMS {
+        return;
+    }
+    // Least significant digit radix sort, one byte a pass; the hash is the key's first
+    // eight bytes read little-endian (see `KeyHash`), so its low bits are bytes 0..3.
+    let mut from = std::mem::take(items);
+    let mut to = from.clone();
+    for byte in 0..3 {
+        let mut next = [0usize; 256];
+        for item in &from {
+            next[usize::from(key(item)[byte])] += 1;
+        }
+        let mut start = 0;
+        for slot in &mut next {
+            let count = *slot;
+            *slot = start;
+            start += count;
+        }
+        for item in &from {
+            let digit = usize::from(key(item)[byte]);
+            // `next[digit]` < len: the counts above sum to `from.len()` == `to.len()`.
+            if let Some(place) = to.get_mut(next[digit]) {
+                *place = *item;
+            }
+            next[digit] += 1;
+        }
+        std::mem::swap(&mut from, &mut to);
+    }
+    *items = from;
 }
 
 /// The keys of a buffer of concatenated keys; an error if its length is not a multiple
@@ -385,6 +439,27 @@ mod tests {
             "cannot compute an input key: nesting is deeper than 256 levels; pass key= to \
              Snapper to choose each item's identity yourself"
         );
+    }
+
+    #[test]
+    fn order_for_table_is_stable_and_groups_low_hash_bits() {
+        let n = LOCALITY_MIN_ITEMS + 1000;
+        let mut items: Vec<(Key, usize)> = (0..n)
+            .map(|i| (key_of_canon(&(i % 5000).to_le_bytes()), i))
+            .collect();
+        order_for_table(&mut items, |item| &item.0);
+        assert_eq!(items.len(), n);
+        let low24 = |key: &Key| u32::from_le_bytes([key[0], key[1], key[2], 0]);
+        for pair in items.windows(2) {
+            let (a, b) = (&pair[0], &pair[1]);
+            assert!(low24(&a.0) <= low24(&b.0));
+            if a.0 == b.0 {
+                assert!(a.1 < b.1, "items with one key keep their order");
+            }
+        }
+        let mut seen: Vec<usize> = items.iter().map(|item| item.1).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..n).collect::<Vec<_>>());
     }
 
     #[test]

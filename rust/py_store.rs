@@ -219,9 +219,7 @@ impl PySqliteCheckpoint {
                 .inner
                 .with_store(|store| store.latest_outputs(version))?;
             // The lookups too run without the GIL; only the unpickling needs it.
-            let spans = wanted
-                .filter_map(|key| latest.span(&key))
-                .collect::<Vec<_>>();
+            let spans = latest.spans_for(wanted);
             Ok((latest, spans))
         })?;
         self.unpickle_all(py, &latest, &spans)
@@ -233,11 +231,7 @@ impl PySqliteCheckpoint {
             let latest = self
                 .inner
                 .with_store(|store| store.latest_outputs(version))?;
-            let spans = latest
-                .first_saved
-                .iter()
-                .filter_map(|key| latest.span(key))
-                .collect::<Vec<_>>();
+            let spans = latest.spans_in_save_order();
             Ok((latest, spans))
         })?;
         self.unpickle_all(py, &latest, &spans)
@@ -284,7 +278,9 @@ impl PySqliteCheckpoint {
         for chunk in spans.chunks(UNPICKLE_CHUNK) {
             let pickles = PyList::new(
                 py,
-                chunk.iter().map(|&span| PyBytes::new(py, latest.output(span))),
+                chunk
+                    .iter()
+                    .map(|&span| PyBytes::new(py, latest.output(span))),
             )?;
             // `outputs.extend(map(loads, pickles))`: the loop over the chunk and each
             // call of `loads` happen in C, with no argument tuple per output.

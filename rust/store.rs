@@ -14,7 +14,7 @@ use rusqlite::{
 };
 
 use crate::errors::{Error, Result};
-use crate::keys::{Key, KeyMap, KeySet, KeyVersion, KeyVersionMap, KEY_SIZE};
+use crate::keys::{order_for_table, Key, KeyMap, KeySet, KeyVersion, KeyVersionMap, KEY_SIZE};
 
 /// The one schema, shared with the pure-Python backend.
 const SCHEMA: &str = include_str!("../python/snapperable/schema.sql");
@@ -104,15 +104,16 @@ impl Synchronous {
 /// The outputs lie back to back in one buffer instead of one allocation each: a resume
 /// reads a million of them at once.
 pub struct LatestOutputs {
-    /// Every key seen, in the order of its first row.
-    pub first_saved: Vec<Key>,
-    /// Per key, the index in `spans` of its latest output if its latest row is ok;
-    /// [`NO_OUTPUT`] if that row failed (or, as the pure-Python backend reads it, is ok
-    /// without an output).
-    latest: KeyMap<u32>,
+    /// Per key: the number of its first row (counting the version's rows from 0), and
+    /// the index in `spans` of its latest output if its latest row is ok, [`NO_OUTPUT`]
+    /// if that row failed (or, as the pure-Python backend reads it, is ok without an
+    /// output).
+    latest: KeyMap<(u32, u32)>,
     /// Where each saved output lies in `arena`.
     spans: Vec<Span>,
     arena: Vec<u8>,
+    /// How many rows were folded.
+    rows: usize,
 }
 
 const NO_OUTPUT: u32 = u32::MAX;
@@ -125,54 +126,72 @@ pub struct Span {
 }
 
 impl LatestOutputs {
-    fn with_capacity(rows: usize) -> Self {
+    /// Folds `rows`, `(key, row number, index in spans or NO_OUTPUT)` in the order saved.
+    fn fold(mut rows: Vec<(Key, u32, u32)>, spans: Vec<Span>, arena: Vec<u8>) -> Self {
+        let count = rows.len();
+        let mut latest = KeyMap::with_capacity(count);
+        order_for_table(&mut rows, |row| &row.0);
+        for (key, number, output) in rows {
+            let first = latest.get(&key).map_or(number, |&(first, _)| first);
+            latest.insert(key, (first, output));
+        }
         LatestOutputs {
-            first_saved: Vec::new(),
-            latest: KeyMap::with_capacity(rows),
-            spans: Vec::with_capacity(rows),
-            arena: Vec::new(),
+            latest,
+            spans,
+            arena,
+            rows: count,
         }
     }
 
-    /// Where the latest ok output of `key` lies, if it has one.
-    pub fn span(&self, key: &Key) -> Option<Span> {
-        let &index = self.latest.get(key)?;
-        self.spans.get(usize::try_from(index).ok()?).copied()
+    /// Where the latest ok outputs of `keys` lie, in the order of `keys`; keys without
+    /// one are left out.
+    pub fn spans_for(&self, keys: impl Iterator<Item = Key>) -> Vec<Span> {
+        // Looked up in table order (see `order_for_table`), each found index put back at
+        // its key's position.
+        let mut wanted: Vec<(Key, usize)> = keys.enumerate().map(|(i, key)| (key, i)).collect();
+        let mut found = vec![NO_OUTPUT; wanted.len()];
+        order_for_table(&mut wanted, |item| &item.0);
+        for (key, position) in wanted {
+            if let (Some(&(_, output)), Some(slot)) =
+                (self.latest.get(&key), found.get_mut(position))
+            {
+                *slot = output;
+            }
+        }
+        self.spans_at(found)
     }
 
-    /// The output at `span` (one from [`Self::span`]; any other gives an empty slice).
+    /// Where the latest ok output of every key lies, in the order of each key's first row.
+    pub fn spans_in_save_order(&self) -> Vec<Span> {
+        let mut by_first_row = vec![NO_OUTPUT; self.rows];
+        for &(first, output) in self.latest.values() {
+            if let Some(slot) = usize::try_from(first)
+                .ok()
+                .and_then(|i| by_first_row.get_mut(i))
+            {
+                *slot = output;
+            }
+        }
+        self.spans_at(by_first_row)
+    }
+
+    fn spans_at(&self, indexes: Vec<u32>) -> Vec<Span> {
+        indexes
+            .into_iter()
+            .filter_map(|index| self.spans.get(usize::try_from(index).ok()?).copied())
+            .collect()
+    }
+
+    /// The output at `span` (one from this value; any other gives an empty slice).
     pub fn output(&self, span: Span) -> &[u8] {
         self.arena.get(span.start..span.end).unwrap_or_default()
     }
 
     /// The latest ok output of `key`, if it has one.
     pub fn get(&self, key: &Key) -> Option<&[u8]> {
-        self.span(key).map(|span| self.output(span))
-    }
-
-    /// Records the row of `key` that supersedes its earlier ones.
-    fn set(&mut self, key: Key, output: Option<&[u8]>) -> std::result::Result<(), ()> {
-        let index = match output {
-            Some(output) => {
-                // NO_OUTPUT itself is never a valid index.
-                let index = u32::try_from(self.spans.len())
-                    .ok()
-                    .filter(|&index| index != NO_OUTPUT)
-                    .ok_or(())?;
-                let start = self.arena.len();
-                self.arena.extend_from_slice(output);
-                self.spans.push(Span {
-                    start,
-                    end: self.arena.len(),
-                });
-                index
-            }
-            None => NO_OUTPUT,
-        };
-        if self.latest.insert(key, index).is_none() {
-            self.first_saved.push(key);
-        }
-        Ok(())
+        let &(_, index) = self.latest.get(key)?;
+        let span = self.spans.get(usize::try_from(index).ok()?)?;
+        Some(self.output(*span))
     }
 }
 
@@ -373,28 +392,28 @@ impl Store {
         let Some(version) = version else {
             return self.key_set_any_version(status);
         };
-        // No index on `key` by design (appends stay sequential), so this is one scan in
-        // `seq` order where a later row overwrites an earlier one: each row puts its key
-        // in or out of the set.
-        let reserve = if status == STATUS_OK { self.row_bound()? } else { 0 };
+        let rows = self.key_status_rows(version)?;
+        let reserve = if status == STATUS_OK { rows.len() } else { 0 };
         let mut keys = KeySet::with_capacity(reserve);
-        self.scan_key_status(version, |key, row_status| {
+        // A later row of a key overrides an earlier one: each row puts its key in or out.
+        for (key, row_status) in rows {
             if row_status == status {
                 keys.insert(key);
             } else {
                 keys.remove(&key);
             }
-        })?;
+        }
         Ok(keys)
     }
 
     /// The keys whose latest row of `version` is ok, and those whose latest row failed:
     /// what a run skips, from one scan.
     pub fn key_sets(&self, version: i64) -> Result<(KeySet, KeySet)> {
+        let rows = self.key_status_rows(version)?;
         // Almost every key of a finished run is ok: size that set for all rows at once.
-        let mut ok = KeySet::with_capacity(self.row_bound()?);
+        let mut ok = KeySet::with_capacity(rows.len());
         let mut failed = KeySet::new();
-        self.scan_key_status(version, |key, status| {
+        for (key, status) in rows {
             if status == STATUS_OK {
                 ok.insert(key);
                 if !failed.is_empty() {
@@ -408,7 +427,7 @@ impl Store {
                     failed.remove(&key);
                 }
             }
-        })?;
+        }
         Ok((ok, failed))
     }
 
@@ -435,20 +454,28 @@ impl Store {
             .collect())
     }
 
-    /// Calls `visit(key, status)` for each row of `version`, in the order saved.
-    fn scan_key_status(&self, version: i64, mut visit: impl FnMut(Key, i64)) -> Result<()> {
-        let _mapped = self.mapped_for_scan()?;
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT seq, key, status FROM items WHERE version = ?1 ORDER BY seq")
-            .map_err(|e| self.fail(e))?;
-        let mut rows = stmt.query([version]).map_err(|e| self.fail(e))?;
-        while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
-            let key = self.key_at(row, 1)?;
-            let status: i64 = row.get(2).map_err(|e| self.fail(e))?;
-            visit(key, status);
+    /// `(key, status)` of each row of `version`, in table order (see `order_for_table`);
+    /// the rows of one key stay in the order saved.
+    fn key_status_rows(&self, version: i64) -> Result<Vec<(Key, i64)>> {
+        // No index on `key` by design (appends stay sequential), so this is one scan.
+        let mut rows = Vec::with_capacity(self.row_bound()?);
+        {
+            let _mapped = self.mapped_for_scan()?;
+            let mut stmt = self
+                .conn
+                .prepare_cached(
+                    "SELECT seq, key, status FROM items WHERE version = ?1 ORDER BY seq",
+                )
+                .map_err(|e| self.fail(e))?;
+            let mut found = stmt.query([version]).map_err(|e| self.fail(e))?;
+            while let Some(row) = found.next().map_err(|e| self.fail(e))? {
+                let key = self.key_at(row, 1)?;
+                let status: i64 = row.get(2).map_err(|e| self.fail(e))?;
+                rows.push((key, status));
+            }
         }
-        Ok(())
+        order_for_table(&mut rows, |row| &row.0);
+        Ok(rows)
     }
 
     /// Maps the file into memory until the returned guard is dropped.
@@ -471,33 +498,57 @@ impl Store {
 
     /// The latest row of each key of `version`.
     pub fn latest_outputs(&self, version: i64) -> Result<LatestOutputs> {
-        let mut found = LatestOutputs::with_capacity(self.row_bound()?);
-        let _mapped = self.mapped_for_scan()?;
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT seq, key, status, output FROM items WHERE version = ?1 ORDER BY seq",
-            )
-            .map_err(|e| self.fail(e))?;
-        let mut rows = stmt.query([version]).map_err(|e| self.fail(e))?;
-        while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
-            let key = self.key_at(row, 1)?;
-            let status: i64 = row.get(2).map_err(|e| self.fail(e))?;
-            // Borrowed from SQLite's row buffer and copied once, into the arena.
-            let output = if status == STATUS_OK {
-                match row.get_ref(3).map_err(|e| self.fail(e))? {
-                    ValueRef::Blob(output) => Some(output),
-                    ValueRef::Null => None,
-                    _ => return Err(self.corrupt_row(row, "has an output that is not a blob")),
-                }
-            } else {
-                None
-            };
-            found
-                .set(key, output)
-                .map_err(|()| self.corrupt_row(row, "is past the most outputs one read can hold"))?;
+        let too_many =
+            |row: &Row<'_>| self.corrupt_row(row, "is past the most rows one read can hold");
+        let bound = self.row_bound()?;
+        let (mut rows, mut spans, mut arena) = (
+            Vec::with_capacity(bound),
+            Vec::with_capacity(bound),
+            Vec::new(),
+        );
+        {
+            let _mapped = self.mapped_for_scan()?;
+            let mut stmt = self
+                .conn
+                .prepare_cached(
+                    "SELECT seq, key, status, output FROM items WHERE version = ?1 ORDER BY seq",
+                )
+                .map_err(|e| self.fail(e))?;
+            let mut found = stmt.query([version]).map_err(|e| self.fail(e))?;
+            while let Some(row) = found.next().map_err(|e| self.fail(e))? {
+                let key = self.key_at(row, 1)?;
+                let status: i64 = row.get(2).map_err(|e| self.fail(e))?;
+                // Borrowed from SQLite's row buffer and copied once, into the arena.
+                let output = if status == STATUS_OK {
+                    match row.get_ref(3).map_err(|e| self.fail(e))? {
+                        ValueRef::Blob(output) => Some(output),
+                        ValueRef::Null => None,
+                        _ => return Err(self.corrupt_row(row, "has an output that is not a blob")),
+                    }
+                } else {
+                    None
+                };
+                let index = match output {
+                    Some(output) => {
+                        let index = u32::try_from(spans.len())
+                            .ok()
+                            .filter(|&index| index != NO_OUTPUT)
+                            .ok_or_else(|| too_many(row))?;
+                        let start = arena.len();
+                        arena.extend_from_slice(output);
+                        spans.push(Span {
+                            start,
+                            end: arena.len(),
+                        });
+                        index
+                    }
+                    None => NO_OUTPUT,
+                };
+                let number = u32::try_from(rows.len()).map_err(|_| too_many(row))?;
+                rows.push((key, number, index));
+            }
         }
-        Ok(found)
+        Ok(LatestOutputs::fold(rows, spans, arena))
     }
 
     /// Up to `limit` rows with `seq > after` (of `version`, if given), in `seq` order.
@@ -706,7 +757,23 @@ pub(crate) mod tests {
         assert!(ok.contains(&[1; 16]) && ok.contains(&[2; 16]) && failed.contains(&[3; 16]));
 
         let latest = store.latest_outputs(v1).unwrap();
-        assert_eq!(latest.first_saved, vec![[1; 16], [2; 16], [3; 16]]);
+        let in_save_order: Vec<&[u8]> = latest
+            .spans_in_save_order()
+            .into_iter()
+            .map(|span| latest.output(span))
+            .collect();
+        assert_eq!(in_save_order, vec![&b"one"[..], &b"two"[..]]);
+        let mut wanted = vec![3u8; 16];
+        wanted.extend_from_slice(&[2; 16]);
+        wanted.extend_from_slice(&[1; 16]);
+        wanted.extend_from_slice(&[2; 16]);
+        let keys = crate::keys::split_keys(&wanted).unwrap();
+        let for_keys: Vec<&[u8]> = latest
+            .spans_for(keys)
+            .into_iter()
+            .map(|span| latest.output(span))
+            .collect();
+        assert_eq!(for_keys, vec![&b"two"[..], &b"one"[..], &b"two"[..]]);
         assert_eq!(latest.get(&[2; 16]), Some(&b"two"[..]));
         assert_eq!(latest.get(&[3; 16]), None);
 
