@@ -15,7 +15,7 @@ Public modules import the backend from here, never ``_core`` or ``_pure`` direct
 from __future__ import annotations
 
 import os
-from typing import Any, Final, Iterator, Literal, NamedTuple, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Final, Iterator, Literal, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 # Status of an item row (DESIGN 6.1): the integer stored in the `status` column.
 STATUS_OK = 0
@@ -39,7 +39,11 @@ ItemRow = Tuple[
 ROW_KEY: Final = 0
 ROW_VERSION: Final = 1
 ROW_STATUS: Final = 2
+ROW_INPUT: Final = 3
 ROW_OUTPUT: Final = 4
+ROW_ATTEMPTS: Final = 8
+ROW_STARTED: Final = 9
+ROW_ENDED: Final = 10
 
 
 class RowInfo(NamedTuple):
@@ -74,6 +78,11 @@ class VersionRow(NamedTuple):
     created: float
 
 
+# What `CheckpointStore.process` returns when an item raised:
+# (index into positions, started, exception, raised_by_pickling, output)
+ProcessStop = Tuple[int, float, BaseException, bool, Any]
+
+
 class KeySet(Protocol):
     """A compact set of 16-byte input keys."""
 
@@ -85,8 +94,9 @@ class KeySet(Protocol):
 
     def add(self, key: bytes) -> None: ...
 
-    def missing(self, keys: bytes) -> list[int]:
-        """Positions ``i`` whose key ``keys[16*i:16*i+16]`` is not in the set."""
+    def claim(self, keys: bytes) -> list[int]:
+        """Positions ``i`` whose key ``keys[16*i:16*i+16]`` is not in the set, adding
+        each such key as it goes: a key repeated within ``keys`` is claimed once."""
         ...
 
 
@@ -125,6 +135,27 @@ class CheckpointStore(Protocol):
         ...
 
     def record(self, row: ItemRow) -> None: ...
+
+    def process(
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        keys: bytes,
+        positions: Sequence[int],
+        version: int,
+    ) -> Optional[ProcessStop]:
+        """The hot loop: for each ``p`` in ``positions``, in order, call ``fn(items[p])``,
+        pickle the output (protocol 4) and record an ok row for key
+        ``keys[16*p:16*p+16]`` (attempts 1, Unix start and end times).
+
+        Returns None once all are recorded. At the first exception, from ``fn`` or from
+        pickling its output, it stops and returns ``(index, started, exception,
+        raised_by_pickling, output)``: ``index`` into ``positions`` of the item that
+        raised (the ones before it are recorded), when it started, and the output
+        ``fn`` returned when pickling it raised (else None). The Snapper handles
+        failures (retries, skipping) and calls again with the positions after it.
+        """
+        ...
 
     def flush(self) -> None:
         """Return once every recorded row is committed (durable per the store's setting)."""

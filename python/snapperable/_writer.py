@@ -9,13 +9,17 @@ and the per-item cost stays small even at ``batch_size=1``.
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 from collections import deque
-from typing import Callable, Generic, Optional, TypeVar
+from typing import Any, Callable, Generic, Optional, Sequence, TypeVar
 
-from snapperable._backend import ItemRow
+from snapperable._backend import STATUS_OK, ItemRow, ProcessStop
 from snapperable.errors import CheckpointError, WriterError
+from snapperable.keys import KEY_SIZE
+
+PICKLE_PROTOCOL = 4  # of the outputs, as in the file formats
 
 Row = TypeVar("Row")
 
@@ -157,6 +161,32 @@ class WriterBackedStore:
         self.record = self._writer.record
         self.flush = self._writer.flush
         self._closed = False
+
+    def process(
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        keys: bytes,
+        positions: Sequence[int],
+        version: int,
+    ) -> Optional[ProcessStop]:
+        """The per-item hot loop of the pure-Python backend (contract in ``_backend``)."""
+        record = self.record
+        now = time.time
+        dumps = pickle.dumps
+        for index, position in enumerate(positions):
+            started = now()
+            output = None
+            try:
+                output = fn(items[position])
+                payload = dumps(output, PICKLE_PROTOCOL)
+            except BaseException as exc:
+                # pickle.dumps(None) cannot fail, so an output that is not None was
+                # returned by fn: the exception came from pickling it.
+                return index, started, exc, output is not None, output
+            key = keys[position * KEY_SIZE : (position + 1) * KEY_SIZE]
+            record((key, version, STATUS_OK, None, payload, None, None, None, 1, started, now()))
+        return None
 
     def _commit(self, rows: list[ItemRow]) -> None:
         raise NotImplementedError

@@ -300,52 +300,50 @@ class Snapper(Generic[T, R]):
     def _run(
         self, store: CheckpointStore, version: int, skip: KeySet, bar: "Optional[tqdm[NoReturn]]"
     ) -> bytes:
-        """The loop: key a chunk, drop what is done, process and record the rest.
+        """The loop: key a chunk, claim what is not done, have the store process it.
 
-        Returns the keys of every input in order, for ``load``. The body is kept flat:
-        it runs once per item, and its overhead is what the benchmark measures.
+        ``store.process`` runs the per-item loop (in Rust with the Rust core) and stops
+        at an item that raised; the failure is handled here, and processing goes on
+        after it. Returns the keys of every input in order, for ``load``.
         """
-        record = store.record
         fn = self.fn
-        now = time.time
-        dumps = pickle.dumps
         consecutive_failures = 0
         keys_in_order = bytearray()
         iterator = iter(self.iterable)
         while chunk := list(islice(iterator, CHUNK)):
             keys = self._keys_of(chunk)
             keys_in_order += keys
-            missing = skip.missing(keys)
+            todo = skip.claim(keys)  # duplicates within the chunk are claimed once
             if bar is not None:
-                bar.update(len(chunk) - len(missing))  # done before this run
-            for i in missing:
-                if bar is not None:
-                    bar.update()
-                key = keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]
-                if key in skip:  # a duplicate of an item processed earlier in this chunk
-                    continue
-                item = chunk[i]
-                started = now()
-                output: object = _NO_OUTPUT
-                try:
-                    output = fn(item)
-                    payload = dumps(output, PICKLE_PROTOCOL)
-                except BaseException as exc:
-                    if output is not _NO_OUTPUT:
-                        exc = _unpicklable(output, exc)
-                    outcome = self._recover(item, exc)
-                    skip.add(key)
-                    if isinstance(outcome, _Failed):
-                        record(self._failure_row(key, version, item, outcome, started, now()))
-                        consecutive_failures += 1
-                        self._check_consecutive(consecutive_failures, outcome.exception)
-                        continue
-                    payload, attempts = outcome
-                    record((key, version, STATUS_OK, None, payload, None, None, None, attempts, started, now()))
+                bar.update(len(chunk) - len(todo))  # done before, or duplicates
+            while todo:
+                # With a bar, one item per call so that it moves as items finish.
+                batch = todo if bar is None else todo[:1]
+                stop = store.process(fn, chunk, keys, batch, version)
+                finished = len(batch) if stop is None else stop[0]
+                if finished:
                     consecutive_failures = 0
+                if bar is not None:
+                    bar.update(finished + (stop is not None))
+                if stop is None:
+                    todo = todo[len(batch) :]
                     continue
-                record((key, version, STATUS_OK, None, payload, None, None, None, 1, started, now()))
-                skip.add(key)
+                index, started, exc, raised_by_pickling, output = stop
+                position = batch[index]
+                todo = todo[index + 1 :]
+                if raised_by_pickling:
+                    exc = _unpicklable(output, exc)
+                key = keys[position * KEY_SIZE : (position + 1) * KEY_SIZE]
+                item = chunk[position]
+                outcome = self._recover(item, exc)
+                if isinstance(outcome, _Failed):
+                    store.record(self._failure_row(key, version, item, outcome, started, time.time()))
+                    consecutive_failures += 1
+                    self._check_consecutive(consecutive_failures, outcome.exception)
+                    continue
+                payload, attempts = outcome
+                ok_row = (key, version, STATUS_OK, None, payload, None, None, None, attempts, started, time.time())
+                store.record(ok_row)
                 consecutive_failures = 0
         return bytes(keys_in_order)
 
