@@ -161,7 +161,10 @@ class Snapper(Generic[T, R]):
         self._in_with = False
         self._version_id: Optional[int] = None
         self._fingerprint: Optional[versioning.Fingerprint] = None
-        self._keys_in_order: Optional[bytes] = None
+        # Keys of the iterable in order, one bytes per chunk (16 bytes an input), kept by
+        # start() for load(); chunks, not one buffer, so that keeping them never needs
+        # a second copy of them all while start() runs.
+        self._key_chunks: Optional[list[bytes]] = None
 
     # -- holding the checkpoint ---------------------------------------------------------
     def __enter__(self) -> "Snapper[T, R]":
@@ -259,13 +262,15 @@ class Snapper(Generic[T, R]):
 
     def _current_keys(self) -> bytes:
         """Keys of the current iterable in order; from the last complete ``start`` if any."""
-        if self._keys_in_order is None:
-            chunks = []
-            iterator = iter(self.iterable)
-            while chunk := list(islice(iterator, CHUNK)):
-                chunks.append(self._keys_of(chunk))
-            self._keys_in_order = b"".join(chunks)
-        return self._keys_in_order
+        if self._key_chunks is None:
+            self._key_chunks = [self._keys_of(chunk) for chunk in self._chunks()]
+        return b"".join(self._key_chunks)
+
+    def _chunks(self) -> Iterator[list[T]]:
+        """The iterable, ``CHUNK`` items at a time: read lazily, never all at once."""
+        iterator = iter(self.iterable)
+        while chunk := list(islice(iterator, CHUNK)):
+            yield chunk
 
     # -- running ------------------------------------------------------------------------
     def start(self) -> None:
@@ -285,7 +290,7 @@ class Snapper(Generic[T, R]):
                     skip.add(key)
             bar = self._progress_bar() if self.progress else None
             try:
-                self._keys_in_order = self._run(store, version, skip, bar)
+                self._key_chunks = self._run(store, version, skip, bar)
             finally:
                 store.flush()
                 if bar is not None:
@@ -299,20 +304,19 @@ class Snapper(Generic[T, R]):
 
     def _run(
         self, store: CheckpointStore, version: int, skip: KeySet, bar: "Optional[tqdm[NoReturn]]"
-    ) -> bytes:
+    ) -> list[bytes]:
         """The loop: key a chunk, claim what is not done, have the store process it.
 
         ``store.process`` runs the per-item loop (in Rust with the Rust core) and stops
         at an item that raised; the failure is handled here, and processing goes on
-        after it. Returns the keys of every input in order, for ``load``.
+        after it. Returns the keys of every chunk in order, for ``load``.
         """
         fn = self.fn
         consecutive_failures = 0
-        keys_in_order = bytearray()
-        iterator = iter(self.iterable)
-        while chunk := list(islice(iterator, CHUNK)):
+        key_chunks = []
+        for chunk in self._chunks():
             keys = self._keys_of(chunk)
-            keys_in_order += keys
+            key_chunks.append(keys)
             todo = skip.claim(keys)  # duplicates within the chunk are claimed once
             if bar is not None:
                 bar.update(len(chunk) - len(todo))  # done before, or duplicates
@@ -345,7 +349,7 @@ class Snapper(Generic[T, R]):
                 ok_row = (key, version, STATUS_OK, None, payload, None, None, None, attempts, started, time.time())
                 store.record(ok_row)
                 consecutive_failures = 0
-        return bytes(keys_in_order)
+        return key_chunks
 
     def _recover(self, item: T, exc: BaseException) -> "tuple[bytes, int] | _Failed":
         """After ``fn(item)`` raised ``exc``: retry it, record it, or let ``exc`` propagate.
