@@ -6,9 +6,9 @@
 
 For each backend, in a fresh subprocess (the backend is chosen at import):
 
-1. a stage breakdown: each piece of ``Snapper._run``'s per-item work timed on its own
-   (input keys, done-set check, the loop body without saving, ``record`` into a store
-   that does not commit until ``flush``, that one big commit), next to full
+1. a stage breakdown: each piece of ``Snapper._run``'s work timed on its own (input
+   keys, ``KeySet.claim``, ``store.process`` -- the per-item loop -- into a store that
+   does not commit until ``flush``, then that one big commit), next to full
    ``Snapper.start()`` runs with the defaults, with ``synchronous="normal"`` and with
    the writer's commits deferred to the end. The difference between "full run" and the
    sum of the stages is the cost of the background writer running concurrently (GIL,
@@ -28,7 +28,6 @@ import argparse
 import cProfile
 import io
 import os
-import pickle
 import pstats
 import shutil
 import subprocess
@@ -41,7 +40,6 @@ from typing import Any
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 CHUNK = 1024
-PROTOCOL = 4
 
 
 def fn(x: int) -> int:
@@ -57,7 +55,7 @@ def _timed(thunk: Any) -> float:
 def stages(n: int, root: str) -> dict[str, float]:
     """Seconds per item of each stage of the hot loop, measured apart."""
     from snapperable import Snapper, SQLiteSnapshotStorage
-    from snapperable._backend import STATUS_OK, backend
+    from snapperable._backend import backend
 
     items = list(range(n))
     chunks = [items[i : i + CHUNK] for i in range(0, n, CHUNK)]
@@ -68,34 +66,22 @@ def stages(n: int, root: str) -> dict[str, float]:
         lambda: keys.extend(backend.input_keys(c) for c in chunks))
 
     done = backend.new_key_set()
-    out["done-set check (missing per chunk)"] = _timed(lambda: [done.missing(k) for k in keys])
+    todo: list[list[int]] = []
+    out["done-set claim (claim per chunk)"] = _timed(lambda: todo.extend(done.claim(k) for k in keys))
 
-    rows: list[tuple[Any, ...]] = []
-
-    def body() -> None:
-        # Snapper._run's per-item work, minus record(): key slice, duplicate check,
-        # two timestamps, fn, pickle of the output, the row tuple, marking done.
-        skip = backend.new_key_set()
-        now, dumps, append = time.time, pickle.dumps, rows.append
-        for chunk, blob in zip(chunks, keys):
-            for i in range(len(chunk)):
-                key = blob[i * 16 : (i + 1) * 16]
-                if key in skip:
-                    continue
-                started = now()
-                payload = dumps(fn(chunk[i]), PROTOCOL)
-                append((key, 1, STATUS_OK, None, payload, None, None, None, 1, started, now()))
-                skip.add(key)
-
-    out["loop body without record (fn, pickle, row, set add)"] = _timed(body)
-
+    # The per-item loop (fn, pickle, row, hand-over), into a store whose writer stays
+    # idle until flush: the caller's side of the work alone.
     store = backend.open_sqlite(os.path.join(root, "stages.db"), "full", 10**9, None)
     version = store.add_version("bench", "{}", None)
-    if version != 1:
-        rows = [(r[0], version) + r[2:] for r in rows]
-    record = store.record
-    out["record() only (writer idle: batch_size=1e9)"] = _timed(lambda: [record(r) for r in rows])
-    out["one commit of every row (flush)"] = _timed(store.flush)
+    process = store.process
+
+    def run_process() -> None:
+        for chunk, blob, positions in zip(chunks, keys, todo):
+            if process(fn, chunk, blob, positions, version) is not None:
+                raise AssertionError("fn raised")
+
+    out["store.process (fn, pickle, row, hand-over; no commit)"] = _timed(run_process)
+    out["one commit of every row (flush; writer thread)"] = _timed(store.flush)
     store.close()
 
     def snapper(name: str, **kw: Any) -> float:
