@@ -366,20 +366,20 @@ impl Store {
                      error, traceback, attempts, started, ended) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 )?;
+                // Bound one by one (monomorphic, no parameter-count check per row).
                 for row in rows {
-                    insert.execute(params![
-                        &row.key[..],
-                        row.version,
-                        row.status,
-                        row.input,
-                        row.output,
-                        row.error_type,
-                        row.error,
-                        row.traceback,
-                        row.attempts,
-                        row.started,
-                        row.ended,
-                    ])?;
+                    insert.raw_bind_parameter(1, &row.key[..])?;
+                    insert.raw_bind_parameter(2, row.version)?;
+                    insert.raw_bind_parameter(3, row.status)?;
+                    insert.raw_bind_parameter(4, &row.input)?;
+                    insert.raw_bind_parameter(5, &row.output)?;
+                    insert.raw_bind_parameter(6, &row.error_type)?;
+                    insert.raw_bind_parameter(7, &row.error)?;
+                    insert.raw_bind_parameter(8, &row.traceback)?;
+                    insert.raw_bind_parameter(9, row.attempts)?;
+                    insert.raw_bind_parameter(10, row.started)?;
+                    insert.raw_bind_parameter(11, row.ended)?;
+                    insert.raw_execute()?;
                 }
             }
             tx.commit()
