@@ -8,6 +8,8 @@ Prints, best of ``--repeat``:
 - floor: per item, ``fn(x)`` + ``pickle.dumps`` of input and output (protocol 4);
 - ``record()``: 300k rows into a default store (batch_size=1, synchronous=full), then
   ``flush()``; and into an idle writer (batch_size=1e9), i.e. the cost of record alone;
+- ``process()``: the Rust hot loop (fn, pickle, timestamps, push) over 300k ints, into
+  a default store and into an idle writer, then ``flush()`` (the writer's commit rate);
 - ``key_set`` (ok and failed), ``key_sets``, ``outputs_for`` and ``all_outputs`` on a
   finished 1M-row checkpoint (page cache warm);
 - end-to-end, each in a fresh subprocess: default ``Snapper.start()`` over 300k ints
@@ -81,6 +83,29 @@ def record_bench(n: int, root: str, batch_size: int, repeat: int) -> tuple[float
     return min(rec_times), min(flush_times)
 
 
+def process_bench(n: int, root: str, batch_size: int, repeat: int) -> tuple[float, float]:
+    """(seconds per item in process(), seconds of the final flush)."""
+    from snapperable import _core
+
+    items = list(range(n))
+    keys = _core.input_keys(items)
+    positions = list(range(n))
+    loop_times, flush_times = [], []
+    for r in range(repeat):
+        path = os.path.join(root, f"process-{batch_size}-{r}.db")
+        store = _core.open_sqlite(path, "full", batch_size, None)
+        vid = store.add_version("bench", "{}", None)
+        t0 = time.perf_counter()
+        assert store.process(fn, items, keys, positions, vid) is None
+        t1 = time.perf_counter()
+        store.flush()
+        t2 = time.perf_counter()
+        store.close()
+        loop_times.append((t1 - t0) / n)
+        flush_times.append(t2 - t1)
+    return min(loop_times), min(flush_times)
+
+
 def make_finished(n: int, path: str) -> None:
     """A finished checkpoint of ``n`` items made by ``Snapper`` (so versions match)."""
     from snapperable import Snapper, SQLiteSnapshotStorage
@@ -132,12 +157,19 @@ def fresh(path: str, n: int, mode: str) -> float:
     return float(proc.stdout.strip())
 
 
+def _core_store_class() -> type:
+    from snapperable import _core
+
+    return _core.SqliteCheckpoint
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=300_000)
     ap.add_argument("--resume-items", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", default=tempfile.gettempdir())
+    ap.add_argument("--no-resume", action="store_true", help="skip the 1M-row reads and goal b")
     args = ap.parse_args()
     os.environ["SNAPPERABLE_BACKEND"] = "rust"
     n, m, rep = args.items, args.resume_items, args.repeat
@@ -149,6 +181,11 @@ def main() -> int:
         print(f"record() default store (batch 1, full)          {per * 1e6:7.3f} us/call, flush {fl_s * 1e3:.0f} ms")
         per, fl_s = record_bench(n, root, 10**9, rep)
         print(f"record() idle writer (batch 1e9)                {per * 1e6:7.3f} us/call, flush {fl_s * 1e3:.0f} ms")
+        if hasattr(_core_store_class(), "process"):
+            per, fl_s = process_bench(n, root, 1, rep)
+            print(f"process() default store (batch 1, full)         {per * 1e6:7.3f} us/item, flush {fl_s * 1e3:.0f} ms")
+            per, fl_s = process_bench(n, root, 10**9, rep)
+            print(f"process() idle writer (batch 1e9)               {per * 1e6:7.3f} us/item, flush {fl_s * 1e3:.0f} ms")
 
         e2e = []
         for r in range(rep):
@@ -156,6 +193,8 @@ def main() -> int:
         t = min(e2e)
         print(f"goal a: fresh start() {n:,} default             {t / n * 1e6:7.3f} us/item = {t / n / fl:.2f}x floor (target <= 2.5x)")
 
+        if args.no_resume:
+            return 0
         big = os.path.join(root, "finished.db")
         make_finished(m, big)
         for name, sec in reads_bench(m, big, rep).items():

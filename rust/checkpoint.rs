@@ -72,6 +72,11 @@ impl Checkpoint {
         self.writer.record(row)
     }
 
+    /// Fails as `record` would (writer failure, closed, forked), without a row.
+    pub fn check_writer(&self) -> Result<()> {
+        self.writer.check()
+    }
+
     pub fn flush(&self) -> Result<()> {
         self.writer.flush()
     }

@@ -279,12 +279,13 @@ impl KeySet {
         self.0.remove(&KeyHash(*key))
     }
 
-    /// Positions `i` of `keys` (16 bytes each, concatenated) that are not in the set.
-    pub fn missing(&self, keys: &[u8]) -> Result<Vec<usize>> {
+    /// Positions `i` of `keys` (16 bytes each, concatenated) whose key is not in the
+    /// set, adding each such key as it goes: a key repeated within `keys` is claimed
+    /// once, at its first position.
+    pub fn claim(&mut self, keys: &[u8]) -> Result<Vec<usize>> {
         Ok(split_keys(keys)?
             .enumerate()
-            .filter(|(_, key)| !self.contains(key))
-            .map(|(i, _)| i)
+            .filter_map(|(i, key)| self.insert(key).then_some(i))
             .collect())
     }
 }
@@ -463,20 +464,23 @@ mod tests {
     }
 
     #[test]
-    fn key_set_membership_and_missing() {
+    fn key_set_membership_and_claim() {
         let mut set = KeySet::new();
         assert!(set.insert([1; 16]));
         assert!(!set.insert([1; 16]));
         set.insert([2; 16]);
         assert_eq!(set.len(), 2);
-        let mut query = vec![2u8; 16];
-        query.extend_from_slice(&[3; 16]);
-        query.extend_from_slice(&[1; 16]);
-        query.extend_from_slice(&[4; 16]);
-        assert_eq!(set.missing(&query).unwrap(), vec![1, 3]);
+        let query: Vec<u8> = [2u8, 3, 1, 4, 3, 4, 5]
+            .iter()
+            .flat_map(|&byte| [byte; 16])
+            .collect();
+        assert_eq!(set.claim(&query).unwrap(), vec![1, 3, 6]);
+        assert_eq!(set.len(), 5);
+        assert_eq!(set.claim(&query).unwrap(), Vec::<usize>::new());
         assert!(matches!(
-            set.missing(&[0; 17]),
+            set.claim(&[0; 17]),
             Err(Error::InvalidArgument(_))
         ));
+        assert_eq!(set.len(), 5);
     }
 }

@@ -13,6 +13,7 @@ pub mod writer;
 
 mod py_imports;
 mod py_keys;
+mod py_process;
 mod py_store;
 
 use pyo3::prelude::*;

@@ -16,6 +16,7 @@ use crate::checkpoint::Checkpoint;
 use crate::errors::Error;
 use crate::keys::{self, Key, KEY_SIZE};
 use crate::py_imports::{builtin_map, json_loads, pickle_loads, row_info_class, version_row_class};
+use crate::py_process::{self, ProcessStop};
 use crate::store::{ItemRow, LatestOutputs, RowInfo, Span, Synchronous};
 use crate::writer::Policy;
 
@@ -53,9 +54,10 @@ impl PyKeySet {
         Ok(())
     }
 
-    /// Positions `i` whose key `keys[16*i:16*i+16]` is not in the set.
-    fn missing(&self, keys: &[u8]) -> PyResult<Vec<usize>> {
-        Ok(self.0.missing(keys)?)
+    /// Positions `i` whose key `keys[16*i:16*i+16]` is not in the set, adding each
+    /// such key as it goes: a key repeated within `keys` is claimed once.
+    fn claim(&mut self, keys: &[u8]) -> PyResult<Vec<usize>> {
+        Ok(self.0.claim(keys)?)
     }
 }
 
@@ -198,6 +200,21 @@ impl PySqliteCheckpoint {
         // No detach: this only takes the buffer's lock, which the writer never holds
         // while it commits, and the writer never needs the GIL.
         Ok(self.inner.record(row)?)
+    }
+
+    /// The hot loop: `fn(items[p])`, pickled, recorded as an ok row for each `p` in
+    /// `positions`, in order; the first exception stops it and is returned as
+    /// `(index, started, exception, raised_by_pickling, output)` (`_backend.py`).
+    #[pyo3(signature = (r#fn, items, keys, positions, version))]
+    fn process<'py>(
+        &self,
+        r#fn: &Bound<'py, PyAny>,
+        items: &Bound<'py, PyAny>,
+        keys: &[u8],
+        positions: Vec<isize>,
+        version: i64,
+    ) -> PyResult<Option<ProcessStop<'py>>> {
+        py_process::process(&self.inner, r#fn, items, keys, positions, version)
     }
 
     /// Returns once every recorded row is committed.

@@ -179,6 +179,19 @@ impl<T: Send + 'static> Writer<T> {
         }
     }
 
+    /// Whether `record` would accept a row now: the writer's failure, or the closed
+    /// checkpoint, as `record` would raise it.
+    pub fn check(&self) -> Result<()> {
+        let state = self.state()?;
+        self.check_failure(&state)?;
+        if state.closing {
+            return Err(Error::Closed {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
+    }
+
     /// Buffers `row` for the writer. Raises the writer's failure instead, if it failed:
     /// the row could never be saved.
     pub fn record(&self, row: T) -> Result<()> {

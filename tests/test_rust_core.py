@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -224,18 +225,35 @@ def test_base_exceptions_from_pickling_pass_through() -> None:
 key_lists = st.lists(st.binary(min_size=16, max_size=16), max_size=40)
 
 
+# A small pool, so that queries repeat keys, within themselves and with the set.
+pooled_key_lists = st.lists(st.sampled_from([bytes([b]) * 16 for b in range(8)]), max_size=40)
+
+
 @settings(max_examples=100, deadline=None)
-@given(key_lists, key_lists)
-def test_key_set_agrees_with_pure(added: list[bytes], queried: list[bytes]) -> None:
-    rust, pure = _core.new_key_set(), _pure.new_key_set()
-    for key in added:
-        rust.add(key)
-        pure.add(key)
-    assert len(rust) == len(pure) == len(set(added))
-    assert sorted(rust) == sorted(pure)
-    blob = b"".join(queried)
-    assert rust.missing(blob) == pure.missing(blob)
-    assert [key in rust for key in queried] == [key in pure for key in queried]
+@given(key_lists, key_lists, pooled_key_lists, pooled_key_lists)
+def test_key_set_agrees_with_pure(
+    added: list[bytes], queried: list[bytes], pooled_added: list[bytes], pooled_queried: list[bytes]
+) -> None:
+    for add, query in ((added, queried), (pooled_added, pooled_queried)):
+        rust, pure = _core.new_key_set(), _pure.new_key_set()
+        for key in add:
+            rust.add(key)
+            pure.add(key)
+        assert len(rust) == len(pure) == len(set(add))
+        assert sorted(rust) == sorted(pure)
+        assert [key in rust for key in query] == [key in pure for key in query]
+        blob = b"".join(query)
+        claimed = rust.claim(blob)
+        assert claimed == pure.claim(blob)
+        # The first position of each key not in the set before, in order.
+        expected, seen = [], set(add)
+        for i, key in enumerate(query):
+            if key not in seen:
+                seen.add(key)
+                expected.append(i)
+        assert claimed == expected
+        assert sorted(rust) == sorted(pure) == sorted(seen)
+        assert rust.claim(blob) == pure.claim(blob) == []
 
 
 def test_key_set_rejects_and_ignores_what_is_not_a_key() -> None:
@@ -249,8 +267,10 @@ def test_key_set_rejects_and_ignores_what_is_not_a_key() -> None:
     with pytest.raises(TypeError):
         ks.add("k" * 16)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        ks.missing(b"x" * 17)
-    assert ks.missing(b"") == []
+        ks.claim(b"x" * 17)
+    assert len(ks) == 1  # nothing claimed from a bad buffer
+    assert ks.claim(b"") == []
+    assert not hasattr(ks, "missing")  # replaced by claim
 
 
 # -- SQLite checkpoints -----------------------------------------------------------------
@@ -553,3 +573,240 @@ def test_forked_child_cannot_use_the_checkpoint_and_does_not_hang(open_store: Ca
     assert os.waitstatus_to_exitcode(status) == 0
     store.flush()  # the parent's checkpoint is unaffected
     assert store.all_outputs(version) == [1]
+
+
+# -- process: the per-item hot loop ------------------------------------------------------
+
+
+def _plus_one(x: int) -> int:
+    return x + 1
+
+
+def _saved(store: Any, version: int) -> list[Any]:
+    store.flush()
+    return list(store.all_outputs(version))
+
+
+def _item_rows(store: Any, version: int) -> list[tuple[Any, ...]]:
+    """Rows of ``version`` without seq and times, which differ between runs."""
+    store.flush()
+    return [(r.key, r.version, r.status, r.input, r.error_type, r.error, r.traceback, r.attempts)
+            for r in store.rows(version)]
+
+
+@pytest.mark.parametrize("with_", ["rust", "python"])
+def test_process_records_rows_in_order(open_store: Callable[..., Any], with_: str) -> None:
+    store = open_store(with_=with_)
+    version = store.add_version("fp", "{}", None)
+    items = [10, 11, 12, 13, 14]
+    blob = _core.input_keys(items)
+    before = time.time()
+    assert store.process(_plus_one, items, blob, [4, 0, 2], version) is None
+    after = time.time()
+    assert store.process(_plus_one, items, blob, [], version) is None
+    store.flush()
+    rows = list(store.rows(version))
+    assert [r.key for r in rows] == [_key(14), _key(10), _key(12)]
+    for r in rows:
+        assert (r.version, r.status, r.input, r.error_type, r.error, r.traceback, r.attempts) == (
+            version, STATUS_OK, None, None, None, None, 1)
+        assert before <= r.started <= r.ended <= after
+    assert [r.started for r in rows] == sorted(r.started for r in rows)
+    assert _saved(store, version) == [15, 11, 13]
+    assert store.outputs_for(version, blob) == [11, 13, 15]
+
+
+def test_process_matches_pure_backend(open_store: Callable[..., Any]) -> None:
+    items: list[Any] = [None, "a", ("t", 1), {"d": [1.5]}, Point(1, "p"), 2**70, b"raw"]
+    blob = _core.input_keys(items)
+    positions = [6, 1, 0, 3, 5, 2, 4]
+    results = {}
+    for with_ in ("rust", "python"):
+        store = open_store(f"{with_}.db", with_=with_)
+        version = store.add_version("fp", "{}", None)
+        assert store.process(repr, items, blob, positions, version) is None
+        results[with_] = (_item_rows(store, version), store.all_outputs(version))
+    assert results["rust"] == results["python"]
+    assert results["rust"][1] == [repr(items[p]) for p in positions]
+
+
+def test_process_reads_any_sequence(open_store: Callable[..., Any]) -> None:
+    store = open_store()
+    version = store.add_version("fp", "{}", None)
+    blob = _core.input_keys(list(range(6)))
+    assert store.process(_plus_one, (0, 1, 2), blob, (2,), version) is None
+    assert store.process(_plus_one, range(6), blob, range(3, 5), version) is None
+    store.flush()
+    assert _saved(store, version) == [3, 4, 5]
+
+
+@pytest.mark.parametrize("with_", ["rust", "python"])
+def test_process_stops_at_an_exception_from_fn(open_store: Callable[..., Any], with_: str) -> None:
+    store = open_store(with_=with_)
+    version = store.add_version("fp", "{}", None)
+    raised: list[BaseException] = []
+
+    def fn(x: int) -> int:
+        if x == 3:
+            raised.append(ValueError(f"bad {x}"))
+            raise raised[-1]
+        return x * 10
+
+    items = list(range(6))
+    blob = _core.input_keys(items)
+    before = time.time()
+    stop = store.process(fn, items, blob, [0, 1, 3, 4, 5], version)
+    after = time.time()
+    assert stop is not None
+    index, started, exc, by_pickling, output = stop
+    assert (index, by_pickling, output) == (2, False, None)
+    assert exc is raised[0]
+    assert exc.__traceback__ is not None  # the user's frame, for the failure report
+    assert before <= started <= after
+    # The items before it are recorded, nothing for it or after it.
+    assert _saved(store, version) == [0, 10]
+    # The Snapper goes on after it.
+    assert store.process(fn, items, blob, [4, 5], version) is None
+    assert _saved(store, version) == [0, 10, 40, 50]
+
+
+@pytest.mark.parametrize("with_", ["rust", "python"])
+def test_process_stops_at_an_unpicklable_output(open_store: Callable[..., Any], with_: str) -> None:
+    store = open_store(with_=with_)
+    version = store.add_version("fp", "{}", None)
+    unpicklable = threading.Lock()
+    items = [1, 2, 3]
+    blob = _core.input_keys(items)
+    stop = store.process(lambda x: unpicklable if x == 2 else x, items, blob, [0, 1, 2], version)
+    assert stop is not None
+    index, _, exc, by_pickling, output = stop
+    assert (index, by_pickling) == (1, True)
+    assert output is unpicklable
+    assert isinstance(exc, TypeError)
+    assert _saved(store, version) == [1]
+
+
+def test_process_returns_base_exceptions_too(open_store: Callable[..., Any]) -> None:
+    store = open_store()
+    version = store.add_version("fp", "{}", None)
+
+    def fn(x: int) -> int:
+        raise KeyboardInterrupt
+
+    stop = store.process(fn, [1], _key(1), [0], version)
+    assert stop is not None and isinstance(stop[2], KeyboardInterrupt)
+
+
+def test_process_checks_its_arguments_before_any_item(open_store: Callable[..., Any]) -> None:
+    store = open_store()
+    version = store.add_version("fp", "{}", None)
+    calls: list[int] = []
+
+    def fn(x: int) -> int:
+        calls.append(x)
+        return x
+
+    items = [0, 1, 2]
+    blob = _core.input_keys(items)
+    for positions in ([0, 3], [0, -1], [0, 2**70]):
+        with pytest.raises((IndexError, OverflowError)):
+            store.process(fn, items, blob, positions, version)
+    with pytest.raises(IndexError):
+        store.process(fn, items, blob[:32], [0, 2], version)  # in range of items, not of keys
+    with pytest.raises(IndexError):
+        store.process(fn, items[:2], blob, [0, 2], version)
+    with pytest.raises(ValueError):
+        store.process(fn, items, blob[:-1], [0], version)
+    with pytest.raises(TypeError):
+        store.process(fn, items, blob, ["0"], version)
+    assert calls == []
+    assert _saved(store, version) == []
+
+
+def test_process_raises_writer_failure_and_closed(tmp_path: Path, open_store: Callable[..., Any]) -> None:
+    store = open_store()
+    version = store.add_version("fp", "{}", None)
+    drop = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('DROP TABLE items'); c.commit()"
+    subprocess.run([sys.executable, "-c", drop, str(tmp_path / "run.db")], check=True)
+    calls: list[int] = []
+
+    def fn(x: int) -> int:
+        calls.append(x)
+        return x
+
+    blob = _core.input_keys([0, 1])
+    assert store.process(fn, [0, 1], blob, [0], version) is None
+    with pytest.raises(WriterError):
+        store.flush()
+    with pytest.raises(WriterError):
+        store.process(fn, [0, 1], blob, [1], version)
+    assert calls == [0]  # no call for a row that could not be saved
+    with pytest.raises(WriterError):
+        store.close()
+    other = open_store("other.db")
+    other.close()
+    with pytest.raises(CheckpointError, match="closed"):
+        other.process(fn, [0, 1], blob, [1], version)
+    assert calls == [0]
+
+
+def test_process_keeps_rows_visible_to_the_writer(tmp_path: Path, open_store: Callable[..., Any]) -> None:
+    """batch_size=1: each row is committed while the next item runs, not held back."""
+    store = open_store(synchronous="normal")
+    version = store.add_version("fp", "{}", None)
+    reader = sqlite3.connect(str(tmp_path / "run.db"))
+
+    def fn(x: int) -> int:
+        deadline = time.monotonic() + 10
+        while reader.execute("SELECT count(*) FROM items").fetchone()[0] < x:
+            assert time.monotonic() < deadline, f"row {x - 1} not committed while item {x} runs"
+            time.sleep(0.001)
+        return x
+
+    items = list(range(5))
+    try:
+        assert store.process(fn, items, _core.input_keys(items), items, version) is None
+    finally:
+        reader.close()
+    assert _saved(store, version) == items
+
+
+def test_process_keeps_no_python_objects(open_store: Callable[..., Any]) -> None:
+    store = open_store()
+    version = store.add_version("fp", "{}", None)
+
+    class Box:
+        def __init__(self, x: int) -> None:
+            self.x = x
+
+    items = [Box(i) for i in range(50)]
+    refs_before = [sys.getrefcount(item) for item in items]
+    outputs: list[Any] = []
+
+    def fn(box: Box) -> Any:
+        out = Point(box.x, "o")
+        outputs.append(weakref.ref(out))
+        return out
+
+    assert store.process(fn, items, _core.input_keys(list(range(50))), list(range(50)), version) is None
+    stop = store.process(lambda box: threading.Lock(), items, _core.input_keys(list(range(50))), [0], version)
+    assert stop is not None
+    del stop
+    gc.collect()
+    assert [sys.getrefcount(item) for item in items] == refs_before
+    assert all(ref() is None for ref in outputs)
+
+
+def test_process_survives_fn_shrinking_the_list(open_store: Callable[..., Any]) -> None:
+    store = open_store()
+    version = store.add_version("fp", "{}", None)
+    items = [0, 1, 2, 3]
+    blob = _core.input_keys(items)
+
+    def fn(x: int) -> int:
+        items.clear()
+        return x
+
+    with pytest.raises(IndexError):
+        store.process(fn, items, blob, [0, 1], version)
+    assert _saved(store, version) == [0]
