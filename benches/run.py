@@ -391,7 +391,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke test")
     ap.add_argument("--dir", default=None, help="where temporary checkpoints go (default /tmp)")
     ap.add_argument("--repeat", type=int, default=None,
-                    help="fresh runs per main row, median reported (default 3; --quick 1)")
+                    help="fresh runs per main row, median reported (default 5; --quick 1)")
     ap.add_argument("--resume-items", type=int, default=None, help="size of the resume checkpoint (default 1000000)")
     ap.add_argument("--rss-items", type=int, default=None, help="size of the generator run (default 3000000)")
     ap.add_argument("--peer-seconds", type=float, default=None,
@@ -409,7 +409,7 @@ def main() -> int:
 
     quick = args.quick
     n = args.items or (30_000 if quick else 300_000)
-    repeat = args.repeat or (1 if quick else 3)
+    repeat = args.repeat or (1 if quick else 5)
     n_resume = args.resume_items or (100_000 if quick else 1_000_000)
     n_rss = args.rss_items or (300_000 if quick else 3_000_000)
     peer_seconds = args.peer_seconds or (1.5 if quick else 5.0)
@@ -620,7 +620,8 @@ def print_report(rows: list[tuple[str, str, Optional[dict[str, Any]], str]], fix
         items = f"{res['items']:,}"
         if res["items"] < n:
             items += "*"
-        print(f"{label:<42} {items:>9} {fmt_us(res['us']):>9} {ratio:>7.1f}x   {goal_s:<12} "
+        ratio_s = f"{ratio:.2f}x" if ratio < 10 else f"{ratio:.0f}x"
+        print(f"{label:<42} {items:>9} {fmt_us(res['us']):>9} {ratio_s:>8}   {goal_s:<12} "
               f"{spread:<11} {res['cpu_per_wall']:>8.2f}")
     if any(res is not None and res["items"] < n for _, _, res, _ in rows):
         print("* measured on the first N items only (too slow for all); per-item µs is comparable.")
