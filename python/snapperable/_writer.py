@@ -21,6 +21,12 @@ from snapperable.keys import KEY_SIZE
 
 PICKLE_PROTOCOL = 4  # of the outputs, as in the file formats
 
+# At most this many rows wait for the writer; `record` blocks beyond it. A writer that
+# lags (a slow disk, big outputs, or, in pure Python, a writer that must share the GIL
+# with the loop) would otherwise let the buffer grow without bound: memory, and the
+# work a crash can lose, both grow with it.
+MAX_PENDING_ROWS = 16_384
+
 Row = TypeVar("Row")
 
 
@@ -40,8 +46,10 @@ class GroupCommitWriter(Generic[Row]):
         batch_size: int,
         max_wait_time: Optional[float],
         name: str,
+        max_pending: int = MAX_PENDING_ROWS,
     ) -> None:
         self._commit = commit
+        self._max_pending = max_pending
         self._batch_size = batch_size
         self._max_wait_time = max_wait_time
         self._name = name
@@ -76,6 +84,18 @@ class GroupCommitWriter(Generic[Row]):
         if self._writer_idle and (waiting >= self._batch_size or self._max_wait_time is not None):
             with self._cond:
                 self._cond.notify()
+        if waiting >= self._max_pending:
+            self._wait_for_room()
+
+    def _wait_for_room(self) -> None:
+        """Block until the writer has taken the pending rows (it commits a full buffer
+        whatever ``batch_size`` says)."""
+        with self._cond:
+            self._cond.notify_all()
+            while len(self._pending) >= self._max_pending and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                self._raise_error()
 
     def flush(self) -> None:
         """Return once every row recorded so far is committed."""
@@ -109,7 +129,7 @@ class GroupCommitWriter(Generic[Row]):
             return False
         if (
             self._closing
-            or len(self._pending) >= self._batch_size
+            or len(self._pending) >= min(self._batch_size, self._max_pending)
             or self._flush_wanted > self._committed
         ):
             return True
@@ -129,7 +149,8 @@ class GroupCommitWriter(Generic[Row]):
                         timeout = self._oldest_pending_at + self._max_wait_time - time.monotonic()
                     self._cond.wait(timeout)
                 self._writer_idle = False
-            batch = [pending.popleft() for _ in range(len(pending))]
+                batch = [pending.popleft() for _ in range(len(pending))]
+                self._cond.notify_all()  # a caller waiting for room may go on
             try:
                 self._commit(batch)
             except BaseException as exc:  # report anything; the caller decides

@@ -1,0 +1,98 @@
+"""The pure-Python group-commit writer (``_writer.GroupCommitWriter``) on its own."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from snapperable._writer import GroupCommitWriter
+from snapperable.errors import WriterError
+
+
+class SlowSink:
+    """A commit function that takes its time, as an fsync does, and keeps the batches."""
+
+    def __init__(self, delay: float = 0.0, fail_at: int | None = None) -> None:
+        self.delay = delay
+        self.fail_at = fail_at
+        self.batches: list[list[int]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, rows: list[int]) -> None:
+        time.sleep(self.delay)
+        if self.fail_at is not None and self.fail_at in rows:
+            raise OSError(28, "No space left on device")
+        with self.lock:
+            self.batches.append(rows)
+
+    @property
+    def rows(self) -> list[int]:
+        return [row for batch in self.batches for row in batch]
+
+
+def test_group_commit_keeps_order_and_groups_what_accumulates() -> None:
+    sink = SlowSink(delay=0.01)
+    writer: GroupCommitWriter[int] = GroupCommitWriter(sink, batch_size=1, max_wait_time=None, name="t")
+    for i in range(2000):
+        writer.record(i)
+    writer.flush()
+    assert sink.rows == list(range(2000))
+    assert len(sink.batches) < 200  # rows that arrived during a commit went in the next one
+    writer.close()
+
+
+def test_pending_rows_are_bounded() -> None:
+    sink = SlowSink(delay=0.005)
+    writer: GroupCommitWriter[int] = GroupCommitWriter(
+        sink, batch_size=10**9, max_wait_time=None, name="t", max_pending=50
+    )
+    for i in range(1000):
+        writer.record(i)
+    writer.close()
+    assert sink.rows == list(range(1000))
+    assert max(len(batch) for batch in sink.batches) <= 50  # whatever batch_size says
+
+
+def test_batch_size_holds_rows_until_flush() -> None:
+    sink = SlowSink()
+    writer: GroupCommitWriter[int] = GroupCommitWriter(sink, batch_size=100, max_wait_time=None, name="t")
+    for i in range(99):
+        writer.record(i)
+    time.sleep(0.1)
+    assert sink.rows == []
+    writer.record(99)
+    deadline = time.monotonic() + 5
+    while not sink.rows and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert sink.rows == list(range(100))
+    writer.close()
+
+
+def test_max_wait_time_commits_a_partial_batch() -> None:
+    sink = SlowSink()
+    writer: GroupCommitWriter[int] = GroupCommitWriter(sink, batch_size=100, max_wait_time=0.05, name="t")
+    writer.record(1)
+    deadline = time.monotonic() + 5
+    while not sink.rows and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert sink.rows == [1]
+    writer.close()
+
+
+def test_failure_is_raised_on_every_later_call() -> None:
+    sink = SlowSink(fail_at=3)
+    writer: GroupCommitWriter[int] = GroupCommitWriter(sink, batch_size=1, max_wait_time=None, name="ckpt")
+    for i in range(3):
+        writer.record(i)
+    writer.flush()
+    writer.record(3)
+    with pytest.raises(WriterError, match="ckpt.*No space left") as info:
+        writer.flush()
+    assert isinstance(info.value.__cause__, OSError)
+    with pytest.raises(WriterError):
+        writer.record(4)
+    with pytest.raises(WriterError):
+        writer.close()
+    assert sink.rows == [0, 1, 2]
