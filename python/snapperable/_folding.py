@@ -16,17 +16,21 @@ from snapperable.keys import KEY_SIZE
 
 # (key, version, status) of each row, in the order saved.
 KeyStatusRows = Iterable[tuple[bytes, int, int]]
-# (key, status, output) of each row of one version, in the order saved.
-OutputRows = Iterable[tuple[bytes, int, Optional[bytes]]]
+# (key, status) of each row of one version, in the order saved.
+StatusPairs = Iterable[tuple[bytes, int]]
+# (key, output if the row is ok else None) of each row of one version, in the order saved.
+OutputPairs = Iterable[tuple[bytes, Optional[bytes]]]
+
+# The folds below are `dict(pairs)`: later pairs overwrite earlier ones (a later row
+# supersedes) while a key keeps the place it was first saved at. Given a sqlite3
+# cursor, the whole fold runs in C.
 
 
 def keys_with_status(
     rows: KeyStatusRows, status: int, new_key_set: Callable[[], KeySet]
 ) -> KeySet:
     """Keys whose latest row, within its version, has ``status``."""
-    latest: dict[tuple[bytes, int], int] = {}
-    for key, version, row_status in rows:
-        latest[key, version] = row_status
+    latest = {(key, version): row_status for key, version, row_status in rows}
     result = new_key_set()
     for (key, _), row_status in latest.items():
         if row_status == status:
@@ -34,26 +38,15 @@ def keys_with_status(
     return result
 
 
-def ok_and_failed(rows: KeyStatusRows, new_key_set: Callable[[], KeySet]) -> tuple[KeySet, KeySet]:
+def ok_and_failed(pairs: StatusPairs, new_key_set: Callable[[], KeySet]) -> tuple[KeySet, KeySet]:
     """Keys whose latest row is ok, and keys whose latest row failed; rows of one version."""
-    latest: dict[bytes, int] = {}
-    for key, _, row_status in rows:
-        latest[key] = row_status
     ok, failed = new_key_set(), new_key_set()
-    for key, row_status in latest.items():
+    for key, row_status in dict(pairs).items():
         if row_status == STATUS_OK:
             ok.add(key)
         elif row_status == STATUS_FAILED:
             failed.add(key)
     return ok, failed
-
-
-def latest_outputs(rows: OutputRows) -> dict[bytes, Optional[bytes]]:
-    """Each key, in the order first saved -> its latest ok output, or None if it failed."""
-    latest: dict[bytes, Optional[bytes]] = {}
-    for key, status, output in rows:
-        latest[key] = output if status == STATUS_OK else None
-    return latest
 
 
 def version_row(fields: Sequence[object], path: str) -> VersionRow:
@@ -74,18 +67,20 @@ def version_row(fields: Sequence[object], path: str) -> VersionRow:
     return VersionRow(vid, fingerprint, str(parts), uses, float(created))
 
 
-def unpickle_output(raw: bytes, path: str) -> Any:
+def _unpickled(raws: Iterable[Optional[bytes]], path: str) -> list[Any]:
+    """The outputs that are there (not None), unpickled; a damaged one is corruption."""
+    loads = pickle.loads
     try:
-        return pickle.loads(raw)
+        return [loads(raw) for raw in raws if raw is not None]
     except Exception as exc:
         raise CheckpointCorruptError(f"{path}: a saved output cannot be unpickled: {exc!r}") from exc
 
 
-def outputs_in_key_order(rows: OutputRows, keys: bytes, path: str) -> list[Any]:
-    latest = latest_outputs(rows)
+def outputs_in_key_order(pairs: OutputPairs, keys: bytes, path: str) -> list[Any]:
+    latest = dict(pairs)
     found = (latest.get(keys[i : i + KEY_SIZE]) for i in range(0, len(keys), KEY_SIZE))
-    return [unpickle_output(raw, path) for raw in found if raw is not None]
+    return _unpickled(found, path)
 
 
-def outputs_in_save_order(rows: OutputRows, path: str) -> list[Any]:
-    return [unpickle_output(raw, path) for raw in latest_outputs(rows).values() if raw is not None]
+def outputs_in_save_order(pairs: OutputPairs, path: str) -> list[Any]:
+    return _unpickled(dict(pairs).values(), path)

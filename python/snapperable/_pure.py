@@ -238,24 +238,31 @@ class PySQLiteStore(WriterBackedStore):
         rows = ((self._key(key), row_version, row_status) for key, row_version, row_status in found)
         return _folding.keys_with_status(rows, status, new_key_set)
 
-    def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
-        found = self._query(
-            "SELECT key, version, status FROM items WHERE version = ? ORDER BY seq", (version,)
-        )
-        rows = ((self._key(key), row_version, row_status) for key, row_version, row_status in found)
-        return _folding.ok_and_failed(rows, new_key_set)
+    def _pairs(self, sql: str, version: int) -> list[tuple[bytes, Any]]:
+        """(key, value) of the rows of ``version`` in saved order, ``sql`` giving the value.
 
-    def _output_rows(self, version: int) -> _folding.OutputRows:
-        found = self._query(
-            "SELECT key, status, output FROM items WHERE version = ? ORDER BY seq", (version,)
+        A key that is not 16 bytes of blob comes back as None: damage, raised here.
+        """
+        pairs = self._query(
+            "SELECT CASE WHEN typeof(key) = 'blob' AND length(key) = 16 THEN key END,"
+            f" {sql} FROM items WHERE version = ? ORDER BY seq",
+            (version,),
         )
-        return ((self._key(key), status, output) for key, status, output in found)
+        if any(key is None for key, _ in pairs):
+            raise self._corrupt("an item row has a malformed key")
+        return pairs  # every key checked above
+
+    def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
+        return _folding.ok_and_failed(self._pairs("status", version), new_key_set)
+
+    def _output_pairs(self, version: int) -> _folding.OutputPairs:
+        return self._pairs(f"CASE WHEN status = {STATUS_OK} THEN output END", version)
 
     def outputs_for(self, version: int, keys_blob: bytes) -> list[Any]:
-        return _folding.outputs_in_key_order(self._output_rows(version), keys_blob, self.path)
+        return _folding.outputs_in_key_order(self._output_pairs(version), keys_blob, self.path)
 
     def all_outputs(self, version: int) -> list[Any]:
-        return _folding.outputs_in_save_order(self._output_rows(version), self.path)
+        return _folding.outputs_in_save_order(self._output_pairs(version), self.path)
 
     def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
         columns = (

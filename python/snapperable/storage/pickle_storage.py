@@ -28,6 +28,7 @@ from typing import Any, Iterator, Optional, TypeVar
 
 from snapperable import _backend, _folding
 from snapperable._backend import (
+    STATUS_OK,
     ROW_KEY,
     ROW_OUTPUT,
     ROW_STATUS,
@@ -257,25 +258,25 @@ class PickleStore(WriterBackedStore):
         return _folding.keys_with_status(rows, status, _backend.backend.new_key_set)
 
     def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
-        rows = (
-            (row[ROW_KEY], row[ROW_VERSION], row[ROW_STATUS])
+        pairs = (
+            (row[ROW_KEY], row[ROW_STATUS])
             for _, row in self._item_rows()
             if row[ROW_VERSION] == version
         )
-        return _folding.ok_and_failed(rows, _backend.backend.new_key_set)
+        return _folding.ok_and_failed(pairs, _backend.backend.new_key_set)
 
-    def _output_rows(self, version: int) -> _folding.OutputRows:
+    def _output_pairs(self, version: int) -> _folding.OutputPairs:
         return (
-            (row[ROW_KEY], row[ROW_STATUS], row[ROW_OUTPUT])
+            (row[ROW_KEY], row[ROW_OUTPUT] if row[ROW_STATUS] == STATUS_OK else None)
             for _, row in self._item_rows()
             if row[ROW_VERSION] == version
         )
 
     def outputs_for(self, version: int, keys: bytes) -> list[Any]:
-        return _folding.outputs_in_key_order(self._output_rows(version), keys, self.path)
+        return _folding.outputs_in_key_order(self._output_pairs(version), keys, self.path)
 
     def all_outputs(self, version: int) -> list[Any]:
-        return _folding.outputs_in_save_order(self._output_rows(version), self.path)
+        return _folding.outputs_in_save_order(self._output_pairs(version), self.path)
 
     def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
         for seq, row in self._item_rows():
