@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::errors::{Error, Result};
 use crate::store::{ItemRow, Store, Synchronous};
-use crate::writer::{Policy, Writer};
+use crate::writer::{Limits, Pending, Policy, Weigh, Writer};
 
 type SharedStore = Arc<Mutex<Option<Store>>>;
 
@@ -37,15 +37,38 @@ fn with_store<R>(
     }
 }
 
+impl Weigh for ItemRow {
+    /// The bytes a row holds besides its fixed fields: its pickles and texts.
+    fn weight(&self) -> usize {
+        let len = |blob: &Option<Vec<u8>>| blob.as_ref().map_or(0, Vec::len);
+        let text = |text: &Option<String>| text.as_ref().map_or(0, String::len);
+        len(&self.input)
+            + len(&self.output)
+            + text(&self.error_type)
+            + text(&self.error)
+            + text(&self.traceback)
+    }
+}
+
 impl Checkpoint {
     pub fn open(path: &Path, synchronous: Synchronous, policy: Policy) -> Result<Self> {
+        Self::open_with_limits(path, synchronous, policy, Limits::DEFAULT)
+    }
+
+    /// `open` with other bounds on the pending buffer than [`Limits::DEFAULT`] (tests).
+    pub fn open_with_limits(
+        path: &Path,
+        synchronous: Synchronous,
+        policy: Policy,
+        limits: Limits,
+    ) -> Result<Self> {
         let opened = Store::open(path, synchronous)?;
         let name = opened.path().to_owned();
         let store: SharedStore = Arc::new(Mutex::new(Some(opened)));
         let writer = {
             let store = Arc::clone(&store);
             let commit_path = name.clone();
-            Writer::start(&name, policy, move |rows: &[ItemRow]| {
+            Writer::start(&name, policy, limits, move |rows: &[ItemRow]| {
                 with_store(&commit_path, &store, |store| store.append(rows))
             })?
         };
@@ -68,8 +91,15 @@ impl Checkpoint {
         with_store(&self.path, &self.store, f)
     }
 
-    pub fn record(&self, row: ItemRow) -> Result<()> {
+    /// Buffers `row`; on [`Pending::Full`] the caller must `wait_for_room` (without
+    /// the GIL) before it records again.
+    pub fn record(&self, row: ItemRow) -> Result<Pending> {
         self.writer.record(row)
+    }
+
+    /// Returns once the pending buffer has room again (see [`Writer::wait_for_room`]).
+    pub fn wait_for_room(&self) -> Result<()> {
+        self.writer.wait_for_room()
     }
 
     /// Fails as `record` would (writer failure, closed, forked), without a row.
@@ -134,7 +164,7 @@ mod tests {
             .with_store(|store| store.add_version("fp", "{}", None))
             .unwrap();
         for key in 0..50 {
-            checkpoint
+            let _ = checkpoint
                 .record(row(key, version, 0, Some(&[key])))
                 .unwrap();
         }
@@ -164,7 +194,7 @@ mod tests {
             .unwrap()
             .execute_batch("DROP TABLE items")
             .unwrap();
-        checkpoint.record(row(1, 1, 0, Some(b"x"))).unwrap();
+        let _ = checkpoint.record(row(1, 1, 0, Some(b"x"))).unwrap();
         match checkpoint.flush() {
             Err(Error::Writer { path: named, cause }) => {
                 assert_eq!(named, path.to_string_lossy());
@@ -173,6 +203,55 @@ mod tests {
             other => panic!("expected a writer error, got {other:?}"),
         }
         assert!(matches!(checkpoint.close(), Err(Error::Writer { .. })));
+        checkpoint.close().unwrap();
+    }
+
+    #[test]
+    fn a_lagging_disk_bounds_the_pending_rows() {
+        // Another connection holds the write lock: the writer's first commit waits on
+        // it (busy timeout), and the caller must wait once the buffer is full again.
+        let dir = TempDir::new();
+        let path = dir.file("run.db");
+        let policy = Policy {
+            batch_size: 1,
+            max_wait: None,
+        };
+        let limits = Limits {
+            rows: 5,
+            bytes: usize::MAX,
+        };
+        let checkpoint =
+            Checkpoint::open_with_limits(&path, Synchronous::Normal, policy, limits).unwrap();
+        let version = checkpoint
+            .with_store(|store| store.add_version("fp", "{}", None))
+            .unwrap();
+        let blocker = rusqlite::Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let recorded = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for key in 0..40 {
+                    if checkpoint
+                        .record(row(key, version, 0, Some(&[key])))
+                        .unwrap()
+                        == Pending::Full
+                    {
+                        checkpoint.wait_for_room().unwrap();
+                    }
+                    recorded.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            // The writer took at most one full buffer before it blocked; 5 more wait.
+            let stuck = recorded.load(std::sync::atomic::Ordering::SeqCst);
+            assert!((5..=10).contains(&stuck), "{stuck} rows recorded");
+            blocker.execute_batch("COMMIT").unwrap();
+        });
+        checkpoint.flush().unwrap();
+        let ok = checkpoint
+            .with_store(|store| store.key_set(Some(version), 0))
+            .unwrap();
+        assert_eq!(ok.len(), 40);
         checkpoint.close().unwrap();
     }
 }

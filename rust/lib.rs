@@ -21,6 +21,9 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("BACKEND_NAME", "rust")?;
+    // Private, for tests: the bound on pending rows (`writer::Limits::DEFAULT`); set
+    // without `add`, which would list it in `__all__`.
+    m.setattr("_MAX_PENDING_ROWS", writer::Limits::DEFAULT.rows)?;
     m.add_function(wrap_pyfunction!(py_keys::input_key, m)?)?;
     m.add_function(wrap_pyfunction!(py_keys::input_keys, m)?)?;
     m.add_function(wrap_pyfunction!(py_store::new_key_set, m)?)?;

@@ -25,6 +25,7 @@ use crate::errors::Error;
 use crate::keys::{Key, KEY_SIZE};
 use crate::py_imports::pickle_dumps;
 use crate::store::{ItemRow, STATUS_OK};
+use crate::writer::Pending;
 
 /// The pickle protocol of stored outputs, as in the file formats.
 const PICKLE_PROTOCOL: i32 = 4;
@@ -266,7 +267,7 @@ pub fn process<'py>(
         let start = position * KEY_SIZE;
         let mut key: Key = [0; KEY_SIZE];
         key.copy_from_slice(&keys[start..start + KEY_SIZE]);
-        checkpoint.record(ItemRow {
+        let pending = checkpoint.record(ItemRow {
             key,
             version,
             status: STATUS_OK,
@@ -279,6 +280,12 @@ pub fn process<'py>(
             started,
             ended,
         })?;
+        // A writer that lags (slow disk, big outputs) makes the loop wait here, without
+        // the GIL, until it has taken the full buffer: memory and what a crash can lose
+        // stay bounded (`Limits`).
+        if pending == Pending::Full {
+            py.detach(|| checkpoint.wait_for_room())?;
+        }
     }
     Ok(None)
 }

@@ -18,7 +18,7 @@ use crate::keys::{self, Key, KEY_SIZE};
 use crate::py_imports::{builtin_map, json_loads, pickle_loads, row_info_class, version_row_class};
 use crate::py_process::{self, ProcessStop};
 use crate::store::{ItemRow, LatestOutputs, RowInfo, Span, Synchronous};
-use crate::writer::Policy;
+use crate::writer::{Pending, Policy};
 
 /// Rows fetched per query while iterating `rows()`: bounds memory on huge checkpoints.
 const ROWS_PAGE: usize = 1024;
@@ -195,11 +195,15 @@ impl PySqliteCheckpoint {
     }
 
     /// Buffers one `ItemRow` for the writer; converted here, so no Python object is kept.
-    fn record(&self, row: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn record(&self, py: Python<'_>, row: &Bound<'_, PyAny>) -> PyResult<()> {
         let row = item_row(row)?;
         // No detach: this only takes the buffer's lock, which the writer never holds
-        // while it commits, and the writer never needs the GIL.
-        Ok(self.inner.record(row)?)
+        // while it commits, and the writer never needs the GIL. Only when the buffer is
+        // full does the caller wait, and then without the GIL.
+        if self.inner.record(row)? == Pending::Full {
+            py.detach(|| self.inner.wait_for_room())?;
+        }
+        Ok(())
     }
 
     /// The hot loop: `fn(items[p])`, pickled, recorded as an ok row for each `p` in

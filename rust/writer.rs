@@ -30,8 +30,57 @@ pub struct Policy {
 /// pin its memory for the rest of the run.
 const SPARE_CAPACITY: usize = 1 << 16;
 
+/// How much may wait for the writer. Once pending rows reach either bound, `record`
+/// reports the buffer full and the caller waits (`wait_for_room`) until the writer has
+/// taken the batch; the writer commits a full buffer whatever `batch_size` says.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Pending rows (at least 1).
+    pub rows: usize,
+    /// Pending payload bytes, as [`Weigh`] counts them (at least 1).
+    pub bytes: usize,
+}
+
+impl Limits {
+    /// Without a bound, a writer that lags (a slow disk, big outputs) lets the buffer
+    /// grow with the run: memory, and what a crash loses, with it.
+    ///
+    /// 16,384 rows: the pure-Python writer's bound (`_writer.MAX_PENDING_ROWS`). A
+    /// commit of that many small rows is long enough (~10 ms) to make its fsync cheap
+    /// per row, and the buffer stays a few MB; a lagging writer is the bottleneck
+    /// either way, so waiting for it costs the loop nothing end to end.
+    /// 64 MiB of outputs: the row count alone would allow gigabytes of large outputs
+    /// (16,384 x 1 MB pickles); this keeps at most ~128 MiB in flight (one batch being
+    /// committed, one pending) however large the outputs.
+    pub const DEFAULT: Limits = Limits {
+        rows: 16_384,
+        bytes: 64 << 20,
+    };
+
+    fn full(self, rows: usize, bytes: usize) -> bool {
+        rows >= self.rows || bytes >= self.bytes
+    }
+}
+
+/// The payload size of a pending row, counted against [`Limits::bytes`].
+pub trait Weigh {
+    fn weight(&self) -> usize;
+}
+
+/// What `record` leaves behind.
+#[must_use = "a full buffer must be waited on (`wait_for_room`) before the next record"]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    /// Below the limits: record on.
+    Room,
+    /// At a limit: call `wait_for_room` (without the GIL) before recording more.
+    Full,
+}
+
 struct State<T> {
     pending: Vec<T>,
+    /// The total [`Weigh::weight`] of `pending`.
+    pending_bytes: usize,
     /// When the oldest pending row arrived; kept only under a `max_wait` policy.
     oldest: Option<Instant>,
     /// Rows recorded since the start, and rows committed; a flush waits for the second
@@ -48,6 +97,8 @@ struct State<T> {
     writer_idle: bool,
     /// Threads blocked in `flush`: the writer signals `progress` only if there are any.
     flushers: usize,
+    /// Threads blocked in `wait_for_room`: the writer signals `room` only if any.
+    room_waiters: usize,
     /// The writer's failure; once set the writer has stopped and nothing more is saved.
     failure: Option<Error>,
 }
@@ -58,11 +109,14 @@ struct Shared<T> {
     work: Condvar,
     /// Wakes flushers: a commit finished or the writer stopped.
     progress: Condvar,
+    /// Wakes callers waiting for room: the writer took the pending rows, or stopped.
+    room: Condvar,
 }
 
 pub struct Writer<T> {
     path: String,
     policy: Policy,
+    limits: Limits,
     /// The process that started the thread, and the fork count at the time. After a
     /// fork the child has the buffer but not the thread: it must neither wait for it
     /// nor join it.
@@ -118,15 +172,20 @@ fn lock<'a, T>(path: &str, mutex: &'a Mutex<T>) -> Result<MutexGuard<'a, T>> {
     mutex.lock().map_err(|_| poisoned(path))
 }
 
-impl<T: Send + 'static> Writer<T> {
+impl<T: Weigh + Send + 'static> Writer<T> {
     /// Starts the writer thread; `commit` saves one batch, all of it or none.
-    pub fn start<C>(path: &str, policy: Policy, commit: C) -> Result<Self>
+    pub fn start<C>(path: &str, policy: Policy, limits: Limits, commit: C) -> Result<Self>
     where
         C: FnMut(&[T]) -> Result<()> + Send + 'static,
     {
+        let limits = Limits {
+            rows: limits.rows.max(1),
+            bytes: limits.bytes.max(1),
+        };
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 pending: Vec::new(),
+                pending_bytes: 0,
                 oldest: None,
                 recorded: 0,
                 committed: 0,
@@ -135,16 +194,18 @@ impl<T: Send + 'static> Writer<T> {
                 writer_running: true,
                 writer_idle: false,
                 flushers: 0,
+                room_waiters: 0,
                 failure: None,
             }),
             work: Condvar::new(),
             progress: Condvar::new(),
+            room: Condvar::new(),
         });
         let thread = {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("snapperable-writer".to_owned())
-                .spawn(move || run(&shared, policy, commit))
+                .spawn(move || run(&shared, policy, limits, commit))
                 .map_err(|err| Error::Checkpoint {
                     path: path.to_owned(),
                     detail: format!("cannot start the writer thread: {err}"),
@@ -153,6 +214,7 @@ impl<T: Send + 'static> Writer<T> {
         Ok(Writer {
             path: path.to_owned(),
             policy,
+            limits,
             owner_pid: std::process::id(),
             owner_forks: forks_so_far(),
             shared,
@@ -194,7 +256,12 @@ impl<T: Send + 'static> Writer<T> {
 
     /// Buffers `row` for the writer. Raises the writer's failure instead, if it failed:
     /// the row could never be saved.
-    pub fn record(&self, row: T) -> Result<()> {
+    ///
+    /// Never blocks on the writer (it may be called with the GIL held): when the row
+    /// fills the buffer it returns [`Pending::Full`], and the caller must call
+    /// [`Writer::wait_for_room`], without the GIL, before it records again.
+    pub fn record(&self, row: T) -> Result<Pending> {
+        let weight = row.weight();
         let mut state = self.state()?;
         self.check_failure(&state)?;
         if state.closing {
@@ -203,8 +270,10 @@ impl<T: Send + 'static> Writer<T> {
             });
         }
         state.pending.push(row);
+        state.pending_bytes = state.pending_bytes.saturating_add(weight);
         state.recorded += 1;
         let len = state.pending.len();
+        let full = self.limits.full(len, state.pending_bytes);
         // The first pending row starts the `max_wait` clock (read only under that
         // policy: the clock costs a call per batch).
         if len == 1 && self.policy.max_wait.is_some() {
@@ -212,11 +281,48 @@ impl<T: Send + 'static> Writer<T> {
         }
         // The first row and a full batch are what the writer decides on; between the two
         // it has nothing to do, and while it commits it looks at `pending` again anyway.
-        if state.writer_idle && (len == 1 || len >= self.policy.batch_size) {
+        if state.writer_idle && (len == 1 || len >= self.policy.batch_size || full) {
             state.writer_idle = false;
             self.shared.work.notify_one();
         }
-        Ok(())
+        Ok(if full { Pending::Full } else { Pending::Room })
+    }
+
+    /// Returns once the pending rows are below the limits again: the writer has taken
+    /// the full buffer (to commit it), or it stopped. Raises the writer's failure.
+    pub fn wait_for_room(&self) -> Result<()> {
+        let mut state = self.state()?;
+        state.room_waiters += 1;
+        let outcome = loop {
+            if let Err(failure) = self.check_failure(&state) {
+                break Err(failure);
+            }
+            // A writer that stopped without failing was closed after committing all.
+            if !state.writer_running || !self.limits.full(state.pending.len(), state.pending_bytes)
+            {
+                break Ok(());
+            }
+            // A full buffer is due whatever the policy: make sure the writer looks.
+            if state.writer_idle {
+                state.writer_idle = false;
+                self.shared.work.notify_one();
+            }
+            state = self
+                .shared
+                .room
+                .wait(state)
+                .map_err(|_| poisoned(&self.path))?;
+        };
+        state.room_waiters -= 1;
+        outcome
+    }
+
+    /// `record`, then `wait_for_room` if the buffer is full: for callers that may block.
+    pub fn record_blocking(&self, row: T) -> Result<()> {
+        match self.record(row)? {
+            Pending::Room => Ok(()),
+            Pending::Full => self.wait_for_room(),
+        }
     }
 
     /// Returns once every row recorded before the call is committed.
@@ -326,7 +432,7 @@ impl<T> Drop for Writer<T> {
 ///
 /// Its own waits recover a poisoned lock instead of returning: the state it guards is
 /// only counters and a buffer, and a writer that vanished would leave flushers waiting.
-fn run<T, C>(shared: &Shared<T>, policy: Policy, mut commit: C)
+fn run<T, C>(shared: &Shared<T>, policy: Policy, limits: Limits, mut commit: C)
 where
     C: FnMut(&[T]) -> Result<()>,
 {
@@ -356,6 +462,7 @@ where
         };
         let due = state.closing
             || state.pending.len() >= policy.batch_size
+            || limits.full(state.pending.len(), state.pending_bytes)
             || state.flush_upto > state.committed
             || due_in == Some(Duration::ZERO);
         if !due {
@@ -374,7 +481,11 @@ where
             continue;
         }
         let mut batch = mem::replace(&mut state.pending, mem::take(&mut spare));
+        state.pending_bytes = 0;
         state.oldest = None;
+        if state.room_waiters > 0 {
+            shared.room.notify_all();
+        }
         drop(state);
         let result = commit(&batch);
         let committed = batch.len() as u64;
@@ -394,6 +505,7 @@ where
     }
     state.writer_running = false;
     shared.progress.notify_all();
+    shared.room.notify_all();
 }
 
 #[cfg(test)]
@@ -402,6 +514,15 @@ mod tests {
     use std::thread::sleep;
 
     type Batches = Arc<Mutex<Vec<Vec<u32>>>>;
+    /// Commits wait until this is set to true.
+    type Gate = Arc<(Mutex<bool>, Condvar)>;
+
+    impl Weigh for u32 {
+        /// A test row weighs its value, so tests choose the bytes they record.
+        fn weight(&self) -> usize {
+            *self as usize
+        }
+    }
 
     /// A writer whose commits take `commit_time` and are logged; commits fail from the
     /// `fail_from`-th one on (counting from 0).
@@ -412,7 +533,7 @@ mod tests {
     ) -> (Writer<u32>, Batches) {
         let batches: Batches = Arc::default();
         let log = Arc::clone(&batches);
-        let writer = Writer::start("test.db", policy, move |rows: &[u32]| {
+        let writer = Writer::start("test.db", policy, Limits::DEFAULT, move |rows: &[u32]| {
             sleep(commit_time);
             let mut log = log.lock().unwrap();
             if log.len() >= fail_from {
@@ -436,10 +557,10 @@ mod tests {
     #[test]
     fn rows_arriving_during_a_commit_share_the_next_one() {
         let (writer, batches) = logging_writer(EAGER, Duration::from_millis(100), usize::MAX);
-        writer.record(0).unwrap();
+        writer.record_blocking(0).unwrap();
         sleep(Duration::from_millis(30)); // the writer is now inside the first commit
         for i in 1..=500 {
-            writer.record(i).unwrap();
+            writer.record_blocking(i).unwrap();
         }
         writer.flush().unwrap();
         let batches = batches.lock().unwrap().clone();
@@ -455,11 +576,11 @@ mod tests {
         };
         let (writer, batches) = logging_writer(policy, Duration::ZERO, usize::MAX);
         for i in 0..9 {
-            writer.record(i).unwrap();
+            writer.record_blocking(i).unwrap();
         }
         sleep(Duration::from_millis(50));
         assert!(batches.lock().unwrap().is_empty());
-        writer.record(9).unwrap();
+        writer.record_blocking(9).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while batches.lock().unwrap().is_empty() && Instant::now() < deadline {
             sleep(Duration::from_millis(5));
@@ -478,7 +599,7 @@ mod tests {
         };
         let (writer, batches) = logging_writer(policy, Duration::ZERO, usize::MAX);
         let recorded = Instant::now();
-        writer.record(7).unwrap();
+        writer.record_blocking(7).unwrap();
         while batches.lock().unwrap().is_empty() {
             assert!(
                 recorded.elapsed() < Duration::from_secs(5),
@@ -497,7 +618,7 @@ mod tests {
         };
         let (writer, batches) = logging_writer(policy, Duration::ZERO, usize::MAX);
         for i in 0..5 {
-            writer.record(i).unwrap();
+            writer.record_blocking(i).unwrap();
         }
         writer.close().unwrap();
         writer.close().unwrap();
@@ -508,9 +629,9 @@ mod tests {
     #[test]
     fn a_failure_is_raised_by_the_next_call_and_by_every_later_one() {
         let (writer, _) = logging_writer(EAGER, Duration::ZERO, 1);
-        writer.record(0).unwrap();
+        writer.record_blocking(0).unwrap();
         writer.flush().unwrap();
-        writer.record(1).unwrap();
+        writer.record_blocking(1).unwrap();
         let err = writer.flush().unwrap_err();
         assert!(
             matches!(&err, Error::Writer { cause, .. } if cause.to_string().contains("disk full"))
@@ -527,8 +648,144 @@ mod tests {
             max_wait: None,
         };
         let (writer, _) = logging_writer(policy, Duration::ZERO, 0);
-        writer.record(0).unwrap();
+        writer.record_blocking(0).unwrap();
         assert!(matches!(writer.close(), Err(Error::Writer { .. })));
         writer.close().unwrap();
+    }
+
+    /// A writer with `limits` whose commits wait until `gate` is opened (set to true).
+    fn gated_writer(policy: Policy, limits: Limits, fail: bool) -> (Writer<u32>, Batches, Gate) {
+        let batches: Batches = Arc::default();
+        let gate: Gate = Arc::default();
+        let (log, commit_gate) = (Arc::clone(&batches), Arc::clone(&gate));
+        let writer = Writer::start("test.db", policy, limits, move |rows: &[u32]| {
+            let (open, opened) = &*commit_gate;
+            let mut open = open.lock().unwrap();
+            while !*open {
+                open = opened.wait(open).unwrap();
+            }
+            if fail {
+                return Err(Error::Checkpoint {
+                    path: "test.db".into(),
+                    detail: "disk full".into(),
+                });
+            }
+            log.lock().unwrap().push(rows.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        (writer, batches, gate)
+    }
+
+    fn open_gate(gate: &(Mutex<bool>, Condvar)) {
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+    }
+
+    /// Waits until `counter` has not moved for 100 ms, and returns it.
+    fn settled(counter: &AtomicU64) -> u64 {
+        let mut last = counter.load(Ordering::SeqCst);
+        loop {
+            sleep(Duration::from_millis(100));
+            let now = counter.load(Ordering::SeqCst);
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    }
+
+    const NEVER: Policy = Policy {
+        batch_size: usize::MAX,
+        max_wait: None,
+    };
+
+    #[test]
+    fn a_full_buffer_makes_the_caller_wait_for_a_lagging_writer() {
+        let limits = Limits {
+            rows: 8,
+            bytes: usize::MAX,
+        };
+        let (writer, batches, gate) = gated_writer(NEVER, limits, false);
+        let writer = Arc::new(writer);
+        let recorded = Arc::new(AtomicU64::new(0));
+        let recorder = {
+            let (writer, recorded) = (Arc::clone(&writer), Arc::clone(&recorded));
+            std::thread::spawn(move || {
+                for i in 0..100 {
+                    writer.record_blocking(i).unwrap();
+                    recorded.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        // The writer took rows 0..8 (a full buffer is due whatever batch_size says) and
+        // is stuck committing them; rows 8..16 fill the buffer again, and the recorder
+        // waits in the call that recorded row 15.
+        assert_eq!(settled(&recorded), 15);
+        open_gate(&gate);
+        recorder.join().unwrap();
+        writer.flush().unwrap();
+        let batches = batches.lock().unwrap().clone();
+        assert!(batches.iter().all(|batch| batch.len() <= 8), "{batches:?}");
+        assert_eq!(batches.concat(), (0..100).collect::<Vec<_>>());
+        writer.close().unwrap();
+    }
+
+    #[test]
+    fn record_reports_full_at_the_row_limit_and_at_the_byte_limit() {
+        let rows = Limits {
+            rows: 3,
+            bytes: usize::MAX,
+        };
+        let (writer, _, gate) = gated_writer(NEVER, rows, false);
+        assert_eq!(writer.record(1).unwrap(), Pending::Room);
+        assert_eq!(writer.record(1).unwrap(), Pending::Room);
+        assert_eq!(writer.record(1).unwrap(), Pending::Full);
+        writer.wait_for_room().unwrap(); // the writer took the three rows
+        open_gate(&gate);
+        writer.close().unwrap();
+
+        let bytes = Limits {
+            rows: 1000,
+            bytes: 100,
+        };
+        let (writer, batches, gate) = gated_writer(NEVER, bytes, false);
+        open_gate(&gate);
+        assert_eq!(writer.record(60).unwrap(), Pending::Room);
+        assert_eq!(writer.record(40).unwrap(), Pending::Full); // 100 bytes pending
+        writer.wait_for_room().unwrap();
+        for _ in 0..20 {
+            writer.record_blocking(60).unwrap();
+        }
+        writer.close().unwrap();
+        let batches = batches.lock().unwrap().clone();
+        assert!(
+            batches.iter().all(|b| b.iter().sum::<u32>() <= 120),
+            "{batches:?}"
+        );
+        assert_eq!(batches.concat().len(), 22);
+    }
+
+    #[test]
+    fn a_caller_waiting_for_room_gets_the_writers_failure() {
+        let limits = Limits {
+            rows: 2,
+            bytes: usize::MAX,
+        };
+        let (writer, _, gate) = gated_writer(NEVER, limits, true);
+        writer.record_blocking(0).unwrap(); // 1 pending
+        writer.record_blocking(1).unwrap(); // full: taken by the writer, which blocks
+        let writer = Arc::new(writer);
+        let waiter = {
+            let writer = Arc::clone(&writer);
+            std::thread::spawn(move || {
+                writer.record_blocking(2)?;
+                writer.record_blocking(3)
+            })
+        };
+        sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished());
+        open_gate(&gate); // the commit fails
+        assert!(matches!(waiter.join().unwrap(), Err(Error::Writer { .. })));
     }
 }

@@ -771,6 +771,86 @@ def test_process_keeps_rows_visible_to_the_writer(tmp_path: Path, open_store: Ca
     assert _saved(store, version) == items
 
 
+_HOLD_WRITE_LOCK = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()
+conn.execute("COMMIT")
+"""
+
+
+def _settled(counter: list[int]) -> int:
+    """``counter[0]`` once it has not moved for 0.2 s."""
+    last = counter[0]
+    while True:
+        time.sleep(0.2)
+        if counter[0] == last:
+            return last
+        last = counter[0]
+
+
+@pytest.mark.parametrize("with_", ["rust", "python"])
+@pytest.mark.parametrize("via", ["record", "process"])
+def test_a_lagging_writer_bounds_the_pending_rows(
+    tmp_path: Path, open_store: Callable[..., Any], with_: str, via: str
+) -> None:
+    """A writer stuck on the disk (here: another connection holds the write lock, so
+    its commit waits in the busy timeout) makes the caller wait once the pending buffer
+    is full, without the GIL: memory and what a crash can lose stay bounded."""
+    from snapperable import _writer
+
+    limit = _core._MAX_PENDING_ROWS if with_ == "rust" else _writer.MAX_PENDING_ROWS
+    assert limit == 16_384
+    store = open_store(with_=with_, synchronous="normal")
+    version = store.add_version("fp", "{}", None)
+    n = 2 * limit + 500
+    done = [0]
+    errors: list[BaseException] = []
+
+    def fn(x: int) -> int:
+        done[0] += 1
+        return x
+
+    def work() -> None:
+        try:
+            if via == "record":
+                for i in range(n):
+                    store.record((blob[16 * i : 16 * i + 16], version, STATUS_OK, None, b"\x80\x04K\x00.",
+                                  None, None, None, 1, 0.0, 0.0))
+                    done[0] += 1
+            else:
+                assert store.process(fn, items, blob, items, version) is None
+        except BaseException as exc:
+            errors.append(exc)
+
+    items = list(range(n))
+    blob = _core.input_keys(items)
+    # In another process: POSIX locks do not exclude connections of one process that
+    # use two copies of SQLite (the Rust core bundles its own).
+    blocker = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_WRITE_LOCK, str(tmp_path / "run.db")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert blocker.stdout is not None and blocker.stdin is not None
+    assert blocker.stdout.readline() == "locked\n"
+    worker = threading.Thread(target=work)
+    try:
+        worker.start()
+        # This thread keeps running: the caller waits with the GIL released.
+        stuck = _settled(done)
+        # The writer took at most one buffer before its commit blocked; one more filled.
+        assert limit - 1 <= stuck <= 2 * limit, stuck
+        assert worker.is_alive()
+    finally:
+        blocker.communicate("commit\n")
+        worker.join()
+    assert errors == []
+    store.flush()
+    assert len(store.key_set(version, STATUS_OK)) == n
+
+
 def test_process_keeps_no_python_objects(open_store: Callable[..., Any]) -> None:
     store = open_store()
     version = store.add_version("fp", "{}", None)

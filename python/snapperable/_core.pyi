@@ -21,6 +21,8 @@ __all__ = [
 ]
 
 BACKEND_NAME: str
+# Private, for tests: pending rows at which record() and process() wait for the writer.
+_MAX_PENDING_ROWS: int
 
 def input_key(obj: object) -> bytes:
     """The 16-byte key that identifies an input across runs and processes."""
