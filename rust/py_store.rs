@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use pyo3::exceptions::{PyException, PyTypeError};
@@ -17,7 +18,7 @@ use crate::errors::Error;
 use crate::keys::{self, Key, KEY_SIZE};
 use crate::py_imports::{builtin_map, json_loads, pickle_loads, row_info_class, version_row_class};
 use crate::py_process::{self, ProcessStop};
-use crate::store::{ItemRow, LatestOutputs, RowInfo, Span, Synchronous};
+use crate::store::{InOrder, ItemRow, LatestOutputs, OutputChunk, RowInfo, Streamed, Synchronous};
 use crate::writer::{Pending, Policy};
 
 /// Rows fetched per query while iterating `rows()`: bounds memory on huge checkpoints.
@@ -25,6 +26,9 @@ const ROWS_PAGE: usize = 1024;
 /// Outputs copied into Python `bytes` at a time before they are unpickled: bounds the
 /// extra memory of a load while keeping the per-output overhead off the binding.
 const UNPICKLE_CHUNK: usize = 4096;
+/// Chunks a streaming load's scan may run ahead of the unpickling: enough to keep both
+/// threads busy, at most a few MiB (`OutputChunk` sizes).
+const CHUNKS_IN_FLIGHT: usize = 8;
 
 /// A compact set of 16-byte input keys.
 #[pyclass(module = "snapperable._core", name = "KeySet")]
@@ -235,27 +239,33 @@ impl PySqliteCheckpoint {
     ) -> PyResult<Bound<'py, PyList>> {
         // Checked before the scan, so bad input costs nothing.
         let wanted = keys::split_keys(keys)?;
-        let (latest, spans) = py.detach(|| -> Result<_, Error> {
+        if let Some(outputs) = self.outputs_in_order(py, version, InOrder::Keys(keys))? {
+            return Ok(outputs);
+        }
+        let (latest, indexes) = py.detach(|| -> Result<_, Error> {
             let latest = self
                 .inner
                 .with_store(|store| store.latest_outputs(version))?;
             // The lookups too run without the GIL; only the unpickling needs it.
-            let spans = latest.spans_for(wanted);
-            Ok((latest, spans))
+            let indexes = latest.indexes_for(wanted)?;
+            Ok((latest, indexes))
         })?;
-        self.unpickle_all(py, &latest, &spans)
+        self.unpickle_all(py, &latest, &indexes)
     }
 
     /// Unpickled latest ok output of every key, in the order each key was first saved.
     fn all_outputs<'py>(&self, py: Python<'py>, version: i64) -> PyResult<Bound<'py, PyList>> {
-        let (latest, spans) = py.detach(|| -> Result<_, Error> {
+        if let Some(outputs) = self.outputs_in_order(py, version, InOrder::DistinctKeys)? {
+            return Ok(outputs);
+        }
+        let (latest, indexes) = py.detach(|| -> Result<_, Error> {
             let latest = self
                 .inner
                 .with_store(|store| store.latest_outputs(version))?;
-            let spans = latest.spans_in_save_order();
-            Ok((latest, spans))
+            let indexes = latest.indexes_in_save_order();
+            Ok((latest, indexes))
         })?;
-        self.unpickle_all(py, &latest, &spans)
+        self.unpickle_all(py, &latest, &indexes)
     }
 
     /// Every row (of `version`, or of all versions if None) in the order saved.
@@ -284,24 +294,84 @@ impl PySqliteCheckpoint {
 }
 
 impl PySqliteCheckpoint {
-    /// The saved outputs at `spans` as Python objects, in order. An output that no
+    /// The outputs of a load when the version's rows are as `expected` (see
+    /// `Store::outputs_in_order`), else None, for the general way.
+    ///
+    /// Two threads: a Rust thread scans the checkpoint (no GIL) and hands over chunks of
+    /// outputs while this one unpickles them straight into the result, so the scan and
+    /// the unpickling overlap and no table or copy of all outputs is ever built. The
+    /// store stays locked throughout (as in any read); the lock is never taken with
+    /// the GIL held, so taking the GIL back per chunk cannot deadlock.
+    ///
+    /// An output that does not unpickle sends the load the general way, which raises
+    /// only if it is an output the answer needs (it may have been superseded).
+    fn outputs_in_order<'py>(
+        &self,
+        py: Python<'py>,
+        version: i64,
+        expected: InOrder<'_>,
+    ) -> PyResult<Option<Bound<'py, PyList>>> {
+        let outputs = PyList::empty(py);
+        let target = outputs.clone().unbind();
+        let (streamed, unpickled_all, interrupt) = py.detach(|| {
+            self.inner.with_store(|store| {
+                std::thread::scope(|scope| {
+                    let (sender, chunks) = mpsc::sync_channel::<OutputChunk>(CHUNKS_IN_FLIGHT);
+                    let scan = scope.spawn(move || {
+                        store
+                            .outputs_in_order(version, expected, |chunk| sender.send(chunk).is_ok())
+                    });
+                    let (mut unpickled_all, mut interrupt) = (true, None);
+                    for chunk in chunks.iter() {
+                        let unpickled =
+                            Python::attach(|py| extend_unpickled(py, target.bind(py), &chunk));
+                        match unpickled {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                unpickled_all = false;
+                                break;
+                            }
+                            Err(err) => {
+                                interrupt = Some(err);
+                                break;
+                            }
+                        }
+                    }
+                    // Stops the scan at its next chunk, if it is still going.
+                    drop(chunks);
+                    let streamed = scan.join().map_err(|_| Error::Checkpoint {
+                        path: self.inner.path().to_owned(),
+                        detail: "the scan thread panicked".to_owned(),
+                    })?;
+                    Ok((streamed, unpickled_all, interrupt))
+                })
+            })
+        })?;
+        if let Some(interrupt) = interrupt {
+            return Err(interrupt);
+        }
+        let complete = streamed? == Streamed::Complete && unpickled_all;
+        Ok(complete.then_some(outputs))
+    }
+
+    /// The saved outputs at `indexes` as Python objects, in order. An output that no
     /// longer unpickles (say, its class was renamed) is reported as damage to the
     /// checkpoint, as the pure backend does.
     fn unpickle_all<'py>(
         &self,
         py: Python<'py>,
         latest: &LatestOutputs,
-        spans: &[Span],
+        indexes: &[u32],
     ) -> PyResult<Bound<'py, PyList>> {
         let outputs = PyList::empty(py);
         let extend = outputs.getattr(intern!(py, "extend"))?;
         let (map, loads) = (builtin_map(py)?, pickle_loads(py)?);
-        for chunk in spans.chunks(UNPICKLE_CHUNK) {
+        for chunk in indexes.chunks(UNPICKLE_CHUNK) {
             let pickles = PyList::new(
                 py,
                 chunk
                     .iter()
-                    .map(|&span| PyBytes::new(py, latest.output(span))),
+                    .map(|&index| PyBytes::new(py, latest.output(index))),
             )?;
             // `outputs.extend(map(loads, pickles))`: the loop over the chunk and each
             // call of `loads` happen in C, with no argument tuple per output.
@@ -322,6 +392,25 @@ impl PySqliteCheckpoint {
         });
         corrupt.set_cause(py, Some(err));
         corrupt
+    }
+}
+
+/// `outputs.extend(map(pickle.loads, chunk))`. Ok(false) if an output did not unpickle
+/// (an `Exception`); anything else (Ctrl-C) is raised.
+fn extend_unpickled(
+    py: Python<'_>,
+    outputs: &Bound<'_, PyList>,
+    chunk: &OutputChunk,
+) -> PyResult<bool> {
+    let pickles = PyList::new(py, chunk.outputs().map(|output| PyBytes::new(py, output)))?;
+    let (map, loads) = (builtin_map(py)?, pickle_loads(py)?);
+    let extended = outputs
+        .getattr(intern!(py, "extend"))?
+        .call1((map.call1((loads, pickles))?,));
+    match extended {
+        Ok(_) => Ok(true),
+        Err(err) if err.is_instance_of::<PyException>(py) => Ok(false),
+        Err(err) => Err(err),
     }
 }
 

@@ -383,6 +383,133 @@ def test_agrees_with_pure_backend_and_reads_its_files(open_store: Callable[..., 
         store.close()
 
 
+# -- loads: the in-order fast path and the general one ------------------------------------
+# A load streams the outputs while it checks the rows are one per wanted key, in order,
+# with no key twice; anything else (a later row superseding an earlier one, repeated,
+# reordered or missing keys) must give exactly what the pure backend gives.
+
+_BAD_PICKLE = b"\x80\x04not a pickle"
+
+
+def _row(i: int, version: int, kind: str) -> ItemRow:
+    if kind == "ok":
+        return _ok(i, version, f"out {i}")
+    if kind == "again":
+        return _ok(i, version, f"again {i}")
+    if kind == "none":  # ok without an output: read as no output, as the pure backend does
+        return (_key(i), version, STATUS_OK, None, None, None, None, None, 1, 0.0, 0.0)
+    if kind == "bad":
+        return (_key(i), version, STATUS_OK, None, _BAD_PICKLE, None, None, None, 1, 0.0, 0.0)
+    assert kind == "failed"
+    return _failed(i, version)
+
+
+def _load_both(
+    open_store: Callable[..., Any], rows: list[tuple[int, str]], wanted: list[int], other: bool = False
+) -> dict[str, Any]:
+    """outputs_for(wanted) and all_outputs from each backend, or the error each raised."""
+    got: dict[str, Any] = {}
+    blob = b"".join(_key(i) for i in wanted)
+    for name in ("rust", "python"):
+        store = open_store(f"{name}-{len(got)}-{os.urandom(4).hex()}.db", with_=name)
+        version = store.add_version("fp", "{}", None)
+        v2 = store.add_version("fp2", "{}", None)
+        for i, kind in rows:
+            store.record(_row(i, version, kind))
+            if other:  # rows of another version in between: not part of this one
+                store.record(_row(i, v2, "again"))
+        store.flush()
+        for what in ("for", "all"):
+            try:
+                got[f"{name} {what}"] = (
+                    store.outputs_for(version, blob) if what == "for" else store.all_outputs(version)
+                )
+            except CheckpointCorruptError:
+                got[f"{name} {what}"] = "corrupt"
+        store.close()
+    return got
+
+
+LOAD_CASES: dict[str, tuple[list[tuple[int, str]], list[int]]] = {
+    "in order": ([(1, "ok"), (2, "ok"), (3, "ok")], [1, 2, 3]),
+    "in order, a failed row": ([(1, "ok"), (2, "failed"), (3, "ok")], [1, 2, 3]),
+    "in order, an ok row without output": ([(1, "ok"), (2, "none"), (3, "ok")], [1, 2, 3]),
+    "superseded by a later row": ([(1, "ok"), (2, "ok"), (3, "ok"), (1, "again")], [1, 2, 3]),
+    "superseded, keys repeated alike": ([(1, "ok"), (1, "again")], [1, 1]),
+    "success superseded by failure": ([(1, "ok"), (2, "ok"), (1, "failed")], [1, 2]),
+    "failure superseded by success": ([(1, "failed"), (2, "ok"), (1, "ok")], [1, 2]),
+    "repeated keys": ([(1, "ok"), (2, "ok")], [1, 2, 1, 1]),
+    "reordered keys": ([(1, "ok"), (2, "ok"), (3, "ok")], [3, 1, 2]),
+    "missing keys": ([(1, "ok"), (2, "ok")], [1, 9, 2, 8]),
+    "fewer keys than rows": ([(1, "ok"), (2, "ok"), (3, "ok")], [1, 2]),
+    "no keys": ([(1, "ok")], []),
+    "no rows": ([], [1, 2]),
+    "nothing": ([], []),
+    "bad pickle superseded": ([(1, "bad"), (2, "ok"), (1, "ok")], [1, 2]),
+    "bad pickle latest": ([(1, "ok"), (2, "bad")], [1, 2]),
+    "bad pickle not wanted": ([(1, "ok"), (2, "bad")], [1]),
+}
+
+
+@pytest.mark.parametrize("other", [False, True], ids=["one version", "versions interleaved"])
+@pytest.mark.parametrize("case", list(LOAD_CASES))
+def test_loads_agree_with_pure(open_store: Callable[..., Any], case: str, other: bool) -> None:
+    rows, wanted = LOAD_CASES[case]
+    got = _load_both(open_store, rows, wanted, other)
+    assert got["rust for"] == got["python for"]
+    assert got["rust all"] == got["python all"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.integers(0, 6), st.sampled_from(["ok", "again", "failed", "none"])),
+                  max_size=12),
+    wanted=st.lists(st.integers(0, 7), max_size=10),
+    in_order=st.booleans(),
+)
+def test_loads_agree_with_pure_on_any_rows(
+    tmp_path_factory: pytest.TempPathFactory,
+    rows: list[tuple[int, str]],
+    wanted: list[int],
+    in_order: bool,
+) -> None:
+    if in_order:  # the keys of the rows as saved: the shape the fast path looks for
+        wanted = [i for i, _ in rows]
+    directory = tmp_path_factory.mktemp("loads")
+    got: dict[str, Any] = {}
+    blob = b"".join(_key(i) for i in wanted)
+    for name in ("rust", "python"):
+        store = OPENERS[name](str(directory / f"{name}.db"), "normal", 1, None)
+        version = store.add_version("fp", "{}", None)
+        for i, kind in rows:
+            store.record(_row(i, version, kind))
+        store.flush()
+        got[name] = (store.outputs_for(version, blob), store.all_outputs(version))
+        store.close()
+    assert got["rust"] == got["python"]
+
+
+@pytest.mark.parametrize("late", ["none", "superseding row", "repeated key", "bad pickle"])
+def test_long_loads_agree_with_pure(open_store: Callable[..., Any], late: str) -> None:
+    """Many chunks of outputs: a reason to leave the fast path found only at the end."""
+    n = 20_000
+    rows = [(i, "ok") for i in range(n)]
+    wanted = list(range(n))
+    if late == "superseding row":
+        rows.append((5, "again"))
+    elif late == "repeated key":
+        rows.append((5, "again"))
+        wanted.append(5)
+    elif late == "bad pickle":
+        rows[n - 10] = (n - 10, "bad")
+        rows.append((n - 10, "ok"))
+    got = _load_both(open_store, rows, wanted)
+    assert got["rust for"] == got["python for"]
+    assert got["rust all"] == got["python all"]
+    if late == "none":
+        assert got["rust for"] == [f"out {i}" for i in range(n)]
+
+
 def test_new_file_is_private_and_says_who_made_it(tmp_path: Path, open_store: Callable[..., Any]) -> None:
     open_store("fresh.db").close()
     path = tmp_path / "fresh.db"

@@ -264,7 +264,11 @@ class Snapper(Generic[T, R]):
         """Keys of the current iterable in order; from the last complete ``start`` if any."""
         if self._key_chunks is None:
             self._key_chunks = [self._keys_of(chunk) for chunk in self._chunks()]
-        return b"".join(self._key_chunks)
+        if len(self._key_chunks) != 1:
+            # Kept joined from now on: one copy of the keys, not the chunks plus a join
+            # per load (3M inputs: 48 MB less while load() builds its result).
+            self._key_chunks = [b"".join(self._key_chunks)]
+        return self._key_chunks[0]
 
     def _chunks(self) -> Iterator[list[T]]:
         """The iterable, ``CHUNK`` items at a time: read lazily, never all at once."""
