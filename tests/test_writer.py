@@ -96,3 +96,16 @@ def test_failure_is_raised_on_every_later_call() -> None:
     with pytest.raises(WriterError):
         writer.close()
     assert sink.rows == [0, 1, 2]
+
+
+def test_pending_bytes_are_bounded() -> None:
+    sink = SlowSink(delay=0.005)
+    writer: GroupCommitWriter[int] = GroupCommitWriter(
+        sink, batch_size=10**9, max_wait_time=None, name="t",
+        max_pending_bytes=1000, size_of=lambda rows: 100 * len(rows),
+    )
+    for i in range(300):
+        writer.record(i, 100)  # ten rows fill the byte budget
+    writer.close()
+    assert sink.rows == list(range(300))
+    assert max(len(batch) for batch in sink.batches) <= 10

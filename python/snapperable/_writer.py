@@ -15,7 +15,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Generic, Optional, Sequence, TypeVar
 
-from snapperable._backend import STATUS_OK, ItemRow, ProcessStop
+from snapperable._backend import ROW_OUTPUT, STATUS_OK, ItemRow, ProcessStop
 from snapperable.errors import CheckpointError, WriterError
 from snapperable.keys import KEY_SIZE
 
@@ -26,6 +26,9 @@ PICKLE_PROTOCOL = 4  # of the outputs, as in the file formats
 # with the loop) would otherwise let the buffer grow without bound: memory, and the
 # work a crash can lose, both grow with it.
 MAX_PENDING_ROWS = 16_384
+# ... and at most this many bytes of pickled output (as in the Rust core), since large
+# outputs would make even 16,384 rows gigabytes.
+MAX_PENDING_BYTES = 64 << 20
 
 Row = TypeVar("Row")
 
@@ -47,9 +50,17 @@ class GroupCommitWriter(Generic[Row]):
         max_wait_time: Optional[float],
         name: str,
         max_pending: int = MAX_PENDING_ROWS,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
+        size_of: Callable[[list[Row]], int] = len,
     ) -> None:
         self._commit = commit
         self._max_pending = max_pending
+        self._max_pending_bytes = max_pending_bytes
+        # Bytes given to record() minus bytes the writer took: each counter has one
+        # writer thread, so neither needs the lock. `size_of` measures a taken batch.
+        self._recorded_bytes = 0
+        self._taken_bytes = 0
+        self._size_of = size_of
         self._batch_size = batch_size
         self._max_wait_time = max_wait_time
         self._name = name
@@ -67,7 +78,8 @@ class GroupCommitWriter(Generic[Row]):
         self._thread = threading.Thread(target=self._run, name=f"snapperable-writer {name}", daemon=True)
         self._thread.start()
 
-    def record(self, row: Row) -> None:
+    def record(self, row: Row, size: int = 0) -> None:
+        """Hand ``row`` (of ``size`` bytes, as ``size_of`` counts them) to the writer."""
         if self._error is not None:
             self._raise_error()
         if self._closing:
@@ -84,15 +96,22 @@ class GroupCommitWriter(Generic[Row]):
         if self._writer_idle and (waiting >= self._batch_size or self._max_wait_time is not None):
             with self._cond:
                 self._cond.notify()
-        if waiting >= self._max_pending:
+        self._recorded_bytes += size
+        if waiting >= self._max_pending or self._pending_bytes() >= self._max_pending_bytes:
             self._wait_for_room()
+
+    def _pending_bytes(self) -> int:
+        return self._recorded_bytes - self._taken_bytes
 
     def _wait_for_room(self) -> None:
         """Block until the writer has taken the pending rows (it commits a full buffer
         whatever ``batch_size`` says)."""
         with self._cond:
             self._cond.notify_all()
-            while len(self._pending) >= self._max_pending and self._error is None:
+            while self._error is None and (
+                len(self._pending) >= self._max_pending
+                or self._pending_bytes() >= self._max_pending_bytes
+            ):
                 self._cond.wait()
             if self._error is not None:
                 self._raise_error()
@@ -130,6 +149,7 @@ class GroupCommitWriter(Generic[Row]):
         if (
             self._closing
             or len(self._pending) >= min(self._batch_size, self._max_pending)
+            or self._pending_bytes() >= self._max_pending_bytes
             or self._flush_wanted > self._committed
         ):
             return True
@@ -150,6 +170,7 @@ class GroupCommitWriter(Generic[Row]):
                     self._cond.wait(timeout)
                 self._writer_idle = False
                 batch = [pending.popleft() for _ in range(len(pending))]
+                self._taken_bytes += self._size_of(batch)
                 self._cond.notify_all()  # a caller waiting for room may go on
             try:
                 self._commit(batch)
@@ -170,18 +191,21 @@ class WriterBackedStore:
     stops the writer, then ``_release`` lets go of the file.
     """
 
-    # Bound straight to the writer's methods: the Snapper calls `record` once per item,
-    # and a forwarding method would add a Python call to each.
-    record: Callable[[ItemRow], None]
-    flush: Callable[[], None]
+    flush: Callable[[], None]  # bound straight to the writer's
 
     def _start_writer(self, path: str, batch_size: int, max_wait_time: Optional[float]) -> None:
         self._writer: GroupCommitWriter[ItemRow] = GroupCommitWriter(
-            self._commit, batch_size=batch_size, max_wait_time=max_wait_time, name=path
+            self._commit,
+            batch_size=batch_size,
+            max_wait_time=max_wait_time,
+            name=path,
+            size_of=_output_bytes,
         )
-        self.record = self._writer.record
         self.flush = self._writer.flush
         self._closed = False
+
+    def record(self, row: ItemRow) -> None:
+        self._writer.record(row, len(row[ROW_OUTPUT] or b""))
 
     def process(
         self,
@@ -192,7 +216,7 @@ class WriterBackedStore:
         version: int,
     ) -> Optional[ProcessStop]:
         """The per-item hot loop of the pure-Python backend (contract in ``_backend``)."""
-        record = self.record
+        record = self._writer.record  # the hot path: no forwarding call per item
         now = time.time
         dumps = pickle.dumps
         for index, position in enumerate(positions):
@@ -206,7 +230,8 @@ class WriterBackedStore:
                 # returned by fn: the exception came from pickling it.
                 return index, started, exc, output is not None, output
             key = keys[position * KEY_SIZE : (position + 1) * KEY_SIZE]
-            record((key, version, STATUS_OK, None, payload, None, None, None, 1, started, now()))
+            row = (key, version, STATUS_OK, None, payload, None, None, None, 1, started, now())
+            record(row, len(payload))
         return None
 
     def _commit(self, rows: list[ItemRow]) -> None:
@@ -224,3 +249,8 @@ class WriterBackedStore:
             self._writer.close()
         finally:
             self._release()
+
+
+def _output_bytes(rows: list[ItemRow]) -> int:
+    """What ``process`` counts of a row's size: its pickled output."""
+    return sum(len(row[ROW_OUTPUT] or b"") for row in rows)
