@@ -11,7 +11,7 @@ use pyo3::types::{
     PyTuple,
 };
 
-use crate::keys::{self, tag, KEY_SIZE, MAX_DEPTH};
+use crate::keys::{self, tag, KeyBatch, MAX_DEPTH};
 use crate::py_imports::pickle_dumps;
 
 const PICKLE_PROTOCOL: u8 = 4;
@@ -27,14 +27,13 @@ pub fn input_key<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> 
 /// The keys of `objs`, concatenated (16 bytes each).
 #[pyfunction]
 pub fn input_keys<'py>(objs: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
-    let mut out = Vec::with_capacity(objs.len().unwrap_or(0) * KEY_SIZE);
-    let mut canon = Vec::new();
+    // Encoded one by one (that needs the objects), hashed all together.
+    let mut batch = KeyBatch::with_capacity(objs.len().unwrap_or(0));
     for obj in objs.try_iter()? {
-        canon.clear();
-        canon_into(&obj?, 0, &mut canon)?;
-        out.extend_from_slice(&keys::key_of_canon(&canon));
+        canon_into(&obj?, 0, batch.begin())?;
+        batch.finish();
     }
-    Ok(PyBytes::new(objs.py(), &out))
+    Ok(PyBytes::new(objs.py(), &batch.keys()))
 }
 
 /// Appends `canon(obj)` to `out`; `depth` is how many containers enclose `obj`.

@@ -33,7 +33,13 @@ const CHUNKS_IN_FLIGHT: usize = 8;
 /// A compact set of 16-byte input keys.
 #[pyclass(module = "snapperable._core", name = "KeySet")]
 #[derive(Default)]
-pub struct PyKeySet(keys::KeySet);
+pub struct PyKeySet(keys::ClaimSet);
+
+impl PyKeySet {
+    fn table(table: keys::KeySet) -> Self {
+        PyKeySet(keys::ClaimSet::from(table))
+    }
+}
 
 #[pymethods]
 impl PyKeySet {
@@ -41,11 +47,11 @@ impl PyKeySet {
         self.0.len()
     }
 
-    fn __contains__(&self, key: &Bound<'_, PyAny>) -> bool {
+    fn __contains__(&mut self, key: &Bound<'_, PyAny>) -> bool {
         key.cast::<PyBytes>()
             .ok()
             .and_then(|bytes| Key::try_from(bytes.as_bytes()).ok())
-            .is_some_and(|key| self.0.contains(&key))
+            .is_some_and(|key| self.0.table().contains(&key))
     }
 
     /// The keys, as of the call, in no particular order.
@@ -54,7 +60,7 @@ impl PyKeySet {
     }
 
     fn add(&mut self, key: &[u8]) -> PyResult<()> {
-        self.0.insert(key_from(key)?);
+        self.0.table().insert(key_from(key)?);
         Ok(())
     }
 
@@ -189,13 +195,13 @@ impl PySqliteCheckpoint {
             self.inner
                 .with_store(|store| store.key_set(version, status))
         })?;
-        Ok(PyKeySet(keys))
+        Ok(PyKeySet::table(keys))
     }
 
     /// `(ok, failed)`: keys whose latest row of `version` is ok, and failed; one scan.
     fn key_sets(&self, py: Python<'_>, version: i64) -> PyResult<(PyKeySet, PyKeySet)> {
         let (ok, failed) = py.detach(|| self.inner.with_store(|store| store.key_sets(version)))?;
-        Ok((PyKeySet(ok), PyKeySet(failed)))
+        Ok((PyKeySet(ok), PyKeySet::table(failed)))
     }
 
     /// Buffers one `ItemRow` for the writer; converted here, so no Python object is kept.

@@ -16,8 +16,8 @@ use rusqlite::{
 
 use crate::errors::{Error, Result};
 use crate::keys::{
-    all_distinct, key_prefix, keys_distinct, order_for_table, Key, KeyMap, KeySet, KeyVersion,
-    KeyVersionMap, KEY_SIZE,
+    all_distinct, key_prefix, keys_distinct, order_for_table, ClaimSet, Key, KeyMap, KeySet,
+    KeyVersion, KeyVersionMap, KEY_SIZE,
 };
 
 /// The one schema, shared with the pure-Python backend.
@@ -484,8 +484,18 @@ impl Store {
 
     /// The keys whose latest row of `version` is ok, and those whose latest row failed:
     /// what a run skips, from one scan.
-    pub fn key_sets(&self, version: i64) -> Result<(KeySet, KeySet)> {
-        let rows = self.key_status_rows(version)?;
+    ///
+    /// When every row is ok and no key repeats (a run that finished without failures),
+    /// the ok keys are handed over as the list the scan found, in the order saved: the
+    /// run that resumes claims them in that very order, by comparing bytes, and no
+    /// table of them is built unless a claim asks for something else.
+    pub fn key_sets(&self, version: i64) -> Result<(ClaimSet, KeySet)> {
+        let (keys, statuses) = self.key_status_columns(version)?;
+        if statuses.iter().all(|&status| status == STATUS_OK) && keys_distinct(&keys) {
+            return Ok((ClaimSet::listed(keys)?, KeySet::new()));
+        }
+        let rows = key_status_rows(&keys, statuses);
+        drop(keys);
         // Almost every key of a finished run is ok: size that set for all rows at once.
         let mut ok = KeySet::with_capacity(rows.len());
         let mut failed = KeySet::new();
@@ -504,7 +514,7 @@ impl Store {
                 }
             }
         }
-        Ok((ok, failed))
+        Ok((ClaimSet::from(ok), failed))
     }
 
     /// Keys whose latest row, within some version, has `status`.
@@ -533,25 +543,29 @@ impl Store {
     /// `(key, status)` of each row of `version`, in table order (see `order_for_table`);
     /// the rows of one key stay in the order saved.
     fn key_status_rows(&self, version: i64) -> Result<Vec<(Key, i64)>> {
+        let (keys, statuses) = self.key_status_columns(version)?;
+        Ok(key_status_rows(&keys, statuses))
+    }
+
+    /// The keys (concatenated) and statuses of the rows of `version`, in the order saved.
+    fn key_status_columns(&self, version: i64) -> Result<(Vec<u8>, Vec<i64>)> {
         // No index on `key` by design (appends stay sequential), so this is one scan.
-        let mut rows = Vec::with_capacity(self.row_bound()?);
-        {
-            let _mapped = self.mapped_for_scan()?;
-            let mut stmt = self
-                .conn
-                .prepare_cached(
-                    "SELECT seq, key, status FROM items WHERE version = ?1 ORDER BY seq",
-                )
-                .map_err(|e| self.fail(e))?;
-            let mut found = stmt.query([version]).map_err(|e| self.fail(e))?;
-            while let Some(row) = found.next().map_err(|e| self.fail(e))? {
-                let key = self.key_at(row, 1)?;
-                let status: i64 = row.get(2).map_err(|e| self.fail(e))?;
-                rows.push((key, status));
-            }
+        let bound = self.row_bound()?;
+        let mut keys = Vec::with_capacity(bound.saturating_mul(KEY_SIZE));
+        let mut statuses = Vec::with_capacity(bound);
+        let _mapped = self.mapped_for_scan()?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, key, status FROM items WHERE version = ?1 ORDER BY seq")
+            .map_err(|e| self.fail(e))?;
+        let mut found = stmt.query([version]).map_err(|e| self.fail(e))?;
+        while let Some(row) = found.next().map_err(|e| self.fail(e))? {
+            let key = self.key_at(row, 1)?;
+            let status: i64 = row.get(2).map_err(|e| self.fail(e))?;
+            keys.extend_from_slice(&key);
+            statuses.push(status);
         }
-        order_for_table(&mut rows, |row| &row.0);
-        Ok(rows)
+        Ok((keys, statuses))
     }
 
     /// Maps the file into memory until the returned guard is dropped.
@@ -789,6 +803,22 @@ impl Store {
     }
 }
 
+/// `(key, status)` pairs of concatenated keys and their statuses, in table order (see
+/// `order_for_table`); the rows of one key stay in the order saved.
+fn key_status_rows(keys: &[u8], statuses: Vec<i64>) -> Vec<(Key, i64)> {
+    let mut rows: Vec<(Key, i64)> = keys
+        .chunks_exact(KEY_SIZE)
+        .map(|chunk| {
+            let mut key = [0u8; KEY_SIZE];
+            key.copy_from_slice(chunk);
+            key
+        })
+        .zip(statuses)
+        .collect();
+    order_for_table(&mut rows, |row| &row.0);
+    rows
+}
+
 /// Unmaps the file when a scan ends, however it ends.
 struct MappedScan<'a>(&'a Connection);
 
@@ -915,8 +945,9 @@ pub(crate) mod tests {
         let failed_anywhere = store.key_set(None, 1).unwrap();
         assert_eq!(failed_anywhere.len(), 2); // key 3 in v1, key 1 in v2
 
-        let (ok, failed) = store.key_sets(v1).unwrap();
+        let (mut ok, failed) = store.key_sets(v1).unwrap();
         assert_eq!((ok.len(), failed.len()), (2, 1));
+        let ok = ok.table();
         assert!(ok.contains(&[1; 16]) && ok.contains(&[2; 16]) && failed.contains(&[3; 16]));
 
         let latest = store.latest_outputs(v1).unwrap();
@@ -1091,5 +1122,27 @@ pub(crate) mod tests {
             streamed(&store, v2, InOrder::Keys(&many)),
             (vec![], Streamed::NotInOrder)
         );
+    }
+
+    #[test]
+    fn key_sets_of_a_finished_run_claim_in_order() {
+        let dir = TempDir::new();
+        let mut store = Store::open(&dir.file("run.db"), Synchronous::Normal).unwrap();
+        let v1 = store.add_version("fp1", "{}", None).unwrap();
+        let rows: Vec<ItemRow> = (1..=5).map(|k| row(k, v1, 0, Some(&[k]))).collect();
+        store.append(&rows).unwrap();
+        let (mut ok, failed) = store.key_sets(v1).unwrap();
+        assert_eq!((ok.len(), failed.len()), (5, 0));
+        assert_eq!(ok.claim(&keys_of(&[1, 2, 3])).unwrap(), Vec::<usize>::new());
+        assert_eq!(ok.claim(&keys_of(&[4, 5, 6, 1])).unwrap(), vec![2]);
+        assert_eq!(ok.len(), 6);
+
+        // A failure, then a retry that succeeded: the general fold, same answers.
+        store
+            .append(&[row(6, v1, 1, None), row(6, v1, 0, Some(b"6"))])
+            .unwrap();
+        let (mut ok, failed) = store.key_sets(v1).unwrap();
+        assert_eq!((ok.len(), failed.len()), (6, 0));
+        assert_eq!(ok.claim(&keys_of(&[7, 6, 1])).unwrap(), vec![0]);
     }
 }

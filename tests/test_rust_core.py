@@ -510,6 +510,36 @@ def test_long_loads_agree_with_pure(open_store: Callable[..., Any], late: str) -
         assert got["rust for"] == [f"out {i}" for i in range(n)]
 
 
+@pytest.mark.parametrize("shape", ["finished", "with a retried failure"])
+def test_key_sets_of_a_finished_run_claim_as_pure_does(open_store: Callable[..., Any], shape: str) -> None:
+    """A finished run's ok keys come back as the list the scan found (claims in that
+    order need no table): every use must still answer as the pure backend's set."""
+    results = {}
+    for name in ("rust", "python"):
+        store = open_store(f"{name}.db", with_=name)
+        version = store.add_version("fp", "{}", None)
+        for i in range(3000):
+            store.record(_ok(i, version, i))
+        if shape != "finished":
+            store.record(_failed(3000, version))
+            store.record(_ok(3000, version, 3000))
+        store.flush()
+        ok, failed = store.key_sets(version)
+        seen: list[Any] = [len(ok), len(failed)]
+        blob = b"".join(_key(i) for i in range(3010))
+        for start, end in [(0, 1024), (1024, 2048), (2048, 3010), (5, 7)]:
+            seen.append(ok.claim(blob[16 * start : 16 * end]))
+            seen.append(len(ok))
+        seen.append(_key(3005) in ok)
+        ok2, _ = store.key_sets(version)
+        seen.append(sorted(ok2) == sorted(_key(i) for i in range(3000 + (shape != "finished"))))
+        seen.append(_key(17) in ok2)
+        ok2.add(_key(5000))
+        seen.append(len(ok2))
+        results[name] = seen
+    assert results["rust"] == results["python"]
+
+
 def test_new_file_is_private_and_says_who_made_it(tmp_path: Path, open_store: Callable[..., Any]) -> None:
     open_store("fresh.db").close()
     path = tmp_path / "fresh.db"
