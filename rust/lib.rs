@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod errors;
 pub mod keys;
+pub mod pickles;
 pub mod store;
 pub mod writer;
 

@@ -11,11 +11,12 @@ use std::time::Duration;
 use pyo3::exceptions::{PyException, PyTypeError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple};
 
 use crate::checkpoint::Checkpoint;
 use crate::errors::Error;
 use crate::keys::{self, Key, KEY_SIZE};
+use crate::pickles::{read_simple, Simple};
 use crate::py_imports::{builtin_map, json_loads, pickle_loads, row_info_class, version_row_class};
 use crate::py_process::{self, ProcessStop};
 use crate::store::{InOrder, ItemRow, LatestOutputs, OutputChunk, RowInfo, Streamed, Synchronous};
@@ -370,19 +371,9 @@ impl PySqliteCheckpoint {
         indexes: &[u32],
     ) -> PyResult<Bound<'py, PyList>> {
         let outputs = PyList::empty(py);
-        let extend = outputs.getattr(intern!(py, "extend"))?;
-        let (map, loads) = (builtin_map(py)?, pickle_loads(py)?);
         for chunk in indexes.chunks(UNPICKLE_CHUNK) {
-            let pickles = PyList::new(
-                py,
-                chunk
-                    .iter()
-                    .map(|&index| PyBytes::new(py, latest.output(index))),
-            )?;
-            // `outputs.extend(map(loads, pickles))`: the loop over the chunk and each
-            // call of `loads` happen in C, with no argument tuple per output.
-            extend
-                .call1((map.call1((loads, pickles))?,))
+            let pickles = chunk.iter().map(|&index| latest.output(index));
+            extend_with_values(py, &outputs, pickles)
                 .map_err(|err| self.unpickling_failed(py, err))?;
         }
         Ok(outputs)
@@ -401,20 +392,57 @@ impl PySqliteCheckpoint {
     }
 }
 
-/// `outputs.extend(map(pickle.loads, chunk))`. Ok(false) if an output did not unpickle
-/// (an `Exception`); anything else (Ctrl-C) is raised.
+/// Appends the values of `pickles` to `outputs`, in order: simple ones read in Rust
+/// (`pickles::read_simple`), the rest through `outputs.extend(map(pickle.loads, ...))`
+/// (the loop and each call of `loads` in C, no argument tuple per output).
+fn extend_with_values<'a, 'py>(
+    py: Python<'py>,
+    outputs: &Bound<'py, PyList>,
+    pickles: impl ExactSizeIterator<Item = &'a [u8]>,
+) -> PyResult<()> {
+    let mut pickles = pickles.peekable();
+    while let Some(&pickle) = pickles.peek() {
+        if let Some(value) = read_simple(pickle) {
+            outputs.append(simple_value(py, value)?)?;
+            pickles.next();
+            continue;
+        }
+        // The run of outputs that need pickle.loads, up to the next simple one.
+        let mut run = Vec::new();
+        while let Some(&pickle) = pickles.peek() {
+            if read_simple(pickle).is_some() && !run.is_empty() {
+                break;
+            }
+            run.push(PyBytes::new(py, pickle));
+            pickles.next();
+        }
+        let (map, loads) = (builtin_map(py)?, pickle_loads(py)?);
+        outputs
+            .getattr(intern!(py, "extend"))?
+            .call1((map.call1((loads, PyList::new(py, run)?))?,))?;
+    }
+    Ok(())
+}
+
+fn simple_value<'py>(py: Python<'py>, value: Simple<'_>) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match value {
+        Simple::Int(int) => int.into_pyobject(py)?.into_any(),
+        Simple::Float(float) => PyFloat::new(py, float).into_any(),
+        Simple::None => py.None().into_bound(py),
+        Simple::Bool(flag) => PyBool::new(py, flag).to_owned().into_any(),
+        Simple::Str(text) => PyString::new(py, text).into_any(),
+    })
+}
+
+/// [`extend_with_values`] of a chunk. Ok(false) if an output did not unpickle (an
+/// `Exception`); anything else (Ctrl-C) is raised.
 fn extend_unpickled(
     py: Python<'_>,
     outputs: &Bound<'_, PyList>,
     chunk: &OutputChunk,
 ) -> PyResult<bool> {
-    let pickles = PyList::new(py, chunk.outputs().map(|output| PyBytes::new(py, output)))?;
-    let (map, loads) = (builtin_map(py)?, pickle_loads(py)?);
-    let extended = outputs
-        .getattr(intern!(py, "extend"))?
-        .call1((map.call1((loads, pickles))?,));
-    match extended {
-        Ok(_) => Ok(true),
+    match extend_with_values(py, outputs, chunk.outputs()) {
+        Ok(()) => Ok(true),
         Err(err) if err.is_instance_of::<PyException>(py) => Ok(false),
         Err(err) => Err(err),
     }

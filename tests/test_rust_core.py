@@ -540,6 +540,57 @@ def test_key_sets_of_a_finished_run_claim_as_pure_does(open_store: Callable[...,
     assert results["rust"] == results["python"]
 
 
+_SIMPLE_VALUES: list[object] = [
+    0, 1, 255, 256, 65535, 65536, -1, -255, -256, 2**31 - 1, 2**31, -2**31, -2**31 - 1,
+    2**62, 2**63 - 1, 2**63, -2**63, -2**63 - 1, 2**200, -2**200,
+    0.0, -0.0, 1.5, -1e300, 5e-324, math.inf, -math.inf, math.nan,
+    None, True, False, "", "hi", "h\u00e9", "\U0001f600", "x" * 255, "x" * 256, "\ud800",
+    b"", b"bytes", [], [1], (1, 2), {"a": 1}, Color.RED, Name("sub"), 1 + 2j,
+]
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal, of the same type, and the same float bits (nan, -0.0)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return struct.pack("<d", a) == struct.pack("<d", b)
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize("path", ["in order", "general"])
+def test_loads_read_simple_outputs_exactly_as_pickle_does(open_store: Callable[..., Any], path: str) -> None:
+    """Ints, floats, None, bools and short strs are read without pickle.loads: the
+    values must be the very ones pickle.loads gives, and everything else unpickled."""
+    store = open_store()
+    version = store.add_version("fp", "{}", None)
+    for i, value in enumerate(_SIMPLE_VALUES):
+        store.record(_ok(i, version, value))
+    if path == "general":  # a superseding row sends the load the general way
+        store.record(_ok(0, version, 0))
+    store.flush()
+    keys_blob = b"".join(_key(i) for i in range(len(_SIMPLE_VALUES)))
+    for got in (store.outputs_for(version, keys_blob), store.all_outputs(version)):
+        assert len(got) == len(_SIMPLE_VALUES)
+        for value, read in zip(_SIMPLE_VALUES, got):
+            assert _same(pickle.loads(pickle.dumps(value, protocol=4)), read), (value, read)
+
+
+@settings(max_examples=40, deadline=None)
+@given(values=st.lists(st.one_of(st.integers(), st.floats(), st.text(max_size=300), st.none(),
+                                  st.booleans(), st.binary(max_size=5)), max_size=30))
+def test_loads_read_any_scalars_as_pickle_does(
+    tmp_path_factory: pytest.TempPathFactory, values: list[object]
+) -> None:
+    store = _core.open_sqlite(str(tmp_path_factory.mktemp("scalars") / "run.db"), "normal", 1, None)
+    version = store.add_version("fp", "{}", None)
+    for i, value in enumerate(values):
+        store.record(_ok(i, version, value))
+    store.flush()
+    got = store.outputs_for(version, b"".join(_key(i) for i in range(len(values))))
+    store.close()
+    assert len(got) == len(values)
+    assert all(_same(value, read) for value, read in zip(values, got))
+
+
 def test_new_file_is_private_and_says_who_made_it(tmp_path: Path, open_store: Callable[..., Any]) -> None:
     open_store("fresh.db").close()
     path = tmp_path / "fresh.db"
