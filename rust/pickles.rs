@@ -96,6 +96,64 @@ pub fn read_simple(pickle: &[u8]) -> Option<Simple<'_>> {
     (rest == [STOP]).then_some(value)
 }
 
+/// `pickle.dumps(value, 4)` of a simple value, byte for byte as CPython's pickler
+/// writes it (so files do not depend on which backend saved them); `None` for a str
+/// of 256 UTF-8 bytes or more, which the caller leaves to `pickle.dumps`.
+pub fn dump_simple(value: Simple<'_>) -> Option<Vec<u8>> {
+    let mut body: Vec<u8> = Vec::with_capacity(16);
+    match value {
+        Simple::Int(int) => {
+            if let Ok(byte) = u8::try_from(int) {
+                body.extend_from_slice(&[BININT1, byte]);
+            } else if let Ok(short) = u16::try_from(int) {
+                body.push(BININT2);
+                body.extend_from_slice(&short.to_le_bytes());
+            } else if let Ok(word) = i32::try_from(int) {
+                body.push(BININT);
+                body.extend_from_slice(&word.to_le_bytes());
+            } else {
+                // encode_long: (bit length of |int|) / 8 + 1 bytes of two's complement,
+                // less a redundant top 0xff of a negative number.
+                let bits = 64 - int.unsigned_abs().leading_zeros() as usize;
+                let mut length = bits / 8 + 1;
+                let bytes = i128::from(int).to_le_bytes();
+                if int < 0
+                    && length > 1
+                    && bytes.get(length - 1) == Some(&0xff)
+                    && bytes.get(length - 2).is_some_and(|&byte| byte & 0x80 != 0)
+                {
+                    length -= 1;
+                }
+                body.push(LONG1);
+                body.push(u8::try_from(length).ok()?);
+                body.extend_from_slice(bytes.get(..length)?);
+            }
+        }
+        Simple::Float(float) => {
+            body.push(BINFLOAT);
+            body.extend_from_slice(&float.to_be_bytes());
+        }
+        Simple::None => body.push(NONE),
+        Simple::Bool(flag) => body.push(if flag { NEWTRUE } else { NEWFALSE }),
+        Simple::Str(text) => {
+            body.push(SHORT_BINUNICODE);
+            body.push(u8::try_from(text.len()).ok()?);
+            body.extend_from_slice(text.as_bytes());
+            body.push(MEMOIZE);
+        }
+    }
+    body.push(STOP);
+    let mut pickle = Vec::with_capacity(body.len() + 11);
+    pickle.extend_from_slice(&[PROTO, 4]);
+    // The pickler frames what follows PROTO once it is 4 bytes or more.
+    if body.len() >= 4 {
+        pickle.push(FRAME);
+        pickle.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    }
+    pickle.extend_from_slice(&body);
+    Some(pickle)
+}
+
 /// `int.from_bytes(bytes, "little", signed=True)` if it fits in an i64.
 fn signed_le(bytes: &[u8]) -> Option<i64> {
     if bytes.len() > 8 {
@@ -170,5 +228,32 @@ mod tests {
         assert_eq!(signed_le(&[0x00, 0x80]), Some(-32768));
         assert_eq!(signed_le(&[0, 0, 0, 0, 0, 0, 0, 0x80]), Some(i64::MIN));
         assert_eq!(signed_le(&[0; 9]), None);
+    }
+
+    #[test]
+    fn dump_simple_reads_back_and_matches_pickle() {
+        assert_eq!(dump_simple(Simple::Int(5)).unwrap(), b"\x80\x04K\x05.");
+        assert_eq!(
+            dump_simple(Simple::Int(-2_147_483_649)).unwrap(),
+            b"\x80\x04\x95\x08\x00\x00\x00\x00\x00\x00\x00\x8a\x05\xff\xff\xff\x7f\xff."
+        );
+        assert_eq!(
+            dump_simple(Simple::Str("h\u{e9}")).unwrap(),
+            b"\x80\x04\x95\x07\x00\x00\x00\x00\x00\x00\x00\x8c\x03h\xc3\xa9\x94."
+        );
+        for value in [
+            Simple::Int(i64::MIN),
+            Simple::Int(i64::MAX),
+            Simple::Int(-1),
+            Simple::Int(65_536),
+            Simple::Float(-0.0),
+            Simple::None,
+            Simple::Bool(false),
+            Simple::Str(""),
+        ] {
+            let pickle = dump_simple(value).unwrap();
+            assert_eq!(read_simple(&pickle), Some(value), "{pickle:?}");
+        }
+        assert_eq!(dump_simple(Simple::Str(&"x".repeat(256))), None);
     }
 }

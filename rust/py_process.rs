@@ -18,11 +18,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use pyo3::exceptions::{PyIndexError, PyTypeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyInt, PyList, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyList, PyTuple};
 
 use crate::checkpoint::Checkpoint;
 use crate::errors::Error;
 use crate::keys::{Key, KEY_SIZE};
+use crate::pickles::{dump_simple, Simple};
 use crate::py_imports::pickle_dumps;
 use crate::store::{ItemRow, STATUS_OK};
 use crate::writer::Pending;
@@ -179,6 +180,24 @@ impl<'a, 'py> Items<'a, 'py> {
     }
 }
 
+/// The output as a [`Simple`] value if it is exactly an int that fits in 64 bits, a
+/// float, None or a bool (subclasses are pickled by pickle.dumps, as they must be).
+fn simple_of(output: &Bound<'_, PyAny>) -> Option<Simple<'static>> {
+    if output.is_exact_instance_of::<PyInt>() {
+        return output.extract::<i64>().ok().map(Simple::Int);
+    }
+    if let Ok(float) = output.cast_exact::<PyFloat>() {
+        return Some(Simple::Float(float.value()));
+    }
+    if output.is_none() {
+        return Some(Simple::None);
+    }
+    if let Ok(flag) = output.cast_exact::<PyBool>() {
+        return Some(Simple::Bool(flag.is_true()));
+    }
+    None
+}
+
 /// `positions` as indices, each checked against the items and the keys up front, so
 /// bad arguments fail before any item is processed.
 fn checked_positions(positions: Vec<isize>, items: usize, keys: usize) -> PyResult<Vec<usize>> {
@@ -226,13 +245,15 @@ pub fn process<'py>(
     let dumps = pickle_dumps(py)?;
     let protocol = PyInt::new(py, PICKLE_PROTOCOL).into_any();
     let caller = Caller::new(py);
+    // One clock reading per item: an item ends when the next one starts (the time
+    // between is the bookkeeping of the one that ended).
+    let mut started = unix_now();
     for (index, &position) in positions.iter().enumerate() {
         // A builtin function never runs the interpreter's own signal check: without
         // this, Ctrl-C would wait for the whole loop. Raised between items, so the
         // item it interrupts was not started.
         py.check_signals()?;
         let item = items.get(position)?;
-        let started = unix_now();
         let output = match caller.call1(func, &item) {
             Ok(output) => output,
             Err(err) => {
@@ -245,23 +266,27 @@ pub fn process<'py>(
                 )))
             }
         };
-        let payload = match caller.call2(dumps, &output, &protocol) {
-            Ok(payload) => payload,
-            Err(err) => {
-                return Ok(Some((
-                    index,
-                    started,
-                    err.into_value(py).into_bound(py).into_any(),
-                    true,
-                    Some(output),
-                )))
-            }
+        // An int, float, None or bool is pickled here, to the very bytes pickle.dumps
+        // gives, without a call; anything else by pickle.dumps.
+        let payload = match simple_of(&output).and_then(dump_simple) {
+            Some(payload) => payload,
+            None => match caller.call2(dumps, &output, &protocol) {
+                Ok(payload) => payload
+                    .cast::<PyBytes>()
+                    .map_err(|_| PyTypeError::new_err("pickle.dumps did not return bytes"))?
+                    .as_bytes()
+                    .to_vec(),
+                Err(err) => {
+                    return Ok(Some((
+                        index,
+                        started,
+                        err.into_value(py).into_bound(py).into_any(),
+                        true,
+                        Some(output),
+                    )))
+                }
+            },
         };
-        let payload = payload
-            .cast::<PyBytes>()
-            .map_err(|_| PyTypeError::new_err("pickle.dumps did not return bytes"))?
-            .as_bytes()
-            .to_vec();
         drop(output);
         let ended = unix_now();
         let start = position * KEY_SIZE;
@@ -280,11 +305,13 @@ pub fn process<'py>(
             started,
             ended,
         })?;
+        started = ended;
         // A writer that lags (slow disk, big outputs) makes the loop wait here, without
         // the GIL, until it has taken the full buffer: memory and what a crash can lose
         // stay bounded (`Limits`).
         if pending == Pending::Full {
             py.detach(|| checkpoint.wait_for_room())?;
+            started = unix_now(); // the wait is no item's time
         }
     }
     Ok(None)

@@ -1059,6 +1059,47 @@ def test_a_lagging_writer_bounds_the_pending_rows(
     assert len(store.key_set(version, STATUS_OK)) == n
 
 
+def _saved_pickles(path: Path, version: int) -> list[bytes]:
+    conn = sqlite3.connect(str(path))
+    try:
+        return [row[0] for row in conn.execute("SELECT output FROM items WHERE version = ? ORDER BY seq",
+                                               (version,))]
+    finally:
+        conn.close()
+
+
+_DUMPED_VALUES: list[object] = _SIMPLE_VALUES + [
+    2**64, -2**64, 2**64 - 1, -2**64 + 1, -2**31 + 1, -2**15, -129, 127, 128, 4.0, 1e-310,
+    False, Color.GREEN, True, "long " * 100,
+]
+
+
+def test_process_pickles_simple_outputs_to_the_bytes_pickle_gives(tmp_path: Path, open_store: Callable[..., Any]) -> None:
+    """process() pickles ints, floats, None and bools itself: byte for byte what
+    pickle.dumps(output, 4) gives, so files do not depend on the backend."""
+    store = open_store()
+    version = store.add_version("fp", "{}", None)
+    items = list(range(len(_DUMPED_VALUES)))
+    assert store.process(_DUMPED_VALUES.__getitem__, items, _core.input_keys(items), items, version) is None
+    store.flush()
+    expected = [pickle.dumps(value, protocol=4) for value in _DUMPED_VALUES]
+    assert _saved_pickles(tmp_path / "run.db", version) == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(values=st.lists(st.one_of(st.integers(), st.floats(), st.none(), st.booleans()), max_size=40))
+def test_process_pickles_any_scalar_as_pickle_does(
+    tmp_path_factory: pytest.TempPathFactory, values: list[object]
+) -> None:
+    path = tmp_path_factory.mktemp("dumps") / "run.db"
+    store = _core.open_sqlite(str(path), "normal", 1, None)
+    version = store.add_version("fp", "{}", None)
+    items = list(range(len(values)))
+    assert store.process(values.__getitem__, items, _core.input_keys(items), items, version) is None
+    store.close()
+    assert _saved_pickles(path, version) == [pickle.dumps(value, protocol=4) for value in values]
+
+
 def test_process_keeps_no_python_objects(open_store: Callable[..., Any]) -> None:
     store = open_store()
     version = store.add_version("fp", "{}", None)
