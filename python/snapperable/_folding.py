@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from snapperable._backend import STATUS_FAILED, STATUS_OK, KeySet, VersionRow
 from snapperable.errors import CheckpointCorruptError
@@ -16,14 +16,11 @@ from snapperable.keys import KEY_SIZE
 
 # (key, version, status) of each row, in the order saved.
 KeyStatusRows = Iterable[tuple[bytes, int, int]]
-# (key, status) of each row of one version, in the order saved.
-StatusPairs = Iterable[tuple[bytes, int]]
-# (key, output if the row is ok else None) of each row of one version, in the order saved.
-OutputPairs = Iterable[tuple[bytes, Optional[bytes]]]
-
-# The folds below are `dict(pairs)`: later pairs overwrite earlier ones (a later row
-# supersedes) while a key keeps the place it was first saved at. Given a sqlite3
-# cursor, the whole fold runs in C.
+# The stores fold the rows of one version into a dict, key -> value of its latest row
+# (`dict(pairs)` does it: a later pair overwrites an earlier one, a later row
+# supersedes, while the key keeps the place it was first saved at; given a sqlite3
+# cursor, it runs in C). The value is the status, or the output if the row is ok else
+# None.
 
 
 def keys_with_status(
@@ -38,10 +35,12 @@ def keys_with_status(
     return result
 
 
-def ok_and_failed(pairs: StatusPairs, new_key_set: Callable[[], KeySet]) -> tuple[KeySet, KeySet]:
-    """Keys whose latest row is ok, and keys whose latest row failed; rows of one version."""
+def ok_and_failed(
+    latest: Mapping[bytes, int], new_key_set: Callable[[], KeySet]
+) -> tuple[KeySet, KeySet]:
+    """Keys whose latest row is ok, and keys whose latest row failed."""
     ok, failed = new_key_set(), new_key_set()
-    for key, row_status in dict(pairs).items():
+    for key, row_status in latest.items():
         if row_status == STATUS_OK:
             ok.add(key)
         elif row_status == STATUS_FAILED:
@@ -76,11 +75,10 @@ def _unpickled(raws: Iterable[Optional[bytes]], path: str) -> list[Any]:
         raise CheckpointCorruptError(f"{path}: a saved output cannot be unpickled: {exc!r}") from exc
 
 
-def outputs_in_key_order(pairs: OutputPairs, keys: bytes, path: str) -> list[Any]:
-    latest = dict(pairs)
+def outputs_in_key_order(latest: Mapping[bytes, Optional[bytes]], keys: bytes, path: str) -> list[Any]:
     found = (latest.get(keys[i : i + KEY_SIZE]) for i in range(0, len(keys), KEY_SIZE))
     return _unpickled(found, path)
 
 
-def outputs_in_save_order(pairs: OutputPairs, path: str) -> list[Any]:
-    return _unpickled(dict(pairs).values(), path)
+def outputs_in_save_order(latest: Mapping[bytes, Optional[bytes]], path: str) -> list[Any]:
+    return _unpickled(latest.values(), path)

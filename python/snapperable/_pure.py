@@ -259,31 +259,38 @@ class PySQLiteStore(WriterBackedStore):
         rows = ((self._key(key), row_version, row_status) for key, row_version, row_status in found)
         return _folding.keys_with_status(rows, status, new_key_set)
 
-    def _pairs(self, sql: str, version: int) -> list[tuple[bytes, Any]]:
-        """(key, value) of the rows of ``version`` in saved order, ``sql`` giving the value.
+    def _latest(self, value_sql: str, version: int) -> dict[bytes, Any]:
+        """Each key of ``version``, in the order first saved -> ``value_sql`` of its latest
+        row. Folded in C by ``dict`` straight from the cursor: no list of all the rows.
 
-        A key that is not 16 bytes of blob comes back as None: damage, raised here.
+        A key that is not 16 bytes of blob reads as None: damage, raised here.
         """
-        pairs = self._query(
-            "SELECT CASE WHEN typeof(key) = 'blob' AND length(key) = 16 THEN key END,"
-            f" {sql} FROM items WHERE version = ? ORDER BY seq",
-            (version,),
-        )
-        if any(key is None for key, _ in pairs):
+        with self._lock:
+            try:
+                latest: dict[Optional[bytes], Any] = dict(
+                    self._conn.execute(
+                        "SELECT CASE WHEN typeof(key) = 'blob' AND length(key) = 16 THEN key END,"
+                        f" {value_sql} FROM items WHERE version = ? ORDER BY seq",
+                        (version,),
+                    )
+                )
+            except (sqlite3.Error, UnicodeDecodeError) as exc:
+                raise self._mapped(exc) from exc
+        if None in latest:
             raise self._corrupt("an item row has a malformed key")
-        return pairs  # every key checked above
+        return latest  # type: ignore[return-value]  # None was just ruled out
 
     def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
-        return _folding.ok_and_failed(self._pairs("status", version), new_key_set)
+        return _folding.ok_and_failed(self._latest("status", version), new_key_set)
 
-    def _output_pairs(self, version: int) -> _folding.OutputPairs:
-        return self._pairs(f"CASE WHEN status = {STATUS_OK} THEN output END", version)
+    def _latest_outputs(self, version: int) -> dict[bytes, Optional[bytes]]:
+        return self._latest(f"CASE WHEN status = {STATUS_OK} THEN output END", version)
 
     def outputs_for(self, version: int, keys_blob: bytes) -> list[Any]:
-        return _folding.outputs_in_key_order(self._output_pairs(version), keys_blob, self.path)
+        return _folding.outputs_in_key_order(self._latest_outputs(version), keys_blob, self.path)
 
     def all_outputs(self, version: int) -> list[Any]:
-        return _folding.outputs_in_save_order(self._output_pairs(version), self.path)
+        return _folding.outputs_in_save_order(self._latest_outputs(version), self.path)
 
     def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
         columns = (

@@ -258,25 +258,25 @@ class PickleStore(WriterBackedStore):
         return _folding.keys_with_status(rows, status, _backend.backend.new_key_set)
 
     def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
-        pairs = (
-            (row[ROW_KEY], row[ROW_STATUS])
+        latest = {
+            row[ROW_KEY]: row[ROW_STATUS]
             for _, row in self._item_rows()
             if row[ROW_VERSION] == version
-        )
-        return _folding.ok_and_failed(pairs, _backend.backend.new_key_set)
+        }
+        return _folding.ok_and_failed(latest, _backend.backend.new_key_set)
 
-    def _output_pairs(self, version: int) -> _folding.OutputPairs:
-        return (
-            (row[ROW_KEY], row[ROW_OUTPUT] if row[ROW_STATUS] == STATUS_OK else None)
+    def _latest_outputs(self, version: int) -> dict[bytes, Optional[bytes]]:
+        return {
+            row[ROW_KEY]: row[ROW_OUTPUT] if row[ROW_STATUS] == STATUS_OK else None
             for _, row in self._item_rows()
             if row[ROW_VERSION] == version
-        )
+        }
 
     def outputs_for(self, version: int, keys: bytes) -> list[Any]:
-        return _folding.outputs_in_key_order(self._output_pairs(version), keys, self.path)
+        return _folding.outputs_in_key_order(self._latest_outputs(version), keys, self.path)
 
     def all_outputs(self, version: int) -> list[Any]:
-        return _folding.outputs_in_save_order(self._output_pairs(version), self.path)
+        return _folding.outputs_in_save_order(self._latest_outputs(version), self.path)
 
     def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
         for seq, row in self._item_rows():
