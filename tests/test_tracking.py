@@ -255,3 +255,22 @@ def test_progress_bar_counts_every_input(storage: SnapshotStorage[Any], capsys: 
         snapper.start()
     err = capsys.readouterr().err
     assert "snapperable" in err and "50/50" in err
+
+
+def test_a_generator_read_once_is_not_silently_reread(storage: SnapshotStorage[Any]) -> None:
+    counter = Counter()
+    planned = Snapper((i for i in range(5)), counter, snapshot_storage=storage, version="v")
+    assert planned.plan().new == 5
+    with pytest.raises(RuntimeError, match="one-shot iterator"):
+        planned.start()  # plan() used the generator up: starting would process nothing
+    assert counter.calls == []
+    done = Snapper((i for i in range(5)), counter, snapshot_storage=storage, version="v")
+    done.start()
+    assert done.load() == ["0", "1", "2", "3", "4"]  # load() after start() reuses its keys
+    with pytest.raises(RuntimeError, match="one-shot iterator"):
+        done.start()
+    # a re-iterable input may be started again as often as wanted (the seed does so)
+    again = Snapper(range(5), counter, snapshot_storage=storage, version="v")
+    again.start()
+    again.start()
+    assert len(counter.calls) == 5

@@ -165,6 +165,7 @@ class Snapper(Generic[T, R]):
         # start() for load(); chunks, not one buffer, so that keeping them never needs
         # a second copy of them all while start() runs.
         self._key_chunks: Optional[list[bytes]] = None
+        self._one_shot_read = False
 
     # -- holding the checkpoint ---------------------------------------------------------
     def __enter__(self) -> "Snapper[T, R]":
@@ -273,6 +274,14 @@ class Snapper(Generic[T, R]):
     def _chunks(self) -> Iterator[list[T]]:
         """The iterable, ``CHUNK`` items at a time: read lazily, never all at once."""
         iterator = iter(self.iterable)
+        if iterator is self.iterable:  # a generator or other one-shot iterator
+            if self._one_shot_read:
+                raise RuntimeError(
+                    "this Snapper's iterable is a one-shot iterator (a generator?) that an "
+                    "earlier start(), plan() or load() already read; create the Snapper "
+                    "with a fresh iterator, or pass a list"
+                )
+            self._one_shot_read = True
         while chunk := list(islice(iterator, CHUNK)):
             yield chunk
 
