@@ -41,6 +41,10 @@ def _available() -> dict[str, ModuleType]:
 
 BACKENDS = _available()
 
+# For a test that does not depend on the backend (a static check, or one that starts
+# child processes choosing their own): run it once, with whichever backend is here.
+once = pytest.mark.parametrize("backend", sorted(BACKENDS)[:1], indirect=True)
+
 
 @pytest.fixture(params=sorted(BACKENDS), autouse=True)
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:

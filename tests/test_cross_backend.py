@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BACKENDS
+from conftest import BACKENDS, once
 
 CHILD = """
 import sys
@@ -51,7 +51,7 @@ def run_child(tmp_path: Path, backend_name: str, count: int) -> list[int]:
 
 
 @both_backends
-@pytest.mark.parametrize("backend", ["python"], indirect=True)  # the children choose
+@once  # the children choose their backends
 @pytest.mark.parametrize(("first", "second"), [("rust", "python"), ("python", "rust")])
 def test_resume_across_backends_with_zero_rework(tmp_path: Path, first: str, second: str) -> None:
     assert run_child(tmp_path, first, 600) == list(range(600))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from mypy import api
+
+from conftest import once
 
 USER_CODE = '''
 from snapperable import Snapper, SQLiteSnapshotStorage, PickleSnapshotStorage, FailedItem
@@ -21,7 +22,7 @@ Snapper(["a"], parse, snapshot_storage=storage)
 '''
 
 
-@pytest.mark.parametrize("backend", ["python"], indirect=True)  # static: once is enough
+@once  # a static check
 def test_reveal_types_for_users(tmp_path: Path) -> None:
     source = tmp_path / "user_code.py"
     source.write_text(USER_CODE)
