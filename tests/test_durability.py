@@ -770,3 +770,28 @@ def test_max_wait_time_commits_a_batch_that_is_not_full(tmp_path: Path, kind: st
     assert not errors, errors
     assert seen == 5, f"after {waited:.1f} s a reader saw {seen} of the 5 finished items"
     assert saved_items(kind, path, 10) == list(range(10))
+
+
+def test_child_forked_inside_fn_does_not_keep_the_lock(storage: SnapshotStorage[Any]) -> None:
+    """A process forked while the checkpoint is held (a worker started by fn) must not
+    keep the hold alive after the Snapper releases it."""
+    children: list[int] = []
+
+    def fn(x: int) -> int:
+        if x == 0:
+            pid = os.fork()
+            if pid == 0:  # the child outlives the with block, then leaves quietly
+                time.sleep(3)
+                os._exit(0)
+            children.append(pid)
+        return x
+
+    with Snapper(range(3), fn, snapshot_storage=storage, version="v") as snapper:
+        snapper.start()
+    try:
+        with Snapper(range(3), fn, snapshot_storage=storage, version="v") as again:
+            assert again.load() == [0, 1, 2]
+    finally:
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)

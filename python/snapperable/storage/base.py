@@ -32,6 +32,26 @@ PRIVATE_FILE_MODE = 0o600
 
 _registry_lock = threading.Lock()
 _held_in_process: dict[str, int] = {}  # real path -> pid that took the hold
+_lock_fds: set[int] = set()  # descriptors whose flock this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child: close the inherited lock descriptors.
+
+    A child shares its parent's open file descriptions, so an inherited descriptor would
+    keep the parent's flock alive after the parent releases it, for as long as the child
+    lives (a multiprocessing worker started inside ``fn``, say). Closing the child's
+    copy leaves the parent's lock as it is.
+    """
+    for fd in _lock_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _lock_fds.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def create_private(path: str) -> None:
@@ -77,8 +97,13 @@ class FileHold:
                     "wait for it to finish or stop it"
                 ) from None
             raise CheckpointError(f"cannot lock {lock_path}: {exc}") from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        except OSError as exc:
+            os.close(fd)  # which drops the lock just taken
+            raise CheckpointError(f"cannot write the holder's pid to {lock_path}: {exc}") from exc
+        _lock_fds.add(fd)
         return fd
 
     def release(self) -> None:
@@ -87,7 +112,9 @@ class FileHold:
                 return
             if _held_in_process.get(self._real) == os.getpid():
                 del _held_in_process[self._real]
-            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            if self._lock_fd in _lock_fds:  # not closed already in a forked child
+                _lock_fds.discard(self._lock_fd)
+                os.close(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = None
 
 
