@@ -274,3 +274,29 @@ def test_a_generator_read_once_is_not_silently_reread(storage: SnapshotStorage[A
     again.start()
     again.start()
     assert len(counter.calls) == 5
+
+
+def quadruple(x: int) -> int:
+    return x * 4
+
+
+def test_keep_keeps_the_version_used_last(storage: SnapshotStorage[Any]) -> None:
+    Snapper([1, 2], double, snapshot_storage=storage).start()
+    Snapper([1, 2], triple, snapshot_storage=storage).start()
+    back = Snapper([1, 2], double, snapshot_storage=storage)
+    back.start()  # back to the first version: its results are valid again
+    assert back.load() == [2, 4]
+    kept = Snapper([1, 2], quadruple, snapshot_storage=storage, on_version_change="keep")
+    kept.start()
+    assert kept.load() == [2, 4]  # the results of `double`, used last; not of `triple`
+
+
+def test_reads_and_plans_record_no_version(storage: SnapshotStorage[Any]) -> None:
+    Snapper([1, 2, 3], double, snapshot_storage=storage).start()
+    planned = Snapper([1, 2, 3], triple, snapshot_storage=storage).plan()
+    assert (planned.stale, planned.version_changes) == (3, ["function body changed"])
+    assert Snapper([1, 2, 3], triple, snapshot_storage=storage).load() == []
+    # plan() and load() decided nothing: a later start() may still keep the results
+    kept = Snapper([1, 2, 3], triple, snapshot_storage=storage, on_version_change="keep")
+    kept.start()
+    assert kept.load() == [2, 4, 6]

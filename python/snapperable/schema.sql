@@ -8,11 +8,13 @@ CREATE TABLE IF NOT EXISTS meta (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
 ) WITHOUT ROWID;
--- One row per function version. `uses` is the id whose results the version reads and
--- writes: its own id, or an older one when a change was accepted with policy "keep".
+-- The log of function versions, one row each time a run starts with a version other
+-- than the last row's (so the last row is the version used last; a fingerprint may
+-- come back). `uses` is the id whose results the version reads and writes: its own
+-- id, or an older one (a change accepted with policy "keep", or a return to a version).
 CREATE TABLE IF NOT EXISTS versions (
     id INTEGER PRIMARY KEY,
-    fingerprint TEXT NOT NULL UNIQUE,
+    fingerprint TEXT NOT NULL,
     parts TEXT NOT NULL,
     uses INTEGER NOT NULL,
     created REAL NOT NULL

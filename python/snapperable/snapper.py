@@ -59,6 +59,7 @@ log = logging.getLogger("snapperable")
 
 VersionPolicy = Literal["reprocess", "keep", "raise"]
 VERSION_POLICIES = ("reprocess", "keep", "raise")
+UNREGISTERED = -1  # the id of a version start() has yet to record: no rows have it
 PICKLE_PROTOCOL = 4
 CHUNK = 1024  # inputs keyed and checked against the done set per backend call
 
@@ -159,7 +160,12 @@ class Snapper(Generic[T, R]):
         self.failed_items: list[FailedItem[T]] = []
         self._checkpoint: Optional[OpenCheckpoint] = None
         self._in_with = False
-        self._version_id: Optional[int] = None
+        self._version_id: Optional[int] = None  # the id whose results are read (and written)
+        # What start() must record in the versions log (add_version's arguments), the
+        # warning to log when it does, and what changed since the version used last.
+        self._registration: Optional[tuple[str, str, Optional[int]]] = None
+        self._change_log = ""
+        self._changes: list[str] = []
         self._fingerprint: Optional[versioning.Fingerprint] = None
         # Keys of the iterable in order, one bytes per chunk (16 bytes an input), kept by
         # start() for load(); chunks, not one buffer, so that keeping them never needs
@@ -183,7 +189,7 @@ class Snapper(Generic[T, R]):
         if self._checkpoint is None:
             checkpoint = self.snapshot_storage.open(self.batch_size, self.max_wait_time)
             try:
-                self._version_id = self._resolve_version(checkpoint)
+                self._resolve_version(checkpoint)
             except BaseException:
                 checkpoint.close()
                 raise
@@ -228,31 +234,62 @@ class Snapper(Generic[T, R]):
             )
         return self._fingerprint
 
-    def _resolve_version(self, checkpoint: OpenCheckpoint) -> int:
-        """The version id whose results this run reads and writes (DESIGN 5)."""
+    def _resolve_version(self, checkpoint: OpenCheckpoint) -> None:
+        """Decide which version's results this Snapper reads and writes (DESIGN 5).
+
+        Nothing is written here: ``plan()`` and the loads only read. What ``start()``
+        must record about it (a new version, an accepted change, a return to an older
+        version) waits in ``_registration`` until ``start()`` runs.
+
+        The versions table is a log: its last row is the version used last. A change is
+        explained against that one, and ``on_version_change="keep"`` keeps its results.
+        """
         store = checkpoint.store
         current = self._current_fingerprint()
-        known = store.versions()
-        for row in known:
-            if row.fingerprint == current.digest:
-                return row.uses
         parts = json.dumps(current.parts, sort_keys=True)
-        if not known:
-            return store.add_version(current.digest, parts, None)
-        latest = known[-1]
-        changes = versioning.explain_change(json.loads(latest.parts), current.parts)
-        what = "; ".join(changes) or "fingerprint changed"
+        known = store.versions()
+        last = known[-1] if known else None
+        self._changes = []
+        self._registration = None
+        if last is not None and last.fingerprint != current.digest:
+            self._changes = versioning.explain_change(json.loads(last.parts), current.parts)
+        same = [row for row in known if row.fingerprint == current.digest]
+        if same:  # a version seen before: its results are valid again
+            self._version_id = same[-1].uses
+            if same[-1] is not last:  # a return to it: log it as the one used last
+                self._registration = (current.digest, parts, same[-1].uses)
+            return
+        if last is None:
+            self._version_id = UNREGISTERED
+            self._registration = (current.digest, parts, None)
+            return
+        what = "; ".join(self._changes) or "fingerprint changed"
         if self.on_version_change == "raise":
             raise FunctionChangedError(
-                f"the function changed since checkpoint {store.path} was written ({what}); "
+                f"the function changed since checkpoint {store.path} was last run ({what}); "
                 'pass on_version_change="reprocess" to redo its items or "keep" to keep them'
             )
         if self.on_version_change == "keep":
-            log.warning("%s: function changed (%s); keeping earlier results", store.path, what)
-            store.add_version(current.digest, parts, latest.uses)
-            return latest.uses
-        log.warning("%s: function changed (%s); its items will be reprocessed", store.path, what)
-        return store.add_version(current.digest, parts, None)
+            self._version_id = last.uses
+            self._registration = (current.digest, parts, last.uses)
+            self._change_log = f"function changed ({what}); keeping earlier results"
+        else:
+            self._version_id = UNREGISTERED
+            self._registration = (current.digest, parts, None)
+            self._change_log = f"function changed ({what}); its items will be reprocessed"
+
+    def _register_version(self, store: CheckpointStore) -> int:
+        """Record what ``_resolve_version`` decided; the version id to run with."""
+        if self._registration is not None:
+            fingerprint, parts, uses = self._registration
+            if self._change_log:
+                log.warning("%s: %s", store.path, self._change_log)
+            new_id = store.add_version(fingerprint, parts, uses)
+            self._version_id = new_id if uses is None else uses
+            self._registration = None
+            self._change_log = ""
+        assert self._version_id is not None and self._version_id != UNREGISTERED
+        return self._version_id
 
     # -- keys ---------------------------------------------------------------------------
     def _keys_of(self, items: list[T]) -> bytes:
@@ -295,8 +332,7 @@ class Snapper(Generic[T, R]):
         self.failed_items = []
         with self._session() as checkpoint:
             store = checkpoint.store
-            version = self._version_id
-            assert version is not None
+            version = self._register_version(store)
             skip, failed = store.key_sets(version)
             if not self.retry_failed_items:
                 for key in failed:
@@ -488,17 +524,8 @@ class Snapper(Generic[T, R]):
                 stale=counts["stale"],
                 failed=counts["failed"],
                 retry_failed_items=self.retry_failed_items,
-                version_changes=self._version_changes(store, version),
+                version_changes=list(self._changes),
             )
-
-    def _version_changes(self, store: CheckpointStore, version: int) -> list[str]:
-        """What changed between the version that made the stale results and this one."""
-        known = store.versions()
-        current = [row for row in known if row.uses == version]
-        older = [row for row in known if row.uses != version and row.id < current[0].id]
-        if not older:
-            return []
-        return versioning.explain_change(json.loads(older[-1].parts), json.loads(current[-1].parts))
 
 
 class _Failed:
