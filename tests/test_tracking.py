@@ -300,3 +300,11 @@ def test_reads_and_plans_record_no_version(storage: SnapshotStorage[Any]) -> Non
     kept = Snapper([1, 2, 3], triple, snapshot_storage=storage, on_version_change="keep")
     kept.start()
     assert kept.load() == [2, 4, 6]
+
+
+def test_plan_reads_the_iterable_as_it_is_now(storage: SnapshotStorage[Any]) -> None:
+    items = [1, 2, 3]
+    snapper = Snapper(items, double, snapshot_storage=storage)
+    snapper.start()
+    items.append(4)
+    assert (snapper.plan().done, snapper.plan().new) == (3, 1)

@@ -491,13 +491,15 @@ class Snapper(Generic[T, R]):
     def plan(self) -> RunPlan:
         """What ``start`` would do now, without processing anything.
 
-        Reads the whole iterable (a generator is consumed, though its keys are kept
-        for a later ``load``).
+        Reads the whole iterable, as it is now (a generator is consumed, though its
+        keys are kept for a later ``load``).
         """
         with self._session() as checkpoint:
             store = checkpoint.store
             version = self._version_id
             assert version is not None
+            if iter(self.iterable) is not self.iterable:
+                self._key_chunks = None  # re-read: items may have been added since start()
             keys = self._current_keys()
             done, failed = store.key_sets(version)
             done_elsewhere = store.key_set(None, STATUS_OK)
