@@ -199,3 +199,14 @@ def test_plan_counts_done_new_stale_failed(storage: SnapshotStorage[Any]) -> Non
     assert plan.version_changes == ["function body changed"]
     assert "stale because function body changed" in str(plan)
     assert changed.load() == []  # planning processed nothing
+
+
+def test_metrics_count_each_item_once(storage: SnapshotStorage[Any]) -> None:
+    fn = Flaky({2})
+    snap(storage, range(4), fn, skip_item_errors=True).start()
+    fn.bad.clear()
+    retried = snap(storage, range(4), fn, retry_failed_items=True)
+    retried.start()
+    metrics = retried.load_metrics()
+    assert len(metrics) == 4 and all(m.success for m in metrics)
+    assert json.loads(retried.generate_report(format="json"))["failures"] == 0

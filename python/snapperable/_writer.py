@@ -138,6 +138,11 @@ class GroupCommitWriter(Generic[Row]):
             if self._error is not None:
                 self._raise_error()
 
+    @property
+    def stopped(self) -> bool:
+        """Has the writer thread ended (so nothing can still be writing)?"""
+        return not self._thread.is_alive()
+
     def _raise_error(self) -> None:
         assert self._error is not None
         raise WriterError(f"saving to {self._name} failed: {self._error}") from self._error
@@ -248,7 +253,10 @@ class WriterBackedStore:
         try:
             self._writer.close()
         finally:
-            self._release()
+            # A Ctrl-C can interrupt the wait for the writer; the file then stays open
+            # for the (daemon) writer to finish its commit, rather than closing under it.
+            if self._writer.stopped:
+                self._release()
 
 
 def _output_bytes(rows: list[ItemRow]) -> int:

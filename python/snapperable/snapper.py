@@ -478,11 +478,16 @@ class Snapper(Generic[T, R]):
             return checkpoint.store.all_outputs(version)
 
     def load_metrics(self) -> list[ProcessingMetric]:
-        """One metric per saved row of the current function version, in the order saved."""
+        """One metric per item of the current function version, in the order first saved.
+
+        An item's metric is its latest row: a failure that a later run retried
+        successfully is superseded, as its output would be.
+        """
         with self._session() as checkpoint:
             version = self._version_id
             assert version is not None
-            return [metric_from_row(row) for row in checkpoint.store.rows(version)]
+            latest = {row.key: row for row in checkpoint.store.rows(version)}
+            return [metric_from_row(row) for row in latest.values()]
 
     def generate_report(self, format: Literal["markdown", "json"] = "markdown") -> str:
         """A summary of the saved metrics: totals, durations, outliers, failures by type."""

@@ -8,7 +8,10 @@ process or across processes:
 - within a process, a registry keyed by the file's real path: two stores on one file in
   one process would corrupt it when they are different SQLite libraries (rusqlite
   bundles its own; sqlite.org/howtocorrupt.html 2.3) and race each other otherwise;
-- across processes, an exclusive ``flock`` on ``<file>.lock`` holding the holder's pid.
+- across processes, an exclusive POSIX record lock (``lockf``) on ``<file>.lock``,
+  which holds the holder's pid. A POSIX lock belongs to the process: a child forked
+  while it is held (a worker started inside ``fn``) does not inherit it, so it cannot
+  keep the file held after the parent lets go, as it would an ``flock``.
   The kernel drops it when the holder dies, even by SIGKILL, so a crash never leaves a
   stale lock behind. The lock file is left in place: removing it would let two
   processes lock two different inodes of the same name.
@@ -32,26 +35,6 @@ PRIVATE_FILE_MODE = 0o600
 
 _registry_lock = threading.Lock()
 _held_in_process: dict[str, int] = {}  # real path -> pid that took the hold
-_lock_fds: set[int] = set()  # descriptors whose flock this process holds
-
-
-def _drop_inherited_locks() -> None:
-    """In a forked child: close the inherited lock descriptors.
-
-    A child shares its parent's open file descriptions, so an inherited descriptor would
-    keep the parent's flock alive after the parent releases it, for as long as the child
-    lives (a multiprocessing worker started inside ``fn``, say). Closing the child's
-    copy leaves the parent's lock as it is.
-    """
-    for fd in _lock_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _lock_fds.clear()
-
-
-os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def create_private(path: str) -> None:
@@ -87,7 +70,7 @@ class FileHold:
         except OSError as exc:
             raise CheckpointError(f"cannot create lock file {lock_path}: {exc}") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
@@ -103,7 +86,6 @@ class FileHold:
         except OSError as exc:
             os.close(fd)  # which drops the lock just taken
             raise CheckpointError(f"cannot write the holder's pid to {lock_path}: {exc}") from exc
-        _lock_fds.add(fd)
         return fd
 
     def release(self) -> None:
@@ -112,9 +94,7 @@ class FileHold:
                 return
             if _held_in_process.get(self._real) == os.getpid():
                 del _held_in_process[self._real]
-            if self._lock_fd in _lock_fds:  # not closed already in a forked child
-                _lock_fds.discard(self._lock_fd)
-                os.close(self._lock_fd)  # closing the descriptor drops the flock
+            os.close(self._lock_fd)  # closing the descriptor drops the lock
             self._lock_fd = None
 
 
