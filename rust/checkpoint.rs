@@ -6,6 +6,7 @@
 //! the mutex only while it commits, never while it waits for rows.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::errors::{Error, Result};
@@ -18,6 +19,27 @@ pub struct Checkpoint {
     path: String,
     store: SharedStore,
     writer: Writer<ItemRow>,
+    /// The thread (see [`thread_token`]) inside `with_store` now, or 0. A read can run
+    /// Python code with the store locked (an output's `__setstate__` while a load
+    /// unpickles); if that code uses the checkpoint again, it must get an error, not
+    /// wait forever for the lock its own thread holds.
+    reader: AtomicU64,
+}
+
+/// A number for the calling thread, unique in the process and never 0.
+fn thread_token() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local!(static TOKEN: u64 = NEXT.fetch_add(1, Ordering::Relaxed));
+    TOKEN.with(|token| *token)
+}
+
+/// Clears `Checkpoint::reader` when a read ends, however it ends.
+struct ReaderMark<'a>(&'a AtomicU64);
+
+impl Drop for ReaderMark<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Release);
+    }
 }
 
 fn with_store<R>(
@@ -76,6 +98,7 @@ impl Checkpoint {
             path: name,
             store,
             writer,
+            reader: AtomicU64::new(0),
         })
     }
 
@@ -88,7 +111,20 @@ impl Checkpoint {
         if self.writer.is_forked_copy() {
             return Err(self.writer.forked());
         }
-        with_store(&self.path, &self.store, f)
+        let me = thread_token();
+        if self.reader.load(Ordering::Acquire) == me {
+            return Err(Error::Checkpoint {
+                path: self.path.clone(),
+                detail: "used again by code that runs while it is being read (an output's \
+                         __setstate__ or __reduce__?); use it after the read returns"
+                    .to_owned(),
+            });
+        }
+        with_store(&self.path, &self.store, |store| {
+            self.reader.store(me, Ordering::Release);
+            let _mark = ReaderMark(&self.reader);
+            f(store)
+        })
     }
 
     /// Buffers `row`; on [`Pending::Full`] the caller must `wait_for_room` (without
@@ -135,12 +171,11 @@ impl Drop for Checkpoint {
     fn drop(&mut self) {
         // In a forked child the connection is the parent's: SQLite must not be called
         // on it here (closing could checkpoint the parent's WAL), so it is leaked.
+        // No lock is taken: the parent's writer may have held it at the fork, and its
+        // thread does not exist here to let go. Leaking one reference keeps the Store
+        // from ever being dropped in the child.
         if self.writer.is_forked_copy() {
-            let store = match self.store.lock() {
-                Ok(mut store) => store.take(),
-                Err(poisoned) => poisoned.into_inner().take(),
-            };
-            std::mem::forget(store);
+            std::mem::forget(Arc::clone(&self.store));
         }
     }
 }

@@ -57,6 +57,10 @@ fn plain_insert(rows: usize) -> String {
 static PLAIN_INSERT_FULL: LazyLock<String> = LazyLock::new(|| plain_insert(PLAIN_ROWS_PER_INSERT));
 
 /// One finished attempt at one item, as the writer appends it.
+/// Fewer bytes than any item row takes in the file (its 16-byte key alone is more):
+/// bounds how many rows a file of a given size can hold.
+const MIN_ROW_BYTES: i64 = 16;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ItemRow {
     pub key: Key,
@@ -637,14 +641,22 @@ impl Store {
         Ok(MappedScan(&self.conn))
     }
 
-    /// An upper bound on the number of item rows (the largest `seq`), found without a
-    /// scan; sizes the tables a scan fills.
+    /// An estimate of the number of item rows, found without a scan, to size the
+    /// tables a scan fills: the largest `seq`, but never more rows than the file's
+    /// bytes could hold (a damaged `seq` must not ask for terabytes).
     fn row_bound(&self) -> Result<usize> {
-        let max_seq: Option<i64> = self
+        let (max_seq, file_bytes): (Option<i64>, i64) = self
             .conn
-            .query_row("SELECT max(seq) FROM items", [], |row| row.get(0))
+            .query_row(
+                "SELECT (SELECT max(seq) FROM items), \
+                 (SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size())",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
             .map_err(|e| self.fail(e))?;
-        Ok(max_seq.map_or(0, |seq| usize::try_from(seq).unwrap_or(0)))
+        let most_rows = usize::try_from(file_bytes / MIN_ROW_BYTES).unwrap_or(0);
+        let estimate = max_seq.map_or(0, |seq| usize::try_from(seq).unwrap_or(0));
+        Ok(estimate.min(most_rows))
     }
 
     /// The latest row of each key of `version`.

@@ -1139,3 +1139,71 @@ def test_process_survives_fn_shrinking_the_list(open_store: Callable[..., Any]) 
     with pytest.raises(IndexError):
         store.process(fn, items, blob, [0, 1], version)
     assert _saved(store, version) == [0]
+
+
+# -- found in review: damage and re-entrance must not crash or hang the process -------
+DAMAGED_SEQ = """
+import pickle, sqlite3, sys
+import snapperable._core as core
+path, seq = sys.argv[1], int(sys.argv[2])
+store = core.open_sqlite(path, "normal", 1, None)
+version = store.add_version("fp", "{}", None)
+key = core.input_keys([0])
+store.record((key, version, 0, None, pickle.dumps(1, 4), None, None, None, 1, 0.0, 0.0))
+store.close()
+conn = sqlite3.connect(path); conn.execute("UPDATE items SET seq = ?", (seq,)); conn.commit(); conn.close()
+store = core.open_sqlite(path, "normal", 1, None)
+ok, failed = store.key_sets(version)
+assert (len(ok), len(failed)) == (1, 0)
+assert store.all_outputs(version) == [1] and store.outputs_for(version, key) == [1]
+assert len(store.key_set(None, 0)) == 1
+print("fine")
+"""
+
+
+@pytest.mark.parametrize("seq", [2**36, 2**62])
+def test_a_huge_seq_is_no_reason_to_allocate(tmp_path: Path, seq: int) -> None:
+    # max(seq) only sizes tables; a damaged one once asked for terabytes (abort) or
+    # overflowed a capacity (a PanicException).
+    proc = subprocess.run(
+        [sys.executable, "-c", DAMAGED_SEQ, str(tmp_path / "run.db"), str(seq)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "fine", proc.stderr
+
+
+REENTRANT_LOAD = """
+import pickle, sys
+import snapperable._core as core
+
+store = None
+
+def rebuild(value):
+    store.key_set(None, 0)  # uses the checkpoint while it is being read
+    return value
+
+class Reentrant:
+    def __reduce__(self):
+        return (rebuild, (7,))
+
+store = core.open_sqlite(sys.argv[1], "normal", 1, None)
+version = store.add_version("fp", "{}", None)
+keys = core.input_keys([0, 1])
+for i, value in enumerate([Reentrant(), Reentrant()]):
+    row = (keys[16 * i : 16 * i + 16], version, 0, None, pickle.dumps(value, 4), None, None, None, 1, 0.0, 0.0)
+    store.record(row)
+store.flush()
+try:
+    print(store.all_outputs(version))
+except Exception as exc:
+    print(type(exc).__name__)
+"""
+
+
+def test_an_output_that_uses_the_checkpoint_while_loading_does_not_hang(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", REENTRANT_LOAD, str(tmp_path / "run.db")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() in ("[7, 7]", "CheckpointError"), proc.stdout
