@@ -35,6 +35,10 @@ ItemRow = Tuple[
     bytes, int, int, Optional[bytes], Optional[bytes], Optional[str], Optional[str],
     Optional[str], int, float, float,
 ]
+# The pickle protocol of every pickle a checkpoint stores (inputs, outputs, pickle
+# frames): 4 reads on every Python 3 snapperable supports.
+PICKLE_PROTOCOL: Final = 4
+
 # Field positions, Final so that mypy types `row[ROW_KEY]` as bytes.
 ROW_KEY: Final = 0
 ROW_VERSION: Final = 1

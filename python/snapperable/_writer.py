@@ -15,11 +15,10 @@ import time
 from collections import deque
 from typing import Any, Callable, Generic, Optional, Sequence, TypeVar
 
-from snapperable._backend import ROW_OUTPUT, STATUS_OK, ItemRow, ProcessStop
+from snapperable._backend import PICKLE_PROTOCOL, ROW_OUTPUT, STATUS_OK, ItemRow, ProcessStop
 from snapperable.errors import CheckpointError, WriterError
 from snapperable.keys import KEY_SIZE
 
-PICKLE_PROTOCOL = 4  # of the outputs, as in the file formats
 
 # At most this many rows wait for the writer; `record` blocks beyond it. A writer that
 # lags (a slow disk, big outputs, or, in pure Python, a writer that must share the GIL

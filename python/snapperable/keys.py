@@ -19,7 +19,7 @@ from typing import Callable, Sequence, cast
 KEY_SIZE = 16
 KEY_PREFIX = b"K1"
 MAX_DEPTH = 256
-PICKLE_PROTOCOL = 4
+PICKLE_PROTOCOL = 4  # of the `p` encoding: part of the key format, fixed by DESIGN 4
 
 _U32 = struct.Struct("<I")
 _F64 = struct.Struct(">d")

@@ -37,7 +37,7 @@ from typing import (
 )
 
 from snapperable import _backend, versioning
-from snapperable._backend import STATUS_FAILED, STATUS_OK, CheckpointStore, ItemRow, KeySet
+from snapperable._backend import PICKLE_PROTOCOL, STATUS_FAILED, STATUS_OK, CheckpointStore, ItemRow, KeySet
 from snapperable.errors import (
     ForkedProcessError,
     FunctionChangedError,
@@ -60,7 +60,6 @@ log = logging.getLogger("snapperable")
 VersionPolicy = Literal["reprocess", "keep", "raise"]
 VERSION_POLICIES = ("reprocess", "keep", "raise")
 UNREGISTERED = -1  # the id of a version start() has yet to record: no rows have it
-PICKLE_PROTOCOL = 4
 CHUNK = 1024  # inputs keyed and checked against the done set per backend call
 
 

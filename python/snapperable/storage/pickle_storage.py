@@ -28,6 +28,7 @@ from typing import Any, Iterator, Optional, TypeVar
 
 from snapperable import _backend, _folding
 from snapperable._backend import (
+    PICKLE_PROTOCOL,
     STATUS_OK,
     ROW_KEY,
     ROW_OUTPUT,
@@ -55,7 +56,6 @@ _HEADER = struct.Struct("<8sII")
 _FRAME = struct.Struct("<cQI")  # marker, payload length, payload CRC-32
 _FRAME_CHECK = struct.Struct("<I")  # CRC-32 of the _FRAME bytes
 FRAME_HEADER_SIZE = _FRAME.size + _FRAME_CHECK.size
-PICKLE_PROTOCOL = 4
 _ROW_FIELDS = 11
 
 
