@@ -36,7 +36,7 @@ from typing import (
     TypeVar,
 )
 
-from snapperable import _backend, versioning
+from snapperable import _backend
 from snapperable._backend import PICKLE_PROTOCOL, STATUS_FAILED, STATUS_OK, CheckpointStore, ItemRow, KeySet
 from snapperable.errors import (
     ForkedProcessError,
@@ -51,6 +51,8 @@ from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
 
 if TYPE_CHECKING:
     from tqdm import tqdm
+
+    from snapperable import versioning
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -165,7 +167,7 @@ class Snapper(Generic[T, R]):
         self._registration: Optional[tuple[str, str, Optional[int]]] = None
         self._change_log = ""
         self._changes: list[str] = []
-        self._fingerprint: Optional[versioning.Fingerprint] = None
+        self._fingerprint: "Optional[versioning.Fingerprint]" = None
         # Keys of the iterable in order, one bytes per chunk (16 bytes an input), kept by
         # start() for load(); chunks, not one buffer, so that keeping them never needs
         # a second copy of them all while start() runs.
@@ -224,7 +226,10 @@ class Snapper(Generic[T, R]):
                 self._close()
 
     # -- versions -----------------------------------------------------------------------
-    def _current_fingerprint(self) -> versioning.Fingerprint:
+    def _current_fingerprint(self) -> "versioning.Fingerprint":
+        # Imported when first needed: ast and inspect are a fifth of the import time.
+        from snapperable import versioning
+
         if self._fingerprint is None:
             self._fingerprint = (
                 versioning.pinned(self.version)
@@ -251,7 +256,9 @@ class Snapper(Generic[T, R]):
         self._changes = []
         self._registration = None
         if last is not None and last.fingerprint != current.digest:
-            self._changes = versioning.explain_change(json.loads(last.parts), current.parts)
+            from snapperable.versioning import explain_change
+
+            self._changes = explain_change(json.loads(last.parts), current.parts)
         same = [row for row in known if row.fingerprint == current.digest]
         if same:  # a version seen before: its results are valid again
             self._version_id = same[-1].uses
