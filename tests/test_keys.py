@@ -12,8 +12,10 @@ import threading
 from hashlib import blake2b
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from snapperable import _backend
+from snapperable import _backend, keys
 from snapperable.keys import canon
 
 
@@ -98,6 +100,26 @@ def test_input_keys_concatenates() -> None:
     items: list[object] = [1, "a", None, (1, 2)]
     assert _backend.backend.input_keys(items) == b"".join(_backend.backend.input_key(x) for x in items)
     assert _backend.backend.input_keys([]) == b""
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.integers(),
+            st.integers(min_value=-(2**300), max_value=2**300),  # past the inline int heads
+            st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0xDFFF)),  # surrogates too
+            st.booleans(),
+            st.sampled_from([Color.RED, Name("a"), 1.0, None]),  # subclasses are not int/str
+            st.lists(st.integers(), max_size=3),
+        ),
+        max_size=20,
+    )
+)
+def test_input_keys_fast_path_equals_the_reference_encoding(items: list[object]) -> None:
+    """The pure ``input_keys`` encodes ints and strs inline; it must stay ``canon``."""
+    expected = b"".join(key_of(canon(x).hex()) for x in items)
+    assert keys.input_keys(items) == expected
+    assert _backend.backend.input_keys(items) == expected
 
 
 def nested(depth: int) -> object:

@@ -123,6 +123,34 @@ def input_key(x: object) -> bytes:
     return hasher.digest()
 
 
+# canon(x) of an int is _INT_HEADS[n] + its n bytes, for n below 33 (any int of up
+# to 255 bits): the head is looked up rather than packed per item.
+_INT_HEADS = [b"i" + _U32.pack(n) for n in range(33)]
+
+
 def input_keys(items: Sequence[object]) -> bytes:
-    """The keys of ``items``, concatenated (``KEY_SIZE`` bytes each)."""
-    return b"".join([input_key(x) for x in items])
+    """The keys of ``items``, concatenated (``KEY_SIZE`` bytes each).
+
+    The same bytes as joining ``input_key`` of each item; the pure backend's per-item
+    cost, so ints and strs (the usual inputs) are encoded inline rather than by a call
+    per item (0.43 against 0.6 µs an int). ``tests/test_keys.py`` holds it to ``canon``.
+    """
+    new_hasher = _PREFIXED.copy
+    int_heads = _INT_HEADS
+    digests: list[bytes] = []
+    append = digests.append
+    for x in items:
+        hasher = new_hasher()
+        if type(x) is int:
+            n = (x.bit_length() + 8) >> 3
+            hasher.update(
+                int_heads[n] + x.to_bytes(n, "little", signed=True)
+                if n < 33
+                else _canon_int(x)
+            )
+        elif type(x) is str:
+            hasher.update(_canon_str(x))
+        else:
+            hasher.update(canon(x))
+        append(hasher.digest())
+    return b"".join(digests)
