@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from crash_child import force_writer_process, writer_process_forced
 from snapperable import PickleSnapshotStorage, SnapshotStorage, SQLiteSnapshotStorage, _backend, _pure
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,6 +52,10 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     name: str = request.param
     monkeypatch.setattr(_backend, "backend", BACKENDS[name])
     yield name
+
+
+if writer_process_forced():
+    force_writer_process()
 
 
 @pytest.fixture

@@ -28,6 +28,23 @@ from snapperable.storage.base import SnapshotStorage
 VERSION = "durability-v1"
 WRITER_ERROR_EXIT = 3
 
+# Set (to 1) to send every commit of the pure-Python SQLite store through its writer
+# process, which a run otherwise starts only once its commits are large (.ci/run runs
+# the pure suite once so). Read here and by conftest.py, so that children do the same.
+WRITER_PROCESS_ENV = "SNAPPERABLE_TEST_WRITER_PROCESS"
+
+
+def writer_process_forced() -> bool:
+    return os.environ.get(WRITER_PROCESS_ENV) == "1"
+
+
+def force_writer_process() -> None:
+    """Every commit of the pure SQLite store through the writer process."""
+    from snapperable import _sqlite_writer
+
+    _sqlite_writer.PROCESS_MIN_ROWS = 1
+    _sqlite_writer.PROCESS_CONNECT_WAIT = 30.0
+
 
 def output_of(x: int) -> int:
     """What every ``work`` returns for ``x``; injective, so outputs name their items."""
@@ -54,6 +71,10 @@ def growing_file(kind: str, path: str) -> str:
 
 def size_of(path: str) -> int:
     return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+if writer_process_forced():
+    force_writer_process()
 
 
 def run(args: argparse.Namespace) -> None:
@@ -87,6 +108,16 @@ def hold(args: argparse.Namespace) -> None:
         sys.stdin.read()
 
 
+def set_file_size_limit(limit: int) -> None:
+    """RLIMIT_FSIZE of this process and of its children: the pure SQLite store's writer
+    process, if it has started one, commits for it."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as children:
+            for pid in children.read().split():
+                resource.prlimit(int(pid), resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+
 def fsize(args: argparse.Namespace) -> None:
     """Lower the file-size limit under the writer once item ``limit_at`` is reached.
 
@@ -106,13 +137,12 @@ def fsize(args: argparse.Namespace) -> None:
     def work(x: int) -> int:
         if x == args.limit_at:
             flush()  # everything before this item is committed: the size is settled
-            limit = size_of(appended) + args.extra
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+            set_file_size_limit(size_of(appended) + args.extra)
         elif x == args.limit_at + 1 and args.extra:
             try:
                 flush()  # the append of item limit_at has run into the limit (or failed)
             finally:
-                resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+                set_file_size_limit(resource.RLIM_INFINITY)
         return output_of(x)
 
     snapper = Snapper(

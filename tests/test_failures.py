@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
+import time
 from typing import Any, Callable
 
 import pytest
@@ -95,9 +97,25 @@ def test_max_consecutive_exceptions_halts(storage: SnapshotStorage[Any]) -> None
     assert snap(storage, range(10), fn).load() == [0, 4]
 
 
-def test_retries_with_backoff(storage: SnapshotStorage[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def backoff_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The Snapper's retry back-off sleeps, recorded instead of slept. Other callers of
+    ``time.sleep`` (the standard library's ``subprocess`` among them) still sleep."""
     sleeps: list[float] = []
-    monkeypatch.setattr("snapperable.snapper.time.sleep", sleeps.append)
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        if sys._getframe(1).f_globals.get("__name__") == "snapperable.snapper":
+            sleeps.append(seconds)
+        else:
+            real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    return sleeps
+
+
+def test_retries_with_backoff(storage: SnapshotStorage[Any], backoff_sleeps: list[float]) -> None:
+    sleeps = backoff_sleeps
     fn = Flaky({2}, exc=ConnectionError, times=2)
     snapper = snap(storage, range(4), fn, retries=3, retry_on=(ConnectionError,), retry_backoff=1.0)
     snapper.start()
@@ -109,8 +127,7 @@ def test_retries_with_backoff(storage: SnapshotStorage[Any], monkeypatch: pytest
     assert sorted(attempts.values()) == [1, 1, 1, 3]
 
 
-def test_retries_exhausted_and_non_retryable(storage: SnapshotStorage[Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("snapperable.snapper.time.sleep", lambda _: None)
+def test_retries_exhausted_and_non_retryable(storage: SnapshotStorage[Any], backoff_sleeps: list[float]) -> None:
     fn = Flaky({1}, exc=ConnectionError)
     snapper = snap(storage, range(3), fn, retries=2, retry_on=(ConnectionError,), skip_item_errors=True)
     snapper.start()

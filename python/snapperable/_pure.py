@@ -7,31 +7,28 @@ the same files as the Rust core, so either resumes the other's checkpoint.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+import sys
 import threading
 from importlib import resources
-from itertools import chain, groupby
-from operator import itemgetter
 from typing import Any, Iterator, Optional
 
-from snapperable import _folding, keys
+from snapperable import _folding, _sqlite_writer, keys
 from snapperable._backend import (
-    ROW_ATTEMPTS,
-    ROW_ENDED,
-    ROW_INPUT,
-    ROW_KEY,
-    ROW_OUTPUT,
-    ROW_STARTED,
-    ROW_STATUS,
-    ROW_VERSION,
     STATUS_OK,
-    ItemRow,
     KeySet,
     RowInfo,
     Synchronous,
     VersionRow,
 )
-from snapperable._writer import WriterBackedStore
+from snapperable._sqlite_writer import (
+    WriterProcess,
+    WriterProcessError,
+    commit_rows,
+    configure,
+)
+from snapperable._writer import PendingRow, WriterBackedStore
 from snapperable.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -42,7 +39,8 @@ BACKEND_NAME = "python"
 
 APPLICATION_ID = 1399742800
 FORMAT_VERSION = 1
-BUSY_TIMEOUT_MS = 5000
+
+log = logging.getLogger("snapperable")
 
 input_key = keys.input_key
 input_keys = keys.input_keys
@@ -76,47 +74,6 @@ def _schema() -> str:
     return resources.files("snapperable").joinpath("schema.sql").read_text(encoding="utf-8")
 
 
-_INSERT_ITEM = (
-    "INSERT INTO items (key, version, status, input, output, error_type, error,"
-    " traceback, attempts, started, ended) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-)
-
-
-# Nearly every row is a plain success: ok at the first attempt, no input or error kept.
-# Binding its 5 varying values instead of all 11 takes a third off the writer's time,
-# which bounds the pure-Python backend's throughput.
-_INSERT_PLAIN_OK = (
-    "INSERT INTO items (key, version, status, output, attempts, started, ended) VALUES "
-)
-_PLAIN_OK_VALUES = f"(?, ?, {STATUS_OK}, ?, 1, ?, ?)"
-# Plain rows go PLAIN_ROWS_PER_INSERT to one multi-row INSERT: one statement step per
-# few hundred rows instead of one per row (5 values a row stays far below SQLite's
-# 32,766 bound parameters).
-PLAIN_ROWS_PER_INSERT = 500
-_INSERT_PLAIN_OK_FULL = _INSERT_PLAIN_OK + ", ".join([_PLAIN_OK_VALUES] * PLAIN_ROWS_PER_INSERT)
-_PLAIN_OK_FIELDS = itemgetter(ROW_KEY, ROW_VERSION, ROW_OUTPUT, ROW_STARTED, ROW_ENDED)
-
-
-def _insert_plain(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-    step = PLAIN_ROWS_PER_INSERT
-    full = len(rows) - len(rows) % step
-    if full:
-        conn.executemany(
-            _INSERT_PLAIN_OK_FULL,
-            (tuple(chain.from_iterable(rows[i : i + step])) for i in range(0, full, step)),
-        )
-    if full < len(rows):
-        rest = rows[full:]
-        conn.execute(
-            _INSERT_PLAIN_OK + ", ".join([_PLAIN_OK_VALUES] * len(rest)),
-            tuple(chain.from_iterable(rest)),
-        )
-
-
-def _is_plain_ok(row: ItemRow) -> bool:
-    return row[ROW_STATUS] == STATUS_OK and row[ROW_ATTEMPTS] == 1 and row[ROW_INPUT] is None
-
-
 class PySQLiteStore(WriterBackedStore):
     """A SQLite checkpoint through ``sqlite3``: one connection shared, under a lock, by
     the caller's reads and the writer thread's commits."""
@@ -129,8 +86,13 @@ class PySQLiteStore(WriterBackedStore):
         max_wait_time: Optional[float],
     ) -> None:
         self.path = path
+        self._synchronous = synchronous
         self._lock = threading.Lock()
         self._conn = self._connect(synchronous)
+        # The writer process (``_sqlite_writer``), started by the writer thread once a
+        # commit is large; None before that, or for good once it could not be started.
+        self._process: Optional[WriterProcess] = None
+        self._process_failed = False
         self._start_writer(path, batch_size, max_wait_time)
 
     # -- opening ------------------------------------------------------------------------
@@ -143,7 +105,7 @@ class PySQLiteStore(WriterBackedStore):
         except sqlite3.Error as exc:
             raise CheckpointError(f"cannot open checkpoint {self.path}: {exc}") from exc
         try:
-            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            configure(conn, synchronous)
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             user_version = conn.execute("PRAGMA user_version").fetchone()[0]
             tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
@@ -163,7 +125,6 @@ class PySQLiteStore(WriterBackedStore):
                     f"snapperable understands ({FORMAT_VERSION}); upgrade snapperable"
                 )
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
         except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             conn.close()
             raise self._mapped(exc) from exc
@@ -189,22 +150,37 @@ class PySQLiteStore(WriterBackedStore):
         return CheckpointError(f"{self.path}: {exc}")
 
     # -- writes -------------------------------------------------------------------------
-    def _commit(self, rows: list[ItemRow]) -> None:
+    def _commit(self, rows: list[PendingRow]) -> None:
+        process = self._connected_process(len(rows))
+        if process is not None:
+            process.commit(rows)
+            return
         with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
+            commit_rows(self._conn, rows)
+
+    def _connected_process(self, batch_rows: int) -> Optional[WriterProcess]:
+        """The writer process if it is connected; starts it for a large batch. Until it
+        has connected, commits go on in the thread, so its start costs the loop nothing."""
+        if self._process is None:
+            if self._process_failed or batch_rows < _sqlite_writer.PROCESS_MIN_ROWS or not sys.executable:
+                return None
             try:
-                # Runs of plain rows bind 5 values instead of 11, in saved order.
-                for plain, run in groupby(rows, _is_plain_ok):
-                    if plain:
-                        _insert_plain(conn, list(map(_PLAIN_OK_FIELDS, run)))
-                    else:
-                        conn.executemany(_INSERT_ITEM, run)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+                self._process = WriterProcess(self.path, self._synchronous)
+            except OSError as exc:
+                self._no_process(exc)
+                return None
+        try:
+            return self._process if self._process.ready(_sqlite_writer.PROCESS_CONNECT_WAIT) else None
+        except WriterProcessError as exc:
+            self._no_process(exc)
+            return None
+
+    def _no_process(self, why: Exception) -> None:
+        log.debug("%s: no writer process, committing in a thread: %s", self.path, why)
+        if self._process is not None:
+            self._process.close()
+        self._process = None
+        self._process_failed = True
 
     def add_version(self, fingerprint: str, parts: str, uses: Optional[int]) -> int:
         with self._lock:
@@ -306,6 +282,8 @@ class PySQLiteStore(WriterBackedStore):
         return (RowInfo(*row) for row in found)
 
     def _release(self) -> None:
+        if self._process is not None:
+            self._process.close()
         with self._lock:
             self._conn.close()
 

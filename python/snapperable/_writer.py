@@ -13,7 +13,7 @@ import pickle
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Generic, Optional, Sequence, TypeVar
+from typing import Any, Callable, Generic, Optional, Sequence, Tuple, TypeVar, Union
 
 from snapperable._backend import PICKLE_PROTOCOL, ROW_OUTPUT, STATUS_OK, ItemRow, ProcessStop
 from snapperable.errors import CheckpointError, WriterError
@@ -30,6 +30,23 @@ MAX_PENDING_ROWS = 16_384
 MAX_PENDING_BYTES = 64 << 20
 
 Row = TypeVar("Row")
+
+# What ``process`` records for nearly every item, a plain success (ok at the first
+# attempt, no input or error kept): (key, version, started, ended, output). Smaller and
+# quicker to build than an ItemRow, it is already the parameter order of the SQLite
+# store's insert; its output sits at ROW_OUTPUT as in an ItemRow. A pending row is
+# either; its length tells which.
+PlainOkRow = Tuple[bytes, int, float, float, bytes]
+PendingRow = Union[ItemRow, PlainOkRow]
+PLAIN_OK_ROW_LENGTH = 5
+
+
+def item_row(row: PendingRow) -> ItemRow:
+    """``row`` as an ItemRow."""
+    if len(row) != PLAIN_OK_ROW_LENGTH:
+        return row  # type: ignore[return-value]  # the other shape
+    key, version, started, ended, output = row  # type: ignore[misc]
+    return (key, version, STATUS_OK, None, output, None, None, None, 1, started, ended)
 
 
 class GroupCommitWriter(Generic[Row]):
@@ -198,7 +215,7 @@ class WriterBackedStore:
     flush: Callable[[], None]  # bound straight to the writer's
 
     def _start_writer(self, path: str, batch_size: int, max_wait_time: Optional[float]) -> None:
-        self._writer: GroupCommitWriter[ItemRow] = GroupCommitWriter(
+        self._writer: GroupCommitWriter[PendingRow] = GroupCommitWriter(
             self._commit,
             batch_size=batch_size,
             max_wait_time=max_wait_time,
@@ -234,11 +251,10 @@ class WriterBackedStore:
                 # returned by fn: the exception came from pickling it.
                 return index, started, exc, output is not None, output
             key = keys[position * KEY_SIZE : (position + 1) * KEY_SIZE]
-            row = (key, version, STATUS_OK, None, payload, None, None, None, 1, started, now())
-            record(row, len(payload))
+            record((key, version, started, now(), payload), len(payload))
         return None
 
-    def _commit(self, rows: list[ItemRow]) -> None:
+    def _commit(self, rows: list[PendingRow]) -> None:
         raise NotImplementedError
 
     def _release(self) -> None:
@@ -258,6 +274,6 @@ class WriterBackedStore:
                 self._release()
 
 
-def _output_bytes(rows: list[ItemRow]) -> int:
+def _output_bytes(rows: list[PendingRow]) -> int:
     """What ``process`` counts of a row's size: its pickled output."""
     return sum(len(row[ROW_OUTPUT] or b"") for row in rows)

@@ -40,7 +40,7 @@ from snapperable._backend import (
     RowInfo,
     VersionRow,
 )
-from snapperable._writer import WriterBackedStore
+from snapperable._writer import PendingRow, WriterBackedStore, item_row
 from snapperable.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
 from snapperable.keys import KEY_SIZE
 from snapperable.storage.base import SnapshotStorage
@@ -216,8 +216,8 @@ class PickleStore(WriterBackedStore):
                     self._torn_append = undo  # the next open cuts the torn tail
                 raise exc
 
-    def _commit(self, rows: list[ItemRow]) -> None:
-        self._append(encode_frame(("items", rows)))
+    def _commit(self, rows: list[PendingRow]) -> None:
+        self._append(encode_frame(("items", list(map(item_row, rows)))))
 
     def add_version(self, fingerprint: str, parts: str, uses: Optional[int]) -> int:
         self.flush()

@@ -1,0 +1,260 @@
+"""Item rows into SQLite for the pure-Python backend: the INSERTs, and the writer process.
+
+``commit_rows`` is the one place that turns item rows into SQL; the pure-Python store
+calls it in its writer thread, and so does the writer process.
+
+Why a process: a thread that calls ``sqlite3`` gives up the GIL around every statement
+and must take it back afterwards, and while the loop runs Python code that takes up to
+the interpreter's switch interval (5 ms). With a fast ``fn`` the writer thread then fell
+behind, the loop waited for room in the bounded buffer, and the two ran in turn instead
+of side by side: 12x the floor where the goal is 8x. So once a commit holds
+``PROCESS_MIN_ROWS`` rows (a loop faster than its commits; a slow ``fn`` never gets
+there and pays nothing), the store starts a writer process. The thread then only
+marshals each batch (about 0.15 µs a row) and sends it down a pipe; the process commits
+it on another core, with no GIL to share, and answers once it is durable. A process
+that cannot be started (no ``sys.executable``, an embedded interpreter) leaves the
+commits in the thread, as before.
+
+The protocol, over the child's stdin and stdout:
+
+- child -> parent once connected: ``R``, or ``E`` + an error (below) and it exits;
+- parent -> child: frames of an 8-byte little-endian length and ``marshal.dumps(rows)``
+  (rows exactly as the store recorded them; same executable, so the same marshal
+  format); a zero length asks it to exit;
+- child -> parent after each frame: ``K`` once committed, or ``E`` + a 4-byte length +
+  ``marshal.dumps(message)`` after a rollback.
+
+Ctrl-C in a terminal reaches the whole process group; the child runs in a session of
+its own so that it never stops halfway, and exits at the zero frame, or when its stdin
+ends (the parent died: a frame cut short is not committed).
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import select
+import signal
+import sqlite3
+import struct
+import subprocess
+import sys
+from itertools import chain, groupby
+from typing import IO, Sequence
+
+from snapperable._backend import STATUS_OK, Synchronous
+from snapperable._writer import PLAIN_OK_ROW_LENGTH, PendingRow
+
+BUSY_TIMEOUT_MS = 5000
+
+# A commit of at least this many rows starts the writer process (see the module doc).
+PROCESS_MIN_ROWS = 2048
+# How long a commit waits for a started process to connect before it commits in the
+# thread instead: not at all, so that the start overlaps the loop. (The tests set both
+# to send every commit through the process.)
+PROCESS_CONNECT_WAIT = 0.0
+
+_INSERT_ITEM = (
+    "INSERT INTO items (key, version, status, input, output, error_type, error,"
+    " traceback, attempts, started, ended) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+)
+# A PlainOkRow binds its 5 values; status and attempts are constants.
+_INSERT_PLAIN_OK = (
+    "INSERT INTO items (key, version, started, ended, output, status, attempts) VALUES "
+)
+_PLAIN_OK_VALUES = f"(?, ?, ?, ?, ?, {STATUS_OK}, 1)"
+# Plain rows go PLAIN_ROWS_PER_INSERT to one multi-row INSERT: one statement step per
+# few hundred rows instead of one per row (5 values a row stays far below SQLite's
+# 32,766 bound parameters).
+PLAIN_ROWS_PER_INSERT = 500
+_INSERT_PLAIN_OK_FULL = _INSERT_PLAIN_OK + ", ".join([_PLAIN_OK_VALUES] * PLAIN_ROWS_PER_INSERT)
+
+
+def configure(conn: sqlite3.Connection, synchronous: Synchronous) -> None:
+    """The settings of every connection that writes items (the file is in WAL mode)."""
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+
+
+def commit_rows(conn: sqlite3.Connection, rows: Sequence[PendingRow]) -> None:
+    """Insert ``rows``, in order, in one ``BEGIN IMMEDIATE`` transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for length, run in groupby(rows, len):
+            if length == PLAIN_OK_ROW_LENGTH:
+                _insert_plain(conn, list(run))
+            else:
+                conn.executemany(_INSERT_ITEM, run)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _insert_plain(conn: sqlite3.Connection, rows: Sequence[PendingRow]) -> None:
+    step = PLAIN_ROWS_PER_INSERT
+    full = len(rows) - len(rows) % step
+    if full:
+        conn.executemany(
+            _INSERT_PLAIN_OK_FULL,
+            (tuple(chain.from_iterable(rows[i : i + step])) for i in range(0, full, step)),
+        )
+    if full < len(rows):
+        rest = rows[full:]
+        conn.execute(
+            _INSERT_PLAIN_OK + ", ".join([_PLAIN_OK_VALUES] * len(rest)),
+            tuple(chain.from_iterable(rest)),
+        )
+
+
+# -- the parent's side ------------------------------------------------------------------
+_LENGTH = struct.Struct("<Q")
+_ERROR_LENGTH = struct.Struct("<I")
+
+
+class WriterProcessError(Exception):
+    """The writer process could not connect, failed a commit (rolled back) or ended."""
+
+
+class WriterProcess:
+    """A child process that commits batches of rows to one checkpoint file.
+
+    Used by one thread at a time (the store's writer thread). The constructor returns
+    at once; ``ready`` tells, without waiting, whether the child has connected.
+    """
+
+    def __init__(self, path: str, synchronous: Synchronous) -> None:
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # -I: the child imports only this package and the standard library, whatever
+        # PYTHONPATH and the user's site say. The pure backend is all it needs.
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[1]); "
+            "from snapperable._sqlite_writer import serve; serve(sys.argv[2], sys.argv[3])"
+        )
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", code, package_parent, path, synchronous],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            # Unbuffered: a child this process forks inherits the pipes, and a buffer
+            # holding half a frame would be written out when that child exits.
+            bufsize=0,
+            env=dict(os.environ, SNAPPERABLE_BACKEND="python"),
+            start_new_session=True,  # out of reach of the terminal's Ctrl-C
+        )
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._to_child = self._proc.stdin.fileno()
+        self._from_child = self._proc.stdout.fileno()
+        self._ready = False
+
+    def ready(self, wait: float) -> bool:
+        """Has the child connected (waiting up to ``wait`` seconds)? Raises
+        ``WriterProcessError`` if it could not."""
+        if not self._ready and select.select([self._from_child], [], [], wait)[0]:
+            self._answer()
+            self._ready = True
+        return self._ready
+
+    def commit(self, rows: list[PendingRow]) -> None:
+        """Have the child commit ``rows``; return once they are committed."""
+        if not self._ready:
+            self._answer()  # waits for the child to connect
+            self._ready = True
+        frame = marshal.dumps(rows)
+        try:
+            _write_all(self._to_child, _LENGTH.pack(len(frame)) + frame)
+        except OSError as exc:  # a broken pipe: the child is gone
+            raise self._ended(f"({exc})") from exc
+        self._answer()
+
+    def _answer(self) -> None:
+        """Read one answer: return on ``R``/``K``, raise on ``E`` or the end of the pipe."""
+        kind = _read_exact(self._from_child, 1)
+        if kind in (b"K", b"R"):
+            return
+        if kind == b"E":
+            head = _read_exact(self._from_child, _ERROR_LENGTH.size)
+            if len(head) == _ERROR_LENGTH.size:
+                body = _read_exact(self._from_child, _ERROR_LENGTH.unpack(head)[0])
+                raise WriterProcessError(marshal.loads(body))
+        raise self._ended("")
+
+    def _ended(self, detail: str) -> WriterProcessError:
+        try:
+            status = f"exit status {self._proc.wait(timeout=1)}"
+        except subprocess.TimeoutExpired:
+            status = "it stopped answering"
+        return WriterProcessError(f"the writer process ended unexpectedly ({status}) {detail}".rstrip())
+
+    def close(self) -> None:
+        """Ask the child to exit and wait for it: it has nothing pending by then."""
+        try:
+            _write_all(self._to_child, _LENGTH.pack(0))
+        except OSError:
+            pass  # already gone
+        try:
+            self._proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # only a hung disk could do it: do not hang too
+            self._proc.kill()
+            self._proc.wait()
+        finally:
+            self._proc.stdin.close()  # type: ignore[union-attr]  # set in __init__
+            self._proc.stdout.close()  # type: ignore[union-attr]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_exact(fd: int, size: int) -> bytes:
+    """``size`` bytes, or fewer if the pipe ends first."""
+    parts = []
+    while size:
+        part = os.read(fd, size)
+        if not part:
+            break
+        parts.append(part)
+        size -= len(part)
+    return b"".join(parts)
+
+
+# -- the child's side -------------------------------------------------------------------
+def serve(path: str, synchronous: str) -> None:
+    """The writer process's main loop (see the module doc for the protocol)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    stdin = sys.stdin.buffer
+    stdout = sys.stdout.buffer
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+        configure(conn, "full" if synchronous == "full" else "normal")
+    except sqlite3.Error as exc:
+        _send_error(stdout, exc)
+        return
+    stdout.write(b"R")
+    stdout.flush()
+    while True:
+        head = stdin.read(_LENGTH.size)
+        if len(head) < _LENGTH.size:
+            break  # the parent died
+        (length,) = _LENGTH.unpack(head)
+        if length == 0:
+            break
+        frame = stdin.read(length)
+        if len(frame) < length:
+            break  # the parent died while sending: nothing of this frame is saved
+        try:
+            commit_rows(conn, marshal.loads(frame))
+        except Exception as exc:
+            _send_error(stdout, exc)
+            continue
+        stdout.write(b"K")
+        stdout.flush()
+    conn.close()
+
+
+def _send_error(stdout: IO[bytes], exc: Exception) -> None:
+    body = marshal.dumps(f"{type(exc).__name__}: {exc}")
+    stdout.write(b"E" + _ERROR_LENGTH.pack(len(body)) + body)
+    stdout.flush()

@@ -1,0 +1,205 @@
+"""The pure-Python SQLite store's writer process (``snapperable._sqlite_writer``).
+
+A run whose commits grow large hands them to a child process, so that SQLite work does
+not fight the loop for the GIL. These tests force that path (every commit through the
+process), start real processes, and kill them for real.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from crash_child import force_writer_process
+from snapperable import Snapper, SQLiteSnapshotStorage, WriterError, _pure, _sqlite_writer
+from snapperable._sqlite_writer import WriterProcess
+
+
+@pytest.fixture(autouse=True)
+def backend() -> Iterator[str]:
+    """The writer process belongs to the pure backend: these tests run on it alone."""
+    from snapperable import _backend
+
+    saved = _backend.backend
+    _backend.backend = _pure
+    yield "python"
+    _backend.backend = saved
+
+
+def wait_for_a_process(spy: "ProcessSpy") -> int:
+    """The pid of the first writer process, once it has committed rows."""
+    deadline = time.monotonic() + 10
+    while not spy.rows_sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return spy.pids()[0]
+
+
+class ProcessSpy:
+    """Counts, without replacing anything, what goes through ``WriterProcess``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.processes: list[WriterProcess] = []
+        self.rows_sent = 0
+        real_init = WriterProcess.__init__
+        real_commit = WriterProcess.commit
+
+        def init(process: WriterProcess, *args: Any) -> None:
+            real_init(process, *args)
+            self.processes.append(process)
+
+        def commit(process: WriterProcess, rows: Any) -> None:
+            real_commit(process, rows)
+            self.rows_sent += len(rows)
+
+        monkeypatch.setattr(WriterProcess, "__init__", init)
+        monkeypatch.setattr(WriterProcess, "commit", commit)
+
+    def pids(self) -> list[int]:
+        return [p._proc.pid for p in self.processes]
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> ProcessSpy:
+    return ProcessSpy(monkeypatch)
+
+
+@pytest.fixture
+def forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_sqlite_writer, "PROCESS_MIN_ROWS", 1)
+    monkeypatch.setattr(_sqlite_writer, "PROCESS_CONNECT_WAIT", 30.0)
+    force_writer_process()  # the same settings crash_child.py uses (monkeypatch restores)
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def storage_in(tmp_path: Path) -> SQLiteSnapshotStorage[int]:
+    return SQLiteSnapshotStorage[int](str(tmp_path / "run.db"))
+
+
+def test_commits_go_through_the_process_and_read_back(tmp_path: Path, forced: None, spy: ProcessSpy) -> None:
+    items = list(range(5000))
+    snapper = Snapper(items, square, snapshot_storage=storage_in(tmp_path))
+    snapper.start()
+    assert len(spy.processes) == 1
+    assert spy.rows_sent == len(items)  # every row, through the process
+    assert snapper.load() == [x * x for x in items]
+    # Failures and retried items (full rows) go the same way, in order with plain ones.
+    flaky_calls: dict[int, int] = {}
+
+    def flaky(x: int) -> int:
+        flaky_calls[x] = flaky_calls.get(x, 0) + 1
+        if x % 7 == 0 and flaky_calls[x] == 1:
+            raise ConnectionError(f"flaky {x}")
+        if x % 11 == 0:
+            raise ValueError(f"bad {x}")
+        return -x
+
+    more = Snapper(
+        range(200), flaky, snapshot_storage=SQLiteSnapshotStorage[int](str(tmp_path / "more.db")),
+        skip_item_errors=True, retries=1, retry_on=(ConnectionError,), retry_backoff=0.0,
+    )
+    more.start()
+    expected = [-x for x in range(200) if x % 11]
+    assert more.load() == expected
+    failed = [x for x in range(200) if x % 11 == 0]
+    assert sorted(f.item for f in more.failed_items) == failed
+    assert len([m for m in more.load_metrics() if not m.success]) == len(failed)
+    assert all(p._proc.returncode == 0 for p in spy.processes)  # each exited when closed
+
+
+def test_small_runs_never_start_a_process(tmp_path: Path, spy: ProcessSpy) -> None:
+    """With the default threshold, commits of a few rows stay in the thread."""
+    assert _sqlite_writer.PROCESS_MIN_ROWS > 100
+    snapper = Snapper(range(100), square, snapshot_storage=storage_in(tmp_path))
+    snapper.start()
+    assert spy.processes == []
+    assert snapper.load() == [x * x for x in range(100)]
+
+
+@pytest.mark.parametrize("executable", ["/nonexistent/python", "/bin/false"])
+def test_a_process_that_cannot_start_leaves_commits_in_the_thread(
+    tmp_path: Path, forced: None, monkeypatch: pytest.MonkeyPatch, executable: str
+) -> None:
+    """No such executable (OSError at once), or one that exits without connecting."""
+    monkeypatch.setattr(sys, "executable", executable)
+    snapper = Snapper(range(3000), square, snapshot_storage=storage_in(tmp_path))
+    snapper.start()
+    assert snapper.load() == [x * x for x in range(3000)]
+
+
+def test_a_killed_process_fails_the_run_and_a_rerun_loses_nothing(
+    tmp_path: Path, forced: None, spy: ProcessSpy
+) -> None:
+    calls: list[int] = []  # closure values: the version is pinned below
+    killed: list[int] = []
+
+    def work(x: int) -> int:
+        calls.append(x)
+        if x == 1500 and not killed:  # in the first run only
+            killed.append(wait_for_a_process(spy))
+            os.kill(killed[0], signal.SIGKILL)
+            time.sleep(0.2)  # let it die before the next commit reaches it
+        return x * x
+
+    storage = storage_in(tmp_path)
+    with pytest.raises(WriterError, match="writer process ended unexpectedly"):
+        Snapper(range(3000), work, snapshot_storage=storage, version="v1").start()
+    done_before = len(Snapper(range(3000), work, snapshot_storage=storage, version="v1").load())
+    assert 0 < done_before < 3000
+    calls.clear()
+    rerun = Snapper(range(3000), work, snapshot_storage=storage, version="v1")
+    rerun.start()
+    assert rerun.load() == [x * x for x in range(3000)]
+    assert len(calls) == 3000 - done_before  # only what was not saved is done again
+
+
+def test_the_process_is_out_of_reach_of_the_terminals_ctrl_c(tmp_path: Path, forced: None, spy: ProcessSpy) -> None:
+    """A terminal's Ctrl-C goes to its foreground process group; the writer must not stop
+    halfway through a commit, so it runs in a session of its own."""
+    seen: list[tuple[int, int]] = []
+
+    def work(x: int) -> int:
+        if x == 10:
+            pid = wait_for_a_process(spy)
+            seen.append((os.getsid(pid), os.getpgid(pid)))
+        return x
+
+    Snapper(range(20), work, snapshot_storage=storage_in(tmp_path)).start()
+    [(sid, pgid)] = seen
+    assert sid != os.getsid(0) and pgid != os.getpgid(0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_by_fn_does_not_hold_up_close(tmp_path: Path, forced: None) -> None:
+    """A worker forked inside fn inherits the pipe to the writer process; closing must not
+    wait for that worker to exit (the process is told to stop, not left to see EOF)."""
+    children: list[int] = []
+
+    def work(x: int) -> int:
+        if x == 5:
+            pid = os.fork()
+            if pid == 0:  # the worker: outlives the run by far, then leaves without cleanup
+                time.sleep(20)
+                os._exit(0)
+            children.append(pid)
+        return x
+
+    started = time.monotonic()
+    snapper = Snapper(range(3000), work, snapshot_storage=storage_in(tmp_path))
+    try:
+        snapper.start()
+        elapsed = time.monotonic() - started
+        assert snapper.load() == list(range(3000))
+    finally:
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert elapsed < 15, f"start() waited {elapsed:.1f} s for the forked worker"
