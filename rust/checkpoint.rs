@@ -150,10 +150,13 @@ impl Checkpoint {
     /// Commits what is pending, stops the writer and closes the file. Idempotent. The
     /// file is released even when the writer failed; that failure is then raised.
     pub fn close(&self) -> Result<()> {
-        let stopped = self.writer.close();
-        if let Err(Error::Forked { .. }) = stopped {
-            return stopped;
+        // First, before any lock: a lock held at the fork by a thread of the parent (the
+        // writer's, mid-commit, or one inside `close`) stays held in a child, where that
+        // thread does not exist to let go.
+        if self.writer.is_forked_copy() {
+            return Err(self.writer.forked());
         }
+        let stopped = self.writer.close();
         // A lock poisoned by a panic (in a commit, say: the writer's failure then says
         // so) still yields the store: it is only closed, and closing rolls back
         // whatever the panic left half done. Refusing would keep the file open and

@@ -389,6 +389,11 @@ impl<T: Weigh + Send + 'static> Writer<T> {
     /// call raises the writer's failure, if any (as `record` and `flush` do), later ones
     /// return quietly.
     pub fn close(&self) -> Result<()> {
+        // Before any lock: in a forked child, a parent thread may have held one at the
+        // fork (another `close`, joining the writer), and it does not exist here to let go.
+        if self.is_forked_copy() {
+            return Err(self.forked());
+        }
         let mut thread = lock(&self.path, &self.thread)?;
         if thread.is_none() {
             return Ok(());
