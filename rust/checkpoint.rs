@@ -7,7 +7,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::errors::{Error, Result};
 use crate::store::{ItemRow, Store, Synchronous};
@@ -150,17 +150,21 @@ impl Checkpoint {
     /// Commits what is pending, stops the writer and closes the file. Idempotent. The
     /// file is released even when the writer failed; that failure is then raised.
     pub fn close(&self) -> Result<()> {
-        let stopped = self.writer.close();
-        if let Err(Error::Forked { .. }) = stopped {
-            return stopped;
+        // First, before any lock: a lock held at the fork by a thread of the parent (the
+        // writer's, mid-commit, or one inside `close`) stays held in a child, where that
+        // thread does not exist to let go.
+        if self.writer.is_forked_copy() {
+            return Err(self.writer.forked());
         }
+        let stopped = self.writer.close();
+        // A lock poisoned by a panic (in a commit, say: the writer's failure then says
+        // so) still yields the store: it is only closed, and closing rolls back
+        // whatever the panic left half done. Refusing would keep the file open and
+        // hide the writer's failure behind this one.
         let store = self
             .store
             .lock()
-            .map_err(|_| Error::Checkpoint {
-                path: self.path.clone(),
-                detail: "internal state was left inconsistent by an earlier panic".to_owned(),
-            })?
+            .unwrap_or_else(PoisonError::into_inner)
             .take();
         let closed = store.map_or(Ok(()), Store::close);
         stopped.and(closed)
@@ -238,6 +242,33 @@ mod tests {
             other => panic!("expected a writer error, got {other:?}"),
         }
         assert!(matches!(checkpoint.close(), Err(Error::Writer { .. })));
+        checkpoint.close().unwrap();
+    }
+
+    #[test]
+    fn close_after_a_panic_with_the_store_locked_releases_the_file_and_raises() {
+        let dir = TempDir::new();
+        let path = dir.file("run.db");
+        let policy = Policy {
+            batch_size: 1,
+            max_wait: None,
+        };
+        let checkpoint = Checkpoint::open(&path, Synchronous::Normal, policy).unwrap();
+        let version = checkpoint
+            .with_store(|store| store.add_version("fp", "{}", None))
+            .unwrap();
+        // As a panicking commit would: the store's lock is poisoned.
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            checkpoint.with_store(|_| -> Result<()> { panic!("a bug") })
+        }));
+        assert!(panicked.is_err());
+        let _ = checkpoint.record(row(1, version, 0, Some(b"x"))).unwrap();
+        assert!(matches!(checkpoint.flush(), Err(Error::Writer { .. })));
+        let wal = dir.file("run.db-wal");
+        assert!(wal.exists());
+        assert!(matches!(checkpoint.close(), Err(Error::Writer { .. })));
+        // The last connection to a WAL database removes the WAL file as it closes.
+        assert!(!wal.exists());
         checkpoint.close().unwrap();
     }
 

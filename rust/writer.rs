@@ -9,7 +9,9 @@
 //!
 //! Generic over the row type and the commit function, so it is tested without SQLite.
 
+use std::any::Any;
 use std::mem;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, PoisonError};
 use std::thread::JoinHandle;
@@ -172,6 +174,19 @@ fn lock<'a, T>(path: &str, mutex: &'a Mutex<T>) -> Result<MutexGuard<'a, T>> {
     mutex.lock().map_err(|_| poisoned(path))
 }
 
+/// The writer's failure for a panic of its thread (a bug, never a user's input or file).
+fn panicked(path: &str, payload: &(dyn Any + Send)) -> Error {
+    let message = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message");
+    Error::Checkpoint {
+        path: path.to_owned(),
+        detail: format!("internal error: the writer thread panicked ({message})"),
+    }
+}
+
 impl<T: Weigh + Send + 'static> Writer<T> {
     /// Starts the writer thread; `commit` saves one batch, all of it or none.
     pub fn start<C>(path: &str, policy: Policy, limits: Limits, commit: C) -> Result<Self>
@@ -203,9 +218,20 @@ impl<T: Weigh + Send + 'static> Writer<T> {
         });
         let thread = {
             let shared = Arc::clone(&shared);
+            let thread_path = path.to_owned();
             std::thread::Builder::new()
                 .name("snapperable-writer".to_owned())
-                .spawn(move || run(&shared, policy, limits, commit))
+                .spawn(move || {
+                    // A panic (in a commit or in the loop) must not end the thread
+                    // silently: flushers, callers waiting for room and `close` would
+                    // wait forever for a writer that is gone. It becomes the writer's
+                    // failure instead, raised by every later call like any other.
+                    let ran = panic::catch_unwind(AssertUnwindSafe(|| {
+                        run(&shared, policy, limits, commit);
+                    }));
+                    let failure = ran.err().map(|payload| panicked(&thread_path, &*payload));
+                    stop(&shared, failure);
+                })
                 .map_err(|err| Error::Checkpoint {
                     path: path.to_owned(),
                     detail: format!("cannot start the writer thread: {err}"),
@@ -363,6 +389,11 @@ impl<T: Weigh + Send + 'static> Writer<T> {
     /// call raises the writer's failure, if any (as `record` and `flush` do), later ones
     /// return quietly.
     pub fn close(&self) -> Result<()> {
+        // Before any lock: in a forked child, a parent thread may have held one at the
+        // fork (another `close`, joining the writer), and it does not exist here to let go.
+        if self.is_forked_copy() {
+            return Err(self.forked());
+        }
         let mut thread = lock(&self.path, &self.thread)?;
         if thread.is_none() {
             return Ok(());
@@ -428,7 +459,8 @@ impl<T> Drop for Writer<T> {
     }
 }
 
-/// The writer thread: wait until a commit is due, commit everything pending, repeat.
+/// The writer thread: wait until a commit is due, commit everything pending, repeat,
+/// until closed or failed. [`stop`] then tells the waiters.
 ///
 /// Its own waits recover a poisoned lock instead of returning: the state it guards is
 /// only counters and a buffer, and a writer that vanished would leave flushers waiting.
@@ -503,7 +535,20 @@ where
             shared.progress.notify_all();
         }
     }
+}
+
+/// Marks the writer stopped, with `panicked` (the failure for a panic of `run`, if it
+/// panicked) as its failure unless it had one, and wakes everyone waiting for it.
+fn stop<T>(shared: &Shared<T>, panicked: Option<Error>) {
+    let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+    if state.failure.is_none() {
+        state.failure = panicked;
+    }
     state.writer_running = false;
+    // A panic with the lock held poisoned it. Every call checks `failure` first thing
+    // after locking, and the writer is gone, so nothing reads the rest of the state
+    // again: callers should get the failure (a `WriterError`), not a poisoned lock.
+    shared.state.clear_poison();
     shared.progress.notify_all();
     shared.room.notify_all();
 }
@@ -787,5 +832,87 @@ mod tests {
         assert!(!waiter.is_finished());
         open_gate(&gate); // the commit fails
         assert!(matches!(waiter.join().unwrap(), Err(Error::Writer { .. })));
+    }
+
+    /// Runs `call` on a thread of its own and returns its outcome, or fails the test if
+    /// it has not returned within a few seconds: a call that hangs is the regression.
+    fn within_seconds<R: Send + 'static>(call: impl FnOnce() -> R + Send + 'static) -> R {
+        let (sender, outcome) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = sender.send(call());
+        });
+        outcome
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the call hung")
+    }
+
+    /// A writer whose commits panic once `gate` is opened; `limits` as given.
+    fn panicking_writer(limits: Limits) -> (Arc<Writer<u32>>, Gate) {
+        let gate: Gate = Arc::default();
+        let commit_gate = Arc::clone(&gate);
+        let writer = Writer::start("test.db", NEVER, limits, move |_: &[u32]| {
+            let (open, opened) = &*commit_gate;
+            let mut open = open.lock().unwrap();
+            while !*open {
+                open = opened.wait(open).unwrap();
+            }
+            panic!("a bug in the commit");
+        })
+        .unwrap();
+        (Arc::new(writer), gate)
+    }
+
+    fn is_panic_failure(outcome: &Result<()>) -> bool {
+        matches!(outcome, Err(Error::Writer { cause, .. })
+            if cause.to_string().contains("a bug in the commit"))
+    }
+
+    #[test]
+    fn a_panicking_commit_fails_flush_and_close_instead_of_hanging() {
+        let (writer, gate) = panicking_writer(Limits::DEFAULT);
+        writer.record_blocking(0).unwrap();
+        let flusher = {
+            let writer = Arc::clone(&writer);
+            std::thread::spawn(move || writer.flush())
+        };
+        sleep(Duration::from_millis(50)); // the flusher waits for the commit
+        open_gate(&gate);
+        let flushed = within_seconds(move || flusher.join().unwrap());
+        assert!(is_panic_failure(&flushed), "{flushed:?}");
+        let later = Arc::clone(&writer);
+        let (recorded, flushed, closed) =
+            within_seconds(move || (later.record(1), later.flush(), later.close()));
+        assert!(
+            matches!(recorded, Err(Error::Writer { .. })),
+            "{recorded:?}"
+        );
+        assert!(is_panic_failure(&flushed), "{flushed:?}");
+        assert!(is_panic_failure(&closed), "{closed:?}");
+        within_seconds(move || writer.close()).unwrap(); // idempotent, as after a failure
+    }
+
+    #[test]
+    fn a_panicking_commit_wakes_a_caller_waiting_for_room() {
+        let limits = Limits {
+            rows: 2,
+            bytes: usize::MAX,
+        };
+        let (writer, gate) = panicking_writer(limits);
+        writer.record_blocking(0).unwrap();
+        writer.record_blocking(1).unwrap(); // full: taken by the writer, which blocks
+        let waiter = {
+            let writer = Arc::clone(&writer);
+            std::thread::spawn(move || {
+                writer.record_blocking(2)?;
+                writer.record_blocking(3) // full again: waits for room
+            })
+        };
+        sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished());
+        open_gate(&gate); // the commit panics
+        let waited = within_seconds(move || waiter.join().unwrap());
+        assert!(is_panic_failure(&waited), "{waited:?}");
+        let closed = within_seconds(move || writer.close());
+        assert!(is_panic_failure(&closed), "{closed:?}");
     }
 }

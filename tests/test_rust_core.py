@@ -22,7 +22,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import pytest
 from hypothesis import given, settings
@@ -769,18 +769,106 @@ def test_forked_child_cannot_use_the_checkpoint_and_does_not_hang(open_store: Ca
             gc.collect()
         finally:
             os._exit(code)
+    assert _child_exit_code(pid) == 0
+    store.flush()  # the parent's checkpoint is unaffected
+    assert store.all_outputs(version) == [1]
+
+
+def _child_exit_code(pid: int) -> int:
+    """The exit code of forked child ``pid``; kills it and fails the test if it hangs."""
     deadline = time.monotonic() + 20
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            break
+            return os.waitstatus_to_exitcode(status)
         if time.monotonic() > deadline:
             os.kill(pid, 9)
+            os.waitpid(pid, 0)
             pytest.fail("the forked child hung")
         time.sleep(0.02)
-    assert os.waitstatus_to_exitcode(status) == 0
-    store.flush()  # the parent's checkpoint is unaffected
-    assert store.all_outputs(version) == [1]
+
+
+def _close_in_child(store: Any) -> NoReturn:
+    """In a forked child: closes ``store`` and exits, 0 if that raised ForkedProcessError."""
+    code = 1
+    try:
+        store.close()
+    except ForkedProcessError:
+        code = 0
+    finally:
+        os._exit(code)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_close_does_not_wait_for_a_lock_held_at_the_fork(
+        tmp_path: Path, open_store: Callable[..., Any]) -> None:
+    """A parent thread inside ``close``, joining a writer stuck in a commit, holds a lock
+    at the fork. That lock stays held in the child, where the thread does not exist: the
+    child's ``close`` must refuse before taking any lock, not wait for it forever."""
+    store = open_store(batch_size=1)
+    version = store.add_version("fp", "{}", None)
+    # Another process holds the write lock: the writer's commit waits in the busy timeout.
+    blocker = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_WRITE_LOCK, str(tmp_path / "run.db")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert blocker.stdout is not None and blocker.stdin is not None
+    assert blocker.stdout.readline() == "locked\n"
+    store.record(_ok(1, version, 1))
+    failures: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            store.close()
+        except BaseException as exc:
+            failures.append(exc)
+
+    closer = threading.Thread(target=close)
+    closer.start()
+    try:
+        time.sleep(0.3)  # the closer is now in close, waiting for the writer to finish
+        assert closer.is_alive()
+        pid = os.fork()
+        if pid == 0:
+            _close_in_child(store)
+    finally:
+        blocker.communicate("\n")  # the parent's commit, and close, go on
+        closer.join()
+    assert failures == []
+    assert _child_exit_code(pid) == 0
+    assert open_store().all_outputs(version) == [1]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_children_forked_while_the_writer_commits_close_without_hanging(
+        open_store: Callable[..., Any]) -> None:
+    """Forks at random points of the writer's work (mid-commit with the store locked,
+    or with the buffer locked) and of a recording thread's; each child's ``close``
+    must refuse at once. A guard: it did not fail before ``close`` checked the fork
+    first, since no lock taken before that check was held by the writer or ``record``."""
+    store = open_store(batch_size=1)
+    version = store.add_version("fp", "{}", None)
+    stop = threading.Event()
+
+    def record() -> None:
+        i = 0
+        while not stop.is_set():
+            store.record(_ok(i, version, i))
+            i += 1
+
+    recorder = threading.Thread(target=record)
+    recorder.start()
+    try:
+        for _ in range(30):
+            time.sleep(0.01)
+            pid = os.fork()
+            if pid == 0:
+                _close_in_child(store)
+            assert _child_exit_code(pid) == 0
+    finally:
+        stop.set()
+        recorder.join()
+    store.flush()
 
 
 # -- process: the per-item hot loop ------------------------------------------------------
