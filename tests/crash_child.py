@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Optional
 
-from snapperable import PickleSnapshotStorage, Snapper, SQLiteSnapshotStorage, WriterError
+from snapperable import PickleSnapshotStorage, Snapper, SQLiteSnapshotStorage, WriterError, _sqlite_writer
 from snapperable.storage.base import SnapshotStorage
 
 VERSION = "durability-v1"
@@ -38,10 +38,12 @@ def writer_process_forced() -> bool:
     return os.environ.get(WRITER_PROCESS_ENV) == "1"
 
 
+# The shipped setting, before force_writer_process changes it.
+SHIPPED_PROCESS_MIN_ROWS = _sqlite_writer.PROCESS_MIN_ROWS
+
+
 def force_writer_process() -> None:
     """Every commit of the pure SQLite store through the writer process."""
-    from snapperable import _sqlite_writer
-
     _sqlite_writer.PROCESS_MIN_ROWS = 1
     _sqlite_writer.PROCESS_CONNECT_WAIT = 30.0
 

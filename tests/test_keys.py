@@ -122,6 +122,28 @@ def test_input_keys_fast_path_equals_the_reference_encoding(items: list[object])
     assert _backend.backend.input_keys(items) == expected
 
 
+# A small pool, so that claims repeat keys, within themselves and with the set.
+pooled_keys = st.lists(st.sampled_from([bytes([b]) * 16 for b in range(6)]), max_size=30)
+
+
+@given(pooled_keys, pooled_keys)
+def test_claim_takes_the_first_position_of_each_key_not_in_the_set(added: list[bytes], queried: list[bytes]) -> None:
+    key_set = _backend.backend.new_key_set()
+    for key in added:
+        key_set.add(key)
+    expected, seen = [], set(added)
+    for i, key in enumerate(queried):
+        if key not in seen:
+            seen.add(key)
+            expected.append(i)
+    blob = b"".join(queried)
+    assert key_set.claim(blob) == expected
+    assert sorted(key_set) == sorted(seen)
+    assert key_set.claim(blob) == []
+    with pytest.raises(ValueError):
+        key_set.claim(b"x" * 17)
+
+
 def nested(depth: int) -> object:
     value: object = 0
     for _ in range(depth):

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from crash_child import force_writer_process
+from crash_child import SHIPPED_PROCESS_MIN_ROWS, force_writer_process
 from snapperable import Snapper, SQLiteSnapshotStorage, WriterError, _pure, _sqlite_writer
 from snapperable._sqlite_writer import WriterProcess
 
@@ -35,7 +35,7 @@ def backend() -> Iterator[str]:
 def wait_for_a_process(spy: "ProcessSpy") -> int:
     """The pid of the first writer process, once it has committed rows."""
     deadline = time.monotonic() + 10
-    while not spy.rows_sent and time.monotonic() < deadline:
+    while not spy.rows_committed and time.monotonic() < deadline:
         time.sleep(0.01)
     return spy.pids()[0]
 
@@ -46,19 +46,29 @@ class ProcessSpy:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.processes: list[WriterProcess] = []
         self.rows_sent = 0
+        self.rows_committed = 0
         real_init = WriterProcess.__init__
-        real_commit = WriterProcess.commit
+        real_send = WriterProcess.send
+        real_settle = WriterProcess.settle
 
         def init(process: WriterProcess, *args: Any) -> None:
             real_init(process, *args)
             self.processes.append(process)
 
-        def commit(process: WriterProcess, rows: Any) -> None:
-            real_commit(process, rows)
+        def send(process: WriterProcess, rows: Any) -> int:
+            committed = real_send(process, rows)
             self.rows_sent += len(rows)
+            self.rows_committed += committed
+            return committed
+
+        def settle(process: WriterProcess) -> int:
+            committed = real_settle(process)
+            self.rows_committed += committed
+            return committed
 
         monkeypatch.setattr(WriterProcess, "__init__", init)
-        monkeypatch.setattr(WriterProcess, "commit", commit)
+        monkeypatch.setattr(WriterProcess, "send", send)
+        monkeypatch.setattr(WriterProcess, "settle", settle)
 
     def pids(self) -> list[int]:
         return [p._proc.pid for p in self.processes]
@@ -89,7 +99,7 @@ def test_commits_go_through_the_process_and_read_back(tmp_path: Path, forced: No
     snapper = Snapper(items, square, snapshot_storage=storage_in(tmp_path))
     snapper.start()
     assert len(spy.processes) == 1
-    assert spy.rows_sent == len(items)  # every row, through the process
+    assert spy.rows_sent == spy.rows_committed == len(items)  # every row, through the process
     assert snapper.load() == [x * x for x in items]
     # Failures and retried items (full rows) go the same way, in order with plain ones.
     flaky_calls: dict[int, int] = {}
@@ -115,9 +125,10 @@ def test_commits_go_through_the_process_and_read_back(tmp_path: Path, forced: No
     assert all(p._proc.returncode == 0 for p in spy.processes)  # each exited when closed
 
 
-def test_small_runs_never_start_a_process(tmp_path: Path, spy: ProcessSpy) -> None:
-    """With the default threshold, commits of a few rows stay in the thread."""
-    assert _sqlite_writer.PROCESS_MIN_ROWS > 100
+def test_small_runs_never_start_a_process(tmp_path: Path, spy: ProcessSpy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the shipped threshold, commits of a few rows stay in the thread."""
+    monkeypatch.setattr(_sqlite_writer, "PROCESS_MIN_ROWS", SHIPPED_PROCESS_MIN_ROWS)
+    assert SHIPPED_PROCESS_MIN_ROWS > 100
     snapper = Snapper(range(100), square, snapshot_storage=storage_in(tmp_path))
     snapper.start()
     assert spy.processes == []

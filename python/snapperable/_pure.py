@@ -7,8 +7,10 @@ the same files as the Rust core, so either resumes the other's checkpoint.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
+import struct
 import sys
 import threading
 from importlib import resources
@@ -54,16 +56,37 @@ class PyKeySet(set[bytes]):
 
     def claim(self, keys_blob: bytes) -> list[int]:
         size = keys.KEY_SIZE
-        if len(keys_blob) % size:
+        count, rest = divmod(len(keys_blob), size)
+        if rest:
             raise ValueError(f"keys must be a multiple of {size} bytes long")
-        claimed = []
-        add = self.add
-        for i in range(len(keys_blob) // size):
-            key = keys_blob[i * size : (i + 1) * size]
-            if key not in self:
-                add(key)
-                claimed.append(i)
-        return claimed
+        # Split in C, then settle the usual chunks (all new, or all done) with set
+        # operations: 0.15 against 0.3 µs a key for a loop over slices.
+        chunk_keys = _key_splitter(count).unpack(keys_blob)
+        if self.isdisjoint(chunk_keys):
+            before = len(self)
+            self.update(chunk_keys)
+            if len(self) == before + count:
+                return list(range(count))
+            return _first_of_each(chunk_keys, set())  # repeats within the chunk
+        if self.issuperset(chunk_keys):
+            return []
+        return _first_of_each(chunk_keys, self)
+
+
+def _first_of_each(chunk_keys: tuple[bytes, ...], seen: set[bytes]) -> list[int]:
+    """Positions of the keys not in ``seen``, each key's first; adds them to ``seen``."""
+    claimed = []
+    add = seen.add
+    for i, key in enumerate(chunk_keys):
+        if key not in seen:
+            add(key)
+            claimed.append(i)
+    return claimed
+
+
+@functools.lru_cache(maxsize=16)  # chunks are CHUNK keys long, but for the last
+def _key_splitter(count: int) -> struct.Struct:
+    return struct.Struct(f"{keys.KEY_SIZE}s" * count)
 
 
 def new_key_set() -> PyKeySet:
@@ -150,13 +173,16 @@ class PySQLiteStore(WriterBackedStore):
         return CheckpointError(f"{self.path}: {exc}")
 
     # -- writes -------------------------------------------------------------------------
-    def _commit(self, rows: list[PendingRow]) -> None:
+    def _commit(self, rows: list[PendingRow]) -> Optional[int]:
         process = self._connected_process(len(rows))
         if process is not None:
-            process.commit(rows)
-            return
+            return process.send(rows)  # pipelined: see GroupCommitWriter
         with self._lock:
             commit_rows(self._conn, rows)
+        return None
+
+    def _settle(self) -> int:
+        return self._process.settle() if self._process is not None else 0
 
     def _connected_process(self, batch_rows: int) -> Optional[WriterProcess]:
         """The writer process if it is connected; starts it for a large batch. Until it

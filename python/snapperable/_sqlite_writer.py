@@ -21,7 +21,7 @@ The protocol, over the child's stdin and stdout:
 - parent -> child: frames of an 8-byte little-endian length and ``marshal.dumps(rows)``
   (rows exactly as the store recorded them; same executable, so the same marshal
   format); a zero length asks it to exit;
-- child -> parent after each frame: ``K`` once committed, or ``E`` + a 4-byte length +
+- child -> parent after each frame, in order: ``K`` once committed, or ``E`` + a 4-byte length +
   ``marshal.dumps(message)`` after a rollback.
 
 Ctrl-C in a terminal reaches the whole process group; the child runs in a session of
@@ -39,6 +39,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+from collections import deque
 from itertools import chain, groupby
 from typing import IO, Sequence
 
@@ -146,6 +147,7 @@ class WriterProcess:
         self._to_child = self._proc.stdin.fileno()
         self._from_child = self._proc.stdout.fileno()
         self._ready = False
+        self._in_flight: deque[int] = deque()  # row counts of batches sent, not answered
 
     def ready(self, wait: float) -> bool:
         """Has the child connected (waiting up to ``wait`` seconds)? Raises
@@ -155,8 +157,11 @@ class WriterProcess:
             self._ready = True
         return self._ready
 
-    def commit(self, rows: list[PendingRow]) -> None:
-        """Have the child commit ``rows``; return once they are committed."""
+    def send(self, rows: list[PendingRow]) -> int:
+        """Send ``rows`` to be committed, keeping one batch in flight: returns the number
+        of rows of the batch before, once that one is committed (0 if there was none).
+        The child commits a batch while the next is on its way, so it never waits for
+        this thread to take the GIL back."""
         if not self._ready:
             self._answer()  # waits for the child to connect
             self._ready = True
@@ -165,7 +170,20 @@ class WriterProcess:
             _write_all(self._to_child, _LENGTH.pack(len(frame)) + frame)
         except OSError as exc:  # a broken pipe: the child is gone
             raise self._ended(f"({exc})") from exc
-        self._answer()
+        self._in_flight.append(len(rows))
+        committed = 0
+        while len(self._in_flight) > 1:
+            self._answer()
+            committed += self._in_flight.popleft()
+        return committed
+
+    def settle(self) -> int:
+        """Wait until every batch sent is committed; the number of rows they held."""
+        committed = 0
+        while self._in_flight:
+            self._answer()
+            committed += self._in_flight.popleft()
+        return committed
 
     def _answer(self) -> None:
         """Read one answer: return on ``R``/``K``, raise on ``E`` or the end of the pipe."""

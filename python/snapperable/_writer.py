@@ -23,7 +23,8 @@ from snapperable.keys import KEY_SIZE
 # At most this many rows wait for the writer; `record` blocks beyond it. A writer that
 # lags (a slow disk, big outputs, or, in pure Python, a writer that must share the GIL
 # with the loop) would otherwise let the buffer grow without bound: memory, and the
-# work a crash can lose, both grow with it.
+# work a crash can lose, both grow with it. (Besides the pending rows, the writer holds
+# the batch it commits, and with a pipelined commit one more on its way.)
 MAX_PENDING_ROWS = 16_384
 # ... and at most this many bytes of pickled output (as in the Rust core), since large
 # outputs would make even 16,384 rows gigabytes.
@@ -56,12 +57,20 @@ class GroupCommitWriter(Generic[Row]):
     has waited ``max_wait_time`` seconds, or when ``flush``/``close`` asks. A failed
     commit stops the writer; its exception is raised, as ``WriterError``, by every later
     ``record``, ``flush`` and ``close``.
+
+    ``commit(batch)`` returns None once the batch is durable. A pipelined commit (the
+    SQLite store's writer process) may instead only send the batch on and return how
+    many rows of earlier batches became durable meanwhile, so that the next batch is
+    on its way while one is being committed; ``settle()`` then waits for everything
+    sent and returns how many rows became durable. The writer settles before it waits
+    for more rows, so ``flush`` and ``close`` still mean durable.
     """
 
     def __init__(
         self,
-        commit: Callable[[list[Row]], None],
+        commit: Callable[[list[Row]], Optional[int]],
         *,
+        settle: Callable[[], int] = lambda: 0,
         batch_size: int,
         max_wait_time: Optional[float],
         name: str,
@@ -70,6 +79,7 @@ class GroupCommitWriter(Generic[Row]):
         size_of: Callable[[list[Row]], int] = len,
     ) -> None:
         self._commit = commit
+        self._settle = settle
         self._max_pending = max_pending
         self._max_pending_bytes = max_pending_bytes
         # Bytes given to record() minus bytes the writer took: each counter has one
@@ -96,14 +106,25 @@ class GroupCommitWriter(Generic[Row]):
 
     def record(self, row: Row, size: int = 0) -> None:
         """Hand ``row`` (of ``size`` bytes, as ``size_of`` counts them) to the writer."""
-        if self._error is not None:
-            self._raise_error()
-        if self._closing:
-            raise CheckpointError(f"{self._name} is closed; open it again to record")
+        # Called once per item: the common case is an append and one test; whatever
+        # needs more (a first row to time, an idle writer to wake, a full buffer, a
+        # writer that failed or is closing) goes to `_after_record`.
+        if self._error is not None or self._closing:
+            self._refuse()
         pending = self._pending
         pending.append(row)
         self._recorded += 1
+        self._recorded_bytes += size
         waiting = len(pending)
+        if (
+            waiting == 1
+            or self._writer_idle
+            or waiting >= self._max_pending
+            or self._recorded_bytes - self._taken_bytes >= self._max_pending_bytes
+        ):
+            self._after_record(waiting)
+
+    def _after_record(self, waiting: int) -> None:
         if waiting == 1 and self._max_wait_time is not None:
             self._oldest_pending_at = time.monotonic()
         # No lost wake-up: the writer sets `_writer_idle` before it looks at `_pending`,
@@ -112,9 +133,13 @@ class GroupCommitWriter(Generic[Row]):
         if self._writer_idle and (waiting >= self._batch_size or self._max_wait_time is not None):
             with self._cond:
                 self._cond.notify()
-        self._recorded_bytes += size
         if waiting >= self._max_pending or self._pending_bytes() >= self._max_pending_bytes:
             self._wait_for_room()
+
+    def _refuse(self) -> None:
+        if self._error is not None:
+            self._raise_error()
+        raise CheckpointError(f"{self._name} is closed; open it again to record")
 
     def _pending_bytes(self) -> int:
         return self._recorded_bytes - self._taken_bytes
@@ -179,10 +204,11 @@ class GroupCommitWriter(Generic[Row]):
 
     def _run(self) -> None:
         pending = self._pending
+        unsettled = 0  # rows a pipelined commit has sent on, not yet durable
         while True:
             with self._cond:
                 self._writer_idle = True
-                while not self._ready():
+                while not unsettled and not self._ready():
                     if self._closing and not pending:
                         return
                     timeout = None
@@ -190,18 +216,26 @@ class GroupCommitWriter(Generic[Row]):
                         timeout = self._oldest_pending_at + self._max_wait_time - time.monotonic()
                     self._cond.wait(timeout)
                 self._writer_idle = False
-                batch = [pending.popleft() for _ in range(len(pending))]
+                batch = [pending.popleft() for _ in range(len(pending))] if self._ready() else []
                 self._taken_bytes += self._size_of(batch)
                 self._cond.notify_all()  # a caller waiting for room may go on
             try:
-                self._commit(batch)
+                if batch:
+                    durable = self._commit(batch)
+                    if durable is None:
+                        durable = len(batch)
+                    else:
+                        unsettled += len(batch) - durable
+                else:  # nothing to start: wait for what was sent
+                    durable = self._settle()
+                    unsettled -= durable
             except BaseException as exc:  # report anything; the caller decides
                 with self._cond:
                     self._error = exc
                     self._cond.notify_all()
                 return
             with self._cond:
-                self._committed += len(batch)
+                self._committed += durable
                 self._cond.notify_all()
 
 
@@ -217,6 +251,7 @@ class WriterBackedStore:
     def _start_writer(self, path: str, batch_size: int, max_wait_time: Optional[float]) -> None:
         self._writer: GroupCommitWriter[PendingRow] = GroupCommitWriter(
             self._commit,
+            settle=self._settle,
             batch_size=batch_size,
             max_wait_time=max_wait_time,
             name=path,
@@ -254,8 +289,13 @@ class WriterBackedStore:
             record((key, version, started, now(), payload), len(payload))
         return None
 
-    def _commit(self, rows: list[PendingRow]) -> None:
+    def _commit(self, rows: list[PendingRow]) -> Optional[int]:
+        """Commit ``rows`` (see ``GroupCommitWriter`` for a pipelined commit's return)."""
         raise NotImplementedError
+
+    def _settle(self) -> int:
+        """Wait for rows a pipelined ``_commit`` sent on; how many became durable."""
+        return 0
 
     def _release(self) -> None:
         raise NotImplementedError

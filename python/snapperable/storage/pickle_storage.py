@@ -216,7 +216,7 @@ class PickleStore(WriterBackedStore):
                     self._torn_append = undo  # the next open cuts the torn tail
                 raise exc
 
-    def _commit(self, rows: list[PendingRow]) -> None:
+    def _commit(self, rows: list[PendingRow]) -> None:  # durable on return
         self._append(encode_frame(("items", list(map(item_row, rows)))))
 
     def add_version(self, fingerprint: str, parts: str, uses: Optional[int]) -> int:
