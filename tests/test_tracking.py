@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import snapperable
 from snapperable import (
@@ -16,7 +19,10 @@ from snapperable import (
     Snapper,
     SnapshotStorage,
     SQLiteSnapshotStorage,
+    _backend,
 )
+from snapperable._backend import PICKLE_PROTOCOL, STATUS_FAILED, STATUS_OK
+from snapperable.keys import input_key
 
 class Counter:
     """A function that counts its calls; ``version=`` keeps the count out of the fingerprint."""
@@ -308,3 +314,34 @@ def test_plan_reads_the_iterable_as_it_is_now(storage: SnapshotStorage[Any]) -> 
     snapper.start()
     items.append(4)
     assert (snapper.plan().done, snapper.plan().new) == (3, 1)
+
+
+# -- the store's load, against a fold written out here ---------------------------------
+@settings(max_examples=80, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["ok", "again", "failed"])), max_size=12),
+    wanted=st.lists(st.integers(0, 6), max_size=10),
+    in_order=st.booleans(),
+)
+def test_outputs_for_is_the_latest_ok_output_of_each_key(
+    tmp_path_factory: pytest.TempPathFactory, rows: list[tuple[int, str]], wanted: list[int], in_order: bool
+) -> None:
+    """Whatever the rows (superseded, failed, repeated) and the keys asked for (in the
+    order saved, which the pure store streams, or any other): the latest row of each
+    key, if ok, in the order asked."""
+    if in_order:
+        wanted = [i for i, _ in rows]
+    store = _backend.backend.open_sqlite(str(tmp_path_factory.mktemp("load") / "run.db"), "normal", 1, None)
+    try:
+        version = store.add_version("fp", "{}", None)
+        for i, kind in rows:
+            failed = kind == "failed"
+            output = None if failed else pickle.dumps(f"{kind} {i}", PICKLE_PROTOCOL)
+            store.record((input_key(i), version, STATUS_FAILED if failed else STATUS_OK, None, output,
+                          None, None, None, 1, 0.0, 0.0))
+        store.flush()
+        latest = dict(rows)
+        expected = [f"{latest[i]} {i}" for i in wanted if latest.get(i, "failed") != "failed"]
+        assert store.outputs_for(version, b"".join(input_key(i) for i in wanted)) == expected
+    finally:
+        store.close()
