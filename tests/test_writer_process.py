@@ -214,3 +214,23 @@ def test_a_child_forked_by_fn_does_not_hold_up_close(tmp_path: Path, forced: Non
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
     assert elapsed < 15, f"start() waited {elapsed:.1f} s for the forked worker"
+
+
+def test_a_process_that_never_answers_is_not_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spy: ProcessSpy
+) -> None:
+    """A ``sys.executable`` that is not Python (an embedding application) may neither
+    connect nor exit: commits stay in the thread, and close does not wait for it."""
+    silent = tmp_path / "silent"
+    silent.write_text("#!/bin/sh\nexec sleep 60\n")
+    silent.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(silent))
+    monkeypatch.setattr(_sqlite_writer, "PROCESS_MIN_ROWS", 1)  # started at once ...
+    monkeypatch.setattr(_sqlite_writer, "PROCESS_CONNECT_WAIT", 0.0)  # ... never waited for
+    started = time.monotonic()
+    snapper = Snapper(range(3000), square, snapshot_storage=storage_in(tmp_path))
+    snapper.start()
+    assert time.monotonic() - started < 20
+    assert len(spy.processes) == 1 and spy.rows_sent == 0
+    assert spy.processes[0]._proc.returncode is not None  # killed and reaped
+    assert snapper.load() == [x * x for x in range(3000)]

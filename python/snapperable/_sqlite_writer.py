@@ -205,7 +205,10 @@ class WriterProcess:
         return WriterProcessError(f"the writer process ended unexpectedly ({status}) {detail}".rstrip())
 
     def close(self) -> None:
-        """Ask the child to exit and wait for it: it has nothing pending by then."""
+        """Ask the child to exit and wait for it: it has nothing pending by then. One
+        that never connected (a ``sys.executable`` that is not Python) is killed."""
+        if not self._ready:
+            self._proc.kill()
         try:
             _write_all(self._to_child, _LENGTH.pack(0))
         except OSError:
