@@ -13,6 +13,7 @@ import pickle
 import threading
 import time
 from collections import deque
+from operator import itemgetter
 from typing import Any, Callable, Generic, Optional, Sequence, Tuple, TypeVar, Union
 
 from snapperable._backend import PICKLE_PROTOCOL, ROW_OUTPUT, STATUS_OK, ItemRow, ProcessStop
@@ -31,6 +32,9 @@ MAX_PENDING_ROWS = 16_384
 MAX_PENDING_BYTES = 64 << 20
 
 Row = TypeVar("Row")
+
+# The per-item loop brings the writer's byte count up to date at least this often.
+_UNCOUNTED_BYTES = 1 << 20
 
 # What ``process`` records for nearly every item, a plain success (ok at the first
 # attempt, no input or error kept): (key, version, started, ended, output). Smaller and
@@ -106,30 +110,33 @@ class GroupCommitWriter(Generic[Row]):
 
     def record(self, row: Row, size: int = 0) -> None:
         """Hand ``row`` (of ``size`` bytes, as ``size_of`` counts them) to the writer."""
-        # Called once per item: the common case is an append and one test; whatever
-        # needs more (a first row to time, an idle writer to wake, a full buffer, a
-        # writer that failed or is closing) goes to `_after_record`.
         if self._error is not None or self._closing:
             self._refuse()
-        pending = self._pending
-        pending.append(row)
-        self._recorded += 1
-        self._recorded_bytes += size
-        waiting = len(pending)
-        if (
-            waiting == 1
-            or self._writer_idle
-            or waiting >= self._max_pending
-            or self._recorded_bytes - self._taken_bytes >= self._max_pending_bytes
-        ):
-            self._after_record(waiting)
+        self._pending.append(row)
+        self._count(1, size)
+        self._after_recording(1)
 
-    def _after_record(self, waiting: int) -> None:
-        if waiting == 1 and self._max_wait_time is not None:
-            self._oldest_pending_at = time.monotonic()
+    # The per-item loop (`WriterBackedStore.process`) appends to `_pending` itself and
+    # brings the counters up to date in bulk: `_count` whenever it stops, `_count` and
+    # `_after_recording` as soon as the writer is idle (to wake), the buffer is full, or
+    # many bytes went uncounted. A writer that fails or stops sets `_writer_idle` too,
+    # so that one test per item notices everything.
+    def _count(self, rows: int, size: int) -> None:
+        """``rows`` more rows (``size`` bytes) were appended to ``_pending``."""
+        self._recorded += rows
+        self._recorded_bytes += size
+
+    def _after_recording(self, new_rows: int) -> None:
+        """Raise the writer's failure, time the oldest pending row, wake an idle writer,
+        or wait for room: whatever the ``new_rows`` just counted call for."""
+        if self._error is not None:
+            self._raise_error()
+        waiting = len(self._pending)
+        if waiting <= new_rows and self._max_wait_time is not None:
+            self._oldest_pending_at = time.monotonic()  # they are the oldest pending
         # No lost wake-up: the writer sets `_writer_idle` before it looks at `_pending`,
-        # so either it sees this row, or this test sees it idle and wakes it (to commit,
-        # or to arm its max_wait_time timer).
+        # so either it sees these rows, or this test sees it idle and wakes it (to
+        # commit, or to arm its max_wait_time timer).
         if self._writer_idle and (waiting >= self._batch_size or self._max_wait_time is not None):
             with self._cond:
                 self._cond.notify()
@@ -232,6 +239,7 @@ class GroupCommitWriter(Generic[Row]):
             except BaseException as exc:  # report anything; the caller decides
                 with self._cond:
                     self._error = exc
+                    self._writer_idle = True  # so that the loop's one test sees it
                     self._cond.notify_all()
                 return
             with self._cond:
@@ -272,21 +280,39 @@ class WriterBackedStore:
         version: int,
     ) -> Optional[ProcessStop]:
         """The per-item hot loop of the pure-Python backend (contract in ``_backend``)."""
-        record = self._writer.record  # the hot path: no forwarding call per item
+        writer = self._writer
+        if writer._error is not None or writer._closing:
+            writer._refuse()
+        # Rows go straight onto the writer's queue; see GroupCommitWriter._count.
+        pending = writer._pending
+        append = pending.append
+        max_rows = writer._max_pending
         now = time.time
         dumps = pickle.dumps
-        for index, position in enumerate(positions):
-            started = now()
-            output = None
-            try:
-                output = fn(items[position])
-                payload = dumps(output, PICKLE_PROTOCOL)
-            except BaseException as exc:
-                # pickle.dumps(None) cannot fail, so an output that is not None was
-                # returned by fn: the exception came from pickling it.
-                return index, started, exc, output is not None, output
-            key = keys[position * KEY_SIZE : (position + 1) * KEY_SIZE]
-            record((key, version, started, now(), payload), len(payload))
+        protocol = PICKLE_PROTOCOL
+        key_size = KEY_SIZE
+        rows = size = 0  # appended, not yet counted
+        try:
+            for index, position in enumerate(positions):
+                started = now()
+                try:
+                    output = fn(items[position])
+                except BaseException as exc:
+                    return index, started, exc, False, None
+                try:
+                    payload = dumps(output, protocol)
+                except BaseException as exc:
+                    return index, started, exc, True, output
+                at = position * key_size
+                append((keys[at : at + key_size], version, started, now(), payload))
+                rows += 1
+                size += len(payload)
+                if writer._writer_idle or len(pending) >= max_rows or size >= _UNCOUNTED_BYTES:
+                    writer._count(rows, size)
+                    counted, rows, size = rows, 0, 0
+                    writer._after_recording(counted)
+        finally:
+            writer._count(rows, size)  # also when fn raised, or Ctrl-C: flush must wait for them
         return None
 
     def _commit(self, rows: list[PendingRow]) -> Optional[int]:
@@ -314,6 +340,12 @@ class WriterBackedStore:
                 self._release()
 
 
+_OUTPUT = itemgetter(ROW_OUTPUT)
+
+
 def _output_bytes(rows: list[PendingRow]) -> int:
     """What ``process`` counts of a row's size: its pickled output."""
-    return sum(len(row[ROW_OUTPUT] or b"") for row in rows)
+    try:  # in C: the writer thread holds the GIL meanwhile, and the loop waits for it
+        return sum(map(len, map(_OUTPUT, rows)))
+    except TypeError:  # a failed item's row, which has no output
+        return sum(len(row[ROW_OUTPUT] or b"") for row in rows)
