@@ -8,6 +8,7 @@ process), start real processes, and kill them for real.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import sys
 import time
@@ -233,4 +234,24 @@ def test_a_process_that_never_answers_is_not_waited_for(
     assert time.monotonic() - started < 20
     assert len(spy.processes) == 1 and spy.rows_sent == 0
     assert spy.processes[0]._proc.returncode is not None  # killed and reaped
+    assert snapper.load() == [x * x for x in range(3000)]
+
+
+def test_works_with_file_descriptors_past_1024(tmp_path: Path, forced: None, spy: ProcessSpy) -> None:
+    """A server may hold thousands of files; the pipe's descriptor is then past what
+    ``select`` can watch."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit on open files ({hard}) is below 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        snapper = Snapper(range(3000), square, snapshot_storage=storage_in(tmp_path))
+        snapper.start()
+        assert spy.rows_committed == 3000
+        assert min(p._from_child for p in spy.processes) > 1024
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert snapper.load() == [x * x for x in range(3000)]

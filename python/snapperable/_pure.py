@@ -1,8 +1,9 @@
 """The pure-Python backend: the standard library only (DESIGN section 3).
 
 Implements the ``Backend`` contract of ``_backend.py`` with ``hashlib`` keys, a ``set``
-of keys, the group-commit writer of ``_writer.py`` and ``sqlite3``. It reads and writes
-the same files as the Rust core, so either resumes the other's checkpoint.
+of keys, the group-commit writer of ``_writer.py`` and ``sqlite3``, whose commits move
+to a writer process (``_sqlite_writer.py``) once a run outpaces them. It reads and
+writes the same files as the Rust core, so either resumes the other's checkpoint.
 """
 
 from __future__ import annotations

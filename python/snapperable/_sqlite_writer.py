@@ -152,10 +152,17 @@ class WriterProcess:
     def ready(self, wait: float) -> bool:
         """Has the child connected (waiting up to ``wait`` seconds)? Raises
         ``WriterProcessError`` if it could not."""
-        if not self._ready and select.select([self._from_child], [], [], wait)[0]:
+        if not self._ready and self._answer_waiting(wait):
             self._answer()
             self._ready = True
         return self._ready
+
+    def _answer_waiting(self, wait: float) -> bool:
+        """Is there something to read (or the end of the pipe) within ``wait`` seconds?
+        ``poll``, not ``select``: a process may hold file descriptors past 1024."""
+        poller = select.poll()
+        poller.register(self._from_child, select.POLLIN)
+        return bool(poller.poll(wait * 1000))
 
     def send(self, rows: list[PendingRow]) -> int:
         """Send ``rows`` to be committed, keeping one batch in flight: returns the number
