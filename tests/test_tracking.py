@@ -114,6 +114,23 @@ def test_generator_is_streamed_and_load_works_after_start(storage: SnapshotStora
     assert len(pulled) == 5000  # consumed once, by start(); load() reused its keys
 
 
+def test_load_after_a_failed_start_on_a_generator_gives_what_it_saved(storage: SnapshotStorage[Any]) -> None:
+    """The generator cannot be read again: load() answers from what start() read of it."""
+
+    def fn(x: int) -> int:
+        if x == 2500:
+            raise ValueError("stop here")
+        return -x
+
+    snapper = Snapper((i for i in range(5000)), fn, snapshot_storage=storage, version="v")
+    with pytest.raises(ValueError, match="stop here"):
+        snapper.start()
+    assert snapper.load() == [-i for i in range(2500)]
+    with pytest.raises(RuntimeError, match="one-shot iterator"):
+        snapper.start()  # still not read twice
+    assert snapper.load() == [-i for i in range(2500)]  # the keys it read are kept
+
+
 def test_generator_is_not_materialised(storage: SnapshotStorage[Any]) -> None:
     """The Snapper pulls items lazily: never more than a chunk ahead of processing."""
     processed = 0

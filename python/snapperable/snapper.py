@@ -344,8 +344,16 @@ class Snapper(Generic[T, R]):
                 for key in failed:
                     skip.add(key)
             bar = self._progress_bar() if self.progress else None
+            key_chunks: list[bytes] = []
             try:
-                self._key_chunks = self._run(store, version, skip, bar)
+                self._run(store, version, skip, bar, key_chunks)
+                self._key_chunks = key_chunks
+            except BaseException:
+                # A one-shot iterator cannot be read again: a later load() returns the
+                # saved outputs of what this run read of it, rather than raising.
+                if self._one_shot_read and key_chunks:
+                    self._key_chunks = key_chunks
+                raise
             finally:
                 store.flush()
                 if bar is not None:
@@ -358,17 +366,22 @@ class Snapper(Generic[T, R]):
         return tqdm(total=total, desc="snapperable", unit="item")
 
     def _run(
-        self, store: CheckpointStore, version: int, skip: KeySet, bar: "Optional[tqdm[NoReturn]]"
-    ) -> list[bytes]:
+        self,
+        store: CheckpointStore,
+        version: int,
+        skip: KeySet,
+        bar: "Optional[tqdm[NoReturn]]",
+        key_chunks: list[bytes],
+    ) -> None:
         """The loop: key a chunk, claim what is not done, have the store process it.
 
         ``store.process`` runs the per-item loop (in Rust with the Rust core) and stops
         at an item that raised; the failure is handled here, and processing goes on
-        after it. Returns the keys of every chunk in order, for ``load``.
+        after it. Appends the keys of every chunk read, in order, to ``key_chunks``,
+        for ``load``.
         """
         fn = self.fn
         consecutive_failures = 0
-        key_chunks = []
         for chunk in self._chunks():
             keys = self._keys_of(chunk)
             key_chunks.append(keys)
@@ -404,7 +417,6 @@ class Snapper(Generic[T, R]):
                 ok_row = (key, version, STATUS_OK, None, payload, None, None, None, attempts, started, time.time())
                 store.record(ok_row)
                 consecutive_failures = 0
-        return key_chunks
 
     def _recover(self, item: T, exc: BaseException) -> "tuple[bytes, int] | _Failed":
         """After ``fn(item)`` raised ``exc``: retry it, record it, or let ``exc`` propagate.
