@@ -6,7 +6,7 @@
 //! both accept, create and reject exactly the same files.
 
 use std::mem;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +35,11 @@ pub const STATUS_FAILED: i64 = 1;
 const SCAN_MMAP_SIZE: i64 = 1 << 30;
 /// Long enough to ride out another process's commit, short enough to report a real lock.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
+/// Rows (as `row_bound` estimates them) above which [`Store::key_sets`] scans the table
+/// in two halves on two threads, the second through a read-only connection of its own.
+/// Below it the second connection and thread cost more than they save (1M rows: about
+/// 150 ms for one scan).
+const SPLIT_SCAN_ROWS: usize = 100_000;
 
 /// Plain ok rows per multi-row INSERT: 5 parameters a row, well within SQLite's limit
 /// of 32,766; beyond a few dozen rows the statement's fixed cost no longer shows.
@@ -341,6 +346,11 @@ fn unix_now() -> f64 {
 /// An open SQLite checkpoint.
 pub struct Store {
     path: String,
+    /// The path as opened (an OS path: it need not be UTF-8), for a second connection.
+    file: PathBuf,
+    /// Which file `conn` opened (see [`file_identity`]): a second connection is used
+    /// only while the path still names that file.
+    identity: Option<FileIdentity>,
     conn: Connection,
 }
 
@@ -356,7 +366,13 @@ impl Store {
         })?;
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags).map_err(|e| sqlite_error(&name, e))?;
-        let mut store = Store { path: name, conn };
+        let identity = file_identity(path);
+        let mut store = Store {
+            path: name,
+            file: path.to_path_buf(),
+            identity,
+            conn,
+        };
         store.prepare(synchronous)?;
         Ok(store)
     }
@@ -614,23 +630,114 @@ impl Store {
 
     /// The keys (concatenated) and statuses of the rows of `version`, in the order saved.
     fn key_status_columns(&self, version: i64) -> Result<(Vec<u8>, Vec<i64>)> {
-        // No index on `key` by design (appends stay sequential), so this is one scan.
+        self.key_status_columns_split_above(version, SPLIT_SCAN_ROWS)
+    }
+
+    /// [`Self::key_status_columns`], in two halves at once when the table holds more
+    /// than `split_above` rows (a parameter only so that tests can lower it).
+    ///
+    /// No index on `key` by design (appends stay sequential), so this is a scan; the
+    /// rows of `version` are spread over the whole table, so it is split by `seq`. Both
+    /// halves end at one `max(seq)` read first: the table is an append-only log, so rows
+    /// appended meanwhile come after it in both, and the halves, one after the other,
+    /// are exactly what one scan would have found.
+    fn key_status_columns_split_above(
+        &self,
+        version: i64,
+        split_above: usize,
+    ) -> Result<(Vec<u8>, Vec<i64>)> {
         let bound = self.row_bound()?;
         let mut keys = Vec::with_capacity(bound.saturating_mul(KEY_SIZE));
         let mut statuses = Vec::with_capacity(bound);
         let _mapped = self.mapped_for_scan()?;
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT seq, key, status FROM items WHERE version = ?1 ORDER BY seq")
-            .map_err(|e| self.fail(e))?;
-        let mut found = stmt.query([version]).map_err(|e| self.fail(e))?;
-        while let Some(row) = found.next().map_err(|e| self.fail(e))? {
-            let key = self.key_at(row, 1)?;
-            let status: i64 = row.get(2).map_err(|e| self.fail(e))?;
-            keys.extend_from_slice(&key);
-            statuses.push(status);
+        let split = if bound > split_above {
+            self.split_point()?
+        } else {
+            None
+        };
+        let Some((first, split, last)) = split else {
+            scan_key_status(
+                &self.conn,
+                &self.path,
+                version,
+                None,
+                &mut keys,
+                &mut statuses,
+            )?;
+            return Ok((keys, statuses));
+        };
+        // The connection stays on this thread (it is not `Sync`): the other one gets
+        // only what it needs to open its own.
+        let reader = Reader {
+            path: &self.path,
+            file: &self.file,
+            identity: self.identity,
+        };
+        let second = std::thread::scope(|scope| {
+            let later = std::thread::Builder::new()
+                .name("snapperable-scan".to_owned())
+                .spawn_scoped(scope, || reader.scan(version, (split + 1, last), bound));
+            let earlier = scan_key_status(
+                &self.conn,
+                &self.path,
+                version,
+                Some((first, split)),
+                &mut keys,
+                &mut statuses,
+            );
+            let later = match later {
+                Ok(handle) => handle.join().unwrap_or_else(|_| {
+                    Err(Error::Checkpoint {
+                        path: self.path.clone(),
+                        detail: "a scan thread panicked".to_owned(),
+                    })
+                }),
+                Err(_) => Ok(None), // no thread: scanned below, on this one
+            };
+            // The first half's error first: the one a single scan would have met first.
+            earlier.and(later)
+        })?;
+        match second {
+            Some((more_keys, more_statuses)) => {
+                keys.extend_from_slice(&more_keys);
+                statuses.extend_from_slice(&more_statuses);
+            }
+            // No second connection (or not to this file): the second half here, after
+            // the first.
+            None => scan_key_status(
+                &self.conn,
+                &self.path,
+                version,
+                Some((split + 1, last)),
+                &mut keys,
+                &mut statuses,
+            )?,
         }
         Ok((keys, statuses))
+    }
+
+    /// `(first, split, last)` to scan as `first..=split` and `split + 1..=last`, or
+    /// None if the table cannot be split so. Not when `max(seq)` is `i64::MAX`: SQLite
+    /// then gives new rows random free numbers, and the log is no longer append-only.
+    fn split_point(&self) -> Result<Option<(i64, i64, i64)>> {
+        let (first, last): (Option<i64>, Option<i64>) = self
+            .conn
+            .query_row(
+                "SELECT (SELECT min(seq) FROM items), (SELECT max(seq) FROM items)",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(|e| self.fail(e))?;
+        let (Some(first), Some(last)) = (first, last) else {
+            return Ok(None);
+        };
+        if last == i64::MAX || first >= last {
+            return Ok(None);
+        }
+        // first <= split < last, without overflow for any pair of i64.
+        let split =
+            i64::try_from((i128::from(first) + i128::from(last)).div_euclid(2)).unwrap_or(first);
+        Ok(Some((first, split, last)))
     }
 
     /// Maps the file into memory until the returned guard is dropped.
@@ -855,25 +962,149 @@ impl Store {
     /// The key in column `index` of `row`; a key that is not a 16-byte blob means the
     /// file was damaged or written by something else.
     fn key_at(&self, row: &Row<'_>, index: usize) -> Result<Key> {
-        let value = row.get_ref(index).map_err(|e| self.fail(e))?;
-        value
-            .as_blob()
-            .ok()
-            .and_then(|blob| Key::try_from(blob).ok())
-            .ok_or_else(|| {
-                self.corrupt_row(row, &format!("has a key that is not {KEY_SIZE} bytes"))
-            })
+        key_at(&self.path, row, index)
     }
 
     fn corrupt_row(&self, row: &Row<'_>, problem: &str) -> Error {
-        let seq = row
-            .get::<_, i64>(0)
-            .map_or_else(|_| "?".to_owned(), |seq| seq.to_string());
-        Error::Corrupt {
-            path: self.path.clone(),
-            problem: format!("is damaged: item row {seq} {problem}"),
-        }
+        corrupt_row(&self.path, row, problem)
     }
+}
+
+/// The key in column `index` of `row`, read from the checkpoint at `path` (see
+/// [`Store::key_at`]).
+fn key_at(path: &str, row: &Row<'_>, index: usize) -> Result<Key> {
+    let value = row.get_ref(index).map_err(|e| sqlite_error(path, e))?;
+    value
+        .as_blob()
+        .ok()
+        .and_then(|blob| Key::try_from(blob).ok())
+        .ok_or_else(|| {
+            corrupt_row(
+                path,
+                row,
+                &format!("has a key that is not {KEY_SIZE} bytes"),
+            )
+        })
+}
+
+fn corrupt_row(path: &str, row: &Row<'_>, problem: &str) -> Error {
+    let seq = row
+        .get::<_, i64>(0)
+        .map_or_else(|_| "?".to_owned(), |seq| seq.to_string());
+    Error::Corrupt {
+        path: path.to_owned(),
+        problem: format!("is damaged: item row {seq} {problem}"),
+    }
+}
+
+/// Appends the keys and statuses of the rows of `version` (those with `seq` in the
+/// inclusive `range`, if given) to `keys` and `statuses`, in `seq` order.
+fn scan_key_status(
+    conn: &Connection,
+    path: &str,
+    version: i64,
+    range: Option<(i64, i64)>,
+    keys: &mut Vec<u8>,
+    statuses: &mut Vec<i64>,
+) -> Result<()> {
+    let fail = |e| sqlite_error(path, e);
+    let (mut stmt, (first, last)) = match range {
+        None => (
+            conn.prepare_cached(
+                "SELECT seq, key, status FROM items WHERE version = ?1 ORDER BY seq",
+            )
+            .map_err(fail)?,
+            (None, None),
+        ),
+        Some((first, last)) => (
+            conn.prepare_cached(
+                "SELECT seq, key, status FROM items \
+                 WHERE seq >= ?2 AND seq <= ?3 AND version = ?1 ORDER BY seq",
+            )
+            .map_err(fail)?,
+            (Some(first), Some(last)),
+        ),
+    };
+    let mut found = match (first, last) {
+        (Some(first), Some(last)) => stmt.query(params![version, first, last]),
+        _ => stmt.query([version]),
+    }
+    .map_err(fail)?;
+    while let Some(row) = found.next().map_err(fail)? {
+        let key = key_at(path, row, 1)?;
+        let status: i64 = row.get(2).map_err(fail)?;
+        keys.extend_from_slice(&key);
+        statuses.push(status);
+    }
+    Ok(())
+}
+
+/// What a second, read-only connection to a store's file needs to know.
+struct Reader<'a> {
+    path: &'a str,
+    file: &'a Path,
+    identity: Option<FileIdentity>,
+}
+
+impl Reader<'_> {
+    /// The keys and statuses of the rows of `version` in the inclusive `range`, read
+    /// through a read-only connection of their own, opened as [`Store::open`] opens
+    /// its one (flags, busy timeout; mapped like [`Store::mapped_for_scan`]). None if
+    /// that connection cannot be had, or the path no longer names the file the store
+    /// opened: then the caller scans the range itself.
+    fn scan(
+        &self,
+        version: i64,
+        range: (i64, i64),
+        bound: usize,
+    ) -> Result<Option<(Vec<u8>, Vec<i64>)>> {
+        let same_file = || self.identity.is_some() && file_identity(self.file) == self.identity;
+        if !same_file() {
+            return Ok(None);
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let Ok(conn) = Connection::open_with_flags(self.file, flags) else {
+            return Ok(None);
+        };
+        let prepared = conn
+            .busy_timeout(BUSY_TIMEOUT)
+            .and_then(|()| conn.pragma_update(None, "mmap_size", SCAN_MMAP_SIZE));
+        // Checked again once open: the name was not moved to another file meanwhile.
+        if prepared.is_err() || !same_file() {
+            return Ok(None);
+        }
+        // About half the rows; the first half's buffers are sized for all of them.
+        let rows = bound / 2 + 1;
+        let mut keys = Vec::with_capacity(rows.saturating_mul(KEY_SIZE));
+        let mut statuses = Vec::with_capacity(rows);
+        scan_key_status(
+            &conn,
+            self.path,
+            version,
+            Some(range),
+            &mut keys,
+            &mut statuses,
+        )?;
+        // Closed (and unmapped) here: a read-only connection has nothing to report.
+        drop(conn);
+        Ok(Some((keys, statuses)))
+    }
+}
+
+/// What identifies a file whatever its name: device and inode (None where unknown).
+type FileIdentity = (u64, u64);
+
+#[cfg(unix)]
+fn file_identity(path: &Path) -> Option<FileIdentity> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|meta| (meta.dev(), meta.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_identity(_path: &Path) -> Option<FileIdentity> {
+    None
 }
 
 /// `(key, status)` pairs of concatenated keys and their statuses, in table order (see
@@ -1217,6 +1448,93 @@ pub(crate) mod tests {
         let (mut ok, failed) = store.key_sets(v1).unwrap();
         assert_eq!((ok.len(), failed.len()), (6, 0));
         assert_eq!(ok.claim(&keys_of(&[7, 6, 1])).unwrap(), vec![0]);
+    }
+
+    /// Rows of `v1` and `v2` interleaved, with failures and superseding rows on both
+    /// sides of the middle `seq` (where a split scan divides the table).
+    fn rows_across_the_middle(v1: i64, v2: i64) -> Vec<ItemRow> {
+        let keyed = |i: u32, version: i64, status: i64| {
+            let mut row = row(0, version, status, (status == 0).then_some(&b"out"[..]));
+            row.key[..4].copy_from_slice(&i.to_le_bytes());
+            row
+        };
+        let mut rows = Vec::new();
+        for i in 0..4000u32 {
+            let status = i64::from(i % 13 == 5); // some failed
+            rows.push(keyed(i, v1, status));
+            if i % 3 == 0 {
+                rows.push(keyed(i, v2, 0)); // another version, interleaved
+            }
+            if i % 101 == 7 {
+                rows.push(keyed(4000 - i, v1, 1 - status)); // supersedes a later key
+            }
+            if i % 97 == 3 && i > 10 {
+                rows.push(keyed(i - 10, v1, 1)); // supersedes an earlier key
+            }
+        }
+        rows
+    }
+
+    #[test]
+    fn split_scan_finds_exactly_what_one_scan_finds() {
+        let dir = TempDir::new();
+        let path = dir.file("run.db");
+        let mut store = Store::open(&path, Synchronous::Normal).unwrap();
+        let v1 = store.add_version("fp1", "{}", None).unwrap();
+        let v2 = store.add_version("fp2", "{}", None).unwrap();
+        store.append(&rows_across_the_middle(v1, v2)).unwrap();
+        let (first, split, last) = store.split_point().unwrap().unwrap();
+        assert!(first < split && split < last);
+        for version in [v1, v2, 99] {
+            let single = store
+                .key_status_columns_split_above(version, usize::MAX)
+                .unwrap();
+            let split = store.key_status_columns_split_above(version, 0).unwrap();
+            assert_eq!(split, single, "version {version}");
+        }
+        let single = store
+            .key_status_columns_split_above(v1, usize::MAX)
+            .unwrap();
+        assert!(single.1.contains(&STATUS_FAILED) && single.1.len() > 4000);
+
+        // The name moved to another file: the second half is read through the store's
+        // own connection instead, with the same result.
+        let moved = dir.file("moved.db");
+        std::fs::rename(&path, &moved).unwrap();
+        Store::open(&path, Synchronous::Normal)
+            .unwrap()
+            .close()
+            .unwrap();
+        assert_eq!(store.key_status_columns_split_above(v1, 0).unwrap(), single);
+        let (ok, failed) = store.key_sets(v1).unwrap();
+        assert!(ok.len() > 3000 && !failed.is_empty());
+    }
+
+    #[test]
+    fn split_scan_reports_damage_in_either_half_as_one_scan_does() {
+        for damaged_seq in [
+            "(SELECT min(seq) + 3 FROM items)",
+            "(SELECT max(seq) - 3 FROM items)",
+        ] {
+            let dir = TempDir::new();
+            let path = dir.file("run.db");
+            let mut store = Store::open(&path, Synchronous::Normal).unwrap();
+            let v1 = store.add_version("fp1", "{}", None).unwrap();
+            store.append(&rows_across_the_middle(v1, v1 + 1)).unwrap();
+            store
+                .conn
+                .execute_batch(&format!(
+                    "UPDATE items SET key = x'0102' WHERE seq = {damaged_seq}"
+                ))
+                .unwrap();
+            let single = store.key_status_columns_split_above(v1, usize::MAX);
+            let split = store.key_status_columns_split_above(v1, 0);
+            assert!(
+                matches!(single, Err(Error::Corrupt { .. })),
+                "{damaged_seq}"
+            );
+            assert_eq!(split.err(), single.err(), "{damaged_seq}");
+        }
     }
 
     #[test]

@@ -541,6 +541,37 @@ def test_key_sets_of_a_finished_run_claim_as_pure_does(open_store: Callable[...,
     assert results["rust"] == results["python"]
 
 
+def test_key_sets_of_a_large_checkpoint_agree_with_pure(open_store: Callable[..., Any]) -> None:
+    """Past 100,000 rows the core scans the table in two halves of `seq` on two threads
+    (rust/store.rs SPLIT_SCAN_ROWS): failures, superseding rows and another version's
+    rows on both sides of the middle must give exactly the key sets of one scan."""
+    n = 120_000
+    blob = _core.input_keys(list(range(n + 1)))
+    key = [blob[16 * i : 16 * i + 16] for i in range(n + 1)]
+    output = pickle.dumps("out", protocol=4)
+    results = {}
+    for name in ("rust", "python"):
+        store = open_store(f"{name}.db", with_=name, batch_size=10_000)
+        v1 = store.add_version("fp", "{}", None)
+        v2 = store.add_version("fp2", "{}", None)
+        for i in range(n):
+            status = STATUS_FAILED if i % 1000 == 7 else STATUS_OK
+            store.record((key[i], v1, status, None, output if status == STATUS_OK else None,
+                          None, None, None, 1, 0.0, 0.0))
+            if i % 3 == 0:  # another version's rows, interleaved
+                store.record((key[i], v2, STATUS_OK, None, output, None, None, None, 1, 0.0, 0.0))
+            if i % 5000 == 11:  # supersedes a key saved in the other half
+                store.record((key[n - i], v1, STATUS_FAILED, None, None, None, None, None, 1, 0.0, 0.0))
+            if i % 5000 == 13 and i > 100:  # a failure retried, across the middle too
+                store.record((key[i - 100 if i < n // 2 else i - n // 2], v1, STATUS_OK, None, output,
+                              None, None, None, 2, 0.0, 0.0))
+        store.flush()
+        results[name] = [[sorted(keys) for keys in store.key_sets(v)] for v in (v1, v2, v2 + 1)]
+    assert results["rust"] == results["python"]
+    ok, failed = results["rust"][0]
+    assert len(ok) + len(failed) == n and len(failed) > 100
+
+
 _SIMPLE_VALUES: list[object] = [
     0, 1, 255, 256, 65535, 65536, -1, -255, -256, 2**31 - 1, 2**31, -2**31, -2**31 - 1,
     2**62, 2**63 - 1, 2**63, -2**63, -2**63 - 1, 2**200, -2**200,
