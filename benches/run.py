@@ -34,7 +34,8 @@ REPO = HERE.parent.parent
 PROTOCOL = 4
 WORKER_TIMEOUT = 900  # seconds; a worker that takes longer is reported as failed
 
-# Goals printed next to the numbers.
+# Goals printed next to the numbers (issue #3). The resume and memory goals are the
+# Rust core's: the pure fallback has a throughput goal only.
 GOAL_RUST_X_FLOOR = 2.5
 GOAL_PURE_X_FLOOR = 8.0
 GOAL_RESUME_1M_S = 0.5
@@ -666,8 +667,11 @@ def print_report(rows: list[tuple[str, str, Optional[dict[str, Any]], str]], fix
         if "peak_mb" not in r:
             print(f"  {label:<12} {r.get('note', 'n/a')}")
             continue
-        goal = (f"   goal <= {GOAL_RSS_3M_MB:g} MB " + ("ok" if r["peak_mb"] <= GOAL_RSS_3M_MB else "MISS")
-                if full else f"   (goal <= {GOAL_RSS_3M_MB:g} MB is for 3M items)")
+        if backend != "rust":  # the goal is the compact key set's (issue #3, item 2)
+            goal = "   (no goal: a Python set of 3M keys alone takes about 300 MB)" if full else ""
+        else:
+            goal = (f"   goal <= {GOAL_RSS_3M_MB:g} MB " + ("ok" if r["peak_mb"] <= GOAL_RSS_3M_MB else "MISS")
+                    if full else f"   (goal <= {GOAL_RSS_3M_MB:g} MB is for 3M items)")
         print(f"  {label:<12} {r['peak_mb']:6.0f} MB  (interpreter + import {r['baseline_mb']:.0f} MB; "
               f"start {r['start']:.1f} s, load {r['load']:.1f} s){goal}")
     print()
