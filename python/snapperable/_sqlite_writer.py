@@ -11,9 +11,10 @@ of side by side: 12x the floor where the goal is 8x. So once a commit holds
 ``PROCESS_MIN_ROWS`` rows (a loop faster than its commits; a slow ``fn`` never gets
 there and pays nothing), the store starts a writer process. The thread then only
 marshals each batch (about 0.15 µs a row) and sends it down a pipe; the process commits
-it on another core, with no GIL to share, and answers once it is durable. A process
-that cannot be started (no ``sys.executable``, an embedded interpreter) leaves the
-commits in the thread, as before.
+it on another core, with no GIL to share, and answers once it is durable. The next
+batch is sent before that answer is read (``WriterProcess.send``), so the child never
+waits for the thread. About 6x the floor now. A process that cannot be started (no
+``sys.executable``, an embedded interpreter) leaves the commits in the thread.
 
 The protocol, over the child's stdin and stdout:
 
@@ -21,8 +22,8 @@ The protocol, over the child's stdin and stdout:
 - parent -> child: frames of an 8-byte little-endian length and ``marshal.dumps(rows)``
   (rows exactly as the store recorded them; same executable, so the same marshal
   format); a zero length asks it to exit;
-- child -> parent after each frame, in order: ``K`` once committed, or ``E`` + a 4-byte length +
-  ``marshal.dumps(message)`` after a rollback.
+- child -> parent after each frame, in order: ``K`` once committed, or ``E`` + a
+  4-byte length + ``marshal.dumps(message)`` after a rollback.
 
 Ctrl-C in a terminal reaches the whole process group; the child runs in a session of
 its own so that it never stops halfway, and exits at the zero frame, or when its stdin
