@@ -46,6 +46,13 @@ BACKENDS = _available()
 # child processes choosing their own): run it once, with whichever backend is here.
 once = pytest.mark.parametrize("backend", sorted(BACKENDS)[:1], indirect=True)
 
+# For a test that forks while threads run on purpose (what a fork does to a Snapper, its
+# writer or its lock is what it tests): Python 3.12+ warns about every such fork.
+forks_with_threads = pytest.mark.filterwarnings(
+    r"ignore:This process \(pid=\d+\) is multi-threaded, use of fork\(\) may lead to deadlocks"
+    r":DeprecationWarning"
+)
+
 
 @pytest.fixture(params=sorted(BACKENDS), autouse=True)
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:

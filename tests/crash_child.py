@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import signal
 import sys
 import time
 from typing import Optional
@@ -80,6 +81,10 @@ if writer_process_forced():
 
 
 def run(args: argparse.Namespace) -> None:
+    # The parent interrupts this run as Ctrl-C would. Python installs its SIGINT handler
+    # only when SIGINT is not ignored at start-up, and a test run started in the
+    # background by a non-interactive shell (`pytest &`, nohup) passes SIGINT on ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     log_fd = os.open(args.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
     def work(x: int) -> int:

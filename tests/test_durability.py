@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Optional
 import pytest
 
 import snapperable
+from conftest import forks_with_threads
 from crash_child import VERSION, WRITER_ERROR_EXIT, item_of, make_storage, output_of
 from snapperable import (
     CheckpointCorruptError,
@@ -632,6 +633,7 @@ def run_in_fork(body: Callable[[], object], expected: type[BaseException] = Fork
         time.sleep(0.005)
 
 
+@forks_with_threads
 def test_forked_child_cannot_use_the_parents_snapper(tmp_path: Path, kind: str) -> None:
     path = checkpoint_path(tmp_path, kind)
     with pinned(make_storage(kind, path), 20) as snapper:
@@ -772,6 +774,7 @@ def test_max_wait_time_commits_a_batch_that_is_not_full(tmp_path: Path, kind: st
     assert saved_items(kind, path, 10) == list(range(10))
 
 
+@forks_with_threads
 def test_child_forked_inside_fn_does_not_keep_the_lock(storage: SnapshotStorage[Any]) -> None:
     """A process forked while the checkpoint is held (a worker started by fn) must not
     keep the hold alive after the Snapper releases it."""

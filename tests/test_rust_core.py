@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 import snapperable
 from snapperable import _pure, keys
+from conftest import forks_with_threads
 from crash_child import writer_process_forced
 from snapperable._backend import STATUS_FAILED, STATUS_OK, ItemRow, RowInfo, VersionRow
 from snapperable.errors import (
@@ -783,6 +784,7 @@ def test_path_is_the_given_str(tmp_path: Path, open_store: Callable[..., Any]) -
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@forks_with_threads
 def test_forked_child_cannot_use_the_checkpoint_and_does_not_hang(open_store: Callable[..., Any]) -> None:
     store = open_store(batch_size=1000)
     version = store.add_version("fp", "{}", None)
@@ -832,6 +834,7 @@ def _close_in_child(store: Any) -> NoReturn:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@forks_with_threads
 def test_forked_child_close_does_not_wait_for_a_lock_held_at_the_fork(
         tmp_path: Path, open_store: Callable[..., Any]) -> None:
     """A parent thread inside ``close``, joining a writer stuck in a commit, holds a lock
@@ -872,6 +875,7 @@ def test_forked_child_close_does_not_wait_for_a_lock_held_at_the_fork(
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@forks_with_threads
 def test_children_forked_while_the_writer_commits_close_without_hanging(
         open_store: Callable[..., Any]) -> None:
     """Forks at random points of the writer's work (mid-commit with the store locked,

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from conftest import forks_with_threads
 from crash_child import SHIPPED_PROCESS_MIN_ROWS, force_writer_process
 from snapperable import Snapper, SQLiteSnapshotStorage, WriterError, _pure, _sqlite_writer
 from snapperable._sqlite_writer import WriterProcess
@@ -190,6 +191,7 @@ def test_the_process_is_out_of_reach_of_the_terminals_ctrl_c(tmp_path: Path, for
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@forks_with_threads
 def test_a_child_forked_by_fn_does_not_hold_up_close(tmp_path: Path, forced: None) -> None:
     """A worker forked inside fn inherits the pipe to the writer process; closing must not
     wait for that worker to exit (the process is told to stop, not left to see EOF)."""

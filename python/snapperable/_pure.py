@@ -38,6 +38,11 @@ from snapperable.errors import (
     CheckpointFormatError,
 )
 
+# SQLite's primary result codes (sqlite3.h; stable). ``sqlite3.SQLITE_CORRUPT`` and
+# ``sqlite3.SQLITE_NOTADB`` exist only from Python 3.11 on.
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+
 BACKEND_NAME = "python"
 
 APPLICATION_ID = 1399742800
@@ -162,10 +167,17 @@ class PySQLiteStore(WriterBackedStore):
         can only come from damage."""
         if isinstance(exc, UnicodeDecodeError):
             return self._corrupt(exc)
+        if isinstance(exc, sqlite3.Error) and not exc.args:
+            # Before Python 3.11, sqlite3 raises such a message as an error with no text
+            # at all (3.11+ raises the UnicodeDecodeError above); sqlite3 never raises
+            # an error without text otherwise.
+            return self._corrupt(f"SQLite reported an error whose text does not decode ({type(exc).__name__})")
+        # ``sqlite_errorcode`` (Python 3.11+) is the extended code: its low byte is the
+        # primary one. Before 3.11 there is no code, and the text below decides.
         code = getattr(exc, "sqlite_errorcode", None)
         text = str(exc)
         if (
-            code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+            (isinstance(code, int) and (code & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB))
             or "malformed" in text
             or "not a database" in text
             or "Could not decode to UTF-8" in text  # a damaged type byte in a record
