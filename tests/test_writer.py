@@ -109,3 +109,19 @@ def test_pending_bytes_are_bounded() -> None:
     writer.close()
     assert sink.rows == list(range(300))
     assert max(len(batch) for batch in sink.batches) <= 10
+
+
+def test_flush_waits_for_every_row_in_the_queue_however_it_got_there() -> None:
+    """The per-item loop appends to the queue and counts only bytes; a Ctrl-C between
+    an append and any bookkeeping must neither make flush wait for rows that do not
+    exist nor return before one that does is committed."""
+    sink = SlowSink(delay=0.01)
+    writer: GroupCommitWriter[int] = GroupCommitWriter(sink, batch_size=1, max_wait_time=None, name="t")
+    writer.record(0)
+    writer._pending.extend([1, 2, 3])  # appended as process() does, nothing counted
+    writer.flush()
+    assert sink.rows == [0, 1, 2, 3]
+    writer._count_bytes(10**12)  # a byte count off by far more than the bound ...
+    writer.record(4)  # ... makes record wait for room only while rows are pending
+    writer.close()
+    assert sink.rows == [0, 1, 2, 3, 4]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -257,3 +258,84 @@ def test_works_with_file_descriptors_past_1024(tmp_path: Path, forced: None, spy
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert snapper.load() == [x * x for x in range(3000)]
+
+
+class Label(str):
+    """A str subclass: what a library's exception may return from __str__."""
+
+
+class LabelledError(Exception):
+    def __str__(self) -> str:
+        return Label("labelled failure")
+
+
+def test_rows_marshal_cannot_carry_are_committed_in_the_thread(tmp_path: Path, forced: None, spy: ProcessSpy) -> None:
+    """A failure message of a str subclass (marshal refuses those) is saved all the same."""
+
+    def work(x: int) -> int:
+        if x % 500 == 7:
+            raise LabelledError()
+        return x
+
+    snapper = Snapper(range(3000), work, snapshot_storage=storage_in(tmp_path), skip_item_errors=True)
+    snapper.start()
+    assert spy.rows_committed > 0
+    assert snapper.load() == [x for x in range(3000) if x % 500 != 7]
+    failed = [m for m in snapper.load_metrics() if not m.success]
+    assert len(failed) == 6 and all(m.error == "labelled failure" for m in failed)
+
+
+@pytest.mark.parametrize("why", ["frozen application", "no select.poll"])
+def test_no_process_where_it_cannot_run(
+    tmp_path: Path, forced: None, spy: ProcessSpy, monkeypatch: pytest.MonkeyPatch, why: str
+) -> None:
+    import select
+
+    if why == "frozen application":  # sys.executable is the application itself
+        monkeypatch.setattr(sys, "frozen", True, raising=False)
+    else:
+        monkeypatch.delattr(select, "poll")
+    snapper = Snapper(range(3000), square, snapshot_storage=storage_in(tmp_path))
+    snapper.start()
+    assert spy.processes == []
+    assert snapper.load() == [x * x for x in range(3000)]
+
+
+_SIGPIPE_DEFAULT = """
+import os, signal, sys, time
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as a CLI that restores it, or an embedder
+sys.path.insert(0, sys.argv[2])
+from crash_child import force_writer_process
+force_writer_process()
+from snapperable import Snapper, SQLiteSnapshotStorage, WriterError, _sqlite_writer
+started = []
+real_init = _sqlite_writer.WriterProcess.__init__
+def init(self, *args):
+    real_init(self, *args)
+    started.append(self)
+_sqlite_writer.WriterProcess.__init__ = init
+def work(x):
+    if x == 1500:
+        deadline = time.time() + 10
+        while not (started and started[0]._ready) and time.time() < deadline:
+            time.sleep(0.01)  # until the writer thread has it connected
+        os.kill(started[0]._proc.pid, signal.SIGKILL)
+        time.sleep(0.2)
+    return x
+try:
+    Snapper(range(3000), work, snapshot_storage=SQLiteSnapshotStorage(sys.argv[1])).start()
+except WriterError as exc:
+    print("writer-error", exc)
+"""
+
+
+def test_a_dead_process_is_an_error_not_a_sigpipe(tmp_path: Path) -> None:
+    """With SIGPIPE at its default action, writing to a dead writer process must not
+    kill the user's process."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGPIPE_DEFAULT, str(tmp_path / "run.db"), str(Path(__file__).parent)],
+        capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, SNAPPERABLE_BACKEND="python"),
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "writer-error" in proc.stdout and "ended unexpectedly" in proc.stdout, proc.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import select
 import sqlite3
 import struct
 import sys
@@ -26,6 +27,7 @@ from snapperable._backend import (
     VersionRow,
 )
 from snapperable._sqlite_writer import (
+    UnmarshallableRows,
     WriterProcess,
     WriterProcessError,
     commit_rows,
@@ -189,7 +191,15 @@ class PySQLiteStore(WriterBackedStore):
     def _commit(self, rows: list[PendingRow]) -> Optional[int]:
         process = self._connected_process(len(rows))
         if process is not None:
-            return process.send(rows)  # pipelined: see GroupCommitWriter
+            try:
+                return process.send(rows)  # pipelined: see GroupCommitWriter
+            except UnmarshallableRows:
+                # Rare (a failure message of a str subclass): after what is in flight,
+                # this batch is committed here, in order.
+                durable = process.settle()
+                with self._lock:
+                    commit_rows(self._conn, rows)
+                return durable + len(rows)
         with self._lock:
             commit_rows(self._conn, rows)
         return None
@@ -201,7 +211,7 @@ class PySQLiteStore(WriterBackedStore):
         """The writer process if it is connected; starts it for a large batch. Until it
         has connected, commits go on in the thread, so its start costs the loop nothing."""
         if self._process is None:
-            if self._process_failed or batch_rows < _sqlite_writer.PROCESS_MIN_ROWS or not sys.executable:
+            if self._process_failed or batch_rows < _sqlite_writer.PROCESS_MIN_ROWS or not _can_start_process():
                 return None
             try:
                 self._process = WriterProcess(self.path, self._synchronous)
@@ -210,7 +220,7 @@ class PySQLiteStore(WriterBackedStore):
                 return None
         try:
             return self._process if self._process.ready(_sqlite_writer.PROCESS_CONNECT_WAIT) else None
-        except WriterProcessError as exc:
+        except Exception as exc:  # not connected, nothing sent: the thread commits
             self._no_process(exc)
             return None
 
@@ -321,10 +331,19 @@ class PySQLiteStore(WriterBackedStore):
         return (RowInfo(*row) for row in found)
 
     def _release(self) -> None:
-        if self._process is not None:
-            self._process.close()
-        with self._lock:
-            self._conn.close()
+        try:
+            if self._process is not None:
+                self._process.close()
+        finally:
+            with self._lock:
+                self._conn.close()
+
+
+def _can_start_process() -> bool:
+    """Is ``sys.executable`` a Python to run the writer process with? Not in a frozen
+    application (PyInstaller and the like: it is the application itself), nor where
+    ``select.poll`` is missing."""
+    return bool(sys.executable) and not getattr(sys, "frozen", False) and hasattr(select, "poll")
 
 
 def _created_by() -> str:

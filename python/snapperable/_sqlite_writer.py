@@ -36,6 +36,7 @@ import marshal
 import os
 import select
 import signal
+import socket
 import sqlite3
 import struct
 import subprocess
@@ -119,6 +120,11 @@ class WriterProcessError(Exception):
     """The writer process could not connect, failed a commit (rolled back) or ended."""
 
 
+class UnmarshallableRows(Exception):
+    """A batch ``marshal`` cannot carry (a value of a ``str`` subclass, say); nothing of
+    it was sent."""
+
+
 class WriterProcess:
     """A child process that commits batches of rows to one checkpoint file.
 
@@ -134,19 +140,30 @@ class WriterProcess:
             "import sys; sys.path.insert(0, sys.argv[1]); "
             "from snapperable._sqlite_writer import serve; serve(sys.argv[2], sys.argv[3])"
         )
-        self._proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", code, package_parent, path, synchronous],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            # Unbuffered: a child this process forks inherits the pipes, and a buffer
-            # holding half a frame would be written out when that child exits.
-            bufsize=0,
-            env=dict(os.environ, SNAPPERABLE_BACKEND="python"),
-            start_new_session=True,  # out of reach of the terminal's Ctrl-C
-        )
-        assert self._proc.stdin is not None and self._proc.stdout is not None
-        self._to_child = self._proc.stdin.fileno()
-        self._from_child = self._proc.stdout.fileno()
+        # Frames go over a socket, not a pipe: sent with MSG_NOSIGNAL, a child that died
+        # is an error here, never a SIGPIPE that kills a process whose SIGPIPE is at its
+        # default action (a CLI that restored it, an embedding application). Unbuffered
+        # both ways: a child this process forks inherits them, and a buffer holding
+        # half a frame would be written out when that child exits.
+        self._to_child, child_end = socket.socketpair()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", code, package_parent, path, synchronous],
+                stdin=child_end.fileno(),
+                stdout=subprocess.PIPE,
+                bufsize=0,
+                env=dict(os.environ, SNAPPERABLE_BACKEND="python"),
+                start_new_session=True,  # out of reach of the terminal's Ctrl-C
+            )
+        except BaseException:
+            self._to_child.close()
+            raise
+        finally:
+            child_end.close()
+        assert self._proc.stdout is not None
+        self._answers = self._proc.stdout
+        self._from_child = self._answers.fileno()
+        self._owner = os.getpid()  # a forked copy of this object must not write
         self._ready = False
         self._in_flight: deque[int] = deque()  # row counts of batches sent, not answered
 
@@ -173,10 +190,14 @@ class WriterProcess:
         if not self._ready:
             self._answer()  # waits for the child to connect
             self._ready = True
-        frame = marshal.dumps(rows)
         try:
-            _write_all(self._to_child, _LENGTH.pack(len(frame)) + frame)
-        except OSError as exc:  # a broken pipe: the child is gone
+            frame = marshal.dumps(rows)
+        except ValueError as exc:  # nothing sent: the caller commits these itself
+            raise UnmarshallableRows(str(exc)) from exc
+        try:
+            self._send_all(_LENGTH.pack(len(frame)))
+            self._send_all(frame)
+        except OSError as exc:  # the child is gone
             raise self._ended(f"({exc})") from exc
         self._in_flight.append(len(rows))
         committed = 0
@@ -202,8 +223,20 @@ class WriterProcess:
             head = _read_exact(self._from_child, _ERROR_LENGTH.size)
             if len(head) == _ERROR_LENGTH.size:
                 body = _read_exact(self._from_child, _ERROR_LENGTH.unpack(head)[0])
-                raise WriterProcessError(marshal.loads(body))
+                try:
+                    message = marshal.loads(body)
+                except (EOFError, ValueError, TypeError):  # cut short: the child died
+                    pass
+                else:
+                    raise WriterProcessError(f"{message}")
         raise self._ended("")
+
+    def _send_all(self, data: bytes) -> None:
+        if os.getpid() != self._owner:
+            raise WriterProcessError("the writer process belongs to the parent of this forked process")
+        view = memoryview(data)
+        while view:
+            view = view[self._to_child.send(view, _NO_SIGPIPE) :]
 
     def _ended(self, detail: str) -> WriterProcessError:
         try:
@@ -215,11 +248,14 @@ class WriterProcess:
     def close(self) -> None:
         """Ask the child to exit and wait for it: it has nothing pending by then. One
         that never connected (a ``sys.executable`` that is not Python) is killed."""
+        if os.getpid() != self._owner:
+            return  # a forked copy: the parent's child is not this process's to stop
         if not self._ready:
             self._proc.kill()
         try:
-            _write_all(self._to_child, _LENGTH.pack(0))
-        except OSError:
+            if self._proc.poll() is None:
+                self._send_all(_LENGTH.pack(0))
+        except (OSError, WriterProcessError):
             pass  # already gone
         try:
             self._proc.wait(timeout=60)
@@ -227,14 +263,12 @@ class WriterProcess:
             self._proc.kill()
             self._proc.wait()
         finally:
-            self._proc.stdin.close()  # type: ignore[union-attr]  # set in __init__
-            self._proc.stdout.close()  # type: ignore[union-attr]
+            self._to_child.close()
+            self._answers.close()
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+# Linux: a send to a closed socket fails with EPIPE instead of raising SIGPIPE.
+_NO_SIGPIPE = getattr(socket, "MSG_NOSIGNAL", 0)
 
 
 def _read_exact(fd: int, size: int) -> bytes:
@@ -276,8 +310,10 @@ def serve(path: str, synchronous: str) -> None:
         try:
             commit_rows(conn, marshal.loads(frame))
         except Exception as exc:
+            # Stops at the first failure, as the Rust writer does: nothing sent after
+            # it is committed, so what is saved stays in the order processed.
             _send_error(stdout, exc)
-            continue
+            break
         stdout.write(b"K")
         stdout.flush()
     conn.close()

@@ -99,7 +99,7 @@ class GroupCommitWriter(Generic[Row]):
         # popleft are atomic), so the per-item cost is an append and a flag test.
         self._pending: deque[Row] = deque()
         self._oldest_pending_at = 0.0  # monotonic time the oldest pending row arrived
-        self._recorded = 0  # rows handed to record() so far; written by the caller only
+        self._taken = 0  # rows the writer has taken from `_pending`; under the lock
         self._committed = 0  # rows committed so far; written by the writer only
         self._flush_wanted = 0  # a flush waits for `_committed` to reach this
         self._writer_idle = False  # set, under the lock, before the writer checks for work
@@ -113,17 +113,20 @@ class GroupCommitWriter(Generic[Row]):
         if self._error is not None or self._closing:
             self._refuse()
         self._pending.append(row)
-        self._count(1, size)
+        self._count_bytes(size)
         self._after_recording(1)
 
     # The per-item loop (`WriterBackedStore.process`) appends to `_pending` itself and
-    # brings the counters up to date in bulk: `_count` whenever it stops, `_count` and
+    # brings the byte count up to date in bulk: `_count_bytes` whenever it stops, with
     # `_after_recording` as soon as the writer is idle (to wake), the buffer is full, or
     # many bytes went uncounted. A writer that fails or stops sets `_writer_idle` too,
-    # so that one test per item notices everything.
-    def _count(self, rows: int, size: int) -> None:
-        """``rows`` more rows (``size`` bytes) were appended to ``_pending``."""
-        self._recorded += rows
+    # so that one test per item notices everything. Rows are not counted by the loop:
+    # `flush` counts the deque itself, so a Ctrl-C at any point cannot make it wait for
+    # rows that do not exist, nor skip one that does. (Bytes only bound memory; a Ctrl-C
+    # may leave them off by one chunk, and `_wait_for_room` never waits on an empty
+    # deque.)
+    def _count_bytes(self, size: int) -> None:
+        """``size`` more bytes of rows were appended to ``_pending``."""
         self._recorded_bytes += size
 
     def _after_recording(self, new_rows: int) -> None:
@@ -158,7 +161,7 @@ class GroupCommitWriter(Generic[Row]):
             self._cond.notify_all()
             while self._error is None and (
                 len(self._pending) >= self._max_pending
-                or self._pending_bytes() >= self._max_pending_bytes
+                or (self._pending and self._pending_bytes() >= self._max_pending_bytes)
             ):
                 self._cond.wait()
             if self._error is not None:
@@ -167,7 +170,7 @@ class GroupCommitWriter(Generic[Row]):
     def flush(self) -> None:
         """Return once every row recorded so far is committed."""
         with self._cond:
-            target = self._recorded
+            target = self._taken + len(self._pending)
             self._flush_wanted = max(self._flush_wanted, target)
             self._cond.notify_all()
             while self._committed < target and self._error is None:
@@ -224,6 +227,7 @@ class GroupCommitWriter(Generic[Row]):
                     self._cond.wait(timeout)
                 self._writer_idle = False
                 batch = [pending.popleft() for _ in range(len(pending))] if self._ready() else []
+                self._taken += len(batch)
                 self._taken_bytes += self._size_of(batch)
                 self._cond.notify_all()  # a caller waiting for room may go on
             try:
@@ -308,11 +312,11 @@ class WriterBackedStore:
                 rows += 1
                 size += len(payload)
                 if writer._writer_idle or len(pending) >= max_rows or size >= _UNCOUNTED_BYTES:
-                    writer._count(rows, size)
-                    counted, rows, size = rows, 0, 0
+                    counted, counted_size, rows, size = rows, size, 0, 0
+                    writer._count_bytes(counted_size)
                     writer._after_recording(counted)
         finally:
-            writer._count(rows, size)  # also when fn raised, or Ctrl-C: flush must wait for them
+            writer._count_bytes(size)
         return None
 
     def _commit(self, rows: list[PendingRow]) -> Optional[int]:

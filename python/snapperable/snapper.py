@@ -461,7 +461,7 @@ class Snapper(Generic[T, R]):
             pickled_input,
             None,
             f"{type(exc).__module__}.{type(exc).__qualname__}",
-            str(exc),
+            str.__str__(str(exc)),  # an exact str, whatever type the exception's __str__ returns
             "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
             failure.attempts,
             started,
