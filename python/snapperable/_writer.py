@@ -98,7 +98,10 @@ class GroupCommitWriter(Generic[Row]):
         # The hand-over: `record` appends without taking the lock (deque.append and
         # popleft are atomic), so the per-item cost is an append and a flag test.
         self._pending: deque[Row] = deque()
-        self._oldest_pending_at = 0.0  # monotonic time the oldest pending row arrived
+        # Monotonic time the oldest pending row arrived, or earlier: set for a first
+        # pending row, and by the writer when it takes a batch (rows the loop appends
+        # while a commit runs are not timed one by one, and none of them came earlier).
+        self._oldest_pending_at = 0.0
         self._taken = 0  # rows the writer has taken from `_pending`; under the lock
         self._committed = 0  # rows committed so far; written by the writer only
         self._flush_wanted = 0  # a flush waits for `_committed` to reach this
@@ -114,7 +117,7 @@ class GroupCommitWriter(Generic[Row]):
             self._refuse()
         self._pending.append(row)
         self._count_bytes(size)
-        self._after_recording(1)
+        self._after_recording()
 
     # The per-item loop (`WriterBackedStore.process`) appends to `_pending` itself and
     # brings the byte count up to date in bulk: `_count_bytes` whenever it stops, with
@@ -129,14 +132,14 @@ class GroupCommitWriter(Generic[Row]):
         """``size`` more bytes of rows were appended to ``_pending``."""
         self._recorded_bytes += size
 
-    def _after_recording(self, new_rows: int) -> None:
+    def _after_recording(self) -> None:
         """Raise the writer's failure, time the oldest pending row, wake an idle writer,
-        or wait for room: whatever the ``new_rows`` just counted call for."""
+        or wait for room: whatever rows just appended call for."""
         if self._error is not None:
             self._raise_error()
         waiting = len(self._pending)
-        if waiting <= new_rows and self._max_wait_time is not None:
-            self._oldest_pending_at = time.monotonic()  # they are the oldest pending
+        if waiting == 1 and self._max_wait_time is not None:
+            self._oldest_pending_at = time.monotonic()  # it is the oldest pending
         # No lost wake-up: the writer sets `_writer_idle` before it looks at `_pending`,
         # so either it sees these rows, or this test sees it idle and wakes it (to
         # commit, or to arm its max_wait_time timer).
@@ -228,6 +231,8 @@ class GroupCommitWriter(Generic[Row]):
                 self._writer_idle = False
                 batch = [pending.popleft() for _ in range(len(pending))] if self._ready() else []
                 self._taken += len(batch)
+                if batch and self._max_wait_time is not None:
+                    self._oldest_pending_at = time.monotonic()  # see __init__
                 self._taken_bytes += self._size_of(batch)
                 self._cond.notify_all()  # a caller waiting for room may go on
             try:
@@ -295,7 +300,7 @@ class WriterBackedStore:
         dumps = pickle.dumps
         protocol = PICKLE_PROTOCOL
         key_size = KEY_SIZE
-        rows = size = 0  # appended, not yet counted
+        size = 0  # bytes appended, not yet counted
         try:
             for index, position in enumerate(positions):
                 started = now()
@@ -309,12 +314,11 @@ class WriterBackedStore:
                     return index, started, exc, True, output
                 at = position * key_size
                 append((keys[at : at + key_size], version, started, now(), payload))
-                rows += 1
                 size += len(payload)
                 if writer._writer_idle or len(pending) >= max_rows or size >= _UNCOUNTED_BYTES:
-                    counted, counted_size, rows, size = rows, size, 0, 0
+                    counted_size, size = size, 0
                     writer._count_bytes(counted_size)
-                    writer._after_recording(counted)
+                    writer._after_recording()
         finally:
             writer._count_bytes(size)
         return None
