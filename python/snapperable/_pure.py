@@ -29,7 +29,6 @@ from snapperable._backend import (
 from snapperable._sqlite_writer import (
     UnmarshallableRows,
     WriterProcess,
-    WriterProcessError,
     commit_rows,
     configure,
 )
@@ -197,12 +196,15 @@ class PySQLiteStore(WriterBackedStore):
                 # Rare (a failure message of a str subclass): after what is in flight,
                 # this batch is committed here, in order.
                 durable = process.settle()
-                with self._lock:
-                    commit_rows(self._conn, rows)
+                self._commit_here(rows)
                 return durable + len(rows)
+        self._commit_here(rows)
+        return None
+
+    def _commit_here(self, rows: list[PendingRow]) -> None:
+        """Commit ``rows`` in this (the writer) thread, on the shared connection."""
         with self._lock:
             commit_rows(self._conn, rows)
-        return None
 
     def _settle(self) -> int:
         return self._process.settle() if self._process is not None else 0

@@ -10,13 +10,16 @@ behind, the loop waited for room in the bounded buffer, and the two ran in turn 
 of side by side: 12x the floor where the goal is 8x. So once a commit holds
 ``PROCESS_MIN_ROWS`` rows (a loop faster than its commits; a slow ``fn`` never gets
 there and pays nothing), the store starts a writer process. The thread then only
-marshals each batch (about 0.15 µs a row) and sends it down a pipe; the process commits
+marshals each batch (about 0.15 µs a row) and sends it over a socket; the process commits
 it on another core, with no GIL to share, and answers once it is durable. The next
 batch is sent before that answer is read (``WriterProcess.send``), so the child never
 waits for the thread. About 6x the floor now. A process that cannot be started (no
 ``sys.executable``, an embedded interpreter) leaves the commits in the thread.
 
-The protocol, over the child's stdin and stdout:
+``socket`` and ``subprocess`` are imported when a process is started: most runs never
+start one, and together they took a fifth of the pure backend's import time.
+
+The protocol, over the child's stdin (a socket) and stdout (a pipe):
 
 - child -> parent once connected: ``R``, or ``E`` + an error (below) and it exits;
 - parent -> child: frames of an 8-byte little-endian length and ``marshal.dumps(rows)``
@@ -36,10 +39,8 @@ import marshal
 import os
 import select
 import signal
-import socket
 import sqlite3
 import struct
-import subprocess
 import sys
 from collections import deque
 from itertools import chain, groupby
@@ -129,10 +130,14 @@ class WriterProcess:
     """A child process that commits batches of rows to one checkpoint file.
 
     Used by one thread at a time (the store's writer thread). The constructor returns
-    at once; ``ready`` tells, without waiting, whether the child has connected.
+    at once; ``ready`` tells, waiting no longer than asked, whether the child has
+    connected.
     """
 
     def __init__(self, path: str, synchronous: Synchronous) -> None:
+        import socket
+        import subprocess
+
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         # -I: the child imports only this package and the standard library, whatever
         # PYTHONPATH and the user's site say. The pure backend is all it needs.
@@ -164,6 +169,8 @@ class WriterProcess:
         self._answers = self._proc.stdout
         self._from_child = self._answers.fileno()
         self._owner = os.getpid()  # a forked copy of this object must not write
+        # Linux: a send to a closed socket fails with EPIPE instead of raising SIGPIPE.
+        self._no_sigpipe = getattr(socket, "MSG_NOSIGNAL", 0)
         self._ready = False
         self._in_flight: deque[int] = deque()  # row counts of batches sent, not answered
 
@@ -171,9 +178,13 @@ class WriterProcess:
         """Has the child connected (waiting up to ``wait`` seconds)? Raises
         ``WriterProcessError`` if it could not."""
         if not self._ready and self._answer_waiting(wait):
-            self._answer()
-            self._ready = True
+            self._connect()
         return self._ready
+
+    def _connect(self) -> None:
+        """Read the child's first answer (waiting for it): connected, or raise."""
+        self._answer()
+        self._ready = True
 
     def _answer_waiting(self, wait: float) -> bool:
         """Is there something to read (or the end of the pipe) within ``wait`` seconds?
@@ -188,8 +199,7 @@ class WriterProcess:
         The child commits a batch while the next is on its way, so it never waits for
         this thread to take the GIL back."""
         if not self._ready:
-            self._answer()  # waits for the child to connect
-            self._ready = True
+            self._connect()
         try:
             frame = marshal.dumps(rows)
         except ValueError as exc:  # nothing sent: the caller commits these itself
@@ -200,16 +210,17 @@ class WriterProcess:
         except OSError as exc:  # the child is gone
             raise self._ended(f"({exc})") from exc
         self._in_flight.append(len(rows))
-        committed = 0
-        while len(self._in_flight) > 1:
-            self._answer()
-            committed += self._in_flight.popleft()
-        return committed
+        return self._answers_until(1)
 
     def settle(self) -> int:
         """Wait until every batch sent is committed; the number of rows they held."""
+        return self._answers_until(0)
+
+    def _answers_until(self, in_flight: int) -> int:
+        """Read answers until ``in_flight`` batches are left unanswered; the number of
+        rows the answered ones held."""
         committed = 0
-        while self._in_flight:
+        while len(self._in_flight) > in_flight:
             self._answer()
             committed += self._in_flight.popleft()
         return committed
@@ -236,9 +247,11 @@ class WriterProcess:
             raise WriterProcessError("the writer process belongs to the parent of this forked process")
         view = memoryview(data)
         while view:
-            view = view[self._to_child.send(view, _NO_SIGPIPE) :]
+            view = view[self._to_child.send(view, self._no_sigpipe) :]
 
     def _ended(self, detail: str) -> WriterProcessError:
+        import subprocess
+
         try:
             status = f"exit status {self._proc.wait(timeout=1)}"
         except subprocess.TimeoutExpired:
@@ -248,6 +261,8 @@ class WriterProcess:
     def close(self) -> None:
         """Ask the child to exit and wait for it: it has nothing pending by then. One
         that never connected (a ``sys.executable`` that is not Python) is killed."""
+        import subprocess
+
         if os.getpid() != self._owner:
             return  # a forked copy: the parent's child is not this process's to stop
         if not self._ready:
@@ -265,10 +280,6 @@ class WriterProcess:
         finally:
             self._to_child.close()
             self._answers.close()
-
-
-# Linux: a send to a closed socket fails with EPIPE instead of raising SIGPIPE.
-_NO_SIGPIPE = getattr(socket, "MSG_NOSIGNAL", 0)
 
 
 def _read_exact(fd: int, size: int) -> bytes:

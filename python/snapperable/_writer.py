@@ -292,7 +292,7 @@ class WriterBackedStore:
         writer = self._writer
         if writer._error is not None or writer._closing:
             writer._refuse()
-        # Rows go straight onto the writer's queue; see GroupCommitWriter._count.
+        # Rows go straight onto the writer's queue; see GroupCommitWriter._count_bytes.
         pending = writer._pending
         append = pending.append
         max_rows = writer._max_pending
