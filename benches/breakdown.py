@@ -17,7 +17,7 @@ For each backend, in a fresh subprocess (the backend is chosen at import):
    Python-visible methods);
 3. with ``--strace``, the syscalls of a default run (fsync count = commits).
 
-The stages use the backend contract of ``snapperable._backend`` directly, so they track
+The stages use the backend contract of ``snapperable._contract`` directly, so they track
 what ``Snapper._run`` does at the time of writing (see snapper.py); they are a guide to
 where time goes, not a second benchmark.
 """

@@ -1,7 +1,7 @@
 //! The Python objects the core calls, imported once per interpreter and cached.
 //!
-//! Imported lazily, on first use: `snapperable._backend` imports this extension, so
-//! importing it back while the extension initializes would be circular.
+//! Imported lazily, on first use: `snapperable._backend` imports this extension, and the
+//! classes live in `snapperable._contract`, which need not be imported for key work.
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -38,11 +38,11 @@ python_attr!(
 );
 python_attr!(
     /// The `VersionRow` NamedTuple, so Python code sees the types the contract names.
-    version_row_class => "snapperable._backend"."VersionRow"
+    version_row_class => "snapperable._contract"."VersionRow"
 );
 python_attr!(
     /// The `RowInfo` NamedTuple.
-    row_info_class => "snapperable._backend"."RowInfo"
+    row_info_class => "snapperable._contract"."RowInfo"
 );
 python_attr!(
     /// `json.loads`, to check the stored parts of a function version.

@@ -32,7 +32,7 @@ import snapperable
 from snapperable import _pure, keys
 from conftest import forks_with_threads
 from crash_child import writer_process_forced
-from snapperable._backend import STATUS_FAILED, STATUS_OK, ItemRow, RowInfo, VersionRow
+from snapperable._contract import KEY_SIZE, STATUS_FAILED, STATUS_OK, ItemRow, RowInfo, VersionRow
 from snapperable.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -135,7 +135,7 @@ def test_input_keys_match_reference(items: list[object]) -> None:
     expected = b"".join(keys.input_key(x) for x in items)
     assert _core.input_keys(items) == expected
     assert _core.input_keys(tuple(items)) == expected
-    assert len(expected) == keys.KEY_SIZE * len(items)
+    assert len(expected) == KEY_SIZE * len(items)
 
 
 @pytest.mark.parametrize(

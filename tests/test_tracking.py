@@ -21,7 +21,7 @@ from snapperable import (
     SQLiteSnapshotStorage,
     _backend,
 )
-from snapperable._backend import PICKLE_PROTOCOL, STATUS_FAILED, STATUS_OK
+from snapperable._contract import PICKLE_PROTOCOL, STATUS_FAILED, STATUS_OK
 from snapperable.keys import input_key
 
 class Counter:

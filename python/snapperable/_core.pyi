@@ -1,4 +1,4 @@
-"""The Rust backend (``rust/lib.rs``): the ``Backend`` contract of ``_backend.py``.
+"""The Rust backend (``rust/lib.rs``): the ``Backend`` contract of ``_contract.py``.
 
 Kept true by ``python -m mypy.stubtest snapperable._core``; mypy proves in
 ``_backend.py`` that this module conforms to ``Backend``.
@@ -6,7 +6,7 @@ Kept true by ``python -m mypy.stubtest snapperable._core``; mypy proves in
 
 from typing import Any, Callable, Iterator, Optional, Sequence, final
 
-from snapperable._backend import ItemRow, ProcessStop, RowInfo, Synchronous, VersionRow
+from snapperable._contract import ItemRow, ProcessStop, RowInfo, Synchronous, VersionRow
 
 __all__ = [
     "BACKEND_NAME",

@@ -10,9 +10,8 @@ import json
 import pickle
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from snapperable._backend import STATUS_FAILED, STATUS_OK, KeySet, VersionRow
+from snapperable._contract import KEY_SIZE, STATUS_FAILED, STATUS_OK, KeySet, VersionRow
 from snapperable.errors import CheckpointCorruptError
-from snapperable.keys import KEY_SIZE
 
 # (key, version, status) of each row, in the order saved.
 KeyStatusRows = Iterable[tuple[bytes, int, int]]

@@ -1,6 +1,6 @@
 """The pure-Python backend: the standard library only (DESIGN section 3).
 
-Implements the ``Backend`` contract of ``_backend.py`` with ``hashlib`` keys, a ``set``
+Implements the ``Backend`` contract of ``_contract.py`` with ``hashlib`` keys, a ``set``
 of keys, the group-commit writer of ``_writer.py`` and ``sqlite3``, whose commits move
 to a writer process (``_sqlite_writer.py``) once a run outpaces them. It reads and
 writes the same files as the Rust core, so either resumes the other's checkpoint.
@@ -19,7 +19,8 @@ from importlib import resources
 from typing import Any, Iterator, Optional
 
 from snapperable import _folding, _sqlite_writer, keys
-from snapperable._backend import (
+from snapperable._contract import (
+    KEY_SIZE,
     STATUS_OK,
     KeySet,
     RowInfo,
@@ -62,7 +63,7 @@ class PyKeySet(set[bytes]):
     __slots__ = ()
 
     def claim(self, keys_blob: bytes) -> list[int]:
-        size = keys.KEY_SIZE
+        size = KEY_SIZE
         count, rest = divmod(len(keys_blob), size)
         if rest:
             raise ValueError(f"keys must be a multiple of {size} bytes long")
@@ -93,7 +94,7 @@ def _first_of_each(chunk_keys: tuple[bytes, ...], seen: set[bytes]) -> list[int]
 
 @functools.lru_cache(maxsize=16)  # chunks are CHUNK keys long, but for the last
 def _key_splitter(count: int) -> struct.Struct:
-    return struct.Struct(f"{keys.KEY_SIZE}s" * count)
+    return struct.Struct(f"{KEY_SIZE}s" * count)
 
 
 def new_key_set() -> PyKeySet:
@@ -263,7 +264,7 @@ class PySQLiteStore(WriterBackedStore):
                 raise self._mapped(exc) from exc
 
     def _key(self, raw: object) -> bytes:
-        if not isinstance(raw, bytes) or len(raw) != keys.KEY_SIZE:
+        if not isinstance(raw, bytes) or len(raw) != KEY_SIZE:
             raise self._corrupt(f"an item row has a malformed key {raw!r}")
         return raw
 

@@ -46,7 +46,7 @@ from collections import deque
 from itertools import chain, groupby
 from typing import IO, Sequence
 
-from snapperable._backend import STATUS_OK, Synchronous
+from snapperable._contract import STATUS_OK, Synchronous
 from snapperable._writer import PLAIN_OK_ROW_LENGTH, PendingRow
 
 BUSY_TIMEOUT_MS = 5000

@@ -16,9 +16,8 @@ from collections import deque
 from operator import itemgetter
 from typing import Any, Callable, Generic, Optional, Sequence, Tuple, TypeVar, Union
 
-from snapperable._backend import PICKLE_PROTOCOL, ROW_OUTPUT, STATUS_OK, ItemRow, ProcessStop
+from snapperable._contract import KEY_SIZE, PICKLE_PROTOCOL, ROW_OUTPUT, STATUS_OK, ItemRow, ProcessStop
 from snapperable.errors import CheckpointError, WriterError
-from snapperable.keys import KEY_SIZE
 
 
 # At most this many rows wait for the writer; `record` blocks beyond it. A writer that
@@ -288,7 +287,7 @@ class WriterBackedStore:
         positions: Sequence[int],
         version: int,
     ) -> Optional[ProcessStop]:
-        """The per-item hot loop of the pure-Python backend (contract in ``_backend``)."""
+        """The per-item hot loop of the pure-Python backend (contract in ``_contract``)."""
         writer = self._writer
         if writer._error is not None or writer._closing:
             writer._refuse()

@@ -16,10 +16,11 @@ import struct
 from hashlib import blake2b
 from typing import Callable, Sequence, cast
 
-KEY_SIZE = 16
+# PICKLE_PROTOCOL is also that of the `p` encoding, so it is part of the key format.
+from snapperable._contract import KEY_SIZE, PICKLE_PROTOCOL
+
 KEY_PREFIX = b"K1"
 MAX_DEPTH = 256
-PICKLE_PROTOCOL = 4  # of the `p` encoding: part of the key format, fixed by DESIGN 4
 
 _U32 = struct.Struct("<I")
 _F64 = struct.Struct(">d")

@@ -7,7 +7,7 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Optional, TypeVar
 
-from snapperable._backend import STATUS_OK, RowInfo
+from snapperable._contract import STATUS_OK, RowInfo
 
 T = TypeVar("T")
 

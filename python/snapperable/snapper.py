@@ -37,14 +37,13 @@ from typing import (
 )
 
 from snapperable import _backend
-from snapperable._backend import PICKLE_PROTOCOL, STATUS_FAILED, STATUS_OK, CheckpointStore, ItemRow, KeySet
+from snapperable._contract import KEY_SIZE, PICKLE_PROTOCOL, STATUS_FAILED, STATUS_OK, CheckpointStore, ItemRow, KeySet
 from snapperable.errors import (
     ForkedProcessError,
     FunctionChangedError,
     TooManyConsecutiveErrors,
     UnpicklableOutputError,
 )
-from snapperable.keys import KEY_SIZE
 from snapperable.metrics import FailedItem, ProcessingMetric, RunPlan, metric_from_row, render_report
 from snapperable.storage.base import OpenCheckpoint, SnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage

@@ -26,7 +26,7 @@ import threading
 from abc import ABC, abstractmethod
 from typing import Generic, Optional, TypeVar
 
-from snapperable._backend import CheckpointStore
+from snapperable._contract import CheckpointStore
 from snapperable.errors import CheckpointError, CheckpointLockedError
 
 R = TypeVar("R")

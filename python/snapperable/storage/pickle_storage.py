@@ -27,7 +27,8 @@ import zlib
 from typing import Any, Iterator, Optional, TypeVar
 
 from snapperable import _backend, _folding
-from snapperable._backend import (
+from snapperable._contract import (
+    KEY_SIZE,
     PICKLE_PROTOCOL,
     STATUS_OK,
     ROW_KEY,
@@ -42,7 +43,6 @@ from snapperable._backend import (
 )
 from snapperable._writer import PendingRow, WriterBackedStore, item_row
 from snapperable.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
-from snapperable.keys import KEY_SIZE
 from snapperable.storage.base import SnapshotStorage
 
 R = TypeVar("R")

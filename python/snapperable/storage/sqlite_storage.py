@@ -6,7 +6,7 @@ import os
 from typing import Optional, TypeVar
 
 from snapperable import _backend
-from snapperable._backend import CheckpointStore, Synchronous
+from snapperable._contract import CheckpointStore, Synchronous
 from snapperable.storage.base import SnapshotStorage
 
 R = TypeVar("R")
