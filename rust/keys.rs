@@ -2,7 +2,7 @@
 //! pure-Python reference `snapperable/keys.py`, and a compact set of keys.
 //!
 //! This module is pure Rust: it encodes values already taken apart into Rust types.
-//! Walking Python objects (which needs the interpreter) lives in `py_keys.rs`.
+//! Walking Python objects (which needs the interpreter) lives in `python/keys.rs`.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hash, Hasher};

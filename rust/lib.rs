@@ -3,7 +3,7 @@
 //! It provides, at module level, what the `Backend` Protocol of `snapperable/_backend.py`
 //! names: input keys, key sets and SQLite checkpoints with a group-committing writer.
 //! This file only registers; the domain logic (`keys`, `store`, `writer`, `checkpoint`)
-//! is pure Rust, and `py_*` is the thin binding layer over it.
+//! is pure Rust, and `python/` is the thin binding layer over it.
 
 pub mod checkpoint;
 pub mod errors;
@@ -12,12 +12,11 @@ pub mod pickles;
 pub mod store;
 pub mod writer;
 
-mod py_imports;
-mod py_keys;
-mod py_process;
-mod py_store;
+mod python;
 
 use pyo3::prelude::*;
+
+use python::{keys as py_keys, store as py_store};
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {

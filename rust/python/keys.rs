@@ -12,7 +12,7 @@ use pyo3::types::{
 };
 
 use crate::keys::{self, tag, KeyBatch, MAX_DEPTH};
-use crate::py_imports::pickle_dumps;
+use crate::python::imports::pickle_dumps;
 
 const PICKLE_PROTOCOL: u8 = 4;
 

@@ -24,7 +24,7 @@ use crate::checkpoint::Checkpoint;
 use crate::errors::Error;
 use crate::keys::{Key, KEY_SIZE};
 use crate::pickles::{dump_simple, Simple};
-use crate::py_imports::pickle_dumps;
+use crate::python::imports::pickle_dumps;
 use crate::store::{ItemRow, STATUS_OK};
 use crate::writer::Pending;
 
