@@ -10,9 +10,9 @@ use std::hash::{BuildHasherDefault, Hash, Hasher};
 use blake2b_simd::many::{hash_many, HashManyJob};
 use blake2b_simd::Params;
 
+use crate::contract::KEY_SIZE;
 use crate::errors::{Error, Result};
 
-pub const KEY_SIZE: usize = 16;
 pub type Key = [u8; KEY_SIZE];
 
 /// Containers nested deeper than this cannot be keyed (they could exhaust the stack).

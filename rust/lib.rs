@@ -6,6 +6,7 @@
 //! is pure Rust, and `python/` is the thin binding layer over it.
 
 pub mod checkpoint;
+pub mod contract;
 pub mod errors;
 pub mod keys;
 pub mod pickles;
@@ -21,6 +22,11 @@ use python::{keys as py_keys, store as py_store};
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("BACKEND_NAME", "rust")?;
+    // The contract's constants, checked equal to `snapperable._contract`'s by tests.
+    m.add("KEY_SIZE", contract::KEY_SIZE)?;
+    m.add("STATUS_OK", contract::STATUS_OK)?;
+    m.add("STATUS_FAILED", contract::STATUS_FAILED)?;
+    m.add("PICKLE_PROTOCOL", contract::PICKLE_PROTOCOL)?;
     // Private, for tests: the bound on pending rows (`writer::Limits::DEFAULT`); set
     // without `add`, which would list it in `__all__`.
     m.setattr("_MAX_PENDING_ROWS", writer::Limits::DEFAULT.rows)?;

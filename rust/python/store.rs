@@ -14,8 +14,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple};
 
 use crate::checkpoint::Checkpoint;
+use crate::contract::KEY_SIZE;
 use crate::errors::Error;
-use crate::keys::{self, Key, KEY_SIZE};
+use crate::keys::{self, Key};
 use crate::pickles::{read_simple, Simple};
 use crate::python::imports::{
     builtin_map, json_loads, pickle_loads, row_info_class, version_row_class,

@@ -5,6 +5,7 @@
 use rusqlite::Row;
 
 use super::open::Store;
+use super::schema::corrupt_row;
 use crate::errors::{Error, Result};
 use crate::keys::{order_for_table, Key, KeyMap};
 
@@ -113,7 +114,7 @@ impl Store {
     /// The latest row of each key of `version`.
     pub fn latest_outputs(&self, version: i64) -> Result<LatestOutputs> {
         let too_many =
-            |row: &Row<'_>| self.corrupt_row(row, "is past the most rows one read can hold");
+            |row: &Row<'_>| corrupt_row(&self.path, row, "is past the most rows one read can hold");
         let bound = self.row_bound()?;
         let (mut rows, mut ends, mut arena) = (
             Vec::with_capacity(bound),

@@ -8,10 +8,11 @@ use std::path::Path;
 use rusqlite::{params, Connection, OpenFlags};
 
 use super::open::{file_identity, FileIdentity, Store, BUSY_TIMEOUT, SCAN_MMAP_SIZE};
-use super::schema::{key_at, sqlite_error, STATUS_FAILED, STATUS_OK};
+use super::schema::{key_at, sqlite_error};
+use crate::contract::{KEY_SIZE, STATUS_FAILED, STATUS_OK};
 use crate::errors::{Error, Result};
 use crate::keys::{
-    keys_distinct, order_for_table, ClaimSet, Key, KeySet, KeyVersion, KeyVersionMap, KEY_SIZE,
+    keys_distinct, order_for_table, ClaimSet, Key, KeySet, KeyVersion, KeyVersionMap,
 };
 
 /// Rows (as `row_bound` estimates them) above which [`Store::key_sets`] scans the table
@@ -86,7 +87,7 @@ impl Store {
             .map_err(|e| self.fail(e))?;
         let mut rows = stmt.query([]).map_err(|e| self.fail(e))?;
         while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
-            let key = self.key_at(row, 1)?;
+            let key = key_at(&self.path, row, 1)?;
             let row_version: i64 = row.get(2).map_err(|e| self.fail(e))?;
             let row_status: i64 = row.get(3).map_err(|e| self.fail(e))?;
             latest.insert(KeyVersion(key, row_version), row_status);

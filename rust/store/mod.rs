@@ -20,8 +20,8 @@ mod streaming;
 pub use folding::LatestOutputs;
 pub use open::Store;
 pub use schema::{
-    sqlite_error, ItemRow, RowInfo, Synchronous, VersionRow, APPLICATION_ID, FORMAT_VERSION,
-    STATUS_FAILED, STATUS_OK,
+    sqlite_error, unix_now, ItemRow, RowInfo, Synchronous, VersionRow, APPLICATION_ID,
+    FORMAT_VERSION,
 };
 pub use streaming::{InOrder, OutputChunk, Streamed};
 

@@ -4,16 +4,16 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::schema::{
-    corrupt_row, key_at, sqlite_error, ItemRow, RowInfo, Synchronous, VersionRow, APPLICATION_ID,
-    FORMAT_VERSION, MIN_ROW_BYTES, SCHEMA, STATUS_OK,
+    key_at, sqlite_error, unix_now, ItemRow, RowInfo, Synchronous, VersionRow, APPLICATION_ID,
+    FORMAT_VERSION, MIN_ROW_BYTES, SCHEMA,
 };
+use crate::contract::STATUS_OK;
 use crate::errors::{Error, Result};
-use crate::keys::Key;
 
 /// Bytes of the file SQLite maps into memory during a full scan: it then reads pages
 /// in place instead of copying each one out of the OS cache (a scan of a million rows
@@ -41,12 +41,6 @@ fn plain_insert(rows: usize) -> String {
 }
 
 static PLAIN_INSERT_FULL: LazyLock<String> = LazyLock::new(|| plain_insert(PLAIN_ROWS_PER_INSERT));
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |elapsed| elapsed.as_secs_f64())
-}
 
 /// An open SQLite checkpoint.
 pub struct Store {
@@ -296,7 +290,7 @@ impl Store {
             .map_err(|e| self.fail(e))?;
         let mut page = Vec::new();
         while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
-            let key = self.key_at(row, 1)?;
+            let key = key_at(&self.path, row, 1)?;
             let info = (|| -> rusqlite::Result<RowInfo> {
                 Ok(RowInfo {
                     seq: row.get(0)?,
@@ -324,16 +318,6 @@ impl Store {
         self.conn
             .close()
             .map_err(|(_, err)| sqlite_error(&path, err))
-    }
-
-    /// The key in column `index` of `row`; a key that is not a 16-byte blob means the
-    /// file was damaged or written by something else.
-    pub(super) fn key_at(&self, row: &Row<'_>, index: usize) -> Result<Key> {
-        key_at(&self.path, row, index)
-    }
-
-    pub(super) fn corrupt_row(&self, row: &Row<'_>, problem: &str) -> Error {
-        corrupt_row(&self.path, row, problem)
     }
 }
 
@@ -407,6 +391,7 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::Key;
     use crate::store::tests::{row, TempDir};
 
     #[test]

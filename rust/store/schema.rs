@@ -1,10 +1,13 @@
 //! The format's constants, the row types, and how a stored row is read back: a value
 //! that is not what the schema says is damage to the file, reported as such.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use rusqlite::{ErrorCode, Row};
 
+use crate::contract::{KEY_SIZE, STATUS_OK};
 use crate::errors::{Error, Result};
-use crate::keys::{Key, KEY_SIZE};
+use crate::keys::Key;
 
 /// The one schema, shared with the pure-Python backend.
 pub(super) const SCHEMA: &str = include_str!("../../python/snapperable/schema.sql");
@@ -12,8 +15,6 @@ pub(super) const SCHEMA: &str = include_str!("../../python/snapperable/schema.sq
 pub const APPLICATION_ID: i64 = 0x536e_6150;
 /// `PRAGMA user_version`: the newest format this code reads and the one it writes.
 pub const FORMAT_VERSION: i64 = 1;
-pub const STATUS_OK: i64 = 0;
-pub const STATUS_FAILED: i64 = 1;
 /// Fewer bytes than any item row takes in the file (its 16-byte key alone is more):
 /// bounds how many rows a file of a given size can hold.
 pub(super) const MIN_ROW_BYTES: i64 = 16;
@@ -122,8 +123,8 @@ pub fn sqlite_error(path: &str, err: rusqlite::Error) -> Error {
     }
 }
 
-/// The key in column `index` of `row`, read from the checkpoint at `path` (see
-/// [`Store::key_at`]).
+/// The key in column `index` of `row`, read from the checkpoint at `path`; a key that
+/// is not a 16-byte blob means the file was damaged or written by something else.
 pub(super) fn key_at(path: &str, row: &Row<'_>, index: usize) -> Result<Key> {
     let value = row.get_ref(index).map_err(|e| sqlite_error(path, e))?;
     value
@@ -139,6 +140,7 @@ pub(super) fn key_at(path: &str, row: &Row<'_>, index: usize) -> Result<Key> {
         })
 }
 
+/// Damage found in the item row `row` (its `seq` in column 0) of the checkpoint at `path`.
 pub(super) fn corrupt_row(path: &str, row: &Row<'_>, problem: &str) -> Error {
     let seq = row
         .get::<_, i64>(0)
@@ -146,5 +148,45 @@ pub(super) fn corrupt_row(path: &str, row: &Row<'_>, problem: &str) -> Error {
     Error::Corrupt {
         path: path.to_owned(),
         problem: format!("is damaged: item row {seq} {problem}"),
+    }
+}
+
+/// Now, in Unix seconds, as `time.time()` gives it: the time of the rows' `started` and
+/// `ended` and of a version's `created`.
+pub fn unix_now() -> f64 {
+    unix_seconds(SystemTime::now())
+}
+
+/// `time` in Unix seconds; negative before 1970 (a clock set back that far still gives
+/// times in order, not all 0).
+fn unix_seconds(time: SystemTime) -> f64 {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(since) => since.as_secs_f64(),
+        Err(before) => -before.duration().as_secs_f64(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn unix_seconds_are_signed_around_1970() {
+        let at = |offset: f64| {
+            let delta = Duration::from_secs_f64(offset.abs());
+            let time = if offset < 0.0 {
+                UNIX_EPOCH - delta
+            } else {
+                UNIX_EPOCH + delta
+            };
+            unix_seconds(time)
+        };
+        assert_eq!(at(0.0), 0.0);
+        assert_eq!(at(1.5), 1.5);
+        assert_eq!(at(-1.5), -1.5);
+        assert_eq!(at(-86_400.0 * 365.0), -86_400.0 * 365.0);
+        assert!(at(-2.0) < at(-1.0) && at(-1.0) < at(0.0));
+        assert!(unix_now() > 1.6e9);
     }
 }

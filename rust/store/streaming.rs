@@ -9,9 +9,10 @@ use rusqlite::types::ValueRef;
 use rusqlite::Row;
 
 use super::open::Store;
-use super::schema::STATUS_OK;
+use super::schema::{corrupt_row, key_at};
+use crate::contract::{KEY_SIZE, STATUS_OK};
 use crate::errors::Result;
-use crate::keys::{all_distinct, key_prefix, keys_distinct, Key, KEY_SIZE};
+use crate::keys::{all_distinct, key_prefix, keys_distinct, Key};
 
 /// Outputs of one version copied out of a scan, back to back: what [`Store::outputs_in_order`]
 /// hands over at a time.
@@ -174,14 +175,20 @@ impl Store {
             .map_err(|e| self.fail(e))?;
         let mut found = stmt.query([version]).map_err(|e| self.fail(e))?;
         while let Some(row) = found.next().map_err(|e| self.fail(e))? {
-            let key = self.key_at(row, 1)?;
+            let key = key_at(&self.path, row, 1)?;
             let status: i64 = row.get(2).map_err(|e| self.fail(e))?;
             // Borrowed from SQLite's row buffer: the caller copies it once, if at all.
             let output = if status == STATUS_OK {
                 match row.get_ref(3).map_err(|e| self.fail(e))? {
                     ValueRef::Blob(output) => Some(output),
                     ValueRef::Null => None,
-                    _ => return Err(self.corrupt_row(row, "has an output that is not a blob")),
+                    _ => {
+                        return Err(corrupt_row(
+                            &self.path,
+                            row,
+                            "has an output that is not a blob",
+                        ))
+                    }
                 }
             } else {
                 None
@@ -197,8 +204,9 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::contract::STATUS_FAILED;
     use crate::store::tests::{keys_of, row, TempDir};
-    use crate::store::{ItemRow, Synchronous, STATUS_FAILED};
+    use crate::store::{ItemRow, Synchronous};
 
     /// The outputs `outputs_in_order` sends, and what it found.
     fn streamed(store: &Store, version: i64, expected: InOrder<'_>) -> (Vec<Vec<u8>>, Streamed) {
