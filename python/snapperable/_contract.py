@@ -52,7 +52,8 @@ ROW_ENDED: Final = 10
 
 
 class RowInfo(NamedTuple):
-    """An item row as read back for metrics and reports: everything but the output."""
+    """An item row as read back for metrics, reports and the reader; ``output`` (a
+    pickle, or None for a failed row) only from ``rows(..., with_output=True)``."""
 
     seq: int
     key: bytes
@@ -65,6 +66,7 @@ class RowInfo(NamedTuple):
     attempts: int
     started: float
     ended: float
+    output: Optional[bytes] = None
 
 
 class VersionRow(NamedTuple):
@@ -105,14 +107,9 @@ class KeySet(Protocol):
         ...
 
 
-class CheckpointStore(Protocol):
-    """An open checkpoint: the pending buffer, its writer, and reads.
-
-    ``record`` only buffers; a background writer commits what has accumulated (group
-    commit) once ``batch_size`` rows are pending, once the oldest has waited
-    ``max_wait_time`` seconds, or on ``flush``. A writer failure is raised, as
-    ``WriterError``, by the next ``record``, ``flush`` or ``close``; it is never dropped.
-    """
+class CheckpointReadStore(Protocol):
+    """The reads of an open checkpoint: what ``snapperable.reader`` needs, and what a
+    store opened only for reading provides."""
 
     @property
     def path(self) -> str:
@@ -122,6 +119,35 @@ class CheckpointStore(Protocol):
     def versions(self) -> list[VersionRow]:
         """Every known function version, oldest first."""
         ...
+
+    def rows(self, version: Optional[int], with_output: bool = False) -> Iterator[RowInfo]:
+        """Every row (all versions when ``version`` is None), in the order saved,
+        streamed; with its pickled output when ``with_output``."""
+        ...
+
+    def meta(self) -> dict[str, str]:
+        """What the file says of itself: ``format_version``, and ``created_by`` where
+        the format keeps it (SQLite's ``meta`` table)."""
+        ...
+
+    def integrity_check(self) -> Optional[str]:
+        """The first damage to the file's structure (SQLite: ``PRAGMA
+        integrity_check`` over every page; pickle: every frame's checksums), or None."""
+        ...
+
+    def close(self) -> None:
+        """Release the file. Idempotent."""
+        ...
+
+
+class CheckpointStore(CheckpointReadStore, Protocol):
+    """An open checkpoint: the pending buffer, its writer, and reads.
+
+    ``record`` only buffers; a background writer commits what has accumulated (group
+    commit) once ``batch_size`` rows are pending, once the oldest has waited
+    ``max_wait_time`` seconds, or on ``flush``. A writer failure is raised, as
+    ``WriterError``, by the next ``record``, ``flush`` or ``close``; it is never dropped.
+    """
 
     def add_version(self, fingerprint: str, parts: str, uses: Optional[int]) -> int:
         """Register a version (committed at once); ``uses=None`` means its own id."""
@@ -175,10 +201,6 @@ class CheckpointStore(Protocol):
 
     def all_outputs(self, version: int) -> list[Any]:
         """Unpickled latest ok output of every key, in the order each key was first saved."""
-        ...
-
-    def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
-        """Every row (all versions when ``version`` is None), in the order saved."""
         ...
 
     def close(self) -> None:

@@ -50,6 +50,10 @@ BACKEND_NAME = "python"
 APPLICATION_ID = 1399742800
 FORMAT_VERSION = 1
 
+# Rows fetched per query by `rows()`, as in the Rust core (`rust/python/store.rs`).
+ROWS_PAGE = 1024
+ROWS_WITH_OUTPUT_PAGE = 128
+
 log = logging.getLogger("snapperable")
 
 input_key = keys.input_key
@@ -320,18 +324,31 @@ class PySQLiteStore(WriterBackedStore):
     def all_outputs(self, version: int) -> list[Any]:
         return _folding.outputs_in_save_order(self._latest_outputs(version), self.path)
 
-    def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
-        columns = (
-            "seq, key, version, status, input, error_type, error, traceback,"
-            " attempts, started, ended"
+    def rows(self, version: Optional[int], with_output: bool = False) -> Iterator[RowInfo]:
+        # Page by page, as the Rust core does: a checkpoint of millions of rows (and
+        # their outputs) is never held at once. Rows are append-only, so paging by
+        # `seq` is consistent.
+        page = ROWS_WITH_OUTPUT_PAGE if with_output else ROWS_PAGE
+        sql = (
+            "SELECT seq, key, version, status, input, error_type, error, traceback,"
+            " attempts, started, ended, CASE WHEN ? THEN output END FROM items"
+            " WHERE seq > ? AND (? IS NULL OR version = ?) ORDER BY seq LIMIT ?"
         )
-        if version is None:
-            found = self._query(f"SELECT {columns} FROM items ORDER BY seq")
-        else:
-            found = self._query(
-                f"SELECT {columns} FROM items WHERE version = ? ORDER BY seq", (version,)
-            )
-        return (RowInfo(*row) for row in found)
+        after = 0
+        while True:
+            found = self._query(sql, (with_output, after, version, version, page))
+            for row in found:
+                yield RowInfo(*row)
+            if len(found) < page:
+                return
+            after = found[-1][0]
+
+    def meta(self) -> dict[str, str]:
+        return {str(name): str(value) for name, value in self._query("SELECT name, value FROM meta")}
+
+    def integrity_check(self) -> Optional[str]:
+        (first,) = self._query("PRAGMA integrity_check(1)")[0]
+        return None if first == "ok" else str(first)
 
     def _release(self) -> None:
         try:

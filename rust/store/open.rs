@@ -269,24 +269,26 @@ impl Store {
         Ok(estimate.min(most_rows))
     }
 
-    /// Up to `limit` rows with `seq > after` (of `version`, if given), in `seq` order.
+    /// Up to `limit` rows with `seq > after` (of `version`, if given), in `seq` order;
+    /// each with its output if `with_output`, else with `output` None.
     pub fn rows_after(
         &self,
         version: Option<i64>,
         after: i64,
         limit: usize,
+        with_output: bool,
     ) -> Result<Vec<RowInfo>> {
         let mut stmt = self
             .conn
             .prepare_cached(
                 "SELECT seq, key, version, status, input, error_type, error, traceback, \
-                 attempts, started, ended FROM items \
+                 attempts, started, ended, CASE WHEN ?4 THEN output END FROM items \
                  WHERE seq > ?1 AND (?2 IS NULL OR version = ?2) ORDER BY seq LIMIT ?3",
             )
             .map_err(|e| self.fail(e))?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut rows = stmt
-            .query(params![after, version, limit])
+            .query(params![after, version, limit, with_output])
             .map_err(|e| self.fail(e))?;
         let mut page = Vec::new();
         while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
@@ -304,12 +306,38 @@ impl Store {
                     attempts: row.get(8)?,
                     started: row.get(9)?,
                     ended: row.get(10)?,
+                    output: row.get(11)?,
                 })
             })()
             .map_err(|e| self.fail(e))?;
             page.push(info);
         }
         Ok(page)
+    }
+
+    /// The `meta` table's (name, value) pairs: the format version and who created the file.
+    pub fn meta(&self) -> Result<Vec<(String, String)>> {
+        let read = || -> rusqlite::Result<Vec<(String, String)>> {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT name, value FROM meta ORDER BY name")?;
+            let pairs = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            pairs.collect()
+        };
+        read().map_err(|e| self.fail(e))
+    }
+
+    /// What `PRAGMA integrity_check` reports: `["ok"]` for a sound file, else up to
+    /// `limit` problems, each one line. Reads every page; writes nothing.
+    pub fn integrity_check(&self, limit: u32) -> Result<Vec<String>> {
+        let read = || -> rusqlite::Result<Vec<String>> {
+            let mut stmt = self
+                .conn
+                .prepare(&format!("PRAGMA integrity_check({})", limit.max(1)))?;
+            let lines = stmt.query_map([], |row| row.get(0))?;
+            lines.collect()
+        };
+        read().map_err(|e| self.fail(e))
     }
 
     /// Closes the connection, reporting what SQLite says (e.g. a failed WAL checkpoint).
@@ -456,7 +484,7 @@ mod tests {
             rows.push(row);
         }
         store.append(&rows).unwrap();
-        let read = store.rows_after(Some(v1), 0, 1000).unwrap();
+        let read = store.rows_after(Some(v1), 0, 1000, false).unwrap();
         let expected: Vec<(Key, i64, i64, f64)> = rows
             .iter()
             .map(|r| (r.key, r.status, r.attempts, r.started))

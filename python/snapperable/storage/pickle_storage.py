@@ -79,37 +79,23 @@ class PickleSnapshotStorage(SnapshotStorage[R]):
         return PickleStore(self.path, batch_size, max_wait_time)
 
 
-class PickleStore(WriterBackedStore):
-    """The ``CheckpointStore`` of a pickle-frame file."""
+class PickleFrames:
+    """The reads of a pickle-frame file, shared by the store that writes it
+    (``PickleStore``) and the one that only reads it (``PickleReader``)."""
 
-    def __init__(self, path: str, batch_size: int, max_wait_time: Optional[float]) -> None:
-        self.path = path
-        self._write_lock = threading.Lock()  # frames from the writer and add_version
-        self._torn_append: Optional[OSError] = None
-        self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
-        try:
-            self._prepare()
-        except BaseException:
-            os.close(self._fd)
-            raise
-        self._start_writer(path, batch_size, max_wait_time)
+    path: str
+    _fd: int
+    # May a read meet a torn last frame, and stop there? The writing store cut any off
+    # when it opened, so one met later is damage; a reader may meet the frame a live
+    # writer is appending, or what a crash left (the next writer cuts it off).
+    _tail_may_be_torn = False
+    _tail_start = _HEADER.size
 
     def _corrupt(self, why: str) -> CheckpointCorruptError:
         return CheckpointCorruptError(f"{self.path}: {why}")
 
-    # -- opening ------------------------------------------------------------------------
-    def _prepare(self) -> None:
-        """Write the header of a new file, check an old one, cut off a torn tail."""
-        size = os.fstat(self._fd).st_size
-        header = os.pread(self._fd, _HEADER.size, 0)
-        empty_header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0)
-        if len(header) < _HEADER.size and empty_header.startswith(header):
-            # New file, or a crash while its header was being written: nothing was saved.
-            os.ftruncate(self._fd, 0)
-            os.write(self._fd, empty_header)
-            os.fsync(self._fd)
-            _fsync_directory(self.path)
-            return
+    def _check_header(self, header: bytes) -> int:
+        """The format version in a 16-byte ``header``; raises if it is not ours."""
         magic, version, reserved = (
             _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0, 0)
         )
@@ -122,21 +108,7 @@ class PickleStore(WriterBackedStore):
                 f"{self.path}: checkpoint format {version} is newer than this snapperable "
                 f"understands ({FORMAT_VERSION}); upgrade snapperable"
             )
-        end = self._end_of_good_frames(size)
-        if end < size:
-            log.warning(
-                "%s: dropped a torn last frame (%d bytes) left by an interrupted write",
-                self.path,
-                size - end,
-            )
-            os.ftruncate(self._fd, end)
-            os.fsync(self._fd)
-
-    def _end_of_good_frames(self, size: int) -> int:
-        """Offset just past the last intact frame; raises on damage before the tail."""
-        for _ in self._frames(size, stop_at_torn_tail=True):
-            pass
-        return self._tail_start
+        return int(version)
 
     def _frames(self, size: int, *, stop_at_torn_tail: bool) -> Iterator[tuple[int, bytes]]:
         """(offset, payload) of each intact frame; sets ``_tail_start`` where they end."""
@@ -182,13 +154,132 @@ class PickleStore(WriterBackedStore):
 
     def _records(self) -> Iterator[tuple[str, Any]]:
         size = os.fstat(self._fd).st_size
-        for pos, payload in self._frames(size, stop_at_torn_tail=False):
+        for pos, payload in self._frames(size, stop_at_torn_tail=self._tail_may_be_torn):
             try:
                 record = pickle.loads(payload)
                 kind, body = record
             except Exception as exc:
                 raise self._corrupt(f"the frame at offset {pos} cannot be read: {exc!r}") from exc
             yield kind, body
+
+    def versions(self) -> list[VersionRow]:
+        return [
+            _folding.version_row(body, self.path)
+            for kind, body in self._records()
+            if kind == "version"
+        ]
+
+    def _item_rows(self) -> Iterator[tuple[int, ItemRow]]:
+        seq = 0
+        for kind, body in self._records():
+            if kind != "items":
+                continue
+            for row in body:
+                seq += 1
+                if len(row) != _ROW_FIELDS or not isinstance(row[ROW_KEY], bytes) or len(row[ROW_KEY]) != KEY_SIZE:
+                    raise self._corrupt(f"item {seq} is malformed")
+                yield seq, row
+
+    def rows(self, version: Optional[int], with_output: bool = False) -> Iterator[RowInfo]:
+        for seq, row in self._item_rows():
+            if version is None or row[ROW_VERSION] == version:
+                key, version_id, status, pickled_input, output, error_type, error, tb, attempts, started, ended = row
+                yield RowInfo(
+                    seq, key, version_id, status, pickled_input, error_type, error, tb,
+                    attempts, started, ended, output if with_output else None,
+                )
+
+    def meta(self) -> dict[str, str]:
+        """The format version, from the header (the format keeps no creator)."""
+        return {"format_version": str(self._check_header(os.pread(self._fd, _HEADER.size, 0)))}
+
+    def integrity_check(self) -> Optional[str]:
+        """Every frame's checksums, to the end of the file (or of the committed frames,
+        for a reader: see ``_tail_may_be_torn``); the first damage, or None."""
+        try:
+            for _ in self._frames(os.fstat(self._fd).st_size, stop_at_torn_tail=self._tail_may_be_torn):
+                pass
+        except CheckpointCorruptError as exc:
+            return str(exc)
+        return None
+
+
+class PickleReader(PickleFrames):
+    """A pickle checkpoint opened read-only: no hold, no lock file, never a write.
+
+    It reads the frames committed so far; a frame a live writer is still appending, or
+    a torn tail a crash left, reads as the end (``torn_tail_bytes`` says how much).
+    """
+
+    _tail_may_be_torn = True
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise CheckpointError(f"cannot open checkpoint {path}: {exc.strerror or exc}") from exc
+        try:
+            self._check_header(os.pread(self._fd, _HEADER.size, 0))
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._closed = False
+
+    def torn_tail_bytes(self) -> int:
+        """Bytes after the last intact frame, as of the last full read."""
+        return max(0, os.fstat(self._fd).st_size - self._tail_start)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+
+class PickleStore(PickleFrames, WriterBackedStore):
+    """The ``CheckpointStore`` of a pickle-frame file."""
+
+    def __init__(self, path: str, batch_size: int, max_wait_time: Optional[float]) -> None:
+        self.path = path
+        self._write_lock = threading.Lock()  # frames from the writer and add_version
+        self._torn_append: Optional[OSError] = None
+        self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            self._prepare()
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._start_writer(path, batch_size, max_wait_time)
+
+    # -- opening ------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        """Write the header of a new file, check an old one, cut off a torn tail."""
+        size = os.fstat(self._fd).st_size
+        header = os.pread(self._fd, _HEADER.size, 0)
+        empty_header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0)
+        if len(header) < _HEADER.size and empty_header.startswith(header):
+            # New file, or a crash while its header was being written: nothing was saved.
+            os.ftruncate(self._fd, 0)
+            os.write(self._fd, empty_header)
+            os.fsync(self._fd)
+            _fsync_directory(self.path)
+            return
+        self._check_header(header)
+        end = self._end_of_good_frames(size)
+        if end < size:
+            log.warning(
+                "%s: dropped a torn last frame (%d bytes) left by an interrupted write",
+                self.path,
+                size - end,
+            )
+            os.ftruncate(self._fd, end)
+            os.fsync(self._fd)
+
+    def _end_of_good_frames(self, size: int) -> int:
+        """Offset just past the last intact frame; raises on damage before the tail."""
+        for _ in self._frames(size, stop_at_torn_tail=True):
+            pass
+        return self._tail_start
 
     # -- writes -------------------------------------------------------------------------
     def _append(self, frame: bytes) -> None:
@@ -231,24 +322,6 @@ class PickleStore(WriterBackedStore):
         return vid
 
     # -- reads --------------------------------------------------------------------------
-    def versions(self) -> list[VersionRow]:
-        return [
-            _folding.version_row(body, self.path)
-            for kind, body in self._records()
-            if kind == "version"
-        ]
-
-    def _item_rows(self) -> Iterator[tuple[int, ItemRow]]:
-        seq = 0
-        for kind, body in self._records():
-            if kind != "items":
-                continue
-            for row in body:
-                seq += 1
-                if len(row) != _ROW_FIELDS or not isinstance(row[ROW_KEY], bytes) or len(row[ROW_KEY]) != KEY_SIZE:
-                    raise self._corrupt(f"item {seq} is malformed")
-                yield seq, row
-
     def key_set(self, version: Optional[int], status: int) -> KeySet:
         rows = (
             (row[ROW_KEY], row[ROW_VERSION], row[ROW_STATUS])
@@ -277,15 +350,6 @@ class PickleStore(WriterBackedStore):
 
     def all_outputs(self, version: int) -> list[Any]:
         return _folding.outputs_in_save_order(self._latest_outputs(version), self.path)
-
-    def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
-        for seq, row in self._item_rows():
-            if version is None or row[ROW_VERSION] == version:
-                key, version_id, status, pickled_input, _, error_type, error, tb, attempts, started, ended = row
-                yield RowInfo(
-                    seq, key, version_id, status, pickled_input, error_type, error, tb,
-                    attempts, started, ended,
-                )
 
     def _release(self) -> None:
         os.close(self._fd)
