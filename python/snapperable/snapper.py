@@ -13,6 +13,7 @@ storage while the first one is still referenced.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -32,12 +33,22 @@ from typing import (
     Optional,
     TYPE_CHECKING,
     NoReturn,
+    Sequence,
     Sized,
     TypeVar,
 )
 
 from snapperable import _backend
-from snapperable._contract import KEY_SIZE, PICKLE_PROTOCOL, STATUS_FAILED, STATUS_OK, CheckpointStore, ItemRow, KeySet
+from snapperable._contract import (
+    KEY_SIZE,
+    PICKLE_PROTOCOL,
+    STATUS_FAILED,
+    STATUS_OK,
+    CheckpointStore,
+    ItemRow,
+    KeySet,
+    ProcessStop,
+)
 from snapperable.errors import (
     ForkedProcessError,
     FunctionChangedError,
@@ -90,6 +101,10 @@ class Snapper(Generic[T, R]):
       exponentially growing, jittered delay (``retry_backoff * 2**n``, at most
       ``retry_max_backoff`` seconds, times a random factor in [0.5, 1]).
     - ``progress``: draw a tqdm progress bar during ``start`` (needs ``tqdm``).
+    - ``store_inputs``: keep each ok item's pickled input too (failed items always keep
+      theirs), so that the checkpoint alone pairs inputs with outputs
+      (``open_checkpoint``, ``snapperable export``). Off by default: it costs a pickle
+      of every input and a larger file.
     """
 
     def __init__(
@@ -112,6 +127,7 @@ class Snapper(Generic[T, R]):
         retry_backoff: float = 1.0,
         retry_max_backoff: float = 60.0,
         progress: bool = False,
+        store_inputs: bool = False,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
@@ -157,6 +173,7 @@ class Snapper(Generic[T, R]):
         if progress and importlib.util.find_spec("tqdm") is None:
             raise ImportError("progress=True draws a tqdm bar: pip install tqdm")
         self.progress = progress
+        self.store_inputs = store_inputs
         self.failed_items: list[FailedItem[T]] = []
         self._checkpoint: Optional[OpenCheckpoint] = None
         self._in_with = False
@@ -380,6 +397,12 @@ class Snapper(Generic[T, R]):
         for ``load``.
         """
         fn = self.fn
+        # store_inputs=True runs the per-item loop here, in Python, on both backends, so
+        # that the backends' loops (Rust's in particular) stay as they are: they record
+        # no input, and the default costs nothing more.
+        process: Callable[[Callable[[T], R], list[T], bytes, list[int], int], Optional[ProcessStop]] = (
+            functools.partial(_process_storing_inputs, store) if self.store_inputs else store.process
+        )
         consecutive_failures = 0
         for chunk in self._chunks():
             keys = self._keys_of(chunk)
@@ -390,7 +413,7 @@ class Snapper(Generic[T, R]):
             while todo:
                 # With a bar, one item per call so that it moves as items finish.
                 batch = todo if bar is None else todo[:1]
-                stop = store.process(fn, chunk, keys, batch, version)
+                stop = process(fn, chunk, keys, batch, version)
                 finished = len(batch) if stop is None else stop[0]
                 if finished:
                     consecutive_failures = 0
@@ -413,7 +436,8 @@ class Snapper(Generic[T, R]):
                     self._check_consecutive(consecutive_failures, outcome.exception)
                     continue
                 payload, attempts = outcome
-                ok_row = (key, version, STATUS_OK, None, payload, None, None, None, attempts, started, time.time())
+                pickled_input = _pickled_or_none(item) if self.store_inputs else None
+                ok_row = (key, version, STATUS_OK, pickled_input, payload, None, None, None, attempts, started, time.time())
                 store.record(ok_row)
                 consecutive_failures = 0
 
@@ -449,15 +473,11 @@ class Snapper(Generic[T, R]):
         self, key: bytes, version: int, item: T, failure: "_Failed", started: float, ended: float
     ) -> ItemRow:
         exc = failure.exception
-        try:
-            pickled_input: Optional[bytes] = pickle.dumps(item, PICKLE_PROTOCOL)
-        except Exception:  # the failure is still recorded, without its input
-            pickled_input = None
         return (
             key,
             version,
             STATUS_FAILED,
-            pickled_input,
+            _pickled_or_none(item),
             None,
             f"{type(exc).__module__}.{type(exc).__qualname__}",
             str.__str__(str(exc)),  # an exact str, whatever type the exception's __str__ returns
@@ -584,6 +604,43 @@ class _Failed:
 
 
 _NO_OUTPUT = object()  # marks "fn raised" apart from "pickling the output raised"
+
+
+def _pickled_or_none(item: object) -> Optional[bytes]:
+    """The pickle of an input to keep in its row; None if it cannot be pickled (the
+    row is still recorded, without its input)."""
+    try:
+        return pickle.dumps(item, PICKLE_PROTOCOL)
+    except Exception:
+        return None
+
+
+def _process_storing_inputs(
+    store: CheckpointStore,
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    keys: bytes,
+    positions: Sequence[int],
+    version: int,
+) -> Optional[ProcessStop]:
+    """``store.process`` (same contract, ``_contract.CheckpointStore``) for
+    ``store_inputs=True``: each ok row keeps its pickled input."""
+    for index, position in enumerate(positions):
+        item = items[position]
+        started = time.time()
+        try:
+            output = fn(item)
+        except BaseException as exc:
+            return index, started, exc, False, None
+        try:
+            payload = pickle.dumps(output, PICKLE_PROTOCOL)
+        except BaseException as exc:
+            return index, started, exc, True, output
+        key = keys[position * KEY_SIZE : (position + 1) * KEY_SIZE]
+        store.record(
+            (key, version, STATUS_OK, _pickled_or_none(item), payload, None, None, None, 1, started, time.time())
+        )
+    return None
 
 
 def _unpicklable(output: object, exc: BaseException) -> BaseException:
