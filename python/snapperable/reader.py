@@ -134,6 +134,10 @@ class _Fold:
     last_seq: int  # rows after it arrived after the fold (a live writer): not read
     counts: dict[int, VersionCounts]
     superseded: set[int]  # seqs
+    # Of each key with more than one row in its version: the seq of its first row ->
+    # the seq of its latest (an item is listed where it was first saved, as load_all()
+    # lists it, with what its latest row says).
+    latest_of_first: dict[int, tuple[int, int]]  # first seq -> (version, latest seq)
 
 
 def detect_format(path: str) -> Format:
@@ -305,8 +309,8 @@ class CheckpointReader:
             ok_rows[row.version] += row.status == STATUS_OK
             last_seq = row.seq
         superseded: set[int] = set()
-        # (version, key) -> (seq, ok) of its latest row, for keys that repeat only
-        latest: dict[tuple[int, bytes], tuple[int, bool]] = {}
+        # (version, key) -> (first seq, latest seq, latest ok), for keys that repeat only
+        latest: dict[tuple[int, bytes], tuple[int, int, bool]] = {}
         ok_items = dict(ok_rows)
         if any(len(keys) for keys in repeated.values()):
             for row in self._store.rows(None):
@@ -317,9 +321,10 @@ class CheckpointReader:
                 ok_items[row.version] -= row.status == STATUS_OK
                 earlier = latest.get((row.version, row.key))
                 if earlier is not None:
-                    superseded.add(earlier[0])
-                latest[(row.version, row.key)] = (row.seq, row.status == STATUS_OK)
-            for (version, _), (_, ok) in latest.items():
+                    superseded.add(earlier[1])
+                first = row.seq if earlier is None else earlier[0]
+                latest[(row.version, row.key)] = (first, row.seq, row.status == STATUS_OK)
+            for (version, _), (_, _, ok) in latest.items():
                 ok_items[version] += ok
         counts = {}
         for version, total in rows.items():
@@ -327,7 +332,8 @@ class CheckpointReader:
             counts[version] = VersionCounts(
                 version, total, ok_items[version], unique - ok_items[version], total - unique
             )
-        self._fold = _Fold(last_seq, counts, superseded)
+        latest_of_first = {first: (version, last) for (version, _), (first, last, _) in latest.items()}
+        self._fold = _Fold(last_seq, counts, superseded, latest_of_first)
         return self._fold
 
     def counts(self) -> list[VersionCounts]:
@@ -345,23 +351,45 @@ class CheckpointReader:
         with_outputs: bool = True,
     ) -> Iterator[ItemRecord]:
         """The items of log entry ``version`` (None: the entry used last), or of every
-        version with ``all_versions``, in the order saved, streamed.
+        version with ``all_versions``, streamed.
 
-        One record per item, its latest row; ``superseded=True`` yields the rows that
-        a later row replaced too (marked ``superseded``). Rows saved after the first
-        read (a live run) are left out, so every call sees the same snapshot.
+        One record per item, its latest row, in the order ``load_all()`` lists them
+        (where each item was first saved); ``superseded=True`` yields the rows that a
+        later row replaced too, marked ``superseded``, where they were saved. Rows
+        saved after the reader's first look (a live run) are left out, so every call
+        sees the same snapshot. Memory: the latest rows of the items saved more than
+        once are read ahead (usually a few retried items), the rest is streamed.
         """
         fold = self._folded()
         wanted = None if all_versions else self.results_of(version)
         if wanted is None and not all_versions:
             return
+        moved = {
+            latest: first
+            for first, (row_version, latest) in fold.latest_of_first.items()
+            if wanted is None or row_version == wanted
+        }
+        ahead: dict[int, RowInfo] = {}  # first seq -> the latest row of its key
+        if moved:
+            for row in self._store.rows(wanted, with_output=with_outputs):
+                if row.seq > fold.last_seq:
+                    break
+                if row.seq in moved:
+                    ahead[moved[row.seq]] = row
         for row in self._store.rows(wanted, with_output=with_outputs):
             if row.seq > fold.last_seq:
                 return
-            replaced = row.seq in fold.superseded
-            if replaced and not superseded:
-                continue
-            yield _record(row, replaced)
+            if row.seq in ahead:
+                if superseded:
+                    yield _record(row, True)
+                yield _record(ahead.pop(row.seq), False)
+            elif row.seq in moved:
+                continue  # listed where its key was first saved
+            elif row.seq in fold.superseded:
+                if superseded:
+                    yield _record(row, True)
+            else:
+                yield _record(row, False)
 
     def failures(self, version: Optional[int] = None) -> dict[str, list[ItemRecord]]:
         """The failed items of ``version`` (None: the one used last), grouped by
@@ -378,12 +406,9 @@ class CheckpointReader:
         wanted = self.results_of(version)
         if wanted is None:
             return []
-        superseded = self._folded().superseded
-        last_seq = self._folded().last_seq
         return [
-            metric_from_row(row)
-            for row in self._store.rows(wanted)
-            if row.seq <= last_seq and row.seq not in superseded
+            metric_from_row(_row_info(item))
+            for item in self.items(version, with_outputs=False)
         ]
 
     def report(self, version: Optional[int] = None, format: ReportFormat = "markdown") -> str:
@@ -419,6 +444,14 @@ def _record(row: RowInfo, superseded: bool) -> ItemRecord:
     return ItemRecord(
         row.seq, row.key, row.version, row.status == STATUS_OK, row.attempts, row.started,
         row.ended, row.error_type, row.error, row.traceback, row.input, row.output, superseded,
+    )
+
+
+def _row_info(item: ItemRecord) -> RowInfo:
+    return RowInfo(
+        item.seq, item.key, item.version, STATUS_OK if item.ok else STATUS_FAILED,
+        item.pickled_input, item.error_type, item.error, item.traceback, item.attempts,
+        item.started, item.ended,
     )
 
 
