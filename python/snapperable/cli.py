@@ -187,7 +187,8 @@ def cmd_check(args: argparse.Namespace, out: IO[str]) -> int:
     except CheckpointCorruptError as exc:
         problem, tail = str(exc), 0
     if problem is not None:
-        sys.stderr.write(f"damaged: {problem}\n")
+        one_line = "; ".join(line.strip() for line in problem.splitlines() if line.strip())
+        sys.stderr.write(f"damaged: {one_line}\n")
         return EXIT_DAMAGED
     out.write(f"{os.path.abspath(args.path)}: sound\n")
     if tail:
@@ -295,7 +296,8 @@ def main(argv: Optional[Sequence[str]] = None, out: Optional[IO[str]] = None) ->
 
 
 def _fail(message: str, code: int) -> int:
-    sys.stderr.write(f"snapperable: {message}\n")
+    one_line = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    sys.stderr.write(f"snapperable: {one_line}\n")
     return code
 
 

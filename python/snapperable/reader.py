@@ -424,7 +424,9 @@ class CheckpointReader:
         try:
             problem = self._store.integrity_check()
             if problem is not None:
-                return f"{self.path}: {problem}"
+                # SQLite's report may open with a "*** in database main ***" line.
+                lines = [line for line in problem.splitlines() if line.strip() and not line.startswith("***")]
+                return f"{self.path}: {'; '.join(lines) or problem.strip()}"
             self._store.versions()
             for row in self._store.rows(None, with_output=True):
                 problem = _row_problem(row)
