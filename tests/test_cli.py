@@ -13,14 +13,16 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 import snapperable
 from snapperable import PickleSnapshotStorage, Snapper, SQLiteSnapshotStorage, cli, export, open_checkpoint
 from snapperable.storage.base import SnapshotStorage
-from test_reader import LIVE_CHILD, Flaky, build, v1
+from test_reader import Flaky, build, live_writer, v1
+
+__all__ = ["live_writer"]  # a fixture of test_reader's, used here too
 
 TESTS = Path(__file__).resolve().parent
 PACKAGE_ROOT = Path(snapperable.__file__).resolve().parent.parent
@@ -302,25 +304,10 @@ def test_console_script_is_installed() -> None:
 
 
 # -- a live run in another process ---------------------------------------------------------
-@pytest.fixture
-def live(storage: SnapshotStorage[Any], backend: str) -> Iterator["subprocess.Popen[bytes]"]:
-    kind = "sqlite" if isinstance(storage, SQLiteSnapshotStorage) else "pickle"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LIVE_CHILD, kind, storage.path],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(backend),
-    )
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline() == b"ready\n", proc.communicate()[1]
-        yield proc
-    finally:
-        proc.communicate(timeout=60)
-
-
-def test_commands_while_another_process_runs(storage: SnapshotStorage[Any], live: "subprocess.Popen[bytes]", backend: str, tmp_path: Path) -> None:
+def test_commands_while_another_process_runs(storage: SnapshotStorage[Any], live_writer: "subprocess.Popen[bytes]", backend: str, tmp_path: Path) -> None:
     done = run_module(backend, "info", storage.path)
     assert done.returncode == 0, done.stderr
-    assert f"held by:    process {live.pid}" in done.stdout
+    assert f"held by:    process {live_writer.pid}" in done.stdout
     done = run_module(backend, "export", storage.path, "--format", "jsonl")
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in done.stdout.splitlines()]
@@ -329,7 +316,7 @@ def test_commands_while_another_process_runs(storage: SnapshotStorage[Any], live
     assert run_module(backend, "check", storage.path).returncode == 0
     done = run_module(backend, "compact", storage.path, "-o", str(tmp_path / "c"))
     assert done.returncode == cli.EXIT_HELD
-    assert str(live.pid) in done.stderr and done.stderr.count("\n") == 1
+    assert str(live_writer.pid) in done.stderr and done.stderr.count("\n") == 1
     assert not (tmp_path / "c").exists()
     done = run_module(backend, "compact", storage.path, "--in-place")
     assert done.returncode == cli.EXIT_HELD
