@@ -107,9 +107,10 @@ class KeySet(Protocol):
         ...
 
 
-class CheckpointReadStore(Protocol):
-    """The reads of an open checkpoint: what ``snapperable.reader`` needs, and what a
-    store opened only for reading provides."""
+class CheckpointReader(Protocol):
+    """An open checkpoint's reads (those ``snapperable.reader`` needs); a store opened
+    for reading only provides them, ``CheckpointStore`` adds writes. Not to be confused
+    with the public ``snapperable.reader.CheckpointReader``, which is built on it."""
 
     @property
     def path(self) -> str:
@@ -140,7 +141,7 @@ class CheckpointReadStore(Protocol):
         ...
 
 
-class CheckpointStore(CheckpointReadStore, Protocol):
+class CheckpointStore(CheckpointReader, Protocol):
     """An open checkpoint: the pending buffer, its writer, and reads.
 
     ``record`` only buffers; a background writer commits what has accumulated (group

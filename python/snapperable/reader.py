@@ -23,8 +23,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Optional, Union
 
-from snapperable import _backend
-from snapperable._contract import KEY_SIZE, STATUS_FAILED, STATUS_OK, CheckpointReadStore, KeySet, RowInfo
+from snapperable import _backend, _contract
+from snapperable._contract import KEY_SIZE, STATUS_FAILED, STATUS_OK, KeySet, RowInfo
 from snapperable.errors import CheckpointCorruptError, CheckpointError
 from snapperable.metrics import ProcessingMetric, metric_from_row, render_report
 from snapperable.storage.base import holder_pid
@@ -177,7 +177,7 @@ def detect_format(path: str) -> Format:
     raise CheckpointCorruptError(f"{path}: is not a snapperable checkpoint")
 
 
-def open_store_for_reading(path: str, format: Format) -> CheckpointReadStore:
+def open_store_for_reading(path: str, format: Format) -> _contract.CheckpointReader:
     """The one place that opens a checkpoint to read it (the reader and ``compact``).
 
     Pickle: read-only, no hold, nothing written (``PickleReader``). SQLite: through the

@@ -79,17 +79,41 @@ class PickleSnapshotStorage(SnapshotStorage[R]):
         return PickleStore(self.path, batch_size, max_wait_time)
 
 
-class PickleFrames:
-    """The reads of a pickle-frame file, shared by the store that writes it
-    (``PickleStore``) and the one that only reads it (``PickleReader``)."""
+class PickleReader:
+    """A pickle-frame file opened for reading only: no hold, no lock file, never a
+    write, so it reads the committed frames beside a running writer. A frame a live
+    writer is still appending, or a torn tail a crash left, reads as the end
+    (``torn_tail_bytes`` says how much). ``PickleStore`` adds the writes.
+    """
 
     path: str
     _fd: int
-    # May a read meet a torn last frame, and stop there? The writing store cut any off
-    # when it opened, so one met later is damage; a reader may meet the frame a live
-    # writer is appending, or what a crash left (the next writer cuts it off).
-    _tail_may_be_torn = False
+    # May a read meet a torn last frame, and stop there? A reader may meet the frame a
+    # live writer is appending, or what a crash left (the next writer cuts it off); the
+    # writing store cut any off when it opened, so one it meets later is damage.
+    _tail_may_be_in_flight = True
     _tail_start = _HEADER.size
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise CheckpointError(f"cannot open checkpoint {path}: {exc.strerror or exc}") from exc
+        try:
+            self._check_header(os.pread(self._fd, _HEADER.size, 0))
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def torn_tail_bytes(self) -> int:
+        """Bytes after the last intact frame, as of the last full read."""
+        return max(0, os.fstat(self._fd).st_size - self._tail_start)
 
     def _corrupt(self, why: str) -> CheckpointCorruptError:
         return CheckpointCorruptError(f"{self.path}: {why}")
@@ -154,7 +178,7 @@ class PickleFrames:
 
     def _records(self) -> Iterator[tuple[str, Any]]:
         size = os.fstat(self._fd).st_size
-        for pos, payload in self._frames(size, stop_at_torn_tail=self._tail_may_be_torn):
+        for pos, payload in self._frames(size, stop_at_torn_tail=self._tail_may_be_in_flight):
             try:
                 record = pickle.loads(payload)
                 kind, body = record
@@ -195,49 +219,20 @@ class PickleFrames:
 
     def integrity_check(self) -> Optional[str]:
         """Every frame's checksums, to the end of the file (or of the committed frames,
-        for a reader: see ``_tail_may_be_torn``); the first damage, or None."""
+        for a reader: see ``_tail_may_be_in_flight``); the first damage, or None."""
         try:
-            for _ in self._frames(os.fstat(self._fd).st_size, stop_at_torn_tail=self._tail_may_be_torn):
+            for _ in self._frames(os.fstat(self._fd).st_size, stop_at_torn_tail=self._tail_may_be_in_flight):
                 pass
         except CheckpointCorruptError as exc:
             return str(exc)
         return None
 
 
-class PickleReader(PickleFrames):
-    """A pickle checkpoint opened read-only: no hold, no lock file, never a write.
-
-    It reads the frames committed so far; a frame a live writer is still appending, or
-    a torn tail a crash left, reads as the end (``torn_tail_bytes`` says how much).
-    """
-
-    _tail_may_be_torn = True
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise CheckpointError(f"cannot open checkpoint {path}: {exc.strerror or exc}") from exc
-        try:
-            self._check_header(os.pread(self._fd, _HEADER.size, 0))
-        except BaseException:
-            os.close(self._fd)
-            raise
-        self._closed = False
-
-    def torn_tail_bytes(self) -> int:
-        """Bytes after the last intact frame, as of the last full read."""
-        return max(0, os.fstat(self._fd).st_size - self._tail_start)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            os.close(self._fd)
-
-
-class PickleStore(PickleFrames, WriterBackedStore):
+class PickleStore(PickleReader, WriterBackedStore):
     """The ``CheckpointStore`` of a pickle-frame file."""
+
+    _tail_may_be_in_flight = False
+    close = WriterBackedStore.close
 
     def __init__(self, path: str, batch_size: int, max_wait_time: Optional[float]) -> None:
         self.path = path
