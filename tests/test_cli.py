@@ -286,6 +286,27 @@ def test_errors_are_one_line_naming_the_file(tmp_path: Path, kind: str, backend:
     assert not Path(str(path) + ".lock").exists()
 
 
+def test_a_newer_format_is_named_not_read(made: SnapshotStorage[Any], backend: str) -> None:
+    data = bytearray(Path(made.path).read_bytes())
+    if isinstance(made, SQLiteSnapshotStorage):
+        data[60:64] = (99).to_bytes(4, "big")  # the header's user_version: the format
+    else:
+        data[8:12] = (99).to_bytes(4, "little")
+    Path(made.path).write_bytes(bytes(data))
+    done = run_module(backend, "info", made.path)
+    assert done.returncode == cli.EXIT_DAMAGED
+    assert "99" in done.stderr and "newer than this snapperable" in done.stderr
+    assert made.path in done.stderr and done.stderr.count("\n") == 1
+    assert Path(made.path).read_bytes() == bytes(data)
+
+
+def test_export_to_a_missing_directory_is_one_line(made: SnapshotStorage[Any], tmp_path: Path) -> None:
+    target = tmp_path / "no" / "such" / "out.csv"
+    code, _, err = run("export", made.path, "--format", "csv", "-o", str(target))
+    assert code == cli.EXIT_UNREADABLE
+    assert err == f"snapperable: {target}: cannot write it: No such file or directory\n"
+
+
 def test_every_command_has_help(backend: str) -> None:
     done = run_module(backend, "--help")
     assert done.returncode == 0 and "exit codes" in done.stdout

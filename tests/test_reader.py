@@ -402,3 +402,27 @@ def test_export_memory_stays_flat(tmp_path: Path) -> None:
             tracemalloc.stop()
     assert count == 20_000
     assert peak < 16 << 20, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_holder_in_this_process_is_this_pid(storage: SnapshotStorage[Any]) -> None:
+    with Snapper(range(3), triple, snapshot_storage=storage) as s:
+        s.start()
+        with open_checkpoint(storage.path) as reader:
+            assert reader.holder() == os.getpid()
+            assert [item.output() for item in reader.items()] == [0, 3, 6]
+    with open_checkpoint(storage.path) as reader:
+        assert reader.holder() is None
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes whatever the mode bits say")
+def test_reads_a_read_only_file_in_a_read_only_directory(made: SnapshotStorage[Any]) -> None:
+    if isinstance(made, SQLiteSnapshotStorage):
+        pytest.xfail("reading SQLite read-only comes with the newuser branch's open_sqlite_reader")
+    directory = Path(made.path).parent
+    os.chmod(made.path, 0o400)
+    os.chmod(directory, 0o500)
+    try:
+        with open_checkpoint(made.path) as reader:
+            assert len(list(reader.items(1))) == 30
+    finally:
+        os.chmod(directory, 0o700)
