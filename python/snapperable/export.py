@@ -45,9 +45,14 @@ class MissingExtraError(ImportError):
     """An optional dependency an export format needs is not installed."""
 
 
+_SCALARS = (str, int, bool, type(None))  # exact types JSON always holds as they are
+
+
 def _as_json(value: Any) -> tuple[Any, bool]:
     """``(value, False)`` if JSON holds it exactly (it reads back equal), else
     ``(repr(value), True)``."""
+    if type(value) in _SCALARS:
+        return value, False
     try:
         if json.loads(json.dumps(value, allow_nan=False)) == value:
             return value, False
