@@ -161,17 +161,8 @@ fn forks_so_far() -> u64 {
     fork_count().unwrap_or(0)
 }
 
-/// A panic while the lock was held cannot come from user input, but if it happens it
-/// must surface as an error, not as a second panic.
-fn poisoned(path: &str) -> Error {
-    Error::Checkpoint {
-        path: path.to_owned(),
-        detail: "internal state was left inconsistent by an earlier panic".to_owned(),
-    }
-}
-
 fn lock<'a, T>(path: &str, mutex: &'a Mutex<T>) -> Result<MutexGuard<'a, T>> {
-    mutex.lock().map_err(|_| poisoned(path))
+    mutex.lock().map_err(|_| Error::poisoned(path))
 }
 
 /// The writer's failure for a panic of its thread (a bug, never a user's input or file).
@@ -337,7 +328,7 @@ impl<T: Weigh + Send + 'static> Writer<T> {
                 .shared
                 .room
                 .wait(state)
-                .map_err(|_| poisoned(&self.path))?;
+                .map_err(|_| Error::poisoned(&self.path))?;
         };
         state.room_waiters -= 1;
         outcome
@@ -379,7 +370,7 @@ impl<T: Weigh + Send + 'static> Writer<T> {
                 .shared
                 .progress
                 .wait(state)
-                .map_err(|_| poisoned(&self.path))?;
+                .map_err(|_| Error::poisoned(&self.path))?;
         };
         state.flushers -= 1;
         outcome

@@ -195,11 +195,7 @@ class Snapper(Generic[T, R]):
                 raise
             self._checkpoint = checkpoint
         elif self._checkpoint.pid != os.getpid():
-            raise ForkedProcessError(
-                f"this Snapper's checkpoint {self.snapshot_storage.path} was opened in process "
-                f"{self._checkpoint.pid}; a forked child cannot use it. Create a new Snapper "
-                "in the child, on a checkpoint of its own."
-            )
+            raise ForkedProcessError.opened_in(self.snapshot_storage.path, self._checkpoint.pid)
         return self._checkpoint
 
     def _close(self) -> None:
@@ -208,10 +204,7 @@ class Snapper(Generic[T, R]):
             return
         if checkpoint.pid != os.getpid():
             # The writer thread and the file hold belong to the parent: leave them be.
-            raise ForkedProcessError(
-                f"this Snapper's checkpoint {self.snapshot_storage.path} belongs to process "
-                f"{checkpoint.pid}, not to this forked child"
-            )
+            raise ForkedProcessError.opened_in(self.snapshot_storage.path, checkpoint.pid)
         checkpoint.close()
 
     @contextmanager

@@ -351,7 +351,10 @@ mod tests {
             )
             .unwrap();
         let store = Store::open(&path, Synchronous::Full).unwrap();
-        assert!(matches!(store.key_set(None, 0), Err(Error::Corrupt { .. })));
+        assert!(matches!(
+            store.key_set(None, 0),
+            Err(Error::BadKey { seq: Some(1), .. })
+        ));
     }
 
     #[test]
@@ -455,10 +458,7 @@ mod tests {
                 .unwrap();
             let single = store.key_status_columns_split_above(v1, usize::MAX);
             let split = store.key_status_columns_split_above(v1, 0);
-            assert!(
-                matches!(single, Err(Error::Corrupt { .. })),
-                "{damaged_seq}"
-            );
+            assert!(matches!(single, Err(Error::BadKey { .. })), "{damaged_seq}");
             assert_eq!(split.err(), single.err(), "{damaged_seq}");
         }
     }
