@@ -1,5 +1,5 @@
-//! Input keys: the canonical encoding of DESIGN section 4, byte for byte the same as the
-//! pure-Python reference `snapperable/keys.py`, and a compact set of keys.
+//! Input keys: the canonical encoding of docs/architecture.md section 4, byte for byte
+//! the same as the pure-Python reference `snapperable/keys.py`, and a compact set of keys.
 //!
 //! This module is pure Rust: it encodes values already taken apart into Rust types.
 //! Walking Python objects (which needs the interpreter) lives in `python/keys.rs`.

@@ -1,4 +1,4 @@
-//! The pending buffer and its background writer (DESIGN 7): group commit.
+//! The pending buffer and its background writer (docs/architecture.md 7): group commit.
 //!
 //! `record` only appends to a buffer under a mutex, so the caller's loop never waits for
 //! the disk. One writer thread commits *everything* pending in one transaction whenever a

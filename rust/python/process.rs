@@ -4,7 +4,7 @@
 //! timestamps and one row pushed to the writer's pending buffer, with no Python frame
 //! of snapperable's own in between. Failures are not handled here: the first exception
 //! stops the loop and is handed back, with what the Snapper needs to retry, record or
-//! raise it (`ProcessStop` in `_backend.py`).
+//! raise it (`ProcessStop` in `_contract.py`).
 //!
 //! The GIL is held throughout (the function and the pickler need it); the writer never
 //! needs it, so rows keep being committed while the loop runs. No Python object is
@@ -204,7 +204,7 @@ fn checked_positions(positions: Vec<isize>, items: usize, keys: usize) -> PyResu
         .collect()
 }
 
-/// The hot loop of `SqliteCheckpoint.process` (contract in `_backend.py`).
+/// The hot loop of `SqliteCheckpoint.process` (contract in `_contract.py`).
 pub fn process<'py>(
     checkpoint: &Checkpoint,
     func: &Bound<'py, PyAny>,

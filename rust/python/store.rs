@@ -216,7 +216,7 @@ impl PySqliteCheckpoint {
 
     /// The hot loop: `fn(items[p])`, pickled, recorded as an ok row for each `p` in
     /// `positions`, in order; the first exception stops it and is returned as
-    /// `(index, started, exception, raised_by_pickling, output)` (`_backend.py`).
+    /// `(index, started, exception, raised_by_pickling, output)` (`_contract.py`).
     #[pyo3(signature = (r#fn, items, keys, positions, version))]
     fn process<'py>(
         &self,

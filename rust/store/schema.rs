@@ -62,7 +62,7 @@ pub struct VersionRow {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Synchronous {
-    /// Survives power loss (DESIGN 7's default).
+    /// Survives power loss (the default; docs/architecture.md 7).
     Full,
     /// Survives a crash of the process, not of the machine; faster commits.
     Normal,
