@@ -127,30 +127,36 @@ def test_another_applications_sqlite_database_is_not_a_checkpoint(tmp_path: Path
 
 
 # -- damaged files -----------------------------------------------------------------------
-def test_an_item_row_with_a_short_key(kind: str, path: str) -> None:
+def damaged(kind: str, path: str, sql: str, record: tuple[str, Any]) -> None:
+    """A finished checkpoint, then damaged: ``sql`` run on a SQLite one, ``record``
+    appended (as an intact frame) to a pickle one."""
     finished(kind, path)
     if kind == "sqlite":
         with sqlite3.connect(path) as conn:
-            conn.execute(
-                "INSERT INTO items (key, version, status, output, attempts, started, ended)"
-                " VALUES (x'0102', 1, 0, NULL, 1, 0, 0)"
-            )
+            conn.execute(sql)
         conn.close()
     else:
-        append_frame(path, ("items", [item_row(b"\x01\x02", pickle.dumps(0))]))
+        append_frame(path, record)
+
+
+def test_an_item_row_with_a_short_key(kind: str, path: str) -> None:
+    damaged(
+        kind, path,
+        "INSERT INTO items (key, version, status, output, attempts, started, ended)"
+        " VALUES (x'0102', 1, 0, NULL, 1, 0, 0)",
+        ("items", [item_row(b"\x01\x02", pickle.dumps(0))]),
+    )
     assert message_of(snapper(kind, path).start, CheckpointCorruptError) == (
         f"checkpoint {path} is damaged: item row 4 has a key that is not 16 bytes; {KEPT}"
     )
 
 
 def test_a_saved_output_that_does_not_unpickle(kind: str, path: str) -> None:
-    finished(kind, path)
-    if kind == "sqlite":
-        with sqlite3.connect(path) as conn:
-            conn.execute("UPDATE items SET output = CAST('not a pickle' AS BLOB) WHERE seq = 2")
-        conn.close()
-    else:  # supersedes item 1's row
-        append_frame(path, ("items", [item_row(keys.input_key(1), b"not a pickle")]))
+    damaged(
+        kind, path,
+        "UPDATE items SET output = CAST('not a pickle' AS BLOB) WHERE seq = 2",
+        ("items", [item_row(keys.input_key(1), b"not a pickle")]),  # supersedes item 1's row
+    )
     assert message_of(snapper(kind, path).load, CheckpointCorruptError) == (
         f"checkpoint {path} is damaged: a saved output cannot be unpickled "
         f"(UnpicklingError: invalid load key, 'n'.); {KEPT}"
@@ -158,15 +164,12 @@ def test_a_saved_output_that_does_not_unpickle(kind: str, path: str) -> None:
 
 
 def test_a_function_version_record_that_is_not_valid(kind: str, path: str) -> None:
-    finished(kind, path)
-    if kind == "sqlite":
+    record: tuple[object, ...] = (2, "fp", "{not json", 2, 0.5)
+    damaged(kind, path, "UPDATE versions SET parts = '{not json' WHERE id = 1", ("version", record))
+    if kind == "sqlite":  # the fields as stored, which the message shows
         with sqlite3.connect(path) as conn:
-            conn.execute("UPDATE versions SET parts = '{not json' WHERE id = 1")
             record = conn.execute("SELECT id, fingerprint, parts, uses, created FROM versions").fetchone()
         conn.close()
-    else:
-        record = (2, "fp", "{not json", 2, 0.5)
-        append_frame(path, ("version", record))
     assert message_of(snapper(kind, path).start, CheckpointCorruptError) == (
         f"checkpoint {path} is damaged: a function version record is not valid: {record!r}; {KEPT}"
     )
