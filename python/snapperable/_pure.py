@@ -30,6 +30,7 @@ from snapperable._contract import (
 from snapperable._sqlite_writer import (
     UnmarshallableRows,
     WriterProcess,
+    WriterProcessError,
     commit_rows,
     configure,
 )
@@ -194,15 +195,23 @@ class PySQLiteStore(WriterBackedStore):
         process = self._connected_process(len(rows))
         if process is not None:
             try:
-                return process.send(rows)  # pipelined: see GroupCommitWriter
-            except UnmarshallableRows:
-                # Rare (a failure message of a str subclass): after what is in flight,
-                # this batch is committed here, in order.
-                durable = process.settle()
-                self._commit_here(rows)
-                return durable + len(rows)
+                try:
+                    return process.send(rows)  # pipelined: see GroupCommitWriter
+                except UnmarshallableRows:
+                    # Rare (a failure message of a str subclass): after what is in
+                    # flight, this batch is committed here, in order.
+                    durable = process.settle()
+                    self._commit_here(rows)
+                    return durable + len(rows)
+            except WriterProcessError as exc:
+                raise self._writer_process_error(exc) from exc
         self._commit_here(rows)
         return None
+
+    def _writer_process_error(self, exc: WriterProcessError) -> CheckpointError:
+        """A failure of the writer process, as a commit in the thread reports it (its
+        text is SQLite's message, see ``_sqlite_writer._send_error``)."""
+        return CheckpointError.failed(self.path, str(exc))
 
     def _commit_here(self, rows: list[PendingRow]) -> None:
         """Commit ``rows`` in this (the writer) thread, on the shared connection."""
@@ -213,7 +222,12 @@ class PySQLiteStore(WriterBackedStore):
                 raise self._mapped(exc) from exc
 
     def _settle(self) -> int:
-        return self._process.settle() if self._process is not None else 0
+        if self._process is None:
+            return 0
+        try:
+            return self._process.settle()
+        except WriterProcessError as exc:
+            raise self._writer_process_error(exc) from exc
 
     def _connected_process(self, batch_rows: int) -> Optional[WriterProcess]:
         """The writer process if it is connected; starts it for a large batch. Until it
