@@ -11,6 +11,7 @@
 //! calls for the same failure builds the message from them (`CheckpointFormatError.newer`
 //! for [`Error::Format`], ...). So a failure reads the same from either backend.
 
+use std::any::Any;
 use std::fmt;
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -76,6 +77,20 @@ impl Error {
         Error::Checkpoint {
             path: path.to_owned(),
             detail: "internal state was left inconsistent by an earlier panic".to_owned(),
+        }
+    }
+
+    /// A panic of one of the core's threads (`thread` names it): a bug, never a user's
+    /// input or file, reported with the panic's message.
+    pub fn panicked(path: &str, thread: &str, payload: &(dyn Any + Send)) -> Self {
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("no message");
+        Error::Checkpoint {
+            path: path.to_owned(),
+            detail: format!("internal error: the {thread} thread panicked ({message})"),
         }
     }
 }

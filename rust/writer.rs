@@ -9,7 +9,6 @@
 //!
 //! Generic over the row type and the commit function, so it is tested without SQLite.
 
-use std::any::Any;
 use std::mem;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -165,19 +164,6 @@ fn lock<'a, T>(path: &str, mutex: &'a Mutex<T>) -> Result<MutexGuard<'a, T>> {
     mutex.lock().map_err(|_| Error::poisoned(path))
 }
 
-/// The writer's failure for a panic of its thread (a bug, never a user's input or file).
-fn panicked(path: &str, payload: &(dyn Any + Send)) -> Error {
-    let message = payload
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("no message");
-    Error::Checkpoint {
-        path: path.to_owned(),
-        detail: format!("internal error: the writer thread panicked ({message})"),
-    }
-}
-
 impl<T: Weigh + Send + 'static> Writer<T> {
     /// Starts the writer thread; `commit` saves one batch, all of it or none.
     pub fn start<C>(path: &str, policy: Policy, limits: Limits, commit: C) -> Result<Self>
@@ -220,7 +206,9 @@ impl<T: Weigh + Send + 'static> Writer<T> {
                     let ran = panic::catch_unwind(AssertUnwindSafe(|| {
                         run(&shared, policy, limits, commit);
                     }));
-                    let failure = ran.err().map(|payload| panicked(&thread_path, &*payload));
+                    let failure = ran
+                        .err()
+                        .map(|payload| Error::panicked(&thread_path, "writer", &*payload));
                     stop(&shared, failure);
                 })
                 .map_err(|err| Error::Checkpoint {
@@ -398,10 +386,9 @@ impl<T: Weigh + Send + 'static> Writer<T> {
         let Some(thread) = thread.take() else {
             return Ok(());
         };
-        thread.join().map_err(|_| Error::Checkpoint {
-            path: self.path.clone(),
-            detail: "the writer thread panicked".to_owned(),
-        })?;
+        thread
+            .join()
+            .map_err(|payload| Error::panicked(&self.path, "writer", &*payload))?;
         let state = self.state()?;
         self.check_failure(&state)
     }

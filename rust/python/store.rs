@@ -343,10 +343,9 @@ impl PySqliteCheckpoint {
                     }
                     // Stops the scan at its next chunk, if it is still going.
                     drop(chunks);
-                    let streamed = scan.join().map_err(|_| Error::Checkpoint {
-                        path: self.inner.path().to_owned(),
-                        detail: "the scan thread panicked".to_owned(),
-                    })?;
+                    let streamed = scan
+                        .join()
+                        .map_err(|payload| Error::panicked(self.inner.path(), "scan", &*payload))?;
                     Ok((streamed, unpickled_all, interrupt))
                 })
             })

@@ -164,12 +164,9 @@ impl Store {
                 &mut statuses,
             );
             let later = match later {
-                Ok(handle) => handle.join().unwrap_or_else(|_| {
-                    Err(Error::Checkpoint {
-                        path: self.path.clone(),
-                        detail: "a scan thread panicked".to_owned(),
-                    })
-                }),
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|payload| Err(Error::panicked(&self.path, "scan", &*payload))),
                 Err(_) => Ok(None), // no thread: scanned below, on this one
             };
             // The first half's error first: the one a single scan would have met first.
