@@ -22,6 +22,7 @@ import random
 import time
 import traceback
 from contextlib import contextmanager
+from enum import Enum
 from itertools import islice
 from typing import (
     Callable,
@@ -34,6 +35,7 @@ from typing import (
     NoReturn,
     Sized,
     TypeVar,
+    Union,
 )
 
 from snapperable import _backend
@@ -59,6 +61,12 @@ R = TypeVar("R")
 log = logging.getLogger("snapperable")
 
 VersionPolicy = Literal["reprocess", "keep", "raise"]
+# What version= pins: a str or any constant (DESIGN 5), e.g. ("v2", llm.model_name).
+# None only inside a tuple: version=None means "not pinned".
+VersionValue = Union[
+    None, bool, int, float, complex, str, bytes, Enum,
+    tuple["VersionValue", ...], frozenset["VersionValue"],
+]
 VERSION_POLICIES = ("reprocess", "keep", "raise")
 UNREGISTERED = -1  # the id of a version start() has yet to record: no rows have it
 CHUNK = 1024  # inputs keyed and checked against the done set per backend call
@@ -75,7 +83,9 @@ class Snapper(Generic[T, R]):
       whatever accumulated meanwhile, so 1 is both the safest and fast.
     - ``max_wait_time``: seconds an item may stay pending before a commit (default None).
     - ``key``: a function giving each item's identity (default: the item itself).
-    - ``version``: pin the function version by hand; replaces the fingerprint.
+    - ``version``: pin the function version by hand, a str or any constant (say
+      ``("v2", llm.model_name)`` where configuration lives in an object); replaces
+      the fingerprint.
     - ``on_version_change``: ``"reprocess"`` (default) redoes items made by an older
       version, ``"keep"`` accepts the old results as valid for the new function,
       ``"raise"`` raises ``FunctionChangedError``.
@@ -101,7 +111,7 @@ class Snapper(Generic[T, R]):
         batch_size: int = 1,
         max_wait_time: Optional[float] = None,
         key: Optional[Callable[[T], object]] = None,
-        version: Optional[str] = None,
+        version: Optional[VersionValue] = None,
         on_version_change: VersionPolicy = "reprocess",
         skip_item_errors: bool = False,
         fatal_exceptions: tuple[type[BaseException], ...] = (),
@@ -127,7 +137,9 @@ class Snapper(Generic[T, R]):
                 f"not {on_version_change!r}"
             )
         if version is not None and not isinstance(version, str):
-            raise TypeError(f"version must be a str, not {type(version).__name__}")
+            from snapperable import versioning  # only here: a str needs no check
+
+            versioning.pinned(version)  # raises TypeError for what is not a constant
         if max_consecutive_exceptions is not None and max_consecutive_exceptions < 1:
             raise ValueError("max_consecutive_exceptions must be None or >= 1")
         if retries < 0 or retry_backoff < 0 or retry_max_backoff < 0:
@@ -255,14 +267,23 @@ class Snapper(Generic[T, R]):
         self._changes = []
         self._registration = None
         if last is not None and last.fingerprint != current.digest:
-            from snapperable.versioning import explain_change
-
-            self._changes = explain_change(json.loads(last.parts), current.parts)
+            self._changes = current.changes_since(json.loads(last.parts))
         same = [row for row in known if row.fingerprint == current.digest]
         if same:  # a version seen before: its results are valid again
             self._version_id = same[-1].uses
             if same[-1] is not last:  # a return to it: log it as the one used last
                 self._registration = (current.digest, parts, same[-1].uses)
+            return
+        adopted = [row for row in known if current.adopts(json.loads(row.parts))]
+        if adopted:  # recorded by an earlier snapperable, whose fingerprints covered more
+            row = adopted[-1]
+            log.info(
+                "%s: the results of version %d, recorded under an earlier fingerprint scheme, "
+                "are this function's: what both schemes cover is unchanged",
+                store.path, row.id,
+            )
+            self._version_id = row.uses
+            self._registration = (current.digest, parts, row.uses)
             return
         if last is None:
             self._version_id = UNREGISTERED
@@ -549,6 +570,7 @@ class Snapper(Generic[T, R]):
                 failed=counts["failed"],
                 retry_failed_items=self.retry_failed_items,
                 version_changes=list(self._changes),
+                version_covers=list(self._current_fingerprint().covers),
             )
 
 
