@@ -177,6 +177,7 @@ class Snapper(Generic[T, R]):
         # warning to log when it does, and what changed since the version used last.
         self._registration: Optional[tuple[str, str, Optional[int]]] = None
         self._change_log = ""
+        self._adoption_log = ""  # logged (INFO) when start() records an adopted version
         self._changes: list[str] = []
         self._fingerprint: "Optional[versioning.Fingerprint]" = None
         # Keys of the iterable in order, one bytes per chunk (16 bytes an input), kept by
@@ -266,6 +267,7 @@ class Snapper(Generic[T, R]):
         last = known[-1] if known else None
         self._changes = []
         self._registration = None
+        self._change_log = self._adoption_log = ""
         if last is not None and last.fingerprint != current.digest:
             self._changes = current.changes_since(json.loads(last.parts))
         same = [row for row in known if row.fingerprint == current.digest]
@@ -277,13 +279,12 @@ class Snapper(Generic[T, R]):
         adopted = [row for row in known if current.adopts(json.loads(row.parts))]
         if adopted:  # recorded by an earlier snapperable, whose fingerprints covered more
             row = adopted[-1]
-            log.info(
-                "%s: the results of version %d, recorded under an earlier fingerprint scheme, "
-                "are this function's: what both schemes cover is unchanged",
-                store.path, row.id,
-            )
             self._version_id = row.uses
             self._registration = (current.digest, parts, row.uses)
+            self._adoption_log = (
+                f"the results of version {row.id}, recorded under an earlier fingerprint "
+                "scheme, are this function's: what both schemes cover is unchanged"
+            )
             return
         if last is None:
             self._version_id = UNREGISTERED
@@ -310,10 +311,13 @@ class Snapper(Generic[T, R]):
             fingerprint, parts, uses = self._registration
             if self._change_log:
                 log.warning("%s: %s", store.path, self._change_log)
+            if self._adoption_log:
+                log.info("%s: %s", store.path, self._adoption_log)
             new_id = store.add_version(fingerprint, parts, uses)
             self._version_id = new_id if uses is None else uses
             self._registration = None
             self._change_log = ""
+            self._adoption_log = ""
         assert self._version_id is not None and self._version_id != UNREGISTERED
         return self._version_id
 
