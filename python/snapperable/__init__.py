@@ -14,7 +14,7 @@ from snapperable.errors import (
     WriterError,
 )
 from snapperable.metrics import FailedItem, ProcessingMetric, RunPlan
-from snapperable.snapper import Snapper
+from snapperable.snapper import Snapper, VersionValue
 from snapperable.storage.base import SnapshotStorage
 from snapperable.storage.pickle_storage import PickleSnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Snapper",
+    "VersionValue",
     "SnapshotStorage",
     "SQLiteSnapshotStorage",
     "PickleSnapshotStorage",
