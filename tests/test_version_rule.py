@@ -9,7 +9,6 @@ script) and twice in one process (a notebook re-running a cell, its state filled
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from conftest import BACKENDS, STORAGES, once
+from conftest import BACKENDS, STORAGES, import_file, once
 from snapperable import Snapper, SnapshotStorage
 
 FIRST, MORE = 5, 8  # items of the first run; of the second one, for a restart
@@ -173,15 +172,6 @@ def edit_sources(name: str) -> tuple[str, str, str]:
     before = textwrap.dedent(EDIT_BASE) + fn_line + "\n"
     assert before.count(old) == 1, old
     return before, before.replace(old, new), sentence
-
-
-def import_file(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def processed_since(snapper: Snapper[Any, Any], since: float) -> int:
@@ -347,6 +337,10 @@ def test_plan_says_what_the_version_covers(
     module = case_loader(textwrap.dedent(RESTARTS["client with a uuid4 session id"]), "v1")
     covers = Snapper([1], module.fn, snapshot_storage=storage).plan().version_covers
     assert covers == ["code", "class Client", "global client: type only", "module uuid: by name"]
+    closure = case_loader(textwrap.dedent(RESTARTS["closure over seen and stats"]), "v2")
+    assert Snapper([1], closure.fn, snapshot_storage=storage).plan().version_covers == [
+        "code", "closure seen: type only", "closure stats: type only"
+    ]
     pinned = Snapper([1], module.fn, snapshot_storage=storage, version=("v2", "gpt-4o")).plan()
     assert pinned.version_covers == ["version = ('v2', 'gpt-4o')"]
 
