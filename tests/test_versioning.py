@@ -771,7 +771,7 @@ def test_covers_lists_every_part_and_how(load: Loader) -> None:
     assert fp_of(load, BASE).covers == (
         "code",
         "defaults = (2,)",
-        "kwdefaults = sep = ','",
+        "kwdefaults: sep = ','",
         "global LIMIT = 10",
         "global MODEL = 'small'",
         "helper clean",

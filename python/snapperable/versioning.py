@@ -103,7 +103,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from hashlib import blake2b
 from itertools import islice
-from typing import Any, Optional, Union, cast
+from typing import Any, Optional, TypeVar, Union, cast
 
 from snapperable.keys import canon
 
@@ -113,6 +113,7 @@ _MAX_DEPTH = 256  # nesting of containers walked by _Walk.value_bytes, as in key
 _PYTHON = "{}.{}".format(*sys.version_info[:2])
 _U32 = struct.Struct("<I")
 
+_T = TypeVar("_T")
 _FunctionNode = Union[ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda]
 
 _WITH_DOCSTRING = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
@@ -181,8 +182,8 @@ class Fingerprint:
 
 def scheme_of(parts: Mapping[str, str]) -> Optional[int]:
     """The fingerprint scheme that computed ``parts`` (None if it cannot be read)."""
-    scheme = parts.get("scheme", "1")
-    return int(scheme) if scheme.isdigit() else None
+    scheme = str(parts.get("scheme", "1"))
+    return int(scheme) if scheme.isascii() and scheme.isdigit() else None
 
 
 def fingerprint(fn: Callable[..., object]) -> Fingerprint:
@@ -340,6 +341,16 @@ def _mapping_bytes(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
     return b"d" + _U32.pack(len(ordered)) + b"".join(k + v for k, v in ordered)
 
 
+def _mapping_digest(encoded: Mapping[str, bytes]) -> str:
+    """The digest of a dict of str keys and encoded values (keywords, keyword defaults)."""
+    return _hex(_mapping_bytes((canon(name), data) for name, data in encoded.items()))
+
+
+def _attributes_digest(encoded: Mapping[str, bytes]) -> str:
+    """The digest of an instance's attributes: a dict of their digests."""
+    return _hex(canon({name: _hex(data) for name, data in encoded.items()}))
+
+
 # --- what a value is ---------------------------------------------------------------------
 
 # How _Walk treats a value; value_bytes and sketch both follow this one classification.
@@ -410,11 +421,11 @@ class _Parts:
     how: dict[str, str] = field(default_factory=dict)  # " = 'large'", ": type only", ""
     scheme1: dict[str, Optional[str]] = field(default_factory=dict)
 
-    def add(self, name: str, digest: str, how: str = "", scheme1: Optional[str] = "same") -> None:
-        """Record a part; ``scheme1`` is its scheme-1 digest ("same": ``digest``)."""
+    def add(self, name: str, digest: str, how: str = "", exact: bool = True) -> None:
+        """Record a part; ``exact``: scheme 1 computes the same digest for it."""
         self.digests[name] = digest
         self.how[name] = how
-        self.scheme1[name] = digest if scheme1 == "same" else scheme1
+        self.scheme1[name] = digest if exact else None
 
     def update(self, other: "_Parts") -> None:
         self.digests.update(other.digests)
@@ -435,19 +446,44 @@ class _Walk:
         self.typed = False
         self.nested = 0  # > 0 inside a callable held in a value: nobody reads its "how"
 
-    def measured(self, compute: Callable[[], str]) -> tuple[str, Optional[str]]:
-        """``compute()`` and its scheme-1 digest: itself, or None if state was met."""
+    def measured(self, compute: Callable[[], _T]) -> tuple[_T, bool]:
+        """``compute()``, and whether scheme 1 computes the same (no state was met)."""
         outer, self.typed = self.typed, False
         try:
-            digest = compute()
-            return digest, None if self.typed else digest
+            return compute(), not self.typed
         finally:
             self.typed = outer or self.typed
 
     def add_value(self, parts: _Parts, name: str, value: object, module: Optional[str],
                   containers: bool = False) -> None:
-        digest, scheme1 = self.measured(lambda: self.value_digest(value, module, containers))
-        parts.add(name, digest, self.how(value, containers), scheme1)
+        digest, exact = self.measured(lambda: self.value_digest(value, module, containers))
+        parts.add(name, digest, self.how(value, containers), exact)
+
+    def add_named_values(
+        self,
+        parts: _Parts,
+        values: Mapping[str, object],
+        module: Optional[str],
+        whole: str,
+        combine: Callable[[dict[str, bytes]], str],
+        each: Optional[str] = None,
+        exact: bool = True,
+    ) -> None:
+        """Values by name (keywords, attributes): with ``each``, one part ``<each> <name>``
+        per value, else one part ``whole``; ``combine`` of their bytes is scheme 1's
+        digest of ``whole`` (when ``exact`` and no state was met)."""
+        encoded: dict[str, bytes] = {}
+        for name, value in values.items():
+            encoded[name], same = self.measured(lambda: self.value_bytes_or_type(value, module, False))
+            exact = exact and same
+        together = combine(encoded)
+        if each is None:
+            how = ": " + "; ".join(f"{name}{self.how(value, False)}" for name, value in values.items())
+            parts.add(whole, together, how if values and not self.nested else "", exact)
+            return
+        for name, value in values.items():
+            parts.add(f"{each} {name}", _hex(encoded[name]), self.how(value, False), False)
+        parts.scheme1[whole] = together if exact else None
 
     # -- callables -----------------------------------------------------------------------
 
@@ -491,21 +527,12 @@ class _Walk:
         return parts
 
     def partial_parts(self, fn: functools.partial[object], top: bool) -> _Parts:
+        """What ``fn`` wraps, its arguments and its keywords (one part each at the top)."""
         parts = self.callable_parts(fn.func, top)
         module = getattr(fn.func, "__module__", None)
         self.add_value(parts, "partial args", fn.args, module)
-        encoded = {}
-        for name, value in fn.keywords.items():
-            data, scheme1 = self.measured_bytes(value, module)
-            encoded[name] = (data, scheme1)
-            if top:
-                parts.add(f"partial keyword {name}", _hex(data), self.how(value, False), None)
-        together = _hex(_mapping_bytes((canon(k), data) for k, (data, _) in encoded.items()))
-        same = all(scheme1 for _, scheme1 in encoded.values())
-        if top:  # the per-keyword parts stand for scheme 1's "partial keywords"
-            parts.scheme1["partial keywords"] = together if same else None
-        else:
-            parts.add("partial keywords", together, "", together if same else None)
+        each = "partial keyword" if top else None
+        self.add_named_values(parts, fn.keywords, module, "partial keywords", _mapping_digest, each)
         return parts
 
     def method_parts(self, func: object, cls: type) -> _Parts:
@@ -528,25 +555,13 @@ class _Walk:
         one ``instance`` part.
         """
         state = getattr(obj, "__dict__", None)
-        module = type(obj).__module__
-        if isinstance(state, dict):
+        if isinstance(state, dict):  # scheme 1 digested these attribute by attribute, as here
             attributes: dict[str, object] = {str(name): value for name, value in state.items()}
-            exact = True  # scheme 1 digested a __dict__ attribute by attribute, as here
         else:  # __slots__, or a C object: scheme 1 pickled it whole
             attributes = _slot_values(obj)
-            exact = False
-        digests = {}
-        for name, value in attributes.items():
-            data, scheme1 = self.measured_bytes(value, module)
-            digests[name] = _hex(data)
-            exact = exact and scheme1 is not None
-            if top:
-                parts.add(f"attribute {name}", digests[name], self.how(value, False), None)
-        together = _hex(canon(digests))
-        if top:
-            parts.scheme1["instance"] = together if exact else None
-        else:
-            parts.add("instance", together, "", together if exact else None)
+        each = "attribute" if top else None
+        exact = isinstance(state, dict)
+        self.add_named_values(parts, attributes, type(obj).__module__, "instance", _attributes_digest, each, exact)
 
     def function_parts(self, fn: types.FunctionType, extra_codes: Iterable[types.CodeType] = ()) -> _Parts:
         parts = self.own_parts(fn)
@@ -566,14 +581,7 @@ class _Walk:
         if fn.__defaults__ is not None:
             self.add_value(parts, "defaults", fn.__defaults__, module)
         if fn.__kwdefaults__:
-            kwdefaults = fn.__kwdefaults__
-            encoded = {name: self.measured_bytes(value, module) for name, value in kwdefaults.items()}
-            parts.add(
-                "kwdefaults",
-                _hex(_mapping_bytes((canon(k), data) for k, (data, _) in encoded.items())),
-                " = " + ", ".join(f"{k}{self.how(v, False)}" for k, v in kwdefaults.items()),
-                None if any(s is None for _, s in encoded.values()) else "same",
-            )
+            self.add_named_values(parts, fn.__kwdefaults__, module, "kwdefaults", _mapping_digest)
         for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
             try:
                 value = cell.cell_contents
@@ -605,8 +613,8 @@ class _Walk:
                     continue
                 helper = _same_module_function(value, namespace)
                 if helper is not None:
-                    digest, scheme1 = self.measured(lambda: _digest_parts(self.own_parts(helper).digests))
-                    parts.add(f"helper {name}", digest, "", scheme1)
+                    digest, exact = self.measured(lambda: _digest_parts(self.own_parts(helper).digests))
+                    parts.add(f"helper {name}", digest, "", exact)
                     pending.append(helper.__code__)
                 elif isinstance(value, type) and value.__module__ == module_name:
                     parts.add(f"class {name}", _class_digest(value))
@@ -616,7 +624,8 @@ class _Walk:
                 elif isinstance(value, (types.FunctionType, type, *_BUILTIN_CALLABLES)):
                     parts.add(f"imported {name}", _name_digest(value), ": by name")
                 elif type(value).__module__ == module_name:
-                    # client = Client(): by type, and Client's methods count as a class part
+                    # client = Client(): Client's methods count as a class part, so the
+                    # global's own digest leaves the class out (module None)
                     cls = type(value)
                     self.add_value(parts, f"global {name}", value, None)
                     parts.add(f"class {cls.__name__}", _class_digest(cls))
@@ -629,17 +638,6 @@ class _Walk:
 
     def value_digest(self, value: object, module: Optional[str], containers: bool) -> str:
         return _hex(self.value_bytes_or_type(value, module, containers))
-
-    def measured_bytes(self, value: object, module: Optional[str]) -> tuple[bytes, Optional[str]]:
-        """A value's bytes, and "same" unless it met state (then None), as ``measured``."""
-        found: list[bytes] = []
-
-        def compute() -> str:
-            found.append(self.value_bytes_or_type(value, module, False))
-            return "same"
-
-        _, scheme1 = self.measured(compute)
-        return found[0], scheme1
 
     def value_bytes_or_type(self, value: object, module: Optional[str], containers: bool) -> bytes:
         try:
