@@ -445,6 +445,7 @@ class _Walk:
         self.stack: set[int] = set()
         self.typed = False
         self.nested = 0  # > 0 inside a callable held in a value: nobody reads its "how"
+        self.state_classes: dict[type, bytes] = {}  # type_bytes by class: a list of many
 
     def measured(self, compute: Callable[[], _T]) -> tuple[_T, bool]:
         """``compute()``, and whether scheme 1 computes the same (no state was met)."""
@@ -677,9 +678,13 @@ class _Walk:
         """State: its type, and its class's code when that class is of ``module``."""
         self.typed = True
         cls = type(value)
-        data = b"y" + _qualified_name(cls).encode()
-        if module is not None and cls.__module__ == module:
-            data += _class_digest(cls).encode()
+        same_module = module is not None and cls.__module__ == module
+        data = self.state_classes.get(cls) if same_module else None
+        if data is None:
+            data = b"y" + _qualified_name(cls).encode()
+            if same_module:
+                data += _class_digest(cls).encode()
+                self.state_classes[cls] = data
         return data
 
     def callable_digest(self, fn: object) -> str:
