@@ -740,6 +740,7 @@ def print_report(rows: list[tuple[str, str, Optional[dict[str, Any]], str]], fix
 
 
 def print_open_with_state(opening: dict[str, Any], repeat: int) -> None:
+    print()
     print(f"Opening a finished {opening['items']:,}-item checkpoint ({opening['backend']}), fresh process, median "
           f"of {repeat}: Snapper(...) -> start() (processes nothing), with fn reading no large object, and one\n"
           f"reading a {opening['state_mb']} MB object (state: its fingerprint counts its type only):")
