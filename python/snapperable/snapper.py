@@ -259,6 +259,8 @@ class Snapper(Generic[T, R]):
 
         The versions table is a log: its last row is the version used last. A change is
         explained against that one, and ``on_version_change="keep"`` keeps its results.
+        A version recorded under an earlier fingerprint scheme whose parts match on what
+        both schemes cover is this one: its results are adopted (upgrades never redo work).
         """
         store = checkpoint.store
         current = self._current_fingerprint()
