@@ -310,7 +310,7 @@ def test_a_newer_format_is_only_named(tmp_path: Path) -> None:
     data = bytearray(Path(storage.path).read_bytes())
     data[8:12] = (99).to_bytes(4, "little")
     Path(storage.path).write_bytes(bytes(data))
-    with pytest.raises(CheckpointFormatError, match="format 99 is newer"):
+    with pytest.raises(CheckpointFormatError, match="format version 99, newer"):
         open_checkpoint(storage.path)
 
 

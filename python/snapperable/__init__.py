@@ -23,7 +23,7 @@ from snapperable.metrics import (
     generate_markdown_report,
     generate_metrics_report,
 )
-from snapperable.snapper import Snapper
+from snapperable.snapper import Snapper, VersionValue
 from snapperable.storage.base import SnapshotStorage
 from snapperable.storage.pickle_storage import PickleSnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
@@ -46,6 +46,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "Snapper",
+    "VersionValue",
     "SnapshotStorage",
     "SQLiteSnapshotStorage",
     "PickleSnapshotStorage",

@@ -56,7 +56,7 @@ def compact(source: str, out: Optional[str] = None, *, in_place: bool = False) -
         if os.path.realpath(target) == os.path.realpath(source):
             raise ValueError(f"{source}: to compact a file into itself, use in_place=True")
     if os.path.lexists(target):
-        raise CheckpointError(f"{target}: already exists; compact writes a new file")
+        raise CheckpointError.failed(target, "already exists; compact writes a new file")
     hold = FileHold(source)
     try:
         bytes_before = os.stat(source).st_size
@@ -95,9 +95,10 @@ def _copy_latest_rows(reader: CheckpointReader, storage: "SnapshotStorage[object
             uses = None if version.uses == version.id else version.uses
             new_id = store.add_version(version.fingerprint, json.dumps(version.parts, sort_keys=True), uses)
             if new_id != version.id:
-                raise CheckpointError(
-                    f"{reader.path}: its versions log is not numbered 1, 2, ... (version "
-                    f"{version.id} became {new_id}); not compacted"
+                raise CheckpointError.failed(
+                    reader.path,
+                    f"its versions log is not numbered 1, 2, ... (version {version.id} became "
+                    f"{new_id}); not compacted",
                 )
         for item in reader.items(all_versions=True):
             store.record(
@@ -118,9 +119,8 @@ def _replace(target: str, source: str, format: str) -> None:
     if format == "sqlite":
         for wal in (source + "-wal", target + "-wal"):
             if os.path.exists(wal) and os.stat(wal).st_size > 0:
-                raise CheckpointError(
-                    f"{source}: another process has it open ({wal} is in use); close it "
-                    "and compact again"
+                raise CheckpointError.failed(
+                    source, f"another process has it open ({wal} is in use); close it and compact again"
                 )
         _remove_quietly(target + "-wal")
         _remove_quietly(target + "-shm")

@@ -149,18 +149,18 @@ def detect_format(path: str) -> Format:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
+        raise CheckpointError.failed(path, "no such file") from None
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+        raise CheckpointError.failed(path, f"cannot read it: {exc.strerror or exc}") from None
     if stat.S_ISDIR(mode):
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+        raise CheckpointError.failed(path, "is a directory, not a checkpoint file")
     try:
         with open(path, "rb") as file:
             head = file.read(_SQLITE_HEADER_SIZE)
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+        raise CheckpointError.failed(path, f"cannot read it: {exc.strerror or exc}") from None
     if not head:
-        raise CheckpointCorruptError(f"{path}: is empty, not a checkpoint (yet)")
+        raise CheckpointCorruptError.not_a_checkpoint(path, "it is empty")
     if head.startswith(PICKLE_MAGIC):
         return "pickle"
     if head.startswith(SQLITE_MAGIC) and len(head) == _SQLITE_HEADER_SIZE:
@@ -169,12 +169,11 @@ def detect_format(path: str) -> Format:
         # switches to WAL, so the application id is in the file itself.
         (application_id,) = struct.unpack_from(">I", head, _SQLITE_APPLICATION_ID_AT)
         if application_id != APPLICATION_ID:
-            raise CheckpointCorruptError(
-                f"{path}: is a SQLite database, not a snapperable checkpoint "
-                f"(application_id {application_id:#x})"
+            raise CheckpointCorruptError.not_a_checkpoint(
+                path, f"a SQLite database with application_id {application_id:#x}"
             )
         return "sqlite"
-    raise CheckpointCorruptError(f"{path}: is not a snapperable checkpoint")
+    raise CheckpointCorruptError.not_a_checkpoint(path, "its first bytes are neither SQLite's nor a pickle checkpoint's")
 
 
 def open_store_for_reading(path: str, format: Format) -> _contract.CheckpointReader:
@@ -281,7 +280,7 @@ class CheckpointReader:
             if row.id == version:
                 return row.uses
         known = ", ".join(str(row.id) for row in self._log) or "none"
-        raise ValueError(f"{self.path}: no version {version} (known: {known})")
+        raise ValueError(f"checkpoint {self.path} has no version {version} (known: {known})")
 
     # -- counts -----------------------------------------------------------------------
     def _folded(self) -> _Fold:
@@ -426,12 +425,12 @@ class CheckpointReader:
             if problem is not None:
                 # SQLite's report may open with a "*** in database main ***" line.
                 lines = [line for line in problem.splitlines() if line.strip() and not line.startswith("***")]
-                return f"{self.path}: {'; '.join(lines) or problem.strip()}"
+                return str(CheckpointCorruptError.damaged(self.path, "; ".join(lines) or problem.strip()))
             self._store.versions()
             for row in self._store.rows(None, with_output=True):
                 problem = _row_problem(row)
                 if problem is not None:
-                    return f"{self.path}: item row {row.seq} {problem}"
+                    return str(CheckpointCorruptError.bad_row(self.path, row.seq, problem))
         except CheckpointCorruptError as exc:
             return str(exc)
         return None

@@ -93,13 +93,14 @@ class PickleReader:
     # writing store cut any off when it opened, so one it meets later is damage.
     _tail_may_be_in_flight = True
     _tail_start = _HEADER.size
+    _released = False  # the descriptor is closed (and its number free for reuse)
 
     def __init__(self, path: str) -> None:
         self.path = path
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            raise CheckpointError(f"cannot open checkpoint {path}: {exc.strerror or exc}") from exc
+            raise CheckpointError.failed(path, f"cannot open it: {exc.strerror or exc}") from exc
         try:
             self._check_header(os.pread(self._fd, _HEADER.size, 0))
         except BaseException:
@@ -107,16 +108,16 @@ class PickleReader:
             raise
 
     def close(self) -> None:
-        if self._fd >= 0:
+        if not self._released:
+            self._released = True
             os.close(self._fd)
-            self._fd = -1
 
     def torn_tail_bytes(self) -> int:
         """Bytes after the last intact frame, as of the last full read."""
         return max(0, os.fstat(self._fd).st_size - self._tail_start)
 
-    def _corrupt(self, why: str) -> CheckpointCorruptError:
-        return CheckpointCorruptError(f"{self.path}: {why}")
+    def _corrupt(self, problem: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError.damaged(self.path, problem)
 
     def _check_header(self, header: bytes) -> int:
         """The format version in a 16-byte ``header``; raises if it is not ours."""
@@ -124,14 +125,11 @@ class PickleReader:
             _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0, 0)
         )
         if magic != MAGIC:
-            raise self._corrupt("is not a snapperable pickle checkpoint")
+            raise CheckpointCorruptError.not_a_checkpoint(self.path, "it does not start with a pickle checkpoint's header")
         if version < 1 or reserved != 0:
-            raise self._corrupt("has a damaged header")
+            raise self._corrupt("its header is damaged")
         if version > FORMAT_VERSION:
-            raise CheckpointFormatError(
-                f"{self.path}: checkpoint format {version} is newer than this snapperable "
-                f"understands ({FORMAT_VERSION}); upgrade snapperable"
-            )
+            raise CheckpointFormatError.newer(self.path, version, FORMAT_VERSION)
         return int(version)
 
     def _frames(self, size: int, *, stop_at_torn_tail: bool) -> Iterator[tuple[int, bytes]]:
@@ -177,6 +175,8 @@ class PickleReader:
         return True
 
     def _records(self) -> Iterator[tuple[str, Any]]:
+        if self._released:
+            raise CheckpointError.closed(self.path)
         size = os.fstat(self._fd).st_size
         for pos, payload in self._frames(size, stop_at_torn_tail=self._tail_may_be_in_flight):
             try:
@@ -200,8 +200,10 @@ class PickleReader:
                 continue
             for row in body:
                 seq += 1
-                if len(row) != _ROW_FIELDS or not isinstance(row[ROW_KEY], bytes) or len(row[ROW_KEY]) != KEY_SIZE:
-                    raise self._corrupt(f"item {seq} is malformed")
+                if len(row) != _ROW_FIELDS:
+                    raise CheckpointCorruptError.bad_row(self.path, seq, f"does not have {_ROW_FIELDS} fields")
+                if not isinstance(row[ROW_KEY], bytes) or len(row[ROW_KEY]) != KEY_SIZE:
+                    raise CheckpointCorruptError.bad_key(self.path, seq)
                 yield seq, row
 
     def rows(self, version: Optional[int], with_output: bool = False) -> Iterator[RowInfo]:
@@ -286,9 +288,7 @@ class PickleStore(PickleReader, WriterBackedStore):
         """
         with self._write_lock:
             if self._torn_append is not None:
-                raise CheckpointError(
-                    f"{self.path}: an earlier failed write could not be undone: {self._torn_append}"
-                )
+                raise CheckpointError.failed(self.path, f"an earlier failed write could not be undone: {self._torn_append}")
             end = os.fstat(self._fd).st_size
             try:
                 view = memoryview(frame)
@@ -313,7 +313,7 @@ class PickleStore(PickleReader, WriterBackedStore):
         try:
             self._append(encode_frame(("version", tuple(row))))
         except OSError as exc:
-            raise CheckpointError(f"{self.path}: cannot save a function version: {exc}") from exc
+            raise CheckpointError.failed(self.path, f"cannot save a function version: {exc}") from exc
         return vid
 
     # -- reads --------------------------------------------------------------------------
@@ -347,6 +347,7 @@ class PickleStore(PickleReader, WriterBackedStore):
         return _folding.outputs_in_save_order(self._latest_outputs(version), self.path)
 
     def _release(self) -> None:
+        self._released = True
         os.close(self._fd)
 
 
