@@ -390,3 +390,14 @@ def test_compact_in_place(made: SnapshotStorage[Any]) -> None:
 def test_compact_needs_one_target(made: SnapshotStorage[Any]) -> None:
     assert run("compact", made.path)[0] == cli.EXIT_USAGE
     assert run("compact", made.path, "-o", "x", "--in-place")[0] == cli.EXIT_USAGE
+
+
+def test_compact_refused_while_held_here_and_failing_leaves_the_original(made: SnapshotStorage[Any], tmp_path: Path) -> None:
+    original = Path(made.path).read_bytes()
+    with Snapper(range(3), Flaky(set()), snapshot_storage=made, version="v1"):
+        code, _, err = run("compact", made.path, "--in-place")
+        assert code == cli.EXIT_HELD and "held" in err
+    code, _, err = run("compact", made.path, "-o", str(tmp_path / "no" / "dir" / "out"))
+    assert code == cli.EXIT_UNREADABLE and err.count("\n") == 1, err
+    assert Path(made.path).read_bytes() == original
+    assert not (tmp_path / "no").exists()

@@ -85,7 +85,7 @@ def cmd_info(args: argparse.Namespace, out: IO[str]) -> int:
             for change in version.changes:
                 lines.append(f"      {change}")
         counts = reader.counts()
-        lines.append("results:    " + ("none" if not counts else "by version id the rows carry"))
+        lines.append("items:      " + ("none" if not counts else "by the version id their rows carry"))
         for count in counts:
             lines.append(
                 f"  {count.version}: {count.unique_keys} items ({count.ok} ok, {count.failed} failed), "

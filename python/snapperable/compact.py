@@ -62,19 +62,25 @@ def compact(source: str, out: Optional[str] = None, *, in_place: bool = False) -
         bytes_before = os.stat(source).st_size
         try:
             with CheckpointReader(source) as reader:
-                rows_before = sum(counts.rows for counts in reader.counts())
+                counts = reader.counts()
                 _copy_latest_rows(reader, _storage(format, target))
+            rows_before = sum(count.rows for count in counts)
             with CheckpointReader(target) as written:
-                rows_after = sum(counts.rows for counts in written.counts())
+                rows_after = sum(count.rows for count in written.counts())
+            expected = sum(count.unique_keys for count in counts)
+            if rows_after != expected:  # never put a short copy in the original's place
+                raise CheckpointError.failed(
+                    target, f"the compacted copy holds {rows_after} rows, not {expected}; left as it was"
+                )
             if in_place:
                 _replace(target, source, format)
         except BaseException:
-            _remove_quietly(target)  # a new file this call made: never the original
+            # Only what this call made (target did not exist): never the original.
+            for made in (target, target + "-wal", target + "-shm"):
+                _remove_quietly(made)
             raise
         finally:
-            for leftover in ("-wal", "-shm", ".lock"):
-                if not os.path.exists(target) or leftover == ".lock":
-                    _remove_quietly(target + leftover)
+            _remove_quietly(target + ".lock")  # the hold on the copy, taken while writing it
     finally:
         hold.release()
     done = source if in_place else target
