@@ -401,3 +401,16 @@ def test_compact_refused_while_held_here_and_failing_leaves_the_original(made: S
     assert code == cli.EXIT_UNREADABLE and err.count("\n") == 1, err
     assert Path(made.path).read_bytes() == original
     assert not (tmp_path / "no").exists()
+
+
+def test_a_file_made_by_one_backend_is_read_by_the_other(made: SnapshotStorage[Any], backend: str) -> None:
+    from conftest import BACKENDS
+
+    others = [name for name in BACKENDS if name != backend]
+    if not others:
+        pytest.skip("one backend here")
+    mine = run_module(backend, "export", made.path, "--format", "jsonl", "--all-versions")
+    theirs = run_module(others[0], "export", made.path, "--format", "jsonl", "--all-versions")
+    assert mine.returncode == theirs.returncode == 0, (mine.stderr, theirs.stderr)
+    assert mine.stdout == theirs.stdout and len(mine.stdout.splitlines()) == 40
+    assert run_module(others[0], "check", made.path).returncode == 0
