@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Optional, Union
 
 from snapperable import _backend, _contract
-from snapperable._contract import KEY_SIZE, STATUS_FAILED, STATUS_OK, KeySet, RowInfo
+from snapperable._contract import KEY_SIZE, SQLITE_APPLICATION_ID, STATUS_FAILED, STATUS_OK, KeySet, RowInfo
 from snapperable.errors import CheckpointCorruptError, CheckpointError
 from snapperable.metrics import ProcessingMetric, metric_from_row, render_report
 from snapperable.storage.base import holder_pid
@@ -39,7 +39,6 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 # SQLite's database header (sqlite.org/fileformat.html 1.3): big-endian u32 fields.
 _SQLITE_APPLICATION_ID_AT = 68
 _SQLITE_HEADER_SIZE = 100
-APPLICATION_ID = 0x536E6150  # "SnaP": schema.sql's PRAGMA application_id
 
 _PICKLE_PROTOCOL_MARK = b"\x80\x04"  # PROTO 4: every pickle a checkpoint stores
 _PICKLE_FRAME = b"\x95"  # FRAME opcode, then a u64 length
@@ -168,7 +167,7 @@ def detect_format(path: str) -> Format:
         # the schema into it. A checkpoint's first commit (the schema) runs before it
         # switches to WAL, so the application id is in the file itself.
         (application_id,) = struct.unpack_from(">I", head, _SQLITE_APPLICATION_ID_AT)
-        if application_id != APPLICATION_ID:
+        if application_id != SQLITE_APPLICATION_ID:
             raise CheckpointCorruptError.not_a_checkpoint(
                 path, f"a SQLite database with application_id {application_id:#x}"
             )
