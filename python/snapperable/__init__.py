@@ -13,7 +13,7 @@ from snapperable.errors import (
     UnpicklableOutputError,
     WriterError,
 )
-from snapperable.metrics import FailedItem, ProcessingMetric, RunPlan
+from snapperable.metrics import NOT_DONE, FailedItem, ItemFailure, NotDone, ProcessingMetric, RunPlan
 from snapperable.snapper import Snapper
 from snapperable.storage.base import SnapshotStorage
 from snapperable.storage.pickle_storage import PickleSnapshotStorage
@@ -27,6 +27,9 @@ __all__ = [
     "SQLiteSnapshotStorage",
     "PickleSnapshotStorage",
     "FailedItem",
+    "ItemFailure",
+    "NOT_DONE",
+    "NotDone",
     "ProcessingMetric",
     "RunPlan",
     "backend",

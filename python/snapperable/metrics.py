@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import pickle
 from dataclasses import dataclass, field
@@ -21,6 +22,36 @@ class FailedItem(Generic[T]):
 
     item: T
     exception: BaseException
+
+
+class NotDone(enum.Enum):
+    """The type of ``NOT_DONE``: one member, so that ``outcome is NOT_DONE`` narrows."""
+
+    NOT_DONE = "NOT_DONE"
+
+    def __repr__(self) -> str:
+        return "snapperable.NOT_DONE"
+
+
+# What ``Snapper.items()`` pairs with an input that has no saved row for the current
+# function version: never processed, or done only by another version (stale).
+NOT_DONE = NotDone.NOT_DONE
+
+
+@dataclass(frozen=True)
+class ItemFailure:
+    """What ``Snapper.items()`` pairs with an input whose latest saved row is a failure.
+
+    Read from the checkpoint (so it also describes failures of earlier runs): the
+    exception's qualified type name, its message and traceback text, and the attempts
+    the item took. ``Snapper.failed_items`` holds the live exceptions of the last
+    ``start()`` instead.
+    """
+
+    error_type: str
+    error: str
+    traceback: Optional[str]
+    attempts: int
 
 
 @dataclass(frozen=True)
@@ -173,4 +204,7 @@ def render_report(metrics: list[ProcessingMetric], format: Literal["markdown", "
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["FailedItem", "ProcessingMetric", "RunPlan", "summarize", "render_report"]
+__all__ = [
+    "FailedItem", "ItemFailure", "NOT_DONE", "NotDone", "ProcessingMetric", "RunPlan",
+    "summarize", "render_report",
+]

@@ -24,6 +24,7 @@ import traceback
 from contextlib import contextmanager
 from itertools import islice
 from typing import (
+    Any,
     Callable,
     Generic,
     Iterable,
@@ -34,6 +35,8 @@ from typing import (
     NoReturn,
     Sized,
     TypeVar,
+    Union,
+    overload,
 )
 
 from snapperable import _backend
@@ -44,7 +47,17 @@ from snapperable.errors import (
     TooManyConsecutiveErrors,
     UnpicklableOutputError,
 )
-from snapperable.metrics import FailedItem, ProcessingMetric, RunPlan, metric_from_row, render_report
+from snapperable.errors import CheckpointError
+from snapperable.metrics import (
+    NOT_DONE,
+    FailedItem,
+    ItemFailure,
+    NotDone,
+    ProcessingMetric,
+    RunPlan,
+    metric_from_row,
+    render_report,
+)
 from snapperable.storage.base import OpenCheckpoint, SnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
 
@@ -55,6 +68,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 R = TypeVar("R")
+M = TypeVar("M")  # the placeholder of load(missing=...)
 
 log = logging.getLogger("snapperable")
 
@@ -62,6 +76,7 @@ VersionPolicy = Literal["reprocess", "keep", "raise"]
 VERSION_POLICIES = ("reprocess", "keep", "raise")
 UNREGISTERED = -1  # the id of a version start() has yet to record: no rows have it
 CHUNK = 1024  # inputs keyed and checked against the done set per backend call
+_NO_PLACEHOLDER: Any = object()  # load() without missing=: leave out what has no output
 
 
 class Snapper(Generic[T, R]):
@@ -320,7 +335,7 @@ class Snapper(Generic[T, R]):
             if self._one_shot_read:
                 raise RuntimeError(
                     "this Snapper's iterable is a one-shot iterator (a generator?) that an "
-                    "earlier start(), plan() or load() already read; create the Snapper "
+                    "earlier start(), plan(), load() or items() already read; create the Snapper "
                     "with a fresh iterator, or pass a list"
                 )
             self._one_shot_read = True
@@ -476,16 +491,66 @@ class Snapper(Generic[T, R]):
             ) from last
 
     # -- reading ------------------------------------------------------------------------
-    def load(self) -> list[R]:
+    @overload
+    def load(self) -> list[R]: ...
+
+    @overload
+    def load(self, *, missing: M) -> list[Union[R, M]]: ...
+
+    def load(self, *, missing: object = _NO_PLACEHOLDER) -> list[Any]:
         """Outputs for the current iterable, in its order, duplicates repeated.
 
-        Items never processed, or failed, are left out. After ``start`` the keys it saw
-        are reused, so this works when the iterable was a one-shot generator.
+        Items never processed, or failed, are left out, so the result is shorter than
+        the iterable when anything is missing: do not ``zip`` it with the inputs. With
+        ``missing=`` (any value, ``None`` included) such an item gives that placeholder
+        instead, so position ``i`` of the result belongs to input ``i``; ``items()``
+        pairs each input with its output or failure.
+
+        After ``start`` the keys it saw are reused, so this works when the iterable was
+        a one-shot generator.
         """
         with self._session() as checkpoint:
             version = self._version_id
             assert version is not None
-            return checkpoint.store.outputs_for(version, self._current_keys())
+            keys = self._current_keys()
+            if missing is _NO_PLACEHOLDER:
+                return checkpoint.store.outputs_for(version, keys)
+            outcomes, _ = _outcomes_in_place(checkpoint.store, version, keys, missing)
+            return outcomes
+
+    def items(self) -> list[tuple[T, Union[R, ItemFailure, NotDone]]]:
+        """``(input, outcome)`` for every item of the current iterable, in its order.
+
+        The outcome is the saved output of the current function version; an
+        ``ItemFailure`` (type, message, traceback, attempts) if the item's latest row
+        is a failure; or ``NOT_DONE`` if it has no row of this version (never
+        processed, or done only by another version). Reads the iterable, for its
+        inputs: a one-shot iterator that ``start()`` has already read cannot be read
+        again (``RuntimeError``); pass a list, or a fresh generator to a new Snapper.
+        """
+        with self._session() as checkpoint:
+            store = checkpoint.store
+            version = self._version_id
+            assert version is not None
+            inputs: list[T] = []
+            key_chunks: list[bytes] = []
+            for chunk in self._chunks():
+                inputs += chunk
+                key_chunks.append(self._keys_of(chunk))
+            keys = b"".join(key_chunks)
+            if self._one_shot_read:
+                self._key_chunks = [keys]  # for a later load(): it cannot read them again
+            outcomes, failed = _outcomes_in_place(store, version, keys, NOT_DONE)
+            if failed:
+                failures = {
+                    row.key: ItemFailure(row.error_type or "unknown", row.error or "", row.traceback, row.attempts)
+                    for row in store.rows(version)
+                    if row.status == STATUS_FAILED and row.key in failed
+                }
+                for index, outcome in enumerate(outcomes):
+                    if outcome is NOT_DONE:
+                        outcomes[index] = failures.get(keys[index * KEY_SIZE : (index + 1) * KEY_SIZE], NOT_DONE)
+            return list(zip(inputs, outcomes))
 
     def load_all(self) -> list[R]:
         """Every output saved for the current function version, in the order first saved."""
@@ -563,6 +628,31 @@ class _Failed:
 
 
 _NO_OUTPUT = object()  # marks "fn raised" apart from "pickling the output raised"
+
+
+def _outcomes_in_place(
+    store: CheckpointStore, version: int, keys: bytes, missing: object
+) -> tuple[list[Any], KeySet]:
+    """The output of each key of ``keys``, in place, ``missing`` where it has none; and
+    the keys whose latest row of ``version`` failed.
+
+    Two reads (the key sets, then the outputs): a run in another process may commit
+    between them, which only adds rows, and a key that was ok stays ok within its
+    version (``start()`` skips it), so every output asked for is there.
+    """
+    ok, failed = store.key_sets(version)
+    count = len(keys) // KEY_SIZE
+    found = [i for i in range(count) if keys[i * KEY_SIZE : (i + 1) * KEY_SIZE] in ok]
+    outputs = store.outputs_for(version, b"".join(keys[i * KEY_SIZE : (i + 1) * KEY_SIZE] for i in found))
+    if len(outputs) != len(found):
+        raise CheckpointError(
+            f"checkpoint {store.path} changed while it was read ({len(found)} outputs "
+            f"expected, {len(outputs)} found); read it again"
+        )
+    outcomes: list[Any] = [missing] * count
+    for index, output in zip(found, outputs):
+        outcomes[index] = output
+    return outcomes, failed
 
 
 def _unpicklable(output: object, exc: BaseException) -> BaseException:

@@ -1,0 +1,124 @@
+"""What a new user trips over (issue 11): positions kept by load(missing=) and items(),
+storage paths, error messages, plans and reports. Every test runs on both backends and,
+where a checkpoint is involved, both storages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+from mypy import api
+
+from conftest import once
+from snapperable import NOT_DONE, ItemFailure, Snapper, SnapshotStorage
+
+USER_CODE = """
+from pathlib import Path
+from snapperable import NOT_DONE, ItemFailure, Snapper
+
+s = Snapper(["a"], len)
+reveal_type(s.load())
+reveal_type(s.load(missing=None))
+reveal_type(s.load(missing=-1.5))
+for item, outcome in s.items():
+    reveal_type(item)
+    if isinstance(outcome, ItemFailure) or outcome is NOT_DONE:
+        continue
+    reveal_type(outcome)
+"""
+
+
+@once  # a static check
+def test_types_a_user_sees(tmp_path: Path) -> None:
+    source = tmp_path / "user_code.py"
+    source.write_text(USER_CODE)
+    stdout, _, status = api.run(["--strict", "--no-incremental", "--cache-dir", str(tmp_path / "cache"), str(source)])
+    revealed = [line.split("Revealed type is ")[1] for line in stdout.replace("builtins.", "").splitlines() if "Revealed" in line]
+    assert revealed == [
+        '"list[int]"',
+        '"list[int | None]"',
+        '"list[int | float]"',
+        '"str"',
+        '"int"',
+    ], stdout
+    assert "error" not in stdout.replace("Revealed", ""), stdout
+
+
+def _fails_on_odd(x: int) -> int:
+    if x % 2:
+        raise ValueError(f"odd {x}")
+    return x * 10
+
+
+# -- item 3: load(missing=...) and items() keep positions --------------------------------
+def test_load_missing_keeps_positions(storage: SnapshotStorage[Any]) -> None:
+    with Snapper([0, 1, 2, 3, 4], _fails_on_odd, snapshot_storage=storage, skip_item_errors=True) as s:
+        s.start()
+    inputs = [0, 1, 2, 3, 4, 5, 2]  # 5 never processed; 2 repeated
+    with Snapper(inputs, _fails_on_odd, snapshot_storage=storage) as s:
+        assert s.load() == [0, 20, 40, 20]  # the seed's load(): shorter than the inputs
+        padded: list[Optional[int]] = s.load(missing=None)
+        assert padded == [0, None, 20, None, 40, None, 20]
+        assert s.load(missing="?") == [0, "?", 20, "?", 40, "?", 20]
+        assert [x for x, y in zip(inputs, padded) if y is not None] == [0, 2, 4, 2]
+
+
+def test_load_missing_before_any_run(storage: SnapshotStorage[Any]) -> None:
+    with Snapper([1, 2], _fails_on_odd, snapshot_storage=storage) as s:
+        assert s.load(missing=0) == [0, 0]
+        assert s.load() == []
+
+
+def test_load_missing_after_start_on_a_generator(storage: SnapshotStorage[Any]) -> None:
+    with Snapper((x for x in range(5)), _fails_on_odd, snapshot_storage=storage, skip_item_errors=True) as s:
+        s.start()
+        assert s.load(missing=-1) == [0, -1, 20, -1, 40]
+
+
+def test_items_pairs_inputs_with_outputs_failures_and_not_done(storage: SnapshotStorage[Any]) -> None:
+    with Snapper([0, 1, 2], _fails_on_odd, snapshot_storage=storage, skip_item_errors=True) as s:
+        s.start()
+    with Snapper([2, 1, 9, 0], _fails_on_odd, snapshot_storage=storage) as s:
+        pairs = s.items()
+    assert [x for x, _ in pairs] == [2, 1, 9, 0]
+    assert pairs[0] == (2, 20) and pairs[3] == (0, 0)
+    assert pairs[2] == (9, NOT_DONE)
+    failure = pairs[1][1]
+    assert isinstance(failure, ItemFailure)
+    assert failure.error_type == "builtins.ValueError"
+    assert failure.error == "odd 1"
+    assert failure.attempts == 1
+    assert failure.traceback is not None and "ValueError: odd 1" in failure.traceback
+
+
+def test_items_after_a_retry_shows_the_output(storage: SnapshotStorage[Any]) -> None:
+    with Snapper([1], _fails_on_odd, snapshot_storage=storage, skip_item_errors=True, version="v") as s:
+        s.start()
+        assert isinstance(s.items()[0][1], ItemFailure)
+    with Snapper([1], lambda x: x, snapshot_storage=storage, retry_failed_items=True, version="v") as s:
+        s.start()
+        assert s.items() == [(1, 1)]
+
+
+def test_items_of_a_stale_item_is_not_done(storage: SnapshotStorage[Any]) -> None:
+    with Snapper([4], _fails_on_odd, snapshot_storage=storage, version="v1") as s:
+        s.start()
+    with Snapper([4], _fails_on_odd, snapshot_storage=storage, version="v2") as s:
+        assert s.items() == [(4, NOT_DONE)]
+
+
+def test_items_on_a_consumed_generator_raises(storage: SnapshotStorage[Any]) -> None:
+    with Snapper((x for x in range(3)), _fails_on_odd, snapshot_storage=storage, skip_item_errors=True) as s:
+        s.start()
+        with pytest.raises(RuntimeError, match="one-shot"):
+            s.items()
+        assert s.load(missing=None) == [0, None, 20]
+
+
+def test_items_on_a_fresh_generator_keeps_its_keys_for_load(storage: SnapshotStorage[Any]) -> None:
+    with Snapper([0, 2], _fails_on_odd, snapshot_storage=storage) as s:
+        s.start()
+    with Snapper((x for x in [2, 5, 0]), _fails_on_odd, snapshot_storage=storage) as s:
+        assert s.items() == [(2, 20), (5, NOT_DONE), (0, 0)]
+        assert s.load(missing=None) == [20, None, 0]
