@@ -11,16 +11,20 @@ import pytest
 from mypy import api
 
 from conftest import once
-from snapperable import NOT_DONE, ItemFailure, Snapper, SnapshotStorage
+from snapperable import NOT_DONE, ItemFailure, PickleSnapshotStorage, Snapper, SnapshotStorage, SQLiteSnapshotStorage
 
 USER_CODE = """
 from pathlib import Path
-from snapperable import NOT_DONE, ItemFailure, Snapper
+from snapperable import NOT_DONE, ItemFailure, PickleSnapshotStorage, Snapper, SQLiteSnapshotStorage
 
 s = Snapper(["a"], len)
 reveal_type(s.load())
 reveal_type(s.load(missing=None))
 reveal_type(s.load(missing=-1.5))
+Snapper(["a"], len, snapshot_storage=SQLiteSnapshotStorage[int](Path("run.db")))
+Snapper(["a"], len, snapshot_storage=PickleSnapshotStorage[int](Path("run.pkl")))
+Snapper(["a"], len, snapshot_storage=Path("run.db"))
+Snapper(["a"], len, snapshot_storage="run.pkl")
 for item, outcome in s.items():
     reveal_type(item)
     if isinstance(outcome, ItemFailure) or outcome is NOT_DONE:
@@ -122,3 +126,30 @@ def test_items_on_a_fresh_generator_keeps_its_keys_for_load(storage: SnapshotSto
     with Snapper((x for x in [2, 5, 0]), _fails_on_odd, snapshot_storage=storage) as s:
         assert s.items() == [(2, 20), (5, NOT_DONE), (0, 0)]
         assert s.load(missing=None) == [20, None, 0]
+
+
+# -- item 5: a path as snapshot_storage; os.PathLike paths -----------------------------------
+@pytest.mark.parametrize(
+    "name, kind",
+    [("run.db", "SQLiteSnapshotStorage"), ("run.sqlite", "SQLiteSnapshotStorage"), ("run", "SQLiteSnapshotStorage"),
+     ("run.pkl", "PickleSnapshotStorage"), ("run.PICKLE", "PickleSnapshotStorage")],
+)
+@pytest.mark.parametrize("as_path", [False, True])
+def test_snapshot_storage_given_as_a_path(tmp_path: Path, name: str, kind: str, as_path: bool) -> None:
+    where = tmp_path / name
+    given: Any = where if as_path else str(where)
+    with Snapper([1, 2], lambda x: x + 1, snapshot_storage=given) as s:
+        assert type(s.snapshot_storage).__name__ == kind
+        assert s.snapshot_storage.path == str(where)
+        s.start()
+        assert s.load() == [2, 3]
+    opened: SnapshotStorage[Any] = SQLiteSnapshotStorage(where) if kind == "SQLiteSnapshotStorage" else PickleSnapshotStorage(where)
+    with Snapper([1, 2], lambda x: x + 1, snapshot_storage=opened) as again:  # the same file, resumed
+        assert again.plan().done == 2
+
+
+def test_snapshot_storage_of_another_type_is_refused_at_construction() -> None:
+    with pytest.raises(TypeError, match="snapshot_storage must be a SnapshotStorage"):
+        Snapper([1], str, snapshot_storage=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="snapshot_storage must be"):
+        Snapper([1], str, snapshot_storage=b"run.db")  # type: ignore[arg-type]

@@ -85,7 +85,9 @@ class Snapper(Generic[T, R]):
     Keyword arguments:
 
     - ``snapshot_storage``: where the checkpoint lives (default
-      ``SQLiteSnapshotStorage()``, i.e. ``snapper_checkpoint.db`` in the working directory).
+      ``SQLiteSnapshotStorage()``, i.e. ``snapper_checkpoint.db`` in the working directory):
+      a storage, or a path (``str`` or ``os.PathLike``): a pickle file if it ends in
+      ``.pkl`` or ``.pickle``, else SQLite.
     - ``batch_size``: pending items that start a commit (default 1). Commits group
       whatever accumulated meanwhile, so 1 is both the safest and fast.
     - ``max_wait_time``: seconds an item may stay pending before a commit (default None).
@@ -112,7 +114,7 @@ class Snapper(Generic[T, R]):
         iterable: Iterable[T],
         fn: Callable[[T], R],
         *,
-        snapshot_storage: Optional[SnapshotStorage[R]] = None,
+        snapshot_storage: Union[SnapshotStorage[R], str, "os.PathLike[str]", None] = None,
         batch_size: int = 1,
         max_wait_time: Optional[float] = None,
         key: Optional[Callable[[T], object]] = None,
@@ -153,9 +155,7 @@ class Snapper(Generic[T, R]):
             raise TypeError(f"iterable must be iterable, not {type(iterable).__name__}") from None
         self.iterable = iterable
         self.fn = fn
-        self.snapshot_storage: SnapshotStorage[R] = (
-            snapshot_storage if snapshot_storage is not None else SQLiteSnapshotStorage()
-        )
+        self.snapshot_storage: SnapshotStorage[R] = _storage_of(snapshot_storage)
         self.batch_size = batch_size
         self.max_wait_time = max_wait_time
         self.key = key
@@ -615,6 +615,29 @@ class Snapper(Generic[T, R]):
                 retry_failed_items=self.retry_failed_items,
                 version_changes=list(self._changes),
             )
+
+
+PICKLE_SUFFIXES = (".pkl", ".pickle")
+
+
+def _storage_of(given: "Union[SnapshotStorage[R], str, os.PathLike[str], None]") -> SnapshotStorage[R]:
+    """The storage ``snapshot_storage=`` names: itself, the default, or one for a path."""
+    if given is None:
+        return SQLiteSnapshotStorage()
+    if isinstance(given, SnapshotStorage):
+        return given
+    if isinstance(given, (str, os.PathLike)):
+        path = os.fspath(given)
+        if isinstance(path, str):
+            if path.lower().endswith(PICKLE_SUFFIXES):
+                from snapperable.storage.pickle_storage import PickleSnapshotStorage
+
+                return PickleSnapshotStorage(path)
+            return SQLiteSnapshotStorage(path)
+    raise TypeError(
+        "snapshot_storage must be a SnapshotStorage (SQLiteSnapshotStorage(path), "
+        f"PickleSnapshotStorage(path)) or a str or os.PathLike path, not {type(given).__name__}"
+    )
 
 
 class _Failed:

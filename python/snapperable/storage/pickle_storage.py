@@ -24,7 +24,7 @@ import struct
 import threading
 import time
 import zlib
-from typing import Any, Iterator, Optional, TypeVar
+from typing import Any, Iterator, Optional, TypeVar, Union
 
 from snapperable import _backend, _folding
 from snapperable._contract import (
@@ -71,9 +71,9 @@ class PickleSnapshotStorage(SnapshotStorage[R]):
     Every read scans the file, so prefer ``SQLiteSnapshotStorage`` for large runs.
     """
 
-    def __init__(self, file_path: str = DEFAULT_FILE_PATH) -> None:
-        self.file_path = file_path
-        self.path = os.path.abspath(file_path)
+    def __init__(self, file_path: Union[str, "os.PathLike[str]"] = DEFAULT_FILE_PATH) -> None:
+        self.file_path = os.fspath(file_path)
+        self.path = os.path.abspath(self.file_path)
 
     def _open_store(self, batch_size: int, max_wait_time: Optional[float]) -> CheckpointStore:
         return PickleStore(self.path, batch_size, max_wait_time)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, TypeVar
+from typing import Optional, TypeVar, Union
 
 from snapperable import _backend
 from snapperable._contract import CheckpointStore, Synchronous
@@ -22,11 +22,13 @@ class SQLiteSnapshotStorage(SnapshotStorage[R]):
     may take back the last commits.
     """
 
-    def __init__(self, db_path: str = DEFAULT_DB_PATH, *, synchronous: Synchronous = "full") -> None:
+    def __init__(
+        self, db_path: Union[str, "os.PathLike[str]"] = DEFAULT_DB_PATH, *, synchronous: Synchronous = "full"
+    ) -> None:
         if synchronous not in ("full", "normal"):
             raise ValueError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
-        self.db_path = db_path
-        self.path = os.path.abspath(db_path)
+        self.db_path = os.fspath(db_path)
+        self.path = os.path.abspath(self.db_path)
         self.synchronous: Synchronous = synchronous
 
     def _open_store(self, batch_size: int, max_wait_time: Optional[float]) -> CheckpointStore:
