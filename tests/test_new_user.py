@@ -4,14 +4,28 @@ where a checkpoint is involved, both storages."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import sqlite3
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import pytest
 from mypy import api
 
 from conftest import once
-from snapperable import NOT_DONE, ItemFailure, PickleSnapshotStorage, Snapper, SnapshotStorage, SQLiteSnapshotStorage
+from snapperable import (
+    NOT_DONE,
+    CheckpointCorruptError,
+    CheckpointError,
+    ItemFailure,
+    PickleSnapshotStorage,
+    Snapper,
+    SnapshotStorage,
+    SQLiteSnapshotStorage,
+)
 
 USER_CODE = """
 from pathlib import Path
@@ -153,3 +167,112 @@ def test_snapshot_storage_of_another_type_is_refused_at_construction() -> None:
         Snapper([1], str, snapshot_storage=3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="snapshot_storage must be"):
         Snapper([1], str, snapshot_storage=b"run.db")  # type: ignore[arg-type]
+
+
+# -- item 6: what a bad path reports, and no stray lock files -------------------------------
+SUFFIXES = {"sqlite": "db", "pickle": "pkl"}
+
+
+def storage_at(kind: str, path: Path) -> SnapshotStorage[Any]:
+    return SQLiteSnapshotStorage(path) if kind == "sqlite" else PickleSnapshotStorage(path)
+
+
+@pytest.fixture(params=sorted(SUFFIXES))
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def test_missing_directory_is_named(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "no" / "such" / f"run.{SUFFIXES[kind]}"
+    with pytest.raises(CheckpointError) as raised:
+        Snapper([1], str, snapshot_storage=storage_at(kind, path)).start()
+    message = str(raised.value)
+    assert f"the directory {tmp_path / 'no' / 'such'} does not exist" in message, message
+    assert ".lock" not in message
+    assert not (tmp_path / "no").exists()
+
+
+def test_a_directory_given_as_checkpoint_is_refused_without_a_lock_file(tmp_path: Path, kind: str) -> None:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    with pytest.raises(CheckpointError, match="is a directory"):
+        Snapper([1], str, snapshot_storage=storage_at(kind, folder)).start()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+FOREIGN = {
+    "a text file": b"name,value\nrow 1,1\n",
+    "random bytes": bytes((i * 7919 + 13) % 251 for i in range(4096)),
+}
+
+
+def _sqlite_db_of_another_application(path: Path) -> bytes:
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+    conn.commit()
+    conn.close()
+    content = path.read_bytes()
+    path.unlink()
+    return content
+
+
+@pytest.mark.parametrize("what", [*FOREIGN, "another application's SQLite db", "the other storage's checkpoint"])
+def test_a_foreign_file_is_refused_without_a_lock_file(tmp_path: Path, kind: str, what: str) -> None:
+    path = tmp_path / f"data.{SUFFIXES[kind]}"
+    if what == "another application's SQLite db":
+        content = _sqlite_db_of_another_application(tmp_path / "other.db")
+    elif what == "the other storage's checkpoint":
+        other_kind = "pickle" if kind == "sqlite" else "sqlite"
+        other = tmp_path / f"other.{SUFFIXES[other_kind]}"
+        Snapper([1], str, snapshot_storage=storage_at(other_kind, other)).start()
+        content = other.read_bytes()
+        for leftover in tmp_path.glob("other.*"):
+            leftover.unlink()
+    else:
+        content = FOREIGN[what]
+    path.write_bytes(content)
+    with pytest.raises(CheckpointCorruptError) as raised:
+        Snapper([1], str, snapshot_storage=storage_at(kind, path)).start()
+    assert str(path) in str(raised.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name], "a stray file was left"
+    assert path.read_bytes() == content
+
+
+def test_an_empty_sqlite_database_becomes_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    sqlite3.connect(path).close()  # a SQLite file with no tables (or a 0-byte one)
+    with Snapper([1, 2], str, snapshot_storage=SQLiteSnapshotStorage(path)) as s:
+        s.start()
+        assert s.load() == ["1", "2"]
+
+
+@contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """``path`` (a file or a directory) made read-only for this process: immutable
+    (``chattr +i``) when running as root, whom permissions do not stop; else mode 0o444
+    or 0o555."""
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)]).returncode:
+            pytest.skip("running as root without a working chattr: nothing is read-only")
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        return
+    mode = path.stat().st_mode
+    path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        yield
+    finally:
+        path.chmod(mode)
+
+
+def test_start_on_a_read_only_file_says_read_only_not_cannot_create(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / f"run.{SUFFIXES[kind]}"
+    Snapper([1], str, snapshot_storage=storage_at(kind, path), version="v").start()
+    with read_only(path):
+        with pytest.raises(CheckpointError) as raised:
+            Snapper([1, 2], str, snapshot_storage=storage_at(kind, path), version="v").start()
+    message = str(raised.value)
+    assert "read-only" in message and str(path) in message, message
+    assert "cannot create" not in message, message

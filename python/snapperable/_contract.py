@@ -23,6 +23,9 @@ STATUS_FAILED: Final = 1
 
 Synchronous = Literal["full", "normal"]
 
+# `PRAGMA application_id` of a SQLite checkpoint (0x536e6150, "SnaP"; schema.sql).
+SQLITE_APPLICATION_ID: Final = 0x536E6150
+
 
 # One finished item as the writer appends it (DESIGN 6.1):
 #   (key, version, status, input, output, error_type, error, traceback, attempts,

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional
 from snapperable import _folding, _sqlite_writer, keys
 from snapperable._contract import (
     KEY_SIZE,
+    SQLITE_APPLICATION_ID,
     STATUS_OK,
     KeySet,
     RowInfo,
@@ -47,7 +48,7 @@ _SQLITE_NOTADB = 26
 
 BACKEND_NAME = "python"
 
-APPLICATION_ID = 1399742800
+APPLICATION_ID = SQLITE_APPLICATION_ID
 FORMAT_VERSION = 1
 
 log = logging.getLogger("snapperable")

@@ -22,34 +22,86 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import threading
 from abc import ABC, abstractmethod
-from typing import Generic, Optional, TypeVar
+from typing import Callable, Generic, Optional, TypeVar
 
 from snapperable._contract import CheckpointStore
-from snapperable.errors import CheckpointError, CheckpointLockedError
+from snapperable.errors import CheckpointCorruptError, CheckpointError, CheckpointLockedError
 
 R = TypeVar("R")
 
 PRIVATE_FILE_MODE = 0o600
+LOCK_SUFFIX = ".lock"
+# Bytes of a file's start that tell a storage whether it is of its format (the SQLite
+# header and the b-tree header of its first page).
+FORMAT_HEAD_SIZE = 108
 
 _registry_lock = threading.Lock()
 _held_in_process: dict[str, int] = {}  # real path -> pid that took the hold
 
 
 def create_private(path: str) -> None:
-    """Create ``path`` with mode 0600 if it does not exist; an existing file is untouched."""
+    """Create ``path`` with mode 0600 if it does not exist; an existing file is not opened."""
     try:
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+    except FileExistsError:
+        return
     except OSError as exc:
         raise CheckpointError(f"cannot create checkpoint {path}: {exc}") from exc
     os.close(fd)
 
 
+def vet_place(path: str, is_own_format: Callable[[bytes], bool]) -> None:
+    """Refuse, before any lock file is made beside it, a path that cannot be a checkpoint.
+
+    A missing directory is named as such (not as the lock file that could not be
+    created); a directory, a device or a file of another format is refused; so is an
+    existing file this process cannot write (read-only, immutable, on a read-only
+    mount). A file whose lock file exists was a checkpoint before: its format is left
+    to the store to check, so that this never opens (and closes) a descriptor on a file
+    another thread of this process may have open in SQLite, which would drop SQLite's
+    POSIX locks on it (sqlite.org/howtocorrupt.html 2.2).
+    """
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        what = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise CheckpointError(f"cannot create checkpoint {path}: the directory {directory} {what}")
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return  # a new checkpoint
+    except OSError as exc:
+        raise CheckpointError(f"cannot open checkpoint {path}: {exc}") from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise CheckpointError(f"checkpoint {path} is a directory; give the path of a file (in it)")
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"checkpoint {path} is not a regular file")
+    if not os.path.exists(os.path.realpath(path) + LOCK_SUFFIX) and info.st_size:
+        try:
+            with open(path, "rb") as file:
+                head = file.read(FORMAT_HEAD_SIZE)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+        if not is_own_format(head):
+            raise CheckpointCorruptError(
+                f"{path} is not a snapperable checkpoint of this storage's format; it is left "
+                "as it is: give another path (or the storage of its format)"
+            )
+    if not os.access(path, os.W_OK):
+        why = os.strerror(errno.EROFS) if _on_read_only_mount(path) else "no write permission, or immutable"
+        raise CheckpointError(f"checkpoint {path} is read-only ({why}): start() needs to write to it")
+
+
+def _on_read_only_mount(path: str) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
 class FileHold:
     """The exclusive hold on one checkpoint file; ``release`` gives it back."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, is_own_format: Callable[[bytes], bool]) -> None:
         self.path = path
         self._real = os.path.realpath(path)
         self._lock_fd: Optional[int] = None
@@ -60,15 +112,19 @@ class FileHold:
                     f"checkpoint {path} is already held by another Snapper in this process; "
                     "close it (leave its `with` block) first"
                 )
+            vet_place(path, is_own_format)
             self._lock_fd = self._lock_across_processes()
             _held_in_process[self._real] = os.getpid()
 
     def _lock_across_processes(self) -> int:
-        lock_path = self._real + ".lock"
+        lock_path = self._real + LOCK_SUFFIX
         try:
             fd = os.open(lock_path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, PRIVATE_FILE_MODE)
         except OSError as exc:
-            raise CheckpointError(f"cannot create lock file {lock_path}: {exc}") from exc
+            raise CheckpointError(
+                f"cannot create lock file {lock_path} beside checkpoint {self.path}, which "
+                f"start() needs: {exc}"
+            ) from exc
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -105,7 +161,7 @@ class SnapshotStorage(ABC, Generic[R]):
 
     def open(self, batch_size: int, max_wait_time: Optional[float]) -> "OpenCheckpoint":
         """Take the hold on the file and open it for reading and appending."""
-        hold = FileHold(self.path)
+        hold = FileHold(self.path, self._is_own_format)
         try:
             create_private(self.path)
             store = self._open_store(batch_size, max_wait_time)
@@ -113,6 +169,12 @@ class SnapshotStorage(ABC, Generic[R]):
             hold.release()
             raise
         return OpenCheckpoint(store, hold)
+
+    @abstractmethod
+    def _is_own_format(self, head: bytes) -> bool:
+        """Could a file starting with ``head`` (``FORMAT_HEAD_SIZE`` bytes, or all of a
+        shorter file) be, or become, a checkpoint of this storage? Checked before the
+        lock file is made, so that a foreign file gets no lock file beside it."""
 
     @abstractmethod
     def _open_store(self, batch_size: int, max_wait_time: Optional[float]) -> CheckpointStore:

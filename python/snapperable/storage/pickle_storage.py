@@ -75,6 +75,9 @@ class PickleSnapshotStorage(SnapshotStorage[R]):
         self.file_path = os.fspath(file_path)
         self.path = os.path.abspath(self.file_path)
 
+    def _is_own_format(self, head: bytes) -> bool:
+        return head[: len(MAGIC)] == MAGIC[: len(head)]  # a torn header too
+
     def _open_store(self, batch_size: int, max_wait_time: Optional[float]) -> CheckpointStore:
         return PickleStore(self.path, batch_size, max_wait_time)
 

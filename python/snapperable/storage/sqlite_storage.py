@@ -6,12 +6,14 @@ import os
 from typing import Optional, TypeVar, Union
 
 from snapperable import _backend
-from snapperable._contract import CheckpointStore, Synchronous
+from snapperable._contract import SQLITE_APPLICATION_ID, CheckpointStore, Synchronous
 from snapperable.storage.base import SnapshotStorage
 
 R = TypeVar("R")
 
 DEFAULT_DB_PATH = "snapper_checkpoint.db"
+SQLITE_MAGIC = b"SQLite format 3\0"
+_LEAF_TABLE_PAGE = 0x0D  # b-tree page type of a first page that lists no table
 
 
 class SQLiteSnapshotStorage(SnapshotStorage[R]):
@@ -30,6 +32,17 @@ class SQLiteSnapshotStorage(SnapshotStorage[R]):
         self.db_path = os.fspath(db_path)
         self.path = os.path.abspath(self.db_path)
         self.synchronous: Synchronous = synchronous
+
+    def _is_own_format(self, head: bytes) -> bool:
+        """A SQLite file with snapperable's application_id, or one with no tables yet
+        (which becomes a checkpoint), or whose newer pages wait in its ``-wal``."""
+        if not head.startswith(SQLITE_MAGIC) or len(head) < 105:
+            return False
+        application_id = int.from_bytes(head[68:72], "big")
+        if application_id != 0:
+            return application_id == SQLITE_APPLICATION_ID
+        no_tables = head[100] == _LEAF_TABLE_PAGE and head[103:105] == b"\0\0"
+        return no_tables or os.path.exists(self.path + "-wal")
 
     def _open_store(self, batch_size: int, max_wait_time: Optional[float]) -> CheckpointStore:
         return _backend.backend.open_sqlite(self.path, self.synchronous, batch_size, max_wait_time)
