@@ -21,6 +21,7 @@ from snapperable import (
     CheckpointCorruptError,
     CheckpointError,
     ItemFailure,
+    ItemKeyError,
     PickleSnapshotStorage,
     Snapper,
     SnapshotStorage,
@@ -276,3 +277,79 @@ def test_start_on_a_read_only_file_says_read_only_not_cannot_create(tmp_path: Pa
     message = str(raised.value)
     assert "read-only" in message and str(path) in message, message
     assert "cannot create" not in message, message
+
+
+# -- item 7: key= failures name the item, and are item failures under skip_item_errors -------
+RECORDS = [{"id": "a"}, {"id": "b"}, {"name": "no id here", "text": "x" * 500}, {"id": "d"}]
+
+
+def by_id(record: dict[str, str]) -> str:
+    return record["id"]
+
+
+def test_a_raising_key_names_position_and_item(storage: SnapshotStorage[Any]) -> None:
+    with pytest.raises(ItemKeyError) as raised:
+        Snapper(RECORDS, len, snapshot_storage=storage, key=by_id).start()
+    message = str(raised.value)
+    assert "key= raised KeyError: 'id'" in message, message
+    assert "position 2" in message and "no id here" in message, message
+    assert len(message) < 300, "the repr was not cut short"
+    assert isinstance(raised.value.__cause__, KeyError)
+    assert isinstance(raised.value, TypeError)  # as an unkeyable input always was
+    with Snapper(RECORDS[:2], len, snapshot_storage=storage, key=by_id) as s:
+        assert s.load() == [1, 1]  # what came before it was saved
+
+
+def test_a_raising_key_is_an_item_failure_under_skip_item_errors(storage: SnapshotStorage[Any]) -> None:
+    calls: list[dict[str, str]] = []
+
+    def size(record: dict[str, str]) -> int:
+        calls.append(record)
+        return len(record)
+
+    with Snapper(RECORDS, size, snapshot_storage=storage, key=by_id, skip_item_errors=True, version="v") as s:
+        s.start()
+        assert [f.item for f in s.failed_items] == [RECORDS[2]]
+        assert isinstance(s.failed_items[0].exception, ItemKeyError)
+        assert s.load() == [1, 1, 1]
+        assert s.load(missing=None) == [1, 1, None, 1]
+        outcome = s.items()[2][1]
+        assert isinstance(outcome, ItemFailure) and outcome.error_type == "snapperable.errors.ItemKeyError"
+        assert outcome.attempts == 0  # fn never ran for it
+    assert RECORDS[2] not in calls
+    report = Snapper(RECORDS, size, snapshot_storage=storage, key=by_id, skip_item_errors=True, version="v").generate_report()
+    assert "ItemKeyError" in report
+    # Failed earlier: not tried again (its key is derived from its value), as any failure.
+    rerun = Snapper(RECORDS, size, snapshot_storage=storage, key=by_id, skip_item_errors=True, version="v")
+    assert rerun.plan().failed == 1
+    rerun.start()
+    assert rerun.failed_items == [] and len(calls) == 3
+
+
+@pytest.mark.parametrize("with_key", [True, False])
+def test_an_unkeyable_value_names_position_and_item(storage: SnapshotStorage[Any], with_key: bool) -> None:
+    items: list[Any] = [1, 2, (lambda: None), 4]
+    key = (lambda x: x) if with_key else None
+    with pytest.raises(ItemKeyError) as raised:
+        Snapper(items, str, snapshot_storage=storage, key=key).start()
+    message = str(raised.value)
+    assert "position 2" in message and "<function" in message, message
+    if with_key:
+        assert "key= returned a function that cannot be keyed" in message, message
+        assert "pass key=" not in message, message
+    else:
+        assert "pass key=" in message, message
+    with Snapper(items, str, snapshot_storage=storage, key=key, skip_item_errors=True) as s:
+        s.start()
+        assert len(s.failed_items) == 1 and s.failed_items[0].item is items[2]
+        assert s.load(missing=None) == ["1", "2", None, "4"]
+
+
+def test_an_interrupt_in_key_is_not_an_item_failure(storage: SnapshotStorage[Any]) -> None:
+    def interrupted(x: int) -> int:
+        if x == 2:
+            raise KeyboardInterrupt
+        return x
+
+    with pytest.raises(KeyboardInterrupt):
+        Snapper([1, 2, 3], str, snapshot_storage=storage, key=interrupted, skip_item_errors=True).start()

@@ -8,6 +8,7 @@ from snapperable.errors import (
     CheckpointLockedError,
     ForkedProcessError,
     FunctionChangedError,
+    ItemKeyError,
     SnapperableError,
     TooManyConsecutiveErrors,
     UnpicklableOutputError,
@@ -42,6 +43,7 @@ __all__ = [
     "ForkedProcessError",
     "FunctionChangedError",
     "TooManyConsecutiveErrors",
+    "ItemKeyError",
     "UnpicklableOutputError",
     "__version__",
 ]

@@ -7,6 +7,8 @@ exception type.
 
 from __future__ import annotations
 
+from typing import Optional
+
 
 class SnapperableError(Exception):
     """Base class of every error snapperable raises on its own account."""
@@ -48,6 +50,16 @@ class TooManyConsecutiveErrors(SnapperableError, RuntimeError):
     """``max_consecutive_exceptions`` items failed in a row; the run was halted."""
 
 
+class ItemKeyError(SnapperableError, TypeError):
+    """An item's identity cannot be computed: ``key=`` raised for it, or its key value
+    (the item itself, without ``key=``) cannot be encoded. Names the item's position
+    and a shortened repr; under ``skip_item_errors=True`` the item is recorded as failed."""
+
+    def __init__(self, message: str, position: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.position = position  # of the item in the iterable
+
+
 class UnpicklableOutputError(SnapperableError, TypeError):
     """The function returned a value that cannot be pickled, so it cannot be checkpointed."""
 
@@ -62,5 +74,6 @@ __all__ = [
     "ForkedProcessError",
     "FunctionChangedError",
     "TooManyConsecutiveErrors",
+    "ItemKeyError",
     "UnpicklableOutputError",
 ]

@@ -11,6 +11,7 @@ Known consequences, documented for users: ``1`` and ``1.0`` are different keys, 
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 from hashlib import blake2b
@@ -27,12 +28,12 @@ _F64 = struct.Struct(">d")
 _QUIET_NAN = bytes.fromhex("7ff8000000000000")
 _U32_MAX = 0xFFFFFFFF
 
-_KEY_HINT = "pass key= to Snapper to choose each item's identity yourself"
+KEY_HINT = "pass key= to Snapper to choose each item's identity yourself"
 
 
 def _length(n: int, what: str) -> bytes:
     if n > _U32_MAX:
-        raise TypeError(f"cannot compute an input key: {what} is too large; {_KEY_HINT}")
+        raise TypeError(f"cannot compute an input key: {what} is too large; {KEY_HINT}")
     return _U32.pack(n)
 
 
@@ -62,7 +63,7 @@ def _canon_pickled(x: object) -> bytes:
     except Exception as exc:  # pickling may raise anything (TypeError, PicklingError, ...)
         raise TypeError(
             f"cannot compute an input key for an object of type {type(x).__qualname__}: "
-            f"it cannot be pickled ({exc}); {_KEY_HINT}"
+            f"it cannot be pickled ({exc}); {KEY_HINT}"
         ) from exc
     return b"p" + _length(len(raw), "a pickled object") + raw
 
@@ -95,7 +96,7 @@ def canon(x: object, depth: int = 0) -> bytes:
         if depth > MAX_DEPTH:
             raise TypeError(
                 f"cannot compute an input key: nesting is deeper than {MAX_DEPTH} levels; "
-                f"{_KEY_HINT}"
+                f"{KEY_HINT}"
             )
         if t is tuple or t is list:
             sequence = cast("tuple[object, ...] | list[object]", x)
@@ -155,3 +156,18 @@ def input_keys(items: Sequence[object]) -> bytes:
             hasher.update(canon(x))
         append(hasher.digest())
     return b"".join(digests)
+
+
+_SUBSTITUTE_PREFIX = b"KX"  # not K1: a substitute key is never the key of any input
+
+
+def substitute_key(item: object) -> bytes:
+    """The key an item whose own key cannot be computed is recorded under as failed
+    (``skip_item_errors``). Derived from the item's value where that encodes (a ``key=``
+    that raised for it), so that a later run finds the failure; else random, matching
+    nothing, so such an item is tried again on each run."""
+    try:
+        body = canon(item)
+    except TypeError:
+        return os.urandom(KEY_SIZE)
+    return blake2b(_SUBSTITUTE_PREFIX + body, digest_size=KEY_SIZE).digest()

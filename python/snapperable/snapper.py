@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import random
+import reprlib
 import time
 import traceback
 from contextlib import contextmanager
@@ -42,12 +43,14 @@ from typing import (
 from snapperable import _backend
 from snapperable._contract import KEY_SIZE, PICKLE_PROTOCOL, STATUS_FAILED, STATUS_OK, CheckpointStore, ItemRow, KeySet
 from snapperable.errors import (
+    CheckpointError,
     ForkedProcessError,
     FunctionChangedError,
+    ItemKeyError,
     TooManyConsecutiveErrors,
     UnpicklableOutputError,
 )
-from snapperable.errors import CheckpointError
+from snapperable.keys import KEY_HINT, substitute_key
 from snapperable.metrics import (
     NOT_DONE,
     FailedItem,
@@ -312,16 +315,91 @@ class Snapper(Generic[T, R]):
         return self._version_id
 
     # -- keys ---------------------------------------------------------------------------
-    def _keys_of(self, items: list[T]) -> bytes:
+    def _keyed_chunks(self, *, run: bool = False) -> Iterator[tuple[list[T], bytes, dict[int, ItemKeyError]]]:
+        """``(chunk, keys, unkeyable)`` for each chunk of the iterable: see ``_keys_of``.
+
+        ``run``: an item whose key raises ``ItemKeyError`` ends the chunks after the
+        items before it, as an exception from ``fn`` would, so that those are processed
+        and saved first.
+        """
+        offset = 0
+        for chunk in self._chunks():
+            try:
+                keys, unkeyable = self._keys_of(chunk, offset)
+            except ItemKeyError as error:
+                head = chunk[: (error.position or offset) - offset]
+                if run and head:
+                    yield (head, *self._keys_of(head, offset))
+                raise
+            yield chunk, keys, unkeyable
+            offset += len(chunk)
+
+    def _keys_of(self, items: list[T], offset: int) -> tuple[bytes, dict[int, ItemKeyError]]:
+        """The keys of ``items`` (at ``offset`` in the iterable), and the items among them
+        whose key cannot be computed, by index into ``items``.
+
+        Such an item raises ``ItemKeyError``, naming its position, unless
+        ``skip_item_errors``: then it stands in the keys under ``keys.substitute_key``,
+        so that positions stay aligned, and ``start()`` records it as failed.
+        """
         key = self.key
+        unkeyable: dict[int, ItemKeyError] = {}
+        values: list[object]
         if key is None:
-            return _backend.backend.input_keys(items)
-        return _backend.backend.input_keys([key(item) for item in items])
+            values = items  # type: ignore[assignment]  # read only
+        else:
+            values = []
+            for index, item in enumerate(items):
+                try:
+                    values.append(key(item))
+                except Exception as exc:
+                    error = ItemKeyError(
+                        f"key= raised {type(exc).__name__}: {exc} for the item at position "
+                        f"{offset + index}: {short_repr(item)}",
+                        offset + index,
+                    )
+                    error.__cause__ = exc
+                    if not self.skip_item_errors or isinstance(exc, self.fatal_exceptions):
+                        raise error from exc
+                    unkeyable[index] = error
+                    values.append(None)  # a stand-in; the item gets a substitute key below
+        if not unkeyable:
+            try:
+                return _backend.backend.input_keys(values), unkeyable
+            except TypeError:  # a value that cannot be keyed: found one at a time below
+                pass
+        parts = []
+        for index, value in enumerate(values):
+            if index not in unkeyable:
+                try:
+                    parts.append(_backend.backend.input_key(value))
+                    continue
+                except TypeError as exc:
+                    error = self._unkeyable_value(value, items[index], offset + index, exc)
+                    if not self.skip_item_errors:
+                        raise error from exc
+                    unkeyable[index] = error
+            parts.append(substitute_key(items[index]))
+        return b"".join(parts), unkeyable
+
+    def _unkeyable_value(self, value: object, item: T, position: int, exc: TypeError) -> ItemKeyError:
+        reason = str(exc).removesuffix(f"; {KEY_HINT}")
+        if self.key is None:
+            text = f"cannot compute the key of the item at position {position}: {short_repr(item)}: {exc}"
+        else:
+            text = (
+                f"key= returned a {type(value).__qualname__} that cannot be keyed for the item at "
+                f"position {position}: {short_repr(item)}: {reason}; make key= return a str, "
+                "int, bytes, or a tuple of them"
+            )
+        error = ItemKeyError(text, position)
+        error.__cause__ = exc
+        return error
 
     def _current_keys(self) -> bytes:
         """Keys of the current iterable in order; from the last complete ``start`` if any."""
         if self._key_chunks is None:
-            self._key_chunks = [self._keys_of(chunk) for chunk in self._chunks()]
+            self._key_chunks = [keys for _, keys, _ in self._keyed_chunks()]
         if len(self._key_chunks) != 1:
             # Kept joined from now on: one copy of the keys, not the chunks plus a join
             # per load (3M inputs: 48 MB less while load() builds its result).
@@ -396,10 +474,20 @@ class Snapper(Generic[T, R]):
         """
         fn = self.fn
         consecutive_failures = 0
-        for chunk in self._chunks():
-            keys = self._keys_of(chunk)
+        for chunk, keys, unkeyable in self._keyed_chunks(run=True):
             key_chunks.append(keys)
             todo = skip.claim(keys)  # duplicates within the chunk are claimed once
+            if unkeyable:  # skip_item_errors: recorded as failed, if claimed (not failed before)
+                claimed = set(todo)
+                todo = [position for position in todo if position not in unkeyable]
+                for position, error in unkeyable.items():
+                    if position in claimed:
+                        key = keys[position * KEY_SIZE : (position + 1) * KEY_SIZE]
+                        self.failed_items.append(FailedItem(chunk[position], error))
+                        now = time.time()
+                        store.record(self._failure_row(key, version, chunk[position], _Failed(error, 0), now, now))
+                        consecutive_failures += 1
+                        self._check_consecutive(consecutive_failures, error)
             if bar is not None:
                 bar.update(len(chunk) - len(todo))  # done before, or duplicates
             while todo:
@@ -534,9 +622,9 @@ class Snapper(Generic[T, R]):
             assert version is not None
             inputs: list[T] = []
             key_chunks: list[bytes] = []
-            for chunk in self._chunks():
+            for chunk, chunk_keys, _ in self._keyed_chunks():
                 inputs += chunk
-                key_chunks.append(self._keys_of(chunk))
+                key_chunks.append(chunk_keys)
             keys = b"".join(key_chunks)
             if self._one_shot_read:
                 self._key_chunks = [keys]  # for a later load(): it cannot read them again
@@ -618,6 +706,19 @@ class Snapper(Generic[T, R]):
 
 
 PICKLE_SUFFIXES = (".pkl", ".pickle")
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+SHORT_REPR_LIMIT = 120
+
+
+def short_repr(item: object) -> str:
+    """``repr(item)`` cut short (and bounded in work: big containers are not walked
+    whole), for messages that name an item."""
+    try:
+        text = _REPR.repr(item)
+    except Exception as exc:
+        return f"<{type(item).__qualname__} whose repr raised {type(exc).__name__}>"
+    return text if len(text) <= SHORT_REPR_LIMIT else text[: SHORT_REPR_LIMIT - 3] + "..."
 
 
 def _storage_of(given: "Union[SnapshotStorage[R], str, os.PathLike[str], None]") -> SnapshotStorage[R]:
