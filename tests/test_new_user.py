@@ -20,6 +20,7 @@ from snapperable import (
     NOT_DONE,
     CheckpointCorruptError,
     CheckpointError,
+    FunctionChangedError,
     ItemFailure,
     ItemKeyError,
     PickleSnapshotStorage,
@@ -353,3 +354,53 @@ def test_an_interrupt_in_key_is_not_an_item_failure(storage: SnapshotStorage[Any
 
     with pytest.raises(KeyboardInterrupt):
         Snapper([1, 2, 3], str, snapshot_storage=storage, key=interrupted, skip_item_errors=True).start()
+
+
+# -- item 9: plan() previews under on_version_change="raise"; its text agrees with its counts --
+def double(x: int) -> int:
+    return x * 2
+
+
+def triple(x: int) -> int:
+    return x * 3
+
+
+def test_plan_previews_a_change_that_start_would_refuse(storage: SnapshotStorage[Any]) -> None:
+    Snapper([1, 2], double, snapshot_storage=storage).start()
+    refusing = Snapper([1, 2, 3], triple, snapshot_storage=storage, on_version_change="raise")
+    plan = refusing.plan()
+    assert (plan.done, plan.stale, plan.new) == (0, 2, 1)
+    assert plan.start_raises and plan.to_process == 0
+    assert plan.version_changes and "function body changed" in plan.version_changes[0]
+    text = str(plan)
+    assert "start() raises FunctionChangedError" in text and "function body changed" in text, text
+    with pytest.raises(FunctionChangedError):
+        refusing.start()
+    with pytest.raises(FunctionChangedError):
+        refusing.load()
+    with Snapper([1, 2, 3], triple, snapshot_storage=storage, on_version_change="raise") as entered:
+        assert entered.plan().start_raises  # entering the block does not raise either
+    assert Snapper([1, 2], double, snapshot_storage=storage, on_version_change="raise").load() == [2, 4]
+
+
+def test_plan_text_after_keep_and_after_a_revert_says_nothing_is_stale(storage: SnapshotStorage[Any]) -> None:
+    Snapper([1, 2], double, snapshot_storage=storage).start()
+    kept = Snapper([1, 2], triple, snapshot_storage=storage, on_version_change="keep")
+    plan = kept.plan()
+    assert plan.stale == 0 and plan.version_changes
+    text = str(plan)
+    assert "0 stale" in text and "stale because" not in text, text
+    assert "no saved result is stale" in text and "function body changed" in text, text
+    kept.start()
+    Snapper([1, 2], double, snapshot_storage=storage, on_version_change="reprocess").start()
+    Snapper([1, 2], triple, snapshot_storage=storage).start()  # the kept version again
+    reverted = Snapper([1, 2], double, snapshot_storage=storage).plan()  # back to double
+    assert reverted.stale == 0 and reverted.version_changes
+    assert "stale because" not in str(reverted) and "no saved result is stale" in str(reverted)
+
+
+def test_plan_text_names_the_change_when_items_are_stale(storage: SnapshotStorage[Any]) -> None:
+    Snapper([1, 2], double, snapshot_storage=storage).start()
+    plan = Snapper([1, 2], triple, snapshot_storage=storage).plan()
+    assert plan.stale == 2 and plan.to_process == 2 and not plan.start_raises
+    assert "stale because function body changed" in str(plan)

@@ -110,9 +110,15 @@ class RunPlan:
     failed: int
     retry_failed_items: bool
     version_changes: list[str] = field(default_factory=list)
+    # on_version_change="raise" and the function changed: start() raises
+    # FunctionChangedError instead of processing (the counts say what it would face).
+    start_raises: bool = False
 
     @property
     def to_process(self) -> int:
+        """Items ``start()`` would process (0 when it raises instead)."""
+        if self.start_raises:
+            return 0
         return self.new + self.stale + (self.failed if self.retry_failed_items else 0)
 
     def __str__(self) -> str:
@@ -120,7 +126,16 @@ class RunPlan:
             f"{self.total} inputs ({self.unique} unique): {self.done} done, {self.new} new, "
             f"{self.stale} stale, {self.failed} failed earlier; {self.to_process} to process"
         ]
-        lines += [f"  stale because {change}" for change in self.version_changes]
+        changes = "; ".join(self.version_changes)
+        if self.start_raises:
+            lines.append(
+                f"  the function changed since the last run ({changes}): start() raises "
+                'FunctionChangedError (on_version_change="raise")'
+            )
+        elif self.stale:
+            lines += [f"  stale because {change}" for change in self.version_changes]
+        elif self.version_changes:
+            lines.append(f"  the function changed since the last run ({changes}); no saved result is stale")
         return "\n".join(lines)
 
 

@@ -184,6 +184,7 @@ class Snapper(Generic[T, R]):
         self._registration: Optional[tuple[str, str, Optional[int]]] = None
         self._change_log = ""
         self._changes: list[str] = []
+        self._version_conflict: Optional[str] = None  # on_version_change="raise" refused a change
         self._fingerprint: "Optional[versioning.Fingerprint]" = None
         # Keys of the iterable in order, one bytes per chunk (16 bytes an input), kept by
         # start() for load(); chunks, not one buffer, so that keeping them never needs
@@ -272,6 +273,7 @@ class Snapper(Generic[T, R]):
         last = known[-1] if known else None
         self._changes = []
         self._registration = None
+        self._version_conflict = None
         if last is not None and last.fingerprint != current.digest:
             from snapperable.versioning import explain_change
 
@@ -288,11 +290,13 @@ class Snapper(Generic[T, R]):
             return
         what = "; ".join(self._changes) or "fingerprint changed"
         if self.on_version_change == "raise":
-            raise FunctionChangedError(
+            # Raised by start() and the loads; plan() previews what changed instead.
+            self._version_id = UNREGISTERED
+            self._version_conflict = (
                 f"the function changed since checkpoint {store.path} was last run ({what}); "
                 'pass on_version_change="reprocess" to redo its items or "keep" to keep them'
             )
-        if self.on_version_change == "keep":
+        elif self.on_version_change == "keep":
             self._version_id = last.uses
             self._registration = (current.digest, parts, last.uses)
             self._change_log = f"function changed ({what}); keeping earlier results"
@@ -301,8 +305,17 @@ class Snapper(Generic[T, R]):
             self._registration = (current.digest, parts, None)
             self._change_log = f"function changed ({what}); its items will be reprocessed"
 
+    def _usable_version(self) -> int:
+        """The version id whose results are read; raises the policy's refusal of a
+        changed function (``on_version_change="raise"``)."""
+        if self._version_conflict is not None:
+            raise FunctionChangedError(self._version_conflict)
+        assert self._version_id is not None
+        return self._version_id
+
     def _register_version(self, store: CheckpointStore) -> int:
         """Record what ``_resolve_version`` decided; the version id to run with."""
+        self._usable_version()
         if self._registration is not None:
             fingerprint, parts, uses = self._registration
             if self._change_log:
@@ -598,8 +611,7 @@ class Snapper(Generic[T, R]):
         a one-shot generator.
         """
         with self._session() as checkpoint:
-            version = self._version_id
-            assert version is not None
+            version = self._usable_version()
             keys = self._current_keys()
             if missing is _NO_PLACEHOLDER:
                 return checkpoint.store.outputs_for(version, keys)
@@ -618,8 +630,7 @@ class Snapper(Generic[T, R]):
         """
         with self._session() as checkpoint:
             store = checkpoint.store
-            version = self._version_id
-            assert version is not None
+            version = self._usable_version()
             inputs: list[T] = []
             key_chunks: list[bytes] = []
             for chunk, chunk_keys, _ in self._keyed_chunks():
@@ -643,8 +654,7 @@ class Snapper(Generic[T, R]):
     def load_all(self) -> list[R]:
         """Every output saved for the current function version, in the order first saved."""
         with self._session() as checkpoint:
-            version = self._version_id
-            assert version is not None
+            version = self._usable_version()
             return checkpoint.store.all_outputs(version)
 
     def load_metrics(self) -> list[ProcessingMetric]:
@@ -654,8 +664,7 @@ class Snapper(Generic[T, R]):
         successfully is superseded, as its output would be.
         """
         with self._session() as checkpoint:
-            version = self._version_id
-            assert version is not None
+            version = self._usable_version()
             latest = {row.key: row for row in checkpoint.store.rows(version)}
             return [metric_from_row(row) for row in latest.values()]
 
@@ -702,6 +711,7 @@ class Snapper(Generic[T, R]):
                 failed=counts["failed"],
                 retry_failed_items=self.retry_failed_items,
                 version_changes=list(self._changes),
+                start_raises=self._version_conflict is not None,
             )
 
 
