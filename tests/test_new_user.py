@@ -4,11 +4,15 @@ where a checkpoint is involved, both storages."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
+import time
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -28,6 +32,7 @@ from snapperable import (
     SnapshotStorage,
     SQLiteSnapshotStorage,
 )
+from snapperable.keys import input_key
 
 USER_CODE = """
 from pathlib import Path
@@ -404,3 +409,57 @@ def test_plan_text_names_the_change_when_items_are_stale(storage: SnapshotStorag
     plan = Snapper([1, 2], triple, snapshot_storage=storage).plan()
     assert plan.stale == 2 and plan.to_process == 2 and not plan.start_raises
     assert "stale because function body changed" in str(plan)
+
+
+# -- item 12: reports name items by input or position, in local ISO-8601 time, with scope ------
+def _slow_on(slow: set[int]) -> Any:
+    def work(x: int) -> int:
+        if x in slow:
+            time.sleep(0.05)
+        if x == 13:
+            raise ValueError("thirteen")
+        return x
+
+    return work
+
+
+def test_report_names_outliers_by_position_and_times_in_local_iso(storage: SnapshotStorage[Any]) -> None:
+    items = list(range(40))
+    with Snapper(items, _slow_on({7}), snapshot_storage=storage, skip_item_errors=True, version="v") as s:
+        s.start()
+        data = json.loads(s.generate_report(format="json"))
+        text = s.generate_report()
+    outlier = data["slow_outliers"][0]  # the slowest; others may pass the threshold by jitter
+    assert outlier["position"] == 7 and outlier["item"] is None
+    assert outlier["key"] == input_key(7).hex()
+    started = datetime.fromisoformat(outlier["started_local"])
+    assert started.utcoffset() is not None  # local time, offset included
+    assert abs(started.timestamp() - time.time()) < 3600
+    assert "| position 7 |" in text, text
+    assert "| key " not in text  # no bare hex keys for items it can name
+    assert re.search(r"- time range: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d to ", text), text
+    assert "(Unix time)" not in text
+    failure = data["failures_by_type"]["builtins.ValueError"]["example"]
+    assert failure["item"] == "13" and failure["position"] == 13
+    assert "13 (position 13): thirteen" in text
+
+
+def test_report_totals_say_which_runs_they_cover(storage: SnapshotStorage[Any]) -> None:
+    Snapper([1, 2], double, snapshot_storage=storage).start()
+    Snapper([1, 2, 3], double, snapshot_storage=storage).start()  # a second run, same version
+    Snapper([1, 2], triple, snapshot_storage=storage).start()  # another version
+    with Snapper([1, 2, 3], double, snapshot_storage=storage) as s:
+        data = json.loads(s.generate_report(format="json"))
+        text = s.generate_report()
+    assert data["total"] == 3  # both runs of `double`, not the run of `triple`
+    covers = data["covers"]
+    assert covers["version"] == 1 and covers["since"] <= time.time()
+    assert "- covers: every run of the current function version (id 1) since 20" in text, text
+    assert "other versions are not counted" in text
+
+
+def test_report_names_an_item_no_longer_in_the_iterable_by_key(storage: SnapshotStorage[Any]) -> None:
+    Snapper(list(range(12)) + [29], _slow_on({29}), snapshot_storage=storage, version="v").start()
+    with Snapper([1, 2], _slow_on({29}), snapshot_storage=storage, version="v") as s:
+        text = s.generate_report()
+    assert f"key {input_key(29).hex()} (not in the current iterable)" in text, text

@@ -5,12 +5,28 @@ from __future__ import annotations
 import enum
 import json
 import pickle
+import reprlib
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, Optional, TypeVar
+from typing import Any, Generic, Literal, Mapping, Optional, TypeVar
 
 from snapperable._contract import STATUS_OK, RowInfo
 
 T = TypeVar("T")
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+SHORT_REPR_LIMIT = 120
+
+
+def short_repr(item: object) -> str:
+    """``repr(item)`` cut short (and bounded in work: big containers are not walked
+    whole), for messages and reports that name an item."""
+    try:
+        text = _REPR.repr(item)
+    except Exception as exc:
+        return f"<{type(item).__qualname__} whose repr raised {type(exc).__name__}>"
+    return text if len(text) <= SHORT_REPR_LIMIT else text[: SHORT_REPR_LIMIT - 3] + "..."
+
 
 SLOW_OUTLIER_FACTOR = 3.0  # a duration over p50 * this (and over p95) is an outlier
 MAX_OUTLIERS = 10
@@ -147,7 +163,51 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
 
 
-def summarize(metrics: list[ProcessingMetric]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ReportScope:
+    """What a report's metrics cover: the latest row of each item saved for one function
+    version, over every run that used it since ``since`` (Unix time it was first used,
+    None if unknown). ``positions`` maps a key (hex) to its first position in the
+    current iterable, to name items whose input is not stored."""
+
+    version: int
+    since: Optional[float]
+    positions: Mapping[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        since = f" since {local_time(self.since)}" if self.since is not None else ""
+        return (
+            f"every run of the current function version (id {self.version}){since}, the "
+            "latest row of each item; items saved by other versions are not counted"
+        )
+
+
+def local_time(unix: float) -> str:
+    """``unix`` as ISO-8601 local time with its UTC offset, to the second."""
+    from datetime import datetime  # only reports need it
+
+    return datetime.fromtimestamp(unix).astimezone().isoformat(timespec="seconds")
+
+
+def _which_item(m: ProcessingMetric, scope: Optional[ReportScope]) -> dict[str, Any]:
+    """How a report names an item: its input when stored, else its position in the
+    current iterable, else (not in it) only its key."""
+    position = scope.positions.get(m.key) if scope is not None else None
+    named: dict[str, Any] = {"key": m.key, "position": position, "item": None}
+    if m.item is not None:
+        named["item"] = short_repr(m.item)
+    return named
+
+
+def _item_label(named: Mapping[str, Any]) -> str:
+    if named["item"] is not None:
+        return str(named["item"])
+    if named["position"] is not None:
+        return f"position {named['position']}"
+    return f"key {named['key']} (not in the current iterable)"
+
+
+def summarize(metrics: list[ProcessingMetric], scope: Optional[ReportScope] = None) -> dict[str, Any]:
     """The numbers of a report, as plain JSON-able data."""
     durations = sorted(m.duration for m in metrics)
     failures = [m for m in metrics if not m.success]
@@ -157,6 +217,8 @@ def summarize(metrics: list[ProcessingMetric]) -> dict[str, Any]:
         "failures": len(failures),
         "attempts": sum(m.attempts for m in metrics),
     }
+    if scope is not None:
+        summary["covers"] = {"version": scope.version, "since": scope.since, "description": scope.describe()}
     if metrics:
         p50 = _percentile(durations, 0.5)
         p95 = _percentile(durations, 0.95)
@@ -169,28 +231,35 @@ def summarize(metrics: list[ProcessingMetric]) -> dict[str, Any]:
             "p50": p50,
             "p95": p95,
         }
+        first_start = min(m.started for m in metrics)
+        last_end = max(m.ended for m in metrics)
         summary["time_range"] = {
-            "first_start": min(m.started for m in metrics),
-            "last_end": max(m.ended for m in metrics),
+            "first_start": first_start,
+            "last_end": last_end,
+            "first_start_local": local_time(first_start),
+            "last_end_local": local_time(last_end),
         }
         summary["slow_outliers"] = [
-            {"key": m.key, "duration": m.duration} for m in outliers[:MAX_OUTLIERS]
+            {**_which_item(m, scope), "duration": m.duration, "started_local": local_time(m.started)}
+            for m in outliers[:MAX_OUTLIERS]
         ]
     by_type: dict[str, dict[str, Any]] = {}
     for m in failures:
         group = by_type.setdefault(
             m.error_type or "unknown",
-            {"count": 0, "example": {"key": m.key, "item": repr(m.item), "error": m.error}},
+            {"count": 0, "example": {**_which_item(m, scope), "item": repr(m.item), "error": m.error}},
         )
         group["count"] += 1
     summary["failures_by_type"] = by_type
     return summary
 
 
-def render_report(metrics: list[ProcessingMetric], format: Literal["markdown", "json"]) -> str:
+def render_report(
+    metrics: list[ProcessingMetric], format: Literal["markdown", "json"], scope: Optional[ReportScope] = None
+) -> str:
     if format not in ("markdown", "json"):
         raise ValueError(f"format must be 'markdown' or 'json', not {format!r}")
-    summary = summarize(metrics)
+    summary = summarize(metrics, scope)
     if format == "json":
         return json.dumps(summary, indent=2, sort_keys=True)
     lines = [
@@ -199,6 +268,8 @@ def render_report(metrics: list[ProcessingMetric], format: Literal["markdown", "
         f"- items: {summary['total']} ({summary['successes']} succeeded, "
         f"{summary['failures']} failed; {summary['attempts']} attempts)",
     ]
+    if "covers" in summary:
+        lines.append(f"- covers: {summary['covers']['description']}")
     if "duration" in summary:
         d = summary["duration"]
         lines.append(
@@ -206,20 +277,29 @@ def render_report(metrics: list[ProcessingMetric], format: Literal["markdown", "
             f"max {d['max']:.6f}, p50 {d['p50']:.6f}, p95 {d['p95']:.6f}"
         )
         r = summary["time_range"]
-        lines.append(f"- time range: {r['first_start']:.3f} to {r['last_end']:.3f} (Unix time)")
+        lines.append(f"- time range: {r['first_start_local']} to {r['last_end_local']}")
         if summary["slow_outliers"]:
-            lines += ["", "## Slow outliers", "", "| key | duration (s) |", "| --- | --- |"]
-            lines += [f"| {o['key']} | {o['duration']:.6f} |" for o in summary["slow_outliers"]]
+            lines += ["", "## Slow outliers", "", "| item | duration (s) | started |", "| --- | --- | --- |"]
+            lines += [
+                f"| {_cell(_item_label(o))} | {o['duration']:.6f} | {o['started_local']} |"
+                for o in summary["slow_outliers"]
+            ]
     if summary["failures_by_type"]:
         lines += ["", "## Failures by exception type", "", "| type | count | example |", "| --- | --- | --- |"]
         for name, group in sorted(summary["failures_by_type"].items()):
             example = group["example"]
-            text = f"{example['item']}: {example['error']}".replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {name} | {group['count']} | {text} |")
+            where = f" (position {example['position']})" if example["position"] is not None else ""
+            text = f"{example['item']}{where}: {example['error']}"
+            lines.append(f"| {name} | {group['count']} | {_cell(text)} |")
     return "\n".join(lines) + "\n"
 
 
+def _cell(text: str) -> str:
+    """``text`` as one markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 __all__ = [
-    "FailedItem", "ItemFailure", "NOT_DONE", "NotDone", "ProcessingMetric", "RunPlan",
-    "summarize", "render_report",
+    "FailedItem", "ItemFailure", "NOT_DONE", "NotDone", "ProcessingMetric", "ReportScope", "RunPlan",
+    "local_time", "summarize", "render_report",
 ]

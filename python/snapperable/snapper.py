@@ -19,7 +19,6 @@ import logging
 import os
 import pickle
 import random
-import reprlib
 import time
 import traceback
 from contextlib import contextmanager
@@ -52,14 +51,17 @@ from snapperable.errors import (
 )
 from snapperable.keys import KEY_HINT, substitute_key
 from snapperable.metrics import (
+    MAX_OUTLIERS,
     NOT_DONE,
     FailedItem,
     ItemFailure,
     NotDone,
     ProcessingMetric,
+    ReportScope,
     RunPlan,
     metric_from_row,
     render_report,
+    short_repr,
 )
 from snapperable.storage.base import OpenCheckpoint, SnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
@@ -664,13 +666,37 @@ class Snapper(Generic[T, R]):
         successfully is superseded, as its output would be.
         """
         with self._session() as checkpoint:
-            version = self._usable_version()
-            latest = {row.key: row for row in checkpoint.store.rows(version)}
-            return [metric_from_row(row) for row in latest.values()]
+            return _latest_metrics(checkpoint.store, self._usable_version())
 
     def generate_report(self, format: Literal["markdown", "json"] = "markdown") -> str:
-        """A summary of the saved metrics: totals, durations, outliers, failures by type."""
-        return render_report(self.load_metrics(), format)
+        """A summary of the saved metrics: totals (and which runs they cover), durations,
+        slow outliers and failures by type, each item named by its input when stored,
+        else by its position in the current iterable (read as ``load()`` reads it)."""
+        with self._session() as checkpoint:
+            store = checkpoint.store
+            version = self._usable_version()
+            metrics = _latest_metrics(store, version)
+            since = [row.created for row in store.versions() if row.uses == version]
+            scope = ReportScope(version, min(since) if since else None, self._positions_of(metrics))
+        return render_report(metrics, format, scope)
+
+    def _positions_of(self, metrics: list[ProcessingMetric]) -> dict[str, int]:
+        """The first position in the current iterable of the items a report names (the
+        failed ones and the slowest), by key hex; none if the iterable cannot be read."""
+        slowest = sorted(metrics, key=lambda m: -m.duration)[:MAX_OUTLIERS]
+        wanted = {m.key for m in slowest} | {m.key for m in metrics if not m.success}
+        try:
+            keys = self._current_keys()
+        except (RuntimeError, ItemKeyError):  # a one-shot iterator read before, say
+            return {}
+        positions: dict[str, int] = {}
+        for position in range(len(keys) // KEY_SIZE):
+            key = keys[position * KEY_SIZE : (position + 1) * KEY_SIZE].hex()
+            if key in wanted:
+                positions.setdefault(key, position)
+                if len(positions) == len(wanted):
+                    break
+        return positions
 
     def plan(self) -> RunPlan:
         """What ``start`` would do now, without processing anything.
@@ -716,19 +742,6 @@ class Snapper(Generic[T, R]):
 
 
 PICKLE_SUFFIXES = (".pkl", ".pickle")
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 60
-SHORT_REPR_LIMIT = 120
-
-
-def short_repr(item: object) -> str:
-    """``repr(item)`` cut short (and bounded in work: big containers are not walked
-    whole), for messages that name an item."""
-    try:
-        text = _REPR.repr(item)
-    except Exception as exc:
-        return f"<{type(item).__qualname__} whose repr raised {type(exc).__name__}>"
-    return text if len(text) <= SHORT_REPR_LIMIT else text[: SHORT_REPR_LIMIT - 3] + "..."
 
 
 def _storage_of(given: "Union[SnapshotStorage[R], str, os.PathLike[str], None]") -> SnapshotStorage[R]:
@@ -762,6 +775,11 @@ class _Failed:
 
 
 _NO_OUTPUT = object()  # marks "fn raised" apart from "pickling the output raised"
+
+
+def _latest_metrics(store: CheckpointStore, version: int) -> list[ProcessingMetric]:
+    latest = {row.key: row for row in store.rows(version)}
+    return [metric_from_row(row) for row in latest.values()]
 
 
 def _outcomes_in_place(
