@@ -13,7 +13,6 @@ storage while the first one is still referenced.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -32,7 +31,6 @@ from typing import (
     Literal,
     Optional,
     TYPE_CHECKING,
-    NoReturn,
     Sized,
     TypeVar,
     Union,
@@ -63,12 +61,11 @@ from snapperable.metrics import (
     render_report,
     short_repr,
 )
+from snapperable.progress import Progress, ProgressSetting, check_setting
 from snapperable.storage.base import OpenCheckpoint, SnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
 
 if TYPE_CHECKING:
-    from tqdm import tqdm
-
     from snapperable import versioning
 
 T = TypeVar("T")
@@ -111,7 +108,9 @@ class Snapper(Generic[T, R]):
       whose ``fn`` raised one of ``retry_on`` up to ``retries`` more times, sleeping an
       exponentially growing, jittered delay (``retry_backoff * 2**n``, at most
       ``retry_max_backoff`` seconds, times a random factor in [0.5, 1]).
-    - ``progress``: draw a tqdm progress bar during ``start`` (needs ``tqdm``).
+    - ``progress``: a tqdm bar during ``start``: ``"auto"`` (default) on a terminal once
+      a run lasts a few seconds, never in CI, logs or pipes; ``True`` always, ``False``
+      never (``progress.py``).
     """
 
     def __init__(
@@ -133,7 +132,7 @@ class Snapper(Generic[T, R]):
         retry_on: tuple[type[BaseException], ...] = (Exception,),
         retry_backoff: float = 1.0,
         retry_max_backoff: float = 60.0,
-        progress: bool = False,
+        progress: ProgressSetting = "auto",
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
@@ -174,9 +173,7 @@ class Snapper(Generic[T, R]):
         self.retry_on = retry_on
         self.retry_backoff = retry_backoff
         self.retry_max_backoff = retry_max_backoff
-        if progress and importlib.util.find_spec("tqdm") is None:
-            raise ImportError("progress=True draws a tqdm bar: pip install tqdm")
-        self.progress = progress
+        self.progress: ProgressSetting = check_setting(progress)
         self.failed_items: list[FailedItem[T]] = []
         self._checkpoint: Optional[OpenCheckpoint] = None
         self._in_with = False
@@ -450,10 +447,11 @@ class Snapper(Generic[T, R]):
             if not self.retry_failed_items:
                 for key in failed:
                     skip.add(key)
-            bar = self._progress_bar() if self.progress else None
+            total = len(self.iterable) if isinstance(self.iterable, Sized) else None
+            progress = Progress(self.progress, total)
             key_chunks: list[bytes] = []
             try:
-                self._run(store, version, skip, bar, key_chunks)
+                self._run(store, version, skip, progress, key_chunks)
                 self._key_chunks = key_chunks
             except BaseException:
                 # A one-shot iterator cannot be read again: a later load() returns the
@@ -462,22 +460,17 @@ class Snapper(Generic[T, R]):
                     self._key_chunks = key_chunks
                 raise
             finally:
-                store.flush()
-                if bar is not None:
-                    bar.close()
-
-    def _progress_bar(self) -> "tqdm[NoReturn]":
-        from tqdm.auto import tqdm  # imported only when asked for: it is slow to import
-
-        total = len(self.iterable) if isinstance(self.iterable, Sized) else None
-        return tqdm(total=total, desc="snapperable", unit="item")
+                try:
+                    store.flush()
+                finally:
+                    progress.close()
 
     def _run(
         self,
         store: CheckpointStore,
         version: int,
         skip: KeySet,
-        bar: "Optional[tqdm[NoReturn]]",
+        progress: Progress,
         key_chunks: list[bytes],
     ) -> None:
         """The loop: key a chunk, claim what is not done, have the store process it.
@@ -492,6 +485,7 @@ class Snapper(Generic[T, R]):
         for chunk, keys, unkeyable in self._keyed_chunks(run=True):
             key_chunks.append(keys)
             todo = skip.claim(keys)  # duplicates within the chunk are claimed once
+            progress.already_done(len(chunk) - len(todo))  # done before, or duplicates
             if unkeyable:  # skip_item_errors: recorded as failed, if claimed (not failed before)
                 claimed = set(todo)
                 todo = [position for position in todo if position not in unkeyable]
@@ -501,19 +495,17 @@ class Snapper(Generic[T, R]):
                         self.failed_items.append(FailedItem(chunk[position], error))
                         now = time.time()
                         store.record(self._failure_row(key, version, chunk[position], _Failed(error, 0), now, now))
+                        progress.saved(1, failed=1)
                         consecutive_failures += 1
                         self._check_consecutive(consecutive_failures, error)
-            if bar is not None:
-                bar.update(len(chunk) - len(todo))  # done before, or duplicates
             while todo:
-                # With a bar, one item per call so that it moves as items finish.
-                batch = todo if bar is None else todo[:1]
+                # A live bar gets batches it can follow; else the whole chunk at once.
+                batch = todo[: progress.batch(len(todo))]
                 stop = store.process(fn, chunk, keys, batch, version)
                 finished = len(batch) if stop is None else stop[0]
                 if finished:
                     consecutive_failures = 0
-                if bar is not None:
-                    bar.update(finished + (stop is not None))
+                    progress.saved(finished)  # the item that raised counts once recorded
                 if stop is None:
                     todo = todo[len(batch) :]
                     continue
@@ -527,12 +519,14 @@ class Snapper(Generic[T, R]):
                 outcome = self._recover(item, exc)
                 if isinstance(outcome, _Failed):
                     store.record(self._failure_row(key, version, item, outcome, started, time.time()))
+                    progress.saved(1, failed=1)
                     consecutive_failures += 1
                     self._check_consecutive(consecutive_failures, outcome.exception)
                     continue
                 payload, attempts = outcome
                 ok_row = (key, version, STATUS_OK, None, payload, None, None, None, attempts, started, time.time())
                 store.record(ok_row)
+                progress.saved(1)
                 consecutive_failures = 0
 
     def _recover(self, item: T, exc: BaseException) -> "tuple[bytes, int] | _Failed":
