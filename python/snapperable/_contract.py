@@ -184,6 +184,12 @@ class CheckpointStore(Protocol):
         """Every row (all versions when ``version`` is None), in the order saved."""
         ...
 
+    def fold_wal_into_file(self) -> None:
+        """Flush, then make the file hold every committed row by itself: SQLite copies
+        its WAL into the database file (``wal_checkpoint(TRUNCATE)``); a pickle file
+        always does. Before the file is moved, or once it was moved under the run."""
+        ...
+
     def close(self) -> None:
         """Flush, stop the writer and release the file. Idempotent."""
         ...

@@ -334,6 +334,12 @@ class PySQLiteStore(WriterBackedStore):
             )
         return (RowInfo(*row) for row in found)
 
+    def fold_wal_into_file(self) -> None:
+        self.flush()
+        busy = self._query("PRAGMA wal_checkpoint(TRUNCATE)")[0][0]
+        if busy:
+            raise CheckpointError(f"{self.path}: cannot copy the WAL into the file: another connection is reading it")
+
     def _release(self) -> None:
         try:
             if self._process is not None:

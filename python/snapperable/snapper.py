@@ -451,7 +451,7 @@ class Snapper(Generic[T, R]):
             progress = Progress(self.progress, total)
             key_chunks: list[bytes] = []
             try:
-                self._run(store, version, skip, progress, key_chunks)
+                self._run(checkpoint, version, skip, progress, key_chunks)
                 self._key_chunks = key_chunks
             except BaseException:
                 # A one-shot iterator cannot be read again: a later load() returns the
@@ -464,10 +464,11 @@ class Snapper(Generic[T, R]):
                     store.flush()
                 finally:
                     progress.close()
+            checkpoint.verify_in_place()  # all saved: to the file the path still names?
 
     def _run(
         self,
-        store: CheckpointStore,
+        checkpoint: OpenCheckpoint,
         version: int,
         skip: KeySet,
         progress: Progress,
@@ -481,8 +482,10 @@ class Snapper(Generic[T, R]):
         for ``load``.
         """
         fn = self.fn
+        store = checkpoint.store
         consecutive_failures = 0
         for chunk, keys, unkeyable in self._keyed_chunks(run=True):
+            checkpoint.verify_in_place()  # a stat per chunk: stop soon after an rm or mv
             key_chunks.append(keys)
             todo = skip.claim(keys)  # duplicates within the chunk are claimed once
             progress.already_done(len(chunk) - len(todo))  # done before, or duplicates

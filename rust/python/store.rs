@@ -290,6 +290,15 @@ impl PySqliteCheckpoint {
         }
     }
 
+    /// Flushes, then copies every committed row from the WAL into the database file.
+    fn fold_wal_into_file(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| {
+            self.inner.flush()?;
+            self.inner.with_store(|store| store.fold_wal_into_file())
+        })?;
+        Ok(())
+    }
+
     /// Flushes, stops the writer and releases the file. Idempotent.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         Ok(py.detach(|| self.inner.close())?)

@@ -312,6 +312,25 @@ impl Store {
         Ok(page)
     }
 
+    /// Copies every committed row from the WAL into the database file and empties the
+    /// WAL (`wal_checkpoint(TRUNCATE)`), so the file holds them by itself: SQLite does
+    /// not do it on close for a file renamed while open, which would leave them in a
+    /// `-wal` beside the old name.
+    pub fn fold_wal_into_file(&self) -> Result<()> {
+        let busy: i64 = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get(0))
+            .map_err(|e| self.fail(e))?;
+        if busy != 0 {
+            return Err(Error::Checkpoint {
+                path: self.path.clone(),
+                detail: "cannot copy the WAL into the file: another connection is reading it"
+                    .to_owned(),
+            });
+        }
+        Ok(())
+    }
+
     /// Closes the connection, reporting what SQLite says (e.g. a failed WAL checkpoint).
     pub fn close(self) -> Result<()> {
         let path = self.path;

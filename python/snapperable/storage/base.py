@@ -28,7 +28,7 @@ from abc import ABC, abstractmethod
 from typing import Callable, Generic, Optional, TypeVar
 
 from snapperable._contract import CheckpointStore
-from snapperable.errors import CheckpointCorruptError, CheckpointError, CheckpointLockedError
+from snapperable.errors import CheckpointCorruptError, CheckpointError, CheckpointLockedError, WriterError
 
 R = TypeVar("R")
 
@@ -185,15 +185,51 @@ class SnapshotStorage(ABC, Generic[R]):
 
 
 class OpenCheckpoint:
-    """An open store together with the hold on its file; ``close`` releases both."""
+    """An open store together with the hold on its file; ``close`` releases both.
+
+    It also notices the file being removed or renamed under it (``rm``, ``mv``): the
+    store keeps writing to the file it opened, which the path no longer names, so a
+    later run would start again from nothing. ``verify_in_place`` compares the file the
+    store opened (device and inode) with the one the path names now.
+    """
 
     def __init__(self, store: CheckpointStore, hold: FileHold) -> None:
         self.store = store
         self.pid = os.getpid()
         self._hold = hold
+        self._identity = _identity_of(store.path)
+        self._move_reported = False
+
+    def verify_in_place(self) -> None:
+        """Raise ``WriterError`` if the path no longer names the file the store opened,
+        after committing every recorded row to that file and making it hold them by
+        itself (a SQLite WAL copied into it), so that a moved file is complete."""
+        if self._move_reported or self._identity is None or _identity_of(self.store.path) == self._identity:
+            return
+        self._move_reported = True  # once: close() after start() raised must not repeat it
+        self.store.fold_wal_into_file()
+        now = "is now another file" if os.path.exists(self.store.path) else "no longer exists"
+        raise WriterError(
+            f"checkpoint {self.store.path} was removed or renamed while it was open (the path "
+            f"{now}): every row saved so far was committed to the file that was open, "
+            "which holds them all if it was moved; move it back, or start over with "
+            "snapperable.move_checkpoint"
+        )
 
     def close(self) -> None:
         try:
-            self.store.close()
+            try:
+                self.verify_in_place()
+            finally:
+                self.store.close()
         finally:
             self._hold.release()
+
+
+def _identity_of(path: str) -> Optional[tuple[int, int]]:
+    """(device, inode) of the file ``path`` names, None if none."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino

@@ -290,6 +290,9 @@ class PickleStore(WriterBackedStore):
                     attempts, started, ended,
                 )
 
+    def fold_wal_into_file(self) -> None:
+        self.flush()  # every frame is in the file, fsynced, once committed
+
     def _release(self) -> None:
         os.close(self._fd)
 
