@@ -17,6 +17,7 @@ from snapperable.errors import (
 from snapperable.metrics import NOT_DONE, FailedItem, ItemFailure, NotDone, ProcessingMetric, RunPlan
 from snapperable.snapper import Snapper
 from snapperable.storage.base import SnapshotStorage
+from snapperable.storage.files import move_checkpoint
 from snapperable.storage.pickle_storage import PickleSnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
 
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Snapper",
     "SnapshotStorage",
+    "move_checkpoint",
     "SQLiteSnapshotStorage",
     "PickleSnapshotStorage",
     "FailedItem",

@@ -63,7 +63,7 @@ from snapperable.metrics import (
 )
 from snapperable.progress import Progress, ProgressSetting, check_setting
 from snapperable.storage.base import OpenCheckpoint, SnapshotStorage
-from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
+from snapperable.storage.files import storage_for
 
 if TYPE_CHECKING:
     from snapperable import versioning
@@ -159,7 +159,7 @@ class Snapper(Generic[T, R]):
             raise TypeError(f"iterable must be iterable, not {type(iterable).__name__}") from None
         self.iterable = iterable
         self.fn = fn
-        self.snapshot_storage: SnapshotStorage[R] = _storage_of(snapshot_storage)
+        self.snapshot_storage: SnapshotStorage[R] = storage_for(snapshot_storage)
         self.batch_size = batch_size
         self.max_wait_time = max_wait_time
         self.key = key
@@ -736,29 +736,6 @@ class Snapper(Generic[T, R]):
                 version_changes=list(self._changes),
                 start_raises=self._version_conflict is not None,
             )
-
-
-PICKLE_SUFFIXES = (".pkl", ".pickle")
-
-
-def _storage_of(given: "Union[SnapshotStorage[R], str, os.PathLike[str], None]") -> SnapshotStorage[R]:
-    """The storage ``snapshot_storage=`` names: itself, the default, or one for a path."""
-    if given is None:
-        return SQLiteSnapshotStorage()
-    if isinstance(given, SnapshotStorage):
-        return given
-    if isinstance(given, (str, os.PathLike)):
-        path = os.fspath(given)
-        if isinstance(path, str):
-            if path.lower().endswith(PICKLE_SUFFIXES):
-                from snapperable.storage.pickle_storage import PickleSnapshotStorage
-
-                return PickleSnapshotStorage(path)
-            return SQLiteSnapshotStorage(path)
-    raise TypeError(
-        "snapshot_storage must be a SnapshotStorage (SQLiteSnapshotStorage(path), "
-        f"PickleSnapshotStorage(path)) or a str or os.PathLike path, not {type(given).__name__}"
-    )
 
 
 class _Failed:

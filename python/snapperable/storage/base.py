@@ -94,6 +94,15 @@ def vet_place(path: str, is_own_format: Callable[[bytes], bool]) -> None:
         raise CheckpointError(f"checkpoint {path} is read-only ({why}): start() needs to write to it")
 
 
+def fsync_directory(path: str) -> None:
+    """Make the directory entry of the file ``path`` durable (a new or moved file)."""
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _on_read_only_mount(path: str) -> bool:
     return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 

@@ -43,7 +43,7 @@ from snapperable._contract import (
 )
 from snapperable._writer import PendingRow, WriterBackedStore, item_row
 from snapperable.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
-from snapperable.storage.base import SnapshotStorage
+from snapperable.storage.base import SnapshotStorage, fsync_directory
 
 R = TypeVar("R")
 
@@ -111,7 +111,7 @@ class PickleStore(WriterBackedStore):
             os.ftruncate(self._fd, 0)
             os.write(self._fd, empty_header)
             os.fsync(self._fd)
-            _fsync_directory(self.path)
+            fsync_directory(self.path)
             return
         magic, version, reserved = (
             _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0, 0)
@@ -295,12 +295,3 @@ class PickleStore(WriterBackedStore):
 
     def _release(self) -> None:
         os.close(self._fd)
-
-
-def _fsync_directory(path: str) -> None:
-    """Make a new file's directory entry durable too."""
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
