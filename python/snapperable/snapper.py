@@ -5,10 +5,14 @@ checkpoint's writer. What counts as done is decided per function version: items 
 identified by their input key (``keys.py``, or the user's ``key=``), and results are
 valid for the version of ``fn`` that made them (``versioning.py``).
 
-A Snapper holds its checkpoint file from ``__enter__`` to ``__exit__``; used without
-``with``, it holds it only for the length of each call (``start``, ``load``, ...). The
-seed's own examples rely on the latter: they create a second Snapper on the same
-storage while the first one is still referenced.
+Only ``start()`` takes the hold on the checkpoint file (its lock); inside a ``with``
+block the hold is kept from the first ``start()`` to ``__exit__``, else it is released
+when ``start()`` returns. Every read (``load``, ``plan``, metrics, reports) works
+without it: on the held store when this Snapper holds the file, else on a reader
+opened for the call (``SnapshotStorage.open_reader``), so a notebook can read a
+checkpoint that a running script holds, and a read-only file can be read. The seed's
+own examples create a second Snapper on the same storage while the first one is still
+referenced.
 """
 
 from __future__ import annotations
@@ -38,7 +42,16 @@ from typing import (
 )
 
 from snapperable import _backend
-from snapperable._contract import KEY_SIZE, PICKLE_PROTOCOL, STATUS_FAILED, STATUS_OK, CheckpointStore, ItemRow, KeySet
+from snapperable._contract import (
+    KEY_SIZE,
+    PICKLE_PROTOCOL,
+    STATUS_FAILED,
+    STATUS_OK,
+    CheckpointReader,
+    CheckpointStore,
+    ItemRow,
+    KeySet,
+)
 from snapperable.errors import (
     CheckpointError,
     ForkedProcessError,
@@ -195,7 +208,6 @@ class Snapper(Generic[T, R]):
     def __enter__(self) -> "Snapper[T, R]":
         if self._in_with:
             raise RuntimeError("this Snapper is already in a `with` block")
-        self._open()
         self._in_with = True
         return self
 
@@ -204,10 +216,11 @@ class Snapper(Generic[T, R]):
         self._close()
 
     def _open(self) -> OpenCheckpoint:
+        """The held checkpoint: the hold taken (and the file opened for writing) if not yet."""
         if self._checkpoint is None:
             checkpoint = self.snapshot_storage.open(self.batch_size, self.max_wait_time)
             try:
-                self._resolve_version(checkpoint)
+                self._resolve_version(checkpoint.store)
             except BaseException:
                 checkpoint.close()
                 raise
@@ -233,14 +246,28 @@ class Snapper(Generic[T, R]):
         checkpoint.close()
 
     @contextmanager
-    def _session(self) -> Iterator[OpenCheckpoint]:
-        """The open checkpoint for one call; opened and closed around it outside ``with``."""
+    def _holding(self) -> Iterator[OpenCheckpoint]:
+        """The held checkpoint for ``start()``; released after it outside ``with``."""
         checkpoint = self._open()
         try:
             yield checkpoint
         finally:
             if not self._in_with:
                 self._close()
+
+    @contextmanager
+    def _reading(self) -> Iterator[CheckpointReader]:
+        """What a read reads: the held store if this Snapper holds the file, else a
+        reader of its own for the call, which needs no lock."""
+        if self._checkpoint is not None:
+            yield self._open().store
+            return
+        reader = self.snapshot_storage.open_reader()
+        try:
+            self._resolve_version(reader)
+            yield reader
+        finally:
+            reader.close()
 
     # -- versions -----------------------------------------------------------------------
     def _current_fingerprint(self) -> "versioning.Fingerprint":
@@ -255,7 +282,7 @@ class Snapper(Generic[T, R]):
             )
         return self._fingerprint
 
-    def _resolve_version(self, checkpoint: OpenCheckpoint) -> None:
+    def _resolve_version(self, store: CheckpointReader) -> None:
         """Decide which version's results this Snapper reads and writes (DESIGN 5).
 
         Nothing is written here: ``plan()`` and the loads only read. What ``start()``
@@ -265,7 +292,6 @@ class Snapper(Generic[T, R]):
         The versions table is a log: its last row is the version used last. A change is
         explained against that one, and ``on_version_change="keep"`` keeps its results.
         """
-        store = checkpoint.store
         current = self._current_fingerprint()
         parts = json.dumps(current.parts, sort_keys=True)
         known = store.versions()
@@ -440,7 +466,7 @@ class Snapper(Generic[T, R]):
         only after everything processed before it is saved.
         """
         self.failed_items = []
-        with self._session() as checkpoint:
+        with self._holding() as checkpoint:
             store = checkpoint.store
             version = self._register_version(store)
             skip, failed = store.key_sets(version)
@@ -609,12 +635,12 @@ class Snapper(Generic[T, R]):
         After ``start`` the keys it saw are reused, so this works when the iterable was
         a one-shot generator.
         """
-        with self._session() as checkpoint:
+        with self._reading() as store:
             version = self._usable_version()
             keys = self._current_keys()
             if missing is _NO_PLACEHOLDER:
-                return checkpoint.store.outputs_for(version, keys)
-            outcomes, _ = _outcomes_in_place(checkpoint.store, version, keys, missing)
+                return store.outputs_for(version, keys)
+            outcomes, _ = _outcomes_in_place(store, version, keys, missing)
             return outcomes
 
     def items(self) -> list[tuple[T, Union[R, ItemFailure, NotDone]]]:
@@ -627,8 +653,7 @@ class Snapper(Generic[T, R]):
         inputs: a one-shot iterator that ``start()`` has already read cannot be read
         again (``RuntimeError``); pass a list, or a fresh generator to a new Snapper.
         """
-        with self._session() as checkpoint:
-            store = checkpoint.store
+        with self._reading() as store:
             version = self._usable_version()
             inputs: list[T] = []
             key_chunks: list[bytes] = []
@@ -652,9 +677,9 @@ class Snapper(Generic[T, R]):
 
     def load_all(self) -> list[R]:
         """Every output saved for the current function version, in the order first saved."""
-        with self._session() as checkpoint:
+        with self._reading() as store:
             version = self._usable_version()
-            return checkpoint.store.all_outputs(version)
+            return store.all_outputs(version)
 
     def load_metrics(self) -> list[ProcessingMetric]:
         """One metric per item of the current function version, in the order first saved.
@@ -662,15 +687,14 @@ class Snapper(Generic[T, R]):
         An item's metric is its latest row: a failure that a later run retried
         successfully is superseded, as its output would be.
         """
-        with self._session() as checkpoint:
-            return _latest_metrics(checkpoint.store, self._usable_version())
+        with self._reading() as store:
+            return _latest_metrics(store, self._usable_version())
 
     def generate_report(self, format: Literal["markdown", "json"] = "markdown") -> str:
         """A summary of the saved metrics: totals (and which runs they cover), durations,
         slow outliers and failures by type, each item named by its input when stored,
         else by its position in the current iterable (read as ``load()`` reads it)."""
-        with self._session() as checkpoint:
-            store = checkpoint.store
+        with self._reading() as store:
             version = self._usable_version()
             metrics = _latest_metrics(store, version)
             since = [row.created for row in store.versions() if row.uses == version]
@@ -701,8 +725,7 @@ class Snapper(Generic[T, R]):
         Reads the whole iterable, as it is now (a generator is consumed, though its
         keys are kept for a later ``load``).
         """
-        with self._session() as checkpoint:
-            store = checkpoint.store
+        with self._reading() as store:
             version = self._version_id
             assert version is not None
             if iter(self.iterable) is not self.iterable:
@@ -751,13 +774,13 @@ class _Failed:
 _NO_OUTPUT = object()  # marks "fn raised" apart from "pickling the output raised"
 
 
-def _latest_metrics(store: CheckpointStore, version: int) -> list[ProcessingMetric]:
+def _latest_metrics(store: CheckpointReader, version: int) -> list[ProcessingMetric]:
     latest = {row.key: row for row in store.rows(version)}
     return [metric_from_row(row) for row in latest.values()]
 
 
 def _outcomes_in_place(
-    store: CheckpointStore, version: int, keys: bytes, missing: object
+    store: CheckpointReader, version: int, keys: bytes, missing: object
 ) -> tuple[list[Any], KeySet]:
     """The output of each key of ``keys``, in place, ``missing`` where it has none; and
     the keys whose latest row of ``version`` failed.

@@ -92,6 +92,56 @@ impl Store {
         if header.is_fresh() {
             header = self.initialize().map_err(|e| self.fail(e))?;
         }
+        self.check_header(&header)?;
+        self.conn
+            .execute_batch("PRAGMA journal_mode=WAL")
+            .and_then(|()| self.conn.execute_batch(synchronous.pragma()))
+            .map_err(|e| self.fail(e))
+    }
+
+    /// Opens an existing checkpoint for reading only: nothing is created or written
+    /// (no schema, no journal mode), so it works beside a running writer (a WAL reader)
+    /// and on a read-only file or directory. Where SQLite cannot set up its shared
+    /// memory there (a read-only directory without the `-shm` a writer leaves), the
+    /// file is opened as immutable: no writer can be changing it then.
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        let name = path.to_string_lossy().into_owned();
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut last_error = None;
+        for query in ["mode=ro", "mode=ro&immutable=1"] {
+            let uri = format!("{}?{query}", file_uri(&name));
+            let opened = Connection::open_with_flags(&uri, flags).and_then(|conn| {
+                conn.busy_timeout(BUSY_TIMEOUT)?;
+                let header = Header::read(&conn)?;
+                Ok((conn, header))
+            });
+            match opened {
+                Ok((conn, header)) => {
+                    let store = Store {
+                        path: name,
+                        file: path.to_path_buf(),
+                        identity: file_identity(path),
+                        conn,
+                    };
+                    store.check_header(&header)?;
+                    return Ok(store);
+                }
+                Err(err) => last_error = Some(err),
+            }
+        }
+        Err(last_error.map_or_else(
+            || Error::Checkpoint {
+                path: name.clone(),
+                detail: "cannot open it for reading".to_owned(),
+            },
+            |err| sqlite_error(&name, err),
+        ))
+    }
+
+    /// Refuses a file that is not a snapperable checkpoint, or of a newer format.
+    fn check_header(&self, header: &Header) -> Result<()> {
         if header.application_id != APPLICATION_ID {
             return Err(Error::Corrupt {
                 path: self.path.clone(),
@@ -108,10 +158,7 @@ impl Store {
                 supported: FORMAT_VERSION,
             });
         }
-        self.conn
-            .execute_batch("PRAGMA journal_mode=WAL")
-            .and_then(|()| self.conn.execute_batch(synchronous.pragma()))
-            .map_err(|e| self.fail(e))
+        Ok(())
     }
 
     /// Writes the schema into an empty file. The header is read again under the write
@@ -393,6 +440,20 @@ impl Header {
     fn is_fresh(&self) -> bool {
         self.application_id == 0 && !self.has_tables
     }
+}
+
+/// `path` as a SQLite `file:` URI: every byte but unreserved ones and `/` escaped, so
+/// that `?`, `#` and `%` in a name stay part of it.
+fn file_uri(path: &str) -> String {
+    let mut uri = String::from("file:");
+    for byte in path.bytes() {
+        if byte.is_ascii_alphanumeric() || b"/-._~".contains(&byte) {
+            uri.push(char::from(byte));
+        } else {
+            uri.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    uri
 }
 
 /// Creates `path` with mode 0600 if it does not exist; never truncates an existing file.

@@ -25,9 +25,10 @@ import os
 import stat
 import threading
 from abc import ABC, abstractmethod
-from typing import Callable, Generic, Optional, TypeVar
+from typing import Any, Callable, Generic, Iterator, Optional, TypeVar
 
-from snapperable._contract import CheckpointStore
+from snapperable import _backend
+from snapperable._contract import CheckpointReader, CheckpointStore, KeySet, RowInfo, VersionRow
 from snapperable.errors import CheckpointCorruptError, CheckpointError, CheckpointLockedError, WriterError
 
 R = TypeVar("R")
@@ -179,6 +180,27 @@ class SnapshotStorage(ABC, Generic[R]):
             raise
         return OpenCheckpoint(store, hold)
 
+    def open_reader(self) -> CheckpointReader:
+        """Open the checkpoint for reading only: no hold, no lock file, nothing created
+        or written, so it works while a run in another process holds the file and on a
+        read-only file or directory. A checkpoint that does not exist yet (or an empty
+        file) reads as empty."""
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return EmptyCheckpoint(self.path)
+        except OSError as exc:
+            raise CheckpointError(f"cannot open checkpoint {self.path}: {exc}") from exc
+        if stat.S_ISDIR(info.st_mode):
+            raise CheckpointError(f"checkpoint {self.path} is a directory; give the path of a file (in it)")
+        if info.st_size == 0:
+            return EmptyCheckpoint(self.path)
+        return self._open_reader()
+
+    @abstractmethod
+    def _open_reader(self) -> CheckpointReader:
+        """Open the existing, non-empty file for reading only."""
+
     @abstractmethod
     def _is_own_format(self, head: bytes) -> bool:
         """Could a file starting with ``head`` (``FORMAT_HEAD_SIZE`` bytes, or all of a
@@ -191,6 +213,34 @@ class SnapshotStorage(ABC, Generic[R]):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r})"
+
+
+class EmptyCheckpoint:
+    """The reads of a checkpoint that does not exist yet: reading creates nothing."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def versions(self) -> list[VersionRow]:
+        return []
+
+    def key_set(self, version: Optional[int], status: int) -> KeySet:
+        return _backend.backend.new_key_set()
+
+    def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
+        return _backend.backend.new_key_set(), _backend.backend.new_key_set()
+
+    def outputs_for(self, version: int, keys: bytes) -> list[Any]:
+        return []
+
+    def all_outputs(self, version: int) -> list[Any]:
+        return []
+
+    def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
+        return iter(())
+
+    def close(self) -> None:
+        pass
 
 
 class OpenCheckpoint:

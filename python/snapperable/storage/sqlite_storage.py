@@ -6,7 +6,8 @@ import os
 from typing import Optional, TypeVar, Union
 
 from snapperable import _backend
-from snapperable._contract import SQLITE_APPLICATION_ID, CheckpointStore, Synchronous
+from snapperable._contract import SQLITE_APPLICATION_ID, CheckpointReader, CheckpointStore, Synchronous
+from snapperable.errors import CheckpointError
 from snapperable.storage.base import SnapshotStorage
 
 R = TypeVar("R")
@@ -44,5 +45,14 @@ class SQLiteSnapshotStorage(SnapshotStorage[R]):
         no_tables = head[100] == _LEAF_TABLE_PAGE and head[103:105] == b"\0\0"
         return no_tables or os.path.exists(self.path + "-wal")
 
+    def _open_reader(self) -> CheckpointReader:
+        return _backend.backend.open_sqlite_reader(self.path)
+
     def _open_store(self, batch_size: int, max_wait_time: Optional[float]) -> CheckpointStore:
+        directory = os.path.dirname(self.path)
+        if not os.access(directory, os.W_OK):
+            raise CheckpointError(
+                f"checkpoint {self.path} is in a read-only directory ({directory}): start() "
+                "needs to write there, where SQLite keeps the checkpoint's -wal and -shm"
+            )
         return _backend.backend.open_sqlite(self.path, self.synchronous, batch_size, max_wait_time)
