@@ -5,21 +5,18 @@ where a checkpoint is involved, both storages."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import sqlite3
-import subprocess
 import time
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import pytest
 from mypy import api
 
 from conftest import once
+from read_only import read_only
 from snapperable import (
     NOT_DONE,
     CheckpointCorruptError,
@@ -251,27 +248,6 @@ def test_an_empty_sqlite_database_becomes_a_checkpoint(tmp_path: Path) -> None:
     with Snapper([1, 2], str, snapshot_storage=SQLiteSnapshotStorage(path)) as s:
         s.start()
         assert s.load() == ["1", "2"]
-
-
-@contextmanager
-def read_only(path: Path) -> Iterator[None]:
-    """``path`` (a file or a directory) made read-only for this process: immutable
-    (``chattr +i``) when running as root, whom permissions do not stop; else mode 0o444
-    or 0o555."""
-    if os.geteuid() == 0:
-        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)]).returncode:
-            pytest.skip("running as root without a working chattr: nothing is read-only")
-        try:
-            yield
-        finally:
-            subprocess.run(["chattr", "-i", str(path)], check=True)
-        return
-    mode = path.stat().st_mode
-    path.chmod(0o555 if path.is_dir() else 0o444)
-    try:
-        yield
-    finally:
-        path.chmod(mode)
 
 
 def test_start_on_a_read_only_file_says_read_only_not_cannot_create(tmp_path: Path, kind: str) -> None:

@@ -6,17 +6,15 @@ directories; only start() takes the lock. Real writer processes, real read-only 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
+from read_only import read_only
 from snapperable import (
     CheckpointError,
     CheckpointLockedError,
@@ -95,26 +93,6 @@ def test_reading_a_checkpoint_that_does_not_exist_creates_nothing(tmp_path: Path
     assert s.load() == [] and s.load(missing=0) == [0, 0] and s.plan().new == 2
     assert s.generate_report().startswith("# snapperable report")
     assert list(tmp_path.iterdir()) == []
-
-
-@contextmanager
-def read_only(target: Path) -> Iterator[None]:
-    """``target`` made read-only for this process: immutable (``chattr +i``) as root,
-    whom permissions do not stop; else mode 0o444 (a file) or 0o555 (a directory)."""
-    if os.geteuid() == 0:
-        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(target)]).returncode:
-            pytest.skip("running as root without a working chattr: nothing is read-only")
-        try:
-            yield
-        finally:
-            subprocess.run(["chattr", "-i", str(target)], check=True)
-        return
-    mode = target.stat().st_mode
-    target.chmod(0o555 if target.is_dir() else 0o444)
-    try:
-        yield
-    finally:
-        target.chmod(mode)
 
 
 def _reads_work(path: str, items: int) -> None:
