@@ -74,7 +74,7 @@ def test_reads_beside_a_running_writer_in_another_process(path: str, backend_env
         plan = reader.plan()
         assert (plan.done, plan.new) == (300, 700)
         assert len(reader.load_metrics()) == 300
-        assert json.loads(reader.generate_report(format="json"))["total"] == 300
+        assert json.loads(reader.generate_report(format="json"))["total_items"] == 300
         with Snapper(range(1000), double, snapshot_storage=storage_at(path), version="v") as in_block:
             assert len(in_block.load()) == 300  # entering `with` takes no lock either
             with pytest.raises(CheckpointLockedError, match=str(writer.pid)):

@@ -14,8 +14,18 @@ from snapperable.errors import (
     UnpicklableOutputError,
     WriterError,
 )
-from snapperable.metrics import NOT_DONE, FailedItem, ItemFailure, NotDone, ProcessingMetric, RunPlan
-from snapperable.snapper import Snapper
+from snapperable.metrics import (
+    NOT_DONE,
+    FailedItem,
+    ItemFailure,
+    NotDone,
+    ProcessingMetric,
+    RunPlan,
+    generate_json_report,
+    generate_markdown_report,
+    generate_metrics_report,
+)
+from snapperable.snapper import Snapper, VersionValue
 from snapperable.storage.base import SnapshotStorage
 from snapperable.storage.files import move_checkpoint
 from snapperable.storage.pickle_storage import PickleSnapshotStorage
@@ -25,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Snapper",
+    "VersionValue",
     "SnapshotStorage",
     "move_checkpoint",
     "SQLiteSnapshotStorage",
@@ -35,6 +46,9 @@ __all__ = [
     "NotDone",
     "ProcessingMetric",
     "RunPlan",
+    "generate_metrics_report",
+    "generate_json_report",
+    "generate_markdown_report",
     "backend",
     "SnapperableError",
     "CheckpointError",

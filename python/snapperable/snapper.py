@@ -25,6 +25,7 @@ import random
 import time
 import traceback
 from contextlib import contextmanager
+from enum import Enum
 from itertools import islice
 from typing import (
     Any,
@@ -88,6 +89,12 @@ M = TypeVar("M")  # the placeholder of load(missing=...)
 log = logging.getLogger("snapperable")
 
 VersionPolicy = Literal["reprocess", "keep", "raise"]
+# What version= pins: a str or any constant (DESIGN 5), e.g. ("v2", llm.model_name).
+# None only inside a tuple: version=None means "not pinned".
+VersionValue = Union[
+    None, bool, int, float, complex, str, bytes, Enum,
+    tuple["VersionValue", ...], frozenset["VersionValue"],
+]
 VERSION_POLICIES = ("reprocess", "keep", "raise")
 UNREGISTERED = -1  # the id of a version start() has yet to record: no rows have it
 CHUNK = 1024  # inputs keyed and checked against the done set per backend call
@@ -107,7 +114,9 @@ class Snapper(Generic[T, R]):
       whatever accumulated meanwhile, so 1 is both the safest and fast.
     - ``max_wait_time``: seconds an item may stay pending before a commit (default None).
     - ``key``: a function giving each item's identity (default: the item itself).
-    - ``version``: pin the function version by hand; replaces the fingerprint.
+    - ``version``: pin the function version by hand, a str or any constant (say
+      ``("v2", llm.model_name)`` where configuration lives in an object); replaces
+      the fingerprint.
     - ``on_version_change``: ``"reprocess"`` (default) redoes items made by an older
       version, ``"keep"`` accepts the old results as valid for the new function,
       ``"raise"`` raises ``FunctionChangedError``.
@@ -135,7 +144,7 @@ class Snapper(Generic[T, R]):
         batch_size: int = 1,
         max_wait_time: Optional[float] = None,
         key: Optional[Callable[[T], object]] = None,
-        version: Optional[str] = None,
+        version: Optional[VersionValue] = None,
         on_version_change: VersionPolicy = "reprocess",
         skip_item_errors: bool = False,
         fatal_exceptions: tuple[type[BaseException], ...] = (),
@@ -161,7 +170,9 @@ class Snapper(Generic[T, R]):
                 f"not {on_version_change!r}"
             )
         if version is not None and not isinstance(version, str):
-            raise TypeError(f"version must be a str, not {type(version).__name__}")
+            from snapperable import versioning  # only here: a str needs no check
+
+            versioning.pinned(version)  # raises TypeError for what is not a constant
         if max_consecutive_exceptions is not None and max_consecutive_exceptions < 1:
             raise ValueError("max_consecutive_exceptions must be None or >= 1")
         if retries < 0 or retry_backoff < 0 or retry_max_backoff < 0:
@@ -195,6 +206,7 @@ class Snapper(Generic[T, R]):
         # warning to log when it does, and what changed since the version used last.
         self._registration: Optional[tuple[str, str, Optional[int]]] = None
         self._change_log = ""
+        self._adoption_log = ""  # logged (INFO) when start() records an adopted version
         self._changes: list[str] = []
         self._version_conflict: Optional[str] = None  # on_version_change="raise" refused a change
         self._fingerprint: "Optional[versioning.Fingerprint]" = None
@@ -291,6 +303,8 @@ class Snapper(Generic[T, R]):
 
         The versions table is a log: its last row is the version used last. A change is
         explained against that one, and ``on_version_change="keep"`` keeps its results.
+        A version recorded under an earlier fingerprint scheme whose parts match on what
+        both schemes cover is this one: its results are adopted (upgrades never redo work).
         """
         current = self._current_fingerprint()
         parts = json.dumps(current.parts, sort_keys=True)
@@ -299,15 +313,24 @@ class Snapper(Generic[T, R]):
         self._changes = []
         self._registration = None
         self._version_conflict = None
+        self._change_log = self._adoption_log = ""
         if last is not None and last.fingerprint != current.digest:
-            from snapperable.versioning import explain_change
-
-            self._changes = explain_change(json.loads(last.parts), current.parts)
+            self._changes = current.changes_since(json.loads(last.parts))
         same = [row for row in known if row.fingerprint == current.digest]
         if same:  # a version seen before: its results are valid again
             self._version_id = same[-1].uses
             if same[-1] is not last:  # a return to it: log it as the one used last
                 self._registration = (current.digest, parts, same[-1].uses)
+            return
+        adopted = [row for row in known if current.adopts(json.loads(row.parts))]
+        if adopted:  # recorded by an earlier snapperable, whose fingerprints covered more
+            row = adopted[-1]
+            self._version_id = row.uses
+            self._registration = (current.digest, parts, row.uses)
+            self._adoption_log = (
+                f"the results of version {row.id}, recorded under an earlier fingerprint "
+                "scheme, are this function's: what both schemes cover is unchanged"
+            )
             return
         if last is None:
             self._version_id = UNREGISTERED
@@ -345,10 +368,13 @@ class Snapper(Generic[T, R]):
             fingerprint, parts, uses = self._registration
             if self._change_log:
                 log.warning("%s: %s", store.path, self._change_log)
+            if self._adoption_log:
+                log.info("%s: %s", store.path, self._adoption_log)
             new_id = store.add_version(fingerprint, parts, uses)
             self._version_id = new_id if uses is None else uses
             self._registration = None
             self._change_log = ""
+            self._adoption_log = ""
         assert self._version_id is not None and self._version_id != UNREGISTERED
         return self._version_id
 
@@ -612,7 +638,7 @@ class Snapper(Generic[T, R]):
         limit = self.max_consecutive_exceptions
         if limit is not None and count >= limit:
             raise TooManyConsecutiveErrors(
-                f"{count} items failed in a row; halting. The last raised "
+                f"{count} consecutive items failed; halting. The last raised "
                 f"{type(last).__name__}: {last}"
             ) from last
 
@@ -688,7 +714,31 @@ class Snapper(Generic[T, R]):
         successfully is superseded, as its output would be.
         """
         with self._reading() as store:
-            return _latest_metrics(store, self._usable_version())
+            return self._metrics(store, self._usable_version())
+
+    def _metrics(self, store: CheckpointReader, version: int) -> list[ProcessingMetric]:
+        latest = {row.key: row for row in store.rows(version)}
+        inputs = self._items_by_key({key for key, row in latest.items() if row.input is None})
+        return [metric_from_row(row, inputs.get(row.key)) for row in latest.values()]
+
+    def _items_by_key(self, wanted: set[bytes]) -> dict[bytes, T]:
+        """The first item of the current iterable for each key in ``wanted``.
+
+        Only the checkpoint's failed rows keep their input, so this is how a metric
+        names the item it is about. A one-shot iterator is never read for it (it
+        would be used up): its metrics keep ``input_item=None`` unless stored.
+        """
+        found: dict[bytes, T] = {}
+        if not wanted or iter(self.iterable) is self.iterable:
+            return found
+        for chunk, keys, _ in self._keyed_chunks():
+            for position, item in enumerate(chunk):
+                key = keys[position * KEY_SIZE : (position + 1) * KEY_SIZE]
+                if key in wanted and key not in found:
+                    found[key] = item
+            if len(found) == len(wanted):
+                break
+        return found
 
     def generate_report(self, format: Literal["markdown", "json"] = "markdown") -> str:
         """A summary of the saved metrics: totals (and which runs they cover), durations,
@@ -696,16 +746,20 @@ class Snapper(Generic[T, R]):
         else by its position in the current iterable (read as ``load()`` reads it)."""
         with self._reading() as store:
             version = self._usable_version()
-            metrics = _latest_metrics(store, version)
+            metrics = self._metrics(store, version)
             since = [row.created for row in store.versions() if row.uses == version]
             scope = ReportScope(version, min(since) if since else None, self._positions_of(metrics))
         return render_report(metrics, format, scope)
 
     def _positions_of(self, metrics: list[ProcessingMetric]) -> dict[str, int]:
         """The first position in the current iterable of the items a report names (the
-        failed ones and the slowest), by key hex; none if the iterable cannot be read."""
-        slowest = sorted(metrics, key=lambda m: -m.duration)[:MAX_OUTLIERS]
-        wanted = {m.key for m in slowest} | {m.key for m in metrics if not m.success}
+        failed ones, the slowest and the fastest), by key hex; none if the iterable cannot be read
+        (a one-shot iterator is read only by ``start()``, whose keys are kept)."""
+        by_duration = sorted(metrics, key=lambda m: m.duration)
+        extremes = by_duration[:MAX_OUTLIERS] + by_duration[-MAX_OUTLIERS:]  # fast and slow outliers
+        wanted = {m.key for m in extremes} | {m.key for m in metrics if not m.success}
+        if iter(self.iterable) is self.iterable and self._key_chunks is None:
+            return {}
         try:
             keys = self._current_keys()
         except (RuntimeError, ItemKeyError):  # a one-shot iterator read before, say
@@ -757,6 +811,7 @@ class Snapper(Generic[T, R]):
                 failed=counts["failed"],
                 retry_failed_items=self.retry_failed_items,
                 version_changes=list(self._changes),
+                version_covers=list(self._current_fingerprint().covers),
                 start_raises=self._version_conflict is not None,
             )
 
@@ -772,11 +827,6 @@ class _Failed:
 
 
 _NO_OUTPUT = object()  # marks "fn raised" apart from "pickling the output raised"
-
-
-def _latest_metrics(store: CheckpointReader, version: int) -> list[ProcessingMetric]:
-    latest = {row.key: row for row in store.rows(version)}
-    return [metric_from_row(row) for row in latest.values()]
 
 
 def _outcomes_in_place(
