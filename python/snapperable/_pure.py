@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import select
 import sqlite3
 import struct
@@ -33,6 +34,7 @@ from snapperable._sqlite_writer import (
     WriterProcess,
     commit_rows,
     configure,
+    file_uri,
 )
 from snapperable._writer import PendingRow, WriterBackedStore
 from snapperable.errors import (
@@ -128,7 +130,7 @@ class PySQLiteReader:
         for query in ("mode=ro", "mode=ro&immutable=1"):
             try:
                 conn = sqlite3.connect(
-                    f"{_file_uri(self.path)}?{query}", uri=True, isolation_level=None, check_same_thread=False
+                    f"{file_uri(self.path)}?{query}", uri=True, isolation_level=None, check_same_thread=False
                 )
             except sqlite3.Error as exc:
                 failure = exc
@@ -283,6 +285,8 @@ class PySQLiteStore(WriterBackedStore, PySQLiteReader):
         self._synchronous = synchronous
         self._lock = threading.Lock()
         self._conn = self._connect(synchronous)
+        info = os.stat(path)
+        self._identity = (info.st_dev, info.st_ino)  # of the file just opened
         # The writer process (``_sqlite_writer``), started by the writer thread once a
         # commit is large; None before that, or for good once it could not be started.
         self._process: Optional[WriterProcess] = None
@@ -349,7 +353,7 @@ class PySQLiteStore(WriterBackedStore, PySQLiteReader):
             if self._process_failed or batch_rows < _sqlite_writer.PROCESS_MIN_ROWS or not _can_start_process():
                 return None
             try:
-                self._process = WriterProcess(self.path, self._synchronous)
+                self._process = WriterProcess(self.path, self._synchronous, self._identity)
             except OSError as exc:
                 self._no_process(exc)
                 return None
@@ -400,13 +404,6 @@ class PySQLiteStore(WriterBackedStore, PySQLiteReader):
         finally:
             with self._lock:
                 self._conn.close()
-
-
-def _file_uri(path: str) -> str:
-    """``path`` as a SQLite ``file:`` URI: every byte but unreserved ones and ``/``
-    escaped, so that ``?``, ``#`` and ``%`` in a name stay part of it (as the Rust core)."""
-    safe = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/-._~")
-    return "file:" + "".join(chr(b) if b in safe else f"%{b:02X}" for b in path.encode("utf-8", "surrogateescape"))
 
 
 def open_sqlite_reader(path: str) -> PySQLiteReader:
