@@ -555,7 +555,8 @@ class Snapper(Generic[T, R]):
                         self._check_consecutive(consecutive_failures, error)
             while todo:
                 # A live bar gets batches it can follow; else the whole chunk at once.
-                batch = todo[: progress.batch(len(todo))]
+                size = progress.batch(len(todo))
+                batch = todo if size >= len(todo) else todo[:size]
                 stop = store.process(fn, chunk, keys, batch, version)
                 finished = len(batch) if stop is None else stop[0]
                 if finished:
