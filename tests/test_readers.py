@@ -119,3 +119,10 @@ def test_reads_of_a_read_only_checkpoint(tmp_path: Path, path: str, what: str) -
     assert Path(path).read_bytes() == content
     after = sorted(p.name for p in tmp_path.iterdir())
     assert [name for name in after if name not in before and not name.endswith(("-shm", "-wal"))] == []
+
+
+def test_reads_of_a_closed_checkpoint_leave_nothing_beside_it(tmp_path: Path, path: str) -> None:
+    Snapper(range(5), double, snapshot_storage=storage_at(path), version="v").start()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    _reads_work(path, 5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no -wal, -shm or lock file

@@ -109,8 +109,8 @@ def _schema() -> str:
 
 
 class PySQLiteReader:
-    """A SQLite checkpoint through ``sqlite3``, opened for reading only: nothing is
-    created or written, so it reads beside a running writer (a WAL reader) and on a
+    """A SQLite checkpoint through ``sqlite3``, opened for reading: nothing is created
+    and no row written, so it reads beside a running writer (a WAL reader) and on a
     read-only file or directory. ``PySQLiteStore`` adds the writes."""
 
     path: str
@@ -123,11 +123,14 @@ class PySQLiteReader:
         self._conn = self._connect_read_only()
 
     def _connect_read_only(self) -> sqlite3.Connection:
-        """Where SQLite cannot set up its shared memory (a read-only directory without
-        the ``-shm`` a writer leaves), the file is opened as immutable: no writer can be
-        changing it then."""
+        """Opened read-write where the file allows it (SQLite falls back to read-only
+        where not), so that, closing as the last connection, it removes the ``-wal`` and
+        ``-shm`` it made rather than leave them behind; no row is written. Where SQLite
+        cannot set up its shared memory (a read-only directory without the ``-shm`` a
+        writer leaves), the file is opened as immutable: no writer can be changing it
+        then."""
         failure: Optional[Exception] = None
-        for query in ("mode=ro", "mode=ro&immutable=1"):
+        for query in ("mode=rw", "mode=ro&immutable=1"):
             try:
                 conn = sqlite3.connect(
                     f"{file_uri(self.path)}?{query}", uri=True, isolation_level=None, check_same_thread=False

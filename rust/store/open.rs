@@ -99,18 +99,26 @@ impl Store {
             .map_err(|e| self.fail(e))
     }
 
-    /// Opens an existing checkpoint for reading only: nothing is created or written
-    /// (no schema, no journal mode), so it works beside a running writer (a WAL reader)
-    /// and on a read-only file or directory. Where SQLite cannot set up its shared
-    /// memory there (a read-only directory without the `-shm` a writer leaves), the
-    /// file is opened as immutable: no writer can be changing it then.
+    /// Opens an existing checkpoint for reading: nothing is created and no row is
+    /// written (no schema, no journal mode), so it works beside a running writer (a WAL
+    /// reader) and on a read-only file or directory. Opened read-write where the file
+    /// allows it (SQLite falls back to read-only where not), so that, closing as the
+    /// last connection, it removes the `-wal` and `-shm` it made rather than leave them
+    /// behind. Where SQLite cannot set up its shared memory (a read-only directory
+    /// without the `-shm` a writer leaves), the file is opened as immutable: no writer
+    /// can be changing it then.
     pub fn open_read_only(path: &Path) -> Result<Self> {
         let name = path.to_string_lossy().into_owned();
-        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
-            | OpenFlags::SQLITE_OPEN_URI
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let shared = OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let attempts = [
+            (OpenFlags::SQLITE_OPEN_READ_WRITE | shared, "mode=rw"),
+            (
+                OpenFlags::SQLITE_OPEN_READ_ONLY | shared,
+                "mode=ro&immutable=1",
+            ),
+        ];
         let mut last_error = None;
-        for query in ["mode=ro", "mode=ro&immutable=1"] {
+        for (flags, query) in attempts {
             let uri = format!("{}?{query}", file_uri(&name));
             let opened = Connection::open_with_flags(&uri, flags).and_then(|conn| {
                 conn.busy_timeout(BUSY_TIMEOUT)?;
