@@ -526,6 +526,33 @@ mod tests {
     }
 
     #[test]
+    fn a_reader_sees_a_writers_commits_creates_nothing_and_refuses_what_is_not_ours() {
+        let dir = TempDir::new();
+        let path = dir.file("run.db");
+        assert!(Store::open_read_only(&path).is_err());
+        assert!(!path.exists(), "a reader created the file");
+        let mut writer = Store::open(&path, Synchronous::Normal).unwrap();
+        let v1 = writer.add_version("fp1", "{}", None).unwrap();
+        writer.append(&[row(1, v1, 0, Some(b"out"))]).unwrap();
+        let reader = Store::open_read_only(&path).unwrap();
+        assert_eq!(reader.versions().unwrap().len(), 1);
+        writer.append(&[row(2, v1, 0, Some(b"two"))]).unwrap();
+        assert_eq!(reader.rows_after(Some(v1), 0, 10).unwrap().len(), 2);
+        reader.close().unwrap();
+        writer.close().unwrap();
+
+        let foreign = dir.file("other.db");
+        Connection::open(&foreign)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
+        assert!(matches!(
+            Store::open_read_only(&foreign),
+            Err(Error::Corrupt { .. })
+        ));
+    }
+
+    #[test]
     fn append_keeps_the_order_of_plain_rows_in_groups_and_others_between() {
         let dir = TempDir::new();
         let mut store = Store::open(&dir.file("run.db"), Synchronous::Normal).unwrap();
