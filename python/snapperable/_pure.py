@@ -32,6 +32,7 @@ from snapperable._contract import (
 from snapperable._sqlite_writer import (
     UnmarshallableRows,
     WriterProcess,
+    WriterProcessError,
     commit_rows,
     configure,
     file_uri,
@@ -116,10 +117,12 @@ class PySQLiteReader:
     path: str
     _lock: threading.Lock
     _conn: sqlite3.Connection
+    _released: bool
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._released = False  # the connection is closed; set before `_mapped` reads it
         self._conn = self._connect_read_only()
 
     def _connect_read_only(self) -> sqlite3.Connection:
@@ -157,43 +160,44 @@ class PySQLiteReader:
 
     def _check_header(self, app_id: int, user_version: int) -> None:
         if app_id != APPLICATION_ID:
-            raise self._corrupt("is not a snapperable checkpoint (application_id differs)")
+            raise CheckpointCorruptError.not_a_checkpoint(self.path, f"application_id {app_id}")
         if user_version > FORMAT_VERSION:
-            raise CheckpointFormatError(
-                f"{self.path}: checkpoint format {user_version} is newer than this "
-                f"snapperable understands ({FORMAT_VERSION}); upgrade snapperable"
-            )
+            raise CheckpointFormatError.newer(self.path, user_version, FORMAT_VERSION)
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
-
-    def _corrupt(self, why: object) -> CheckpointCorruptError:
-        return CheckpointCorruptError(f"{self.path}: {why}")
+            self._released = True
 
     def _mapped(self, exc: Exception) -> CheckpointError:
-        """The one mapping of sqlite3 errors to snapperable's; text that does not decode
-        can only come from damage."""
+        """The one mapping of sqlite3 errors to snapperable's (the Rust core's is
+        ``sqlite_error`` in rust/store/schema.rs); text that does not decode can only
+        come from damage. Once the connection is closed, any failure is that."""
+        if self._released:
+            return CheckpointError.closed(self.path)
         if isinstance(exc, UnicodeDecodeError):
-            return self._corrupt(exc)
+            return CheckpointCorruptError.damaged(self.path, str(exc))
         if isinstance(exc, sqlite3.Error) and not exc.args:
             # Before Python 3.11, sqlite3 raises such a message as an error with no text
             # at all (3.11+ raises the UnicodeDecodeError above); sqlite3 never raises
             # an error without text otherwise.
-            return self._corrupt(f"SQLite reported an error whose text does not decode ({type(exc).__name__})")
+            return CheckpointCorruptError.damaged(
+                self.path, f"SQLite reported an error whose text does not decode ({type(exc).__name__})"
+            )
         # ``sqlite_errorcode`` (Python 3.11+) is the extended code: its low byte is the
         # primary one. Before 3.11 there is no code, and the text below decides.
         code = getattr(exc, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
         text = str(exc)
+        if primary == _SQLITE_NOTADB or (primary is None and "not a database" in text):
+            return CheckpointCorruptError.not_a_checkpoint(self.path, text)
         if (
-            (isinstance(code, int) and (code & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB))
+            primary == _SQLITE_CORRUPT
             or "malformed" in text
-            or "not a database" in text
             or "Could not decode to UTF-8" in text  # a damaged type byte in a record
         ):
-            return self._corrupt(exc)
-        return CheckpointError(f"{self.path}: {exc}")
-
+            return CheckpointCorruptError.damaged(self.path, text)
+        return CheckpointError.failed(self.path, text)
 
     # -- reads --------------------------------------------------------------------------
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
@@ -203,9 +207,19 @@ class PySQLiteReader:
             except (sqlite3.Error, UnicodeDecodeError) as exc:
                 raise self._mapped(exc) from exc
 
-    def _key(self, raw: object) -> bytes:
+    def _bad_key(self, version: Optional[int]) -> CheckpointCorruptError:
+        """The error for the first item row (of ``version``, if given) whose key is not
+        16 bytes of blob: looked up only once one was found."""
+        ((seq,),) = self._query(
+            "SELECT min(seq) FROM items"
+            " WHERE NOT (typeof(key) = 'blob' AND length(key) = 16) AND (? IS NULL OR version = ?)",
+            (version, version),
+        )
+        return CheckpointCorruptError.bad_key(self.path, seq)
+
+    def _key(self, raw: object, version: Optional[int]) -> bytes:
         if not isinstance(raw, bytes) or len(raw) != KEY_SIZE:
-            raise self._corrupt(f"an item row has a malformed key {raw!r}")
+            raise self._bad_key(version)
         return raw
 
     def versions(self) -> list[VersionRow]:
@@ -224,7 +238,7 @@ class PySQLiteReader:
                 "SELECT key, version, status FROM items WHERE version = ? ORDER BY seq",
                 (version,),
             )
-        rows = ((self._key(key), row_version, row_status) for key, row_version, row_status in found)
+        rows = ((self._key(key, version), row_version, row_status) for key, row_version, row_status in found)
         return _folding.keys_with_status(rows, status, new_key_set)
 
     def _latest(self, value_sql: str, version: int) -> dict[bytes, Any]:
@@ -245,7 +259,7 @@ class PySQLiteReader:
             except (sqlite3.Error, UnicodeDecodeError) as exc:
                 raise self._mapped(exc) from exc
         if None in latest:
-            raise self._corrupt("an item row has a malformed key")
+            raise self._bad_key(version)
         return latest  # type: ignore[return-value]  # None was just ruled out
 
     def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
@@ -287,6 +301,7 @@ class PySQLiteStore(WriterBackedStore, PySQLiteReader):
         self.path = path
         self._synchronous = synchronous
         self._lock = threading.Lock()
+        self._released = False  # the connection is closed; set before `_mapped` reads it
         self._conn = self._connect(synchronous)
         info = os.stat(path)
         self._identity = (info.st_dev, info.st_ino)  # of the file just opened
@@ -301,7 +316,7 @@ class PySQLiteStore(WriterBackedStore, PySQLiteReader):
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
-            raise CheckpointError(f"cannot open checkpoint {self.path}: {exc}") from exc
+            raise self._mapped(exc) from exc
         try:
             configure(conn, synchronous)
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
@@ -331,23 +346,39 @@ class PySQLiteStore(WriterBackedStore, PySQLiteReader):
         process = self._connected_process(len(rows))
         if process is not None:
             try:
-                return process.send(rows)  # pipelined: see GroupCommitWriter
-            except UnmarshallableRows:
-                # Rare (a failure message of a str subclass): after what is in flight,
-                # this batch is committed here, in order.
-                durable = process.settle()
-                self._commit_here(rows)
-                return durable + len(rows)
+                try:
+                    return process.send(rows)  # pipelined: see GroupCommitWriter
+                except UnmarshallableRows:
+                    # Rare (a failure message of a str subclass): after what is in
+                    # flight, this batch is committed here, in order.
+                    durable = process.settle()
+                    self._commit_here(rows)
+                    return durable + len(rows)
+            except WriterProcessError as exc:
+                raise self._writer_process_error(exc) from exc
         self._commit_here(rows)
         return None
+
+    def _writer_process_error(self, exc: WriterProcessError) -> CheckpointError:
+        """A failure of the writer process, as a commit in the thread reports it (its
+        text is SQLite's message, see ``_sqlite_writer._send_error``)."""
+        return CheckpointError.failed(self.path, str(exc))
 
     def _commit_here(self, rows: list[PendingRow]) -> None:
         """Commit ``rows`` in this (the writer) thread, on the shared connection."""
         with self._lock:
-            commit_rows(self._conn, rows)
+            try:
+                commit_rows(self._conn, rows)
+            except (sqlite3.Error, UnicodeDecodeError) as exc:
+                raise self._mapped(exc) from exc
 
     def _settle(self) -> int:
-        return self._process.settle() if self._process is not None else 0
+        if self._process is None:
+            return 0
+        try:
+            return self._process.settle()
+        except WriterProcessError as exc:
+            raise self._writer_process_error(exc) from exc
 
     def _connected_process(self, batch_rows: int) -> Optional[WriterProcess]:
         """The writer process if it is connected; starts it for a large batch. Until it
@@ -398,7 +429,7 @@ class PySQLiteStore(WriterBackedStore, PySQLiteReader):
         self.flush()
         busy = self._query("PRAGMA wal_checkpoint(TRUNCATE)")[0][0]
         if busy:
-            raise CheckpointError(f"{self.path}: cannot copy the WAL into the file: another connection is reading it")
+            raise CheckpointError.failed(self.path, "cannot copy the WAL into the file: another connection is reading it")
 
     def _release(self) -> None:
         try:
@@ -407,6 +438,7 @@ class PySQLiteStore(WriterBackedStore, PySQLiteReader):
         finally:
             with self._lock:
                 self._conn.close()
+                self._released = True
 
 
 def open_sqlite_reader(path: str) -> PySQLiteReader:

@@ -238,11 +238,7 @@ class Snapper(Generic[T, R]):
                 raise
             self._checkpoint = checkpoint
         elif self._checkpoint.pid != os.getpid():
-            raise ForkedProcessError(
-                f"this Snapper's checkpoint {self.snapshot_storage.path} was opened in process "
-                f"{self._checkpoint.pid}; a forked child cannot use it. Create a new Snapper "
-                "in the child, on a checkpoint of its own."
-            )
+            raise ForkedProcessError.opened_in(self.snapshot_storage.path, self._checkpoint.pid)
         return self._checkpoint
 
     def _close(self) -> None:
@@ -251,10 +247,7 @@ class Snapper(Generic[T, R]):
             return
         if checkpoint.pid != os.getpid():
             # The writer thread and the file hold belong to the parent: leave them be.
-            raise ForkedProcessError(
-                f"this Snapper's checkpoint {self.snapshot_storage.path} belongs to process "
-                f"{checkpoint.pid}, not to this forked child"
-            )
+            raise ForkedProcessError.opened_in(self.snapshot_storage.path, checkpoint.pid)
         checkpoint.close()
 
     @contextmanager
@@ -417,11 +410,7 @@ class Snapper(Generic[T, R]):
                 try:
                     values.append(key(item))
                 except Exception as exc:
-                    error = ItemKeyError(
-                        f"key= raised {type(exc).__name__}: {exc} for the item at position "
-                        f"{offset + index}: {short_repr(item)}",
-                        offset + index,
-                    )
+                    error = ItemKeyError.key_raised(offset + index, short_repr(item), exc)
                     error.__cause__ = exc
                     if not self.skip_item_errors or isinstance(exc, self.fatal_exceptions):
                         raise error from exc
@@ -447,16 +436,11 @@ class Snapper(Generic[T, R]):
         return b"".join(parts), unkeyable
 
     def _unkeyable_value(self, value: object, item: T, position: int, exc: TypeError) -> ItemKeyError:
-        reason = str(exc).removesuffix(f"; {KEY_HINT}")
         if self.key is None:
-            text = f"cannot compute the key of the item at position {position}: {short_repr(item)}: {exc}"
+            error = ItemKeyError.unkeyable(position, short_repr(item), str(exc))
         else:
-            text = (
-                f"key= returned a {type(value).__qualname__} that cannot be keyed for the item at "
-                f"position {position}: {short_repr(item)}: {reason}; make key= return a str, "
-                "int, bytes, or a tuple of them"
-            )
-        error = ItemKeyError(text, position)
+            reason = str(exc).removesuffix(f"; {KEY_HINT}")
+            error = ItemKeyError.unkeyable_key(position, short_repr(item), type(value).__qualname__, reason)
         error.__cause__ = exc
         return error
 

@@ -59,9 +59,9 @@ impl Store {
     /// format this code reads.
     pub fn open(path: &Path, synchronous: Synchronous) -> Result<Self> {
         let name = path.to_string_lossy().into_owned();
-        create_private_file(path).map_err(|err| Error::Checkpoint {
+        create_private_file(path).map_err(|err| Error::CannotCreate {
             path: name.clone(),
-            detail: format!("cannot create the file: {err}"),
+            reason: err.to_string(),
         })?;
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags).map_err(|e| sqlite_error(&name, e))?;
@@ -151,12 +151,9 @@ impl Store {
     /// Refuses a file that is not a snapperable checkpoint, or of a newer format.
     fn check_header(&self, header: &Header) -> Result<()> {
         if header.application_id != APPLICATION_ID {
-            return Err(Error::Corrupt {
+            return Err(Error::NotACheckpoint {
                 path: self.path.clone(),
-                problem: format!(
-                    "is not a snapperable checkpoint (application_id {})",
-                    header.application_id
-                ),
+                reason: format!("application_id {}", header.application_id),
             });
         }
         if header.user_version > FORMAT_VERSION {
@@ -489,9 +486,11 @@ mod tests {
         let text = b"these are my notes, not a database; please keep them safe\n".repeat(20);
         std::fs::write(&path, &text).unwrap();
         match Store::open(&path, Synchronous::Full) {
-            Err(Error::Corrupt { path: named, .. }) => assert_eq!(named, path.to_string_lossy()),
-            Err(other) => panic!("expected Corrupt, got {other}"),
-            Ok(_) => panic!("expected Corrupt, got a store"),
+            Err(Error::NotACheckpoint { path: named, .. }) => {
+                assert_eq!(named, path.to_string_lossy())
+            }
+            Err(other) => panic!("expected NotACheckpoint, got {other}"),
+            Ok(_) => panic!("expected NotACheckpoint, got a store"),
         }
         assert_eq!(std::fs::read(&path).unwrap(), text);
     }
@@ -506,7 +505,7 @@ mod tests {
             .unwrap();
         let err = Store::open(&foreign, Synchronous::Full).err().unwrap();
         assert!(
-            err.to_string().contains("is not a snapperable checkpoint"),
+            matches!(&err, Error::NotACheckpoint { reason, .. } if reason == "application_id 0"),
             "{err}"
         );
 
@@ -548,7 +547,7 @@ mod tests {
             .unwrap();
         assert!(matches!(
             Store::open_read_only(&foreign),
-            Err(Error::Corrupt { .. })
+            Err(Error::NotACheckpoint { .. })
         ));
     }
 

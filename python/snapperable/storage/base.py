@@ -29,7 +29,7 @@ from typing import Any, Callable, Generic, Iterator, Optional, TypeVar
 
 from snapperable import _backend
 from snapperable._contract import CheckpointReader, CheckpointStore, KeySet, RowInfo, VersionRow
-from snapperable.errors import CheckpointCorruptError, CheckpointError, CheckpointLockedError, WriterError
+from snapperable.errors import CheckpointCorruptError, CheckpointError, CheckpointLockedError, CheckpointMovedError
 
 R = TypeVar("R")
 
@@ -50,11 +50,11 @@ def create_private(path: str) -> None:
     except FileExistsError:
         return
     except OSError as exc:
-        raise CheckpointError(f"cannot create checkpoint {path}: {exc}") from exc
+        raise CheckpointError.cannot_create(path, str(exc)) from exc
     os.close(fd)
 
 
-def vet_place(path: str, is_own_format: Callable[[bytes], bool]) -> None:
+def vet_place(path: str, foreign_format: Callable[[bytes], Optional[str]]) -> None:
     """Refuse, before any lock file is made beside it, a path that cannot be a checkpoint.
 
     A missing directory is named as such (not as the lock file that could not be
@@ -67,32 +67,33 @@ def vet_place(path: str, is_own_format: Callable[[bytes], bool]) -> None:
     """
     directory = os.path.dirname(path)
     if not os.path.isdir(directory):
-        what = "is not a directory" if os.path.exists(directory) else "does not exist"
-        raise CheckpointError(f"cannot create checkpoint {path}: the directory {directory} {what}")
+        raise CheckpointError.no_directory(path, directory, os.path.exists(directory))
     try:
         info = os.stat(path)
     except FileNotFoundError:
         return  # a new checkpoint
     except OSError as exc:
-        raise CheckpointError(f"cannot open checkpoint {path}: {exc}") from exc
-    if stat.S_ISDIR(info.st_mode):
-        raise CheckpointError(f"checkpoint {path} is a directory; give the path of a file (in it)")
-    if not stat.S_ISREG(info.st_mode):
-        raise CheckpointError(f"checkpoint {path} is not a regular file")
+        raise CheckpointError.failed(path, str(exc)) from exc
+    _refuse_other_than_a_file(path, info)
     if not os.path.exists(os.path.realpath(path) + LOCK_SUFFIX) and info.st_size:
         try:
             with open(path, "rb") as file:
                 head = file.read(FORMAT_HEAD_SIZE)
         except OSError as exc:
-            raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
-        if not is_own_format(head):
-            raise CheckpointCorruptError(
-                f"{path} is not a snapperable checkpoint of this storage's format; it is left "
-                "as it is: give another path (or the storage of its format)"
-            )
+            raise CheckpointError.failed(path, f"cannot read it: {exc}") from exc
+        reason = foreign_format(head)
+        if reason is not None:
+            raise CheckpointCorruptError.not_a_checkpoint(path, reason)
     if not os.access(path, os.W_OK):
         why = os.strerror(errno.EROFS) if _on_read_only_mount(path) else "no write permission, or immutable"
-        raise CheckpointError(f"checkpoint {path} is read-only ({why}): start() needs to write to it")
+        raise CheckpointError.read_only(path, why)
+
+
+def _refuse_other_than_a_file(path: str, info: os.stat_result) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise CheckpointError.not_a_file(path, "a directory")
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError.not_a_file(path, "not a regular file (a device or a pipe?)")
 
 
 def fsync_directory(path: str) -> None:
@@ -111,18 +112,15 @@ def _on_read_only_mount(path: str) -> bool:
 class FileHold:
     """The exclusive hold on one checkpoint file; ``release`` gives it back."""
 
-    def __init__(self, path: str, is_own_format: Callable[[bytes], bool]) -> None:
+    def __init__(self, path: str, foreign_format: Callable[[bytes], Optional[str]]) -> None:
         self.path = path
         self._real = os.path.realpath(path)
         self._lock_fd: Optional[int] = None
         with _registry_lock:
             holder = _held_in_process.get(self._real)
             if holder == os.getpid():
-                raise CheckpointLockedError(
-                    f"checkpoint {path} is already held by another Snapper in this process; "
-                    "close it (leave its `with` block) first"
-                )
-            vet_place(path, is_own_format)
+                raise CheckpointLockedError.held_in_this_process(path)
+            vet_place(path, foreign_format)
             self._lock_fd = self._lock_across_processes()
             _held_in_process[self._real] = os.getpid()
 
@@ -131,9 +129,8 @@ class FileHold:
         try:
             fd = os.open(lock_path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, PRIVATE_FILE_MODE)
         except OSError as exc:
-            raise CheckpointError(
-                f"cannot create lock file {lock_path} beside checkpoint {self.path}, which "
-                f"start() needs: {exc}"
+            raise CheckpointError.failed(
+                self.path, f"cannot create lock file {lock_path}, which start() needs: {exc}"
             ) from exc
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -141,17 +138,14 @@ class FileHold:
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise CheckpointLockedError(
-                    f"checkpoint {self.path} is held by another process (pid {holder}); "
-                    "wait for it to finish or stop it"
-                ) from None
-            raise CheckpointError(f"cannot lock {lock_path}: {exc}") from exc
+                raise CheckpointLockedError.held_by_process(self.path, holder) from None
+            raise CheckpointError.failed(self.path, f"cannot lock {lock_path}: {exc}") from exc
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         except OSError as exc:
             os.close(fd)  # which drops the lock just taken
-            raise CheckpointError(f"cannot write the holder's pid to {lock_path}: {exc}") from exc
+            raise CheckpointError.failed(self.path, f"cannot write the holder's pid to {lock_path}: {exc}") from exc
         return fd
 
     def release(self) -> None:
@@ -171,7 +165,7 @@ class SnapshotStorage(ABC, Generic[R]):
 
     def open(self, batch_size: int, max_wait_time: Optional[float]) -> "OpenCheckpoint":
         """Take the hold on the file and open it for reading and appending."""
-        hold = FileHold(self.path, self._is_own_format)
+        hold = FileHold(self.path, self._foreign_format)
         try:
             create_private(self.path)
             store = self._open_store(batch_size, max_wait_time)
@@ -190,9 +184,8 @@ class SnapshotStorage(ABC, Generic[R]):
         except FileNotFoundError:
             return EmptyCheckpoint(self.path)
         except OSError as exc:
-            raise CheckpointError(f"cannot open checkpoint {self.path}: {exc}") from exc
-        if stat.S_ISDIR(info.st_mode):
-            raise CheckpointError(f"checkpoint {self.path} is a directory; give the path of a file (in it)")
+            raise CheckpointError.failed(self.path, str(exc)) from exc
+        _refuse_other_than_a_file(self.path, info)
         if info.st_size == 0:
             return EmptyCheckpoint(self.path)
         return self._open_reader()
@@ -202,10 +195,11 @@ class SnapshotStorage(ABC, Generic[R]):
         """Open the existing, non-empty file for reading only."""
 
     @abstractmethod
-    def _is_own_format(self, head: bytes) -> bool:
-        """Could a file starting with ``head`` (``FORMAT_HEAD_SIZE`` bytes, or all of a
-        shorter file) be, or become, a checkpoint of this storage? Checked before the
-        lock file is made, so that a foreign file gets no lock file beside it."""
+    def _foreign_format(self, head: bytes) -> Optional[str]:
+        """Why a file starting with ``head`` (``FORMAT_HEAD_SIZE`` bytes, or all of a
+        shorter file) cannot be, or become, a checkpoint of this storage; None if it
+        can. Checked before the lock file is made, so that a foreign file gets no lock
+        file beside it."""
 
     @abstractmethod
     def _open_store(self, batch_size: int, max_wait_time: Optional[float]) -> CheckpointStore:
@@ -267,13 +261,7 @@ class OpenCheckpoint:
             return
         self._move_reported = True  # once: close() after start() raised must not repeat it
         self.store.fold_wal_into_file()
-        now = "is now another file" if os.path.exists(self.store.path) else "no longer exists"
-        raise WriterError(
-            f"checkpoint {self.store.path} was removed or renamed while it was open (the path "
-            f"{now}): every row saved so far was committed to the file that was open, "
-            "which holds them all if it was moved; move it back, or start over with "
-            "snapperable.move_checkpoint"
-        )
+        raise CheckpointMovedError.under_run(self.store.path, os.path.exists(self.store.path))
 
     def close(self) -> None:
         try:

@@ -59,12 +59,12 @@ def move_checkpoint(checkpoint: "PathOrStorage[object]", destination: "Union[str
     source = os.path.realpath(storage.path)  # a symlink's target moves, not the link
     target = os.path.abspath(os.fspath(destination))
     if not os.path.isfile(source):
-        raise CheckpointError(f"cannot move checkpoint {source}: no such file")
+        raise CheckpointError.cannot_move(source, target, "no such file")
     companions = SQLITE_COMPANIONS if isinstance(storage, SQLiteSnapshotStorage) else ()
     for suffix in ("", *companions, LOCK_SUFFIX):
         if os.path.lexists(target + suffix):
-            raise CheckpointError(f"cannot move checkpoint {source} to {target}: {target + suffix} exists")
-    hold = FileHold(source, storage._is_own_format)  # raises if a Snapper holds it
+            raise CheckpointError.cannot_move(source, target, f"{target + suffix} exists")
+    hold = FileHold(source, storage._foreign_format)  # raises if a Snapper holds it
     try:
         store = storage._open_store(1, None)
         try:
@@ -74,12 +74,8 @@ def move_checkpoint(checkpoint: "PathOrStorage[object]", destination: "Union[str
         try:
             os.rename(source, target)
         except OSError as exc:
-            if exc.errno == errno.EXDEV:
-                raise CheckpointError(
-                    f"cannot move checkpoint {source} to {target}: another filesystem; "
-                    "move it within its filesystem"
-                ) from exc
-            raise CheckpointError(f"cannot move checkpoint {source} to {target}: {exc}") from exc
+            why = "it is on another filesystem; move it within its own" if exc.errno == errno.EXDEV else str(exc)
+            raise CheckpointError.cannot_move(source, target, why) from exc
         # The WAL is empty now and SQLite removed both on close, unless another reader
         # had the file open: whatever is left goes along, and so does the lock file,
         # whose lock (held here) moves with it.

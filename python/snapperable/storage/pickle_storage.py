@@ -59,6 +59,7 @@ _FRAME_CHECK = struct.Struct("<I")  # CRC-32 of the _FRAME bytes
 FRAME_HEADER_SIZE = _FRAME.size + _FRAME_CHECK.size
 _ROW_FIELDS = 11
 _EMPTY_HEADER = _HEADER.pack(MAGIC, FORMAT_VERSION, 0)
+NOT_OUR_HEADER = "it does not start with a pickle checkpoint's header"
 
 
 def encode_frame(record: tuple[str, Any]) -> bytes:
@@ -77,8 +78,10 @@ class PickleSnapshotStorage(SnapshotStorage[R]):
         self.file_path = os.fspath(file_path)
         self.path = os.path.abspath(self.file_path)
 
-    def _is_own_format(self, head: bytes) -> bool:
-        return head[: len(MAGIC)] == MAGIC[: len(head)]  # a torn header too
+    def _foreign_format(self, head: bytes) -> Optional[str]:
+        if head[: len(MAGIC)] == MAGIC[: len(head)]:  # a torn header too
+            return None
+        return NOT_OUR_HEADER
 
     def _open_reader(self) -> CheckpointReader:
         return PickleReader(self.path)
@@ -100,10 +103,11 @@ class PickleReader:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._released = False  # the descriptor is closed (and its number free for reuse)
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            raise CheckpointError(f"cannot open checkpoint {path} for reading: {exc}") from exc
+            raise CheckpointError.failed(path, f"cannot open it for reading: {exc}") from exc
         try:
             header = os.pread(self._fd, _HEADER.size, 0)
             if not (len(header) < _HEADER.size and _EMPTY_HEADER.startswith(header)):
@@ -113,12 +117,12 @@ class PickleReader:
             raise
 
     def close(self) -> None:
-        if self._fd >= 0:
+        if not self._released:
+            self._released = True
             os.close(self._fd)
-            self._fd = -1
 
-    def _corrupt(self, why: str) -> CheckpointCorruptError:
-        return CheckpointCorruptError(f"{self.path}: {why}")
+    def _corrupt(self, problem: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError.damaged(self.path, problem)
 
     def _check_header(self, header: bytes) -> None:
         """Refuse a file that is not a pickle checkpoint, or of a newer format."""
@@ -126,14 +130,11 @@ class PickleReader:
             _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0, 0)
         )
         if magic != MAGIC:
-            raise self._corrupt("is not a snapperable pickle checkpoint")
+            raise CheckpointCorruptError.not_a_checkpoint(self.path, NOT_OUR_HEADER)
         if version < 1 or reserved != 0:
-            raise self._corrupt("has a damaged header")
+            raise self._corrupt("its header is damaged")
         if version > FORMAT_VERSION:
-            raise CheckpointFormatError(
-                f"{self.path}: checkpoint format {version} is newer than this snapperable "
-                f"understands ({FORMAT_VERSION}); upgrade snapperable"
-            )
+            raise CheckpointFormatError.newer(self.path, version, FORMAT_VERSION)
 
     def _frames(self, size: int, *, stop_at_torn_tail: bool) -> Iterator[tuple[int, bytes]]:
         """(offset, payload) of each intact frame; sets ``_tail_start`` where they end."""
@@ -178,6 +179,8 @@ class PickleReader:
         return True
 
     def _records(self) -> Iterator[tuple[str, Any]]:
+        if self._released:
+            raise CheckpointError.closed(self.path)
         size = os.fstat(self._fd).st_size
         for pos, payload in self._frames(size, stop_at_torn_tail=self._tail_may_be_in_flight):
             try:
@@ -202,8 +205,10 @@ class PickleReader:
                 continue
             for row in body:
                 seq += 1
-                if len(row) != _ROW_FIELDS or not isinstance(row[ROW_KEY], bytes) or len(row[ROW_KEY]) != KEY_SIZE:
-                    raise self._corrupt(f"item {seq} is malformed")
+                if len(row) != _ROW_FIELDS:
+                    raise CheckpointCorruptError.bad_row(self.path, seq, f"does not have {_ROW_FIELDS} fields")
+                if not isinstance(row[ROW_KEY], bytes) or len(row[ROW_KEY]) != KEY_SIZE:
+                    raise CheckpointCorruptError.bad_key(self.path, seq)
                 yield seq, row
 
     def key_set(self, version: Optional[int], status: int) -> KeySet:
@@ -253,6 +258,7 @@ class PickleStore(WriterBackedStore, PickleReader):
         self.path = path
         self._write_lock = threading.Lock()  # frames from the writer and add_version
         self._torn_append: Optional[OSError] = None
+        self._released = False
         self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         try:
             self._prepare()
@@ -300,9 +306,7 @@ class PickleStore(WriterBackedStore, PickleReader):
         """
         with self._write_lock:
             if self._torn_append is not None:
-                raise CheckpointError(
-                    f"{self.path}: an earlier failed write could not be undone: {self._torn_append}"
-                )
+                raise CheckpointError.failed(self.path, f"an earlier failed write could not be undone: {self._torn_append}")
             end = os.fstat(self._fd).st_size
             try:
                 view = memoryview(frame)
@@ -327,11 +331,12 @@ class PickleStore(WriterBackedStore, PickleReader):
         try:
             self._append(encode_frame(("version", tuple(row))))
         except OSError as exc:
-            raise CheckpointError(f"{self.path}: cannot save a function version: {exc}") from exc
+            raise CheckpointError.failed(self.path, f"cannot save a function version: {exc}") from exc
         return vid
 
     def fold_wal_into_file(self) -> None:
         self.flush()  # every frame is in the file, fsynced, once committed
 
     def _release(self) -> None:
+        self._released = True
         os.close(self._fd)

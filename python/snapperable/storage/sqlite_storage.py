@@ -34,16 +34,19 @@ class SQLiteSnapshotStorage(SnapshotStorage[R]):
         self.path = os.path.abspath(self.db_path)
         self.synchronous: Synchronous = synchronous
 
-    def _is_own_format(self, head: bytes) -> bool:
-        """A SQLite file with snapperable's application_id, or one with no tables yet
-        (which becomes a checkpoint), or whose newer pages wait in its ``-wal``."""
+    def _foreign_format(self, head: bytes) -> Optional[str]:
+        """Ours: a SQLite file with snapperable's application_id, or one with no tables
+        yet (which becomes a checkpoint), or whose newer pages wait in its ``-wal``.
+        The reasons are the ones the stores give on opening such a file."""
         if not head.startswith(SQLITE_MAGIC) or len(head) < 105:
-            return False
+            return "file is not a database"  # SQLite's own words
         application_id = int.from_bytes(head[68:72], "big")
-        if application_id != 0:
-            return application_id == SQLITE_APPLICATION_ID
+        if application_id == SQLITE_APPLICATION_ID:
+            return None
         no_tables = head[100] == _LEAF_TABLE_PAGE and head[103:105] == b"\0\0"
-        return no_tables or os.path.exists(self.path + "-wal")
+        if application_id == 0 and (no_tables or os.path.exists(self.path + "-wal")):
+            return None
+        return f"application_id {application_id}"
 
     def _open_reader(self) -> CheckpointReader:
         return _backend.backend.open_sqlite_reader(self.path)
@@ -51,8 +54,7 @@ class SQLiteSnapshotStorage(SnapshotStorage[R]):
     def _open_store(self, batch_size: int, max_wait_time: Optional[float]) -> CheckpointStore:
         directory = os.path.dirname(self.path)
         if not os.access(directory, os.W_OK):
-            raise CheckpointError(
-                f"checkpoint {self.path} is in a read-only directory ({directory}): start() "
-                "needs to write there, where SQLite keeps the checkpoint's -wal and -shm"
+            raise CheckpointError.read_only(
+                self.path, f"its directory {directory} is, and SQLite keeps its -wal and -shm there"
             )
         return _backend.backend.open_sqlite(self.path, self.synchronous, batch_size, max_wait_time)
