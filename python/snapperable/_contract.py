@@ -111,9 +111,10 @@ class KeySet(Protocol):
 
 
 class CheckpointReader(Protocol):
-    """An open checkpoint's reads (those ``snapperable.reader`` needs); a store opened
-    for reading only provides them, ``CheckpointStore`` adds writes. Not to be confused
-    with the public ``snapperable.reader.CheckpointReader``, which is built on it."""
+    """An open checkpoint's reads. Opened for reading only (``open_sqlite_reader``, a
+    pickle file opened read-only), it needs no lock and writes nothing, so it reads
+    beside a running writer and on a read-only file; ``CheckpointStore`` adds writes.
+    (The public ``snapperable.reader.CheckpointReader`` is built on it.)"""
 
     @property
     def path(self) -> str:
@@ -122,6 +123,29 @@ class CheckpointReader(Protocol):
 
     def versions(self) -> list[VersionRow]:
         """Every known function version, oldest first."""
+        ...
+
+    def key_set(self, version: Optional[int], status: int) -> KeySet:
+        """Keys whose latest row for ``version`` has ``status``.
+
+        ``version=None``: keys whose latest row, for some version, has ``status``.
+        """
+        ...
+
+    def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
+        """``(ok, failed)``: ``key_set(version, STATUS_OK)`` and ``key_set(version,
+        STATUS_FAILED)`` from one read of the checkpoint."""
+        ...
+
+    def outputs_for(self, version: int, keys: bytes) -> list[Any]:
+        """Unpickled outputs of the latest ok row of each key, in the order of ``keys``.
+
+        Keys without an ok row are left out; a key given twice gives its output twice.
+        """
+        ...
+
+    def all_outputs(self, version: int) -> list[Any]:
+        """Unpickled latest ok output of every key, in the order each key was first saved."""
         ...
 
     def rows(self, version: Optional[int], with_output: bool = False) -> Iterator[RowInfo]:
@@ -140,7 +164,7 @@ class CheckpointReader(Protocol):
         ...
 
     def close(self) -> None:
-        """Release the file. Idempotent."""
+        """Release the file (a store first flushes and stops its writer). Idempotent."""
         ...
 
 
@@ -155,18 +179,6 @@ class CheckpointStore(CheckpointReader, Protocol):
 
     def add_version(self, fingerprint: str, parts: str, uses: Optional[int]) -> int:
         """Register a version (committed at once); ``uses=None`` means its own id."""
-        ...
-
-    def key_set(self, version: Optional[int], status: int) -> KeySet:
-        """Keys whose latest row for ``version`` has ``status``.
-
-        ``version=None``: keys whose latest row, for some version, has ``status``.
-        """
-        ...
-
-    def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
-        """``(ok, failed)``: ``key_set(version, STATUS_OK)`` and ``key_set(version,
-        STATUS_FAILED)`` from one read of the checkpoint."""
         ...
 
     def record(self, row: ItemRow) -> None: ...
@@ -196,19 +208,10 @@ class CheckpointStore(CheckpointReader, Protocol):
         """Return once every recorded row is committed (durable per the store's setting)."""
         ...
 
-    def outputs_for(self, version: int, keys: bytes) -> list[Any]:
-        """Unpickled outputs of the latest ok row of each key, in the order of ``keys``.
-
-        Keys without an ok row are left out; a key given twice gives its output twice.
-        """
-        ...
-
-    def all_outputs(self, version: int) -> list[Any]:
-        """Unpickled latest ok output of every key, in the order each key was first saved."""
-        ...
-
-    def close(self) -> None:
-        """Flush, stop the writer and release the file. Idempotent."""
+    def fold_wal_into_file(self) -> None:
+        """Flush, then make the file hold every committed row by itself: SQLite copies
+        its WAL into the database file (``wal_checkpoint(TRUNCATE)``); a pickle file
+        always does. Before the file is moved, or once it was moved under the run."""
         ...
 
 
@@ -233,4 +236,8 @@ class Backend(Protocol):
         max_wait_time: Optional[float],
     ) -> CheckpointStore:
         """Open (creating with mode 0600 if missing) a SQLite checkpoint at ``path``."""
+        ...
+
+    def open_sqlite_reader(self, path: str) -> CheckpointReader:
+        """Open the existing SQLite checkpoint at ``path`` for reading only."""
         ...

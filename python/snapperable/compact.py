@@ -57,7 +57,7 @@ def compact(source: str, out: Optional[str] = None, *, in_place: bool = False) -
             raise ValueError(f"{source}: to compact a file into itself, use in_place=True")
     if os.path.lexists(target):
         raise CheckpointError.failed(target, "already exists; compact writes a new file")
-    hold = FileHold(source)
+    hold = FileHold(source, _storage(format, source)._foreign_format)
     try:
         bytes_before = os.stat(source).st_size
         try:

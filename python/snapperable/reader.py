@@ -26,10 +26,11 @@ from typing import Any, Iterator, Literal, Optional, Union
 from snapperable import _backend, _contract
 from snapperable._contract import KEY_SIZE, SQLITE_APPLICATION_ID, STATUS_FAILED, STATUS_OK, KeySet, RowInfo
 from snapperable.errors import CheckpointCorruptError, CheckpointError
-from snapperable.metrics import ProcessingMetric, metric_from_row, render_report
+from snapperable.metrics import ProcessingMetric, ReportScope, metric_from_row, render_report
 from snapperable.storage.base import holder_pid
 from snapperable.storage.pickle_storage import MAGIC as PICKLE_MAGIC
-from snapperable.storage.pickle_storage import PickleReader
+from snapperable.storage.pickle_storage import PickleReader, PickleSnapshotStorage
+from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
 
 Format = Literal["sqlite", "pickle"]
 ReportFormat = Literal["markdown", "json"]
@@ -176,17 +177,12 @@ def detect_format(path: str) -> Format:
 
 
 def open_store_for_reading(path: str, format: Format) -> _contract.CheckpointReader:
-    """The one place that opens a checkpoint to read it (the reader and ``compact``).
-
-    Pickle: read-only, no hold, nothing written (``PickleReader``). SQLite: through the
-    active backend's ``open_sqlite``, without the hold, on a file ``detect_format``
-    found to be a checkpoint (so no schema is written). That open needs write access
-    and lets SQLite keep its ``-wal`` / ``-shm`` files beside the checkpoint; a
-    read-only open from the backends replaces it here, and only here.
-    """
-    if format == "pickle":
-        return PickleReader(path)
-    return _backend.backend.open_sqlite(path, "normal", 1, None)
+    """The one place that opens a checkpoint to read it (the reader and ``compact``):
+    the storage's ``open_reader``, with no hold, no lock file, nothing created or
+    written (SQLite through the active backend's library, read-only where the file
+    does not allow more)."""
+    storage = PickleSnapshotStorage[Any](path) if format == "pickle" else SQLiteSnapshotStorage[Any](path)
+    return storage.open_reader()
 
 
 def pickle_problem(blob: object) -> Optional[str]:
@@ -410,8 +406,15 @@ class CheckpointReader:
         ]
 
     def report(self, version: Optional[int] = None, format: ReportFormat = "markdown") -> str:
-        """The report of ``version``'s metrics, as ``Snapper.generate_report`` gives it."""
-        return render_report(self.metrics(version), format)
+        """The report of ``version``'s metrics, as ``Snapper.generate_report`` gives it,
+        but for positions: with no iterable at hand, items are named by their stored
+        input (or key) alone."""
+        wanted = self.results_of(version)
+        metrics = self.metrics(version)
+        if wanted is None:
+            return render_report(metrics, format)
+        since = [row.created for row in self._log if row.uses == wanted]
+        return render_report(metrics, format, ReportScope(wanted, min(since) if since else None))
 
     # -- checking ---------------------------------------------------------------------
     def check(self) -> Optional[str]:

@@ -24,7 +24,7 @@ import struct
 import threading
 import time
 import zlib
-from typing import Any, Iterator, Optional, TypeVar
+from typing import Any, Iterator, Optional, TypeVar, Union
 
 from snapperable import _backend, _folding
 from snapperable._contract import (
@@ -35,6 +35,7 @@ from snapperable._contract import (
     ROW_OUTPUT,
     ROW_STATUS,
     ROW_VERSION,
+    CheckpointReader,
     CheckpointStore,
     ItemRow,
     KeySet,
@@ -43,7 +44,7 @@ from snapperable._contract import (
 )
 from snapperable._writer import PendingRow, WriterBackedStore, item_row
 from snapperable.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
-from snapperable.storage.base import SnapshotStorage
+from snapperable.storage.base import SnapshotStorage, fsync_directory
 
 R = TypeVar("R")
 
@@ -57,6 +58,8 @@ _FRAME = struct.Struct("<cQI")  # marker, payload length, payload CRC-32
 _FRAME_CHECK = struct.Struct("<I")  # CRC-32 of the _FRAME bytes
 FRAME_HEADER_SIZE = _FRAME.size + _FRAME_CHECK.size
 _ROW_FIELDS = 11
+_EMPTY_HEADER = _HEADER.pack(MAGIC, FORMAT_VERSION, 0)
+NOT_OUR_HEADER = "it does not start with a pickle checkpoint's header"
 
 
 def encode_frame(record: tuple[str, Any]) -> bytes:
@@ -71,38 +74,45 @@ class PickleSnapshotStorage(SnapshotStorage[R]):
     Every read scans the file, so prefer ``SQLiteSnapshotStorage`` for large runs.
     """
 
-    def __init__(self, file_path: str = DEFAULT_FILE_PATH) -> None:
-        self.file_path = file_path
-        self.path = os.path.abspath(file_path)
+    def __init__(self, file_path: Union[str, "os.PathLike[str]"] = DEFAULT_FILE_PATH) -> None:
+        self.file_path = os.fspath(file_path)
+        self.path = os.path.abspath(self.file_path)
+
+    def _foreign_format(self, head: bytes) -> Optional[str]:
+        if head[: len(MAGIC)] == MAGIC[: len(head)]:  # a torn header too
+            return None
+        return NOT_OUR_HEADER
+
+    def _open_reader(self) -> CheckpointReader:
+        return PickleReader(self.path)
 
     def _open_store(self, batch_size: int, max_wait_time: Optional[float]) -> CheckpointStore:
         return PickleStore(self.path, batch_size, max_wait_time)
 
 
 class PickleReader:
-    """A pickle-frame file opened for reading only: no hold, no lock file, never a
-    write, so it reads the committed frames beside a running writer. A frame a live
-    writer is still appending, or a torn tail a crash left, reads as the end
-    (``torn_tail_bytes`` says how much). ``PickleStore`` adds the writes.
-    """
+    """A pickle-frame file opened for reading only: it needs no lock and writes nothing,
+    so it reads the committed frames beside a running writer, and a read-only file.
+    A frame still being appended at the end reads as not there yet."""
 
     path: str
     _fd: int
-    # May a read meet a torn last frame, and stop there? A reader may meet the frame a
-    # live writer is appending, or what a crash left (the next writer cuts it off); the
-    # writing store cut any off when it opened, so one it meets later is damage.
+    # A truncated last frame: one being appended (a reader beside a writer), or damage
+    # (the store, which cut any torn tail off when it opened).
     _tail_may_be_in_flight = True
     _tail_start = _HEADER.size
-    _released = False  # the descriptor is closed (and its number free for reuse)
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._released = False  # the descriptor is closed (and its number free for reuse)
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            raise CheckpointError.failed(path, f"cannot open it: {exc.strerror or exc}") from exc
+            raise CheckpointError.failed(path, f"cannot open it for reading: {exc}") from exc
         try:
-            self._check_header(os.pread(self._fd, _HEADER.size, 0))
+            header = os.pread(self._fd, _HEADER.size, 0)
+            if not (len(header) < _HEADER.size and _EMPTY_HEADER.startswith(header)):
+                self._check_header(header)  # else a new file, its header not yet written
         except BaseException:
             os.close(self._fd)
             raise
@@ -112,25 +122,20 @@ class PickleReader:
             self._released = True
             os.close(self._fd)
 
-    def torn_tail_bytes(self) -> int:
-        """Bytes after the last intact frame, as of the last full read."""
-        return max(0, os.fstat(self._fd).st_size - self._tail_start)
-
     def _corrupt(self, problem: str) -> CheckpointCorruptError:
         return CheckpointCorruptError.damaged(self.path, problem)
 
-    def _check_header(self, header: bytes) -> int:
-        """The format version in a 16-byte ``header``; raises if it is not ours."""
+    def _check_header(self, header: bytes) -> None:
+        """Refuse a file that is not a pickle checkpoint, or of a newer format."""
         magic, version, reserved = (
             _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0, 0)
         )
         if magic != MAGIC:
-            raise CheckpointCorruptError.not_a_checkpoint(self.path, "it does not start with a pickle checkpoint's header")
+            raise CheckpointCorruptError.not_a_checkpoint(self.path, NOT_OUR_HEADER)
         if version < 1 or reserved != 0:
             raise self._corrupt("its header is damaged")
         if version > FORMAT_VERSION:
             raise CheckpointFormatError.newer(self.path, version, FORMAT_VERSION)
-        return int(version)
 
     def _frames(self, size: int, *, stop_at_torn_tail: bool) -> Iterator[tuple[int, bytes]]:
         """(offset, payload) of each intact frame; sets ``_tail_start`` where they end."""
@@ -186,6 +191,7 @@ class PickleReader:
                 raise self._corrupt(f"the frame at offset {pos} cannot be read: {exc!r}") from exc
             yield kind, body
 
+    # -- reads --------------------------------------------------------------------------
     def versions(self) -> list[VersionRow]:
         return [
             _folding.version_row(body, self.path)
@@ -206,6 +212,35 @@ class PickleReader:
                     raise CheckpointCorruptError.bad_key(self.path, seq)
                 yield seq, row
 
+    def key_set(self, version: Optional[int], status: int) -> KeySet:
+        rows = (
+            (row[ROW_KEY], row[ROW_VERSION], row[ROW_STATUS])
+            for _, row in self._item_rows()
+            if version is None or row[ROW_VERSION] == version
+        )
+        return _folding.keys_with_status(rows, status, _backend.backend.new_key_set)
+
+    def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
+        latest = {
+            row[ROW_KEY]: row[ROW_STATUS]
+            for _, row in self._item_rows()
+            if row[ROW_VERSION] == version
+        }
+        return _folding.ok_and_failed(latest, _backend.backend.new_key_set)
+
+    def _latest_outputs(self, version: int) -> dict[bytes, Optional[bytes]]:
+        return {
+            row[ROW_KEY]: row[ROW_OUTPUT] if row[ROW_STATUS] == STATUS_OK else None
+            for _, row in self._item_rows()
+            if row[ROW_VERSION] == version
+        }
+
+    def outputs_for(self, version: int, keys: bytes) -> list[Any]:
+        return _folding.outputs_in_key_order(self._latest_outputs(version), keys, self.path)
+
+    def all_outputs(self, version: int) -> list[Any]:
+        return _folding.outputs_in_save_order(self._latest_outputs(version), self.path)
+
     def rows(self, version: Optional[int], with_output: bool = False) -> Iterator[RowInfo]:
         for seq, row in self._item_rows():
             if version is None or row[ROW_VERSION] == version:
@@ -217,11 +252,13 @@ class PickleReader:
 
     def meta(self) -> dict[str, str]:
         """The format version, from the header (the format keeps no creator)."""
-        return {"format_version": str(self._check_header(os.pread(self._fd, _HEADER.size, 0)))}
+        header = os.pread(self._fd, _HEADER.size, 0)
+        version = _HEADER.unpack(header)[1] if len(header) == _HEADER.size else FORMAT_VERSION
+        return {"format_version": str(version)}
 
     def integrity_check(self) -> Optional[str]:
-        """Every frame's checksums, to the end of the file (or of the committed frames,
-        for a reader: see ``_tail_may_be_in_flight``); the first damage, or None."""
+        """Every frame's checksums, to the end of the file (a reader: of the committed
+        frames, see ``_tail_may_be_in_flight``); the first damage, or None."""
         try:
             for _ in self._frames(os.fstat(self._fd).st_size, stop_at_torn_tail=self._tail_may_be_in_flight):
                 pass
@@ -229,17 +266,21 @@ class PickleReader:
             return str(exc)
         return None
 
+    def torn_tail_bytes(self) -> int:
+        """Bytes after the last intact frame, as of the last full read: what a crash
+        (or a live writer mid-append) left, cut off by the next run."""
+        return max(0, os.fstat(self._fd).st_size - self._tail_start)
 
-class PickleStore(PickleReader, WriterBackedStore):
+class PickleStore(WriterBackedStore, PickleReader):
     """The ``CheckpointStore`` of a pickle-frame file."""
 
     _tail_may_be_in_flight = False
-    close = WriterBackedStore.close
 
     def __init__(self, path: str, batch_size: int, max_wait_time: Optional[float]) -> None:
         self.path = path
         self._write_lock = threading.Lock()  # frames from the writer and add_version
         self._torn_append: Optional[OSError] = None
+        self._released = False
         self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         try:
             self._prepare()
@@ -253,13 +294,12 @@ class PickleStore(PickleReader, WriterBackedStore):
         """Write the header of a new file, check an old one, cut off a torn tail."""
         size = os.fstat(self._fd).st_size
         header = os.pread(self._fd, _HEADER.size, 0)
-        empty_header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0)
-        if len(header) < _HEADER.size and empty_header.startswith(header):
+        if len(header) < _HEADER.size and _EMPTY_HEADER.startswith(header):
             # New file, or a crash while its header was being written: nothing was saved.
             os.ftruncate(self._fd, 0)
-            os.write(self._fd, empty_header)
+            os.write(self._fd, _EMPTY_HEADER)
             os.fsync(self._fd)
-            _fsync_directory(self.path)
+            fsync_directory(self.path)
             return
         self._check_header(header)
         end = self._end_of_good_frames(size)
@@ -316,45 +356,9 @@ class PickleStore(PickleReader, WriterBackedStore):
             raise CheckpointError.failed(self.path, f"cannot save a function version: {exc}") from exc
         return vid
 
-    # -- reads --------------------------------------------------------------------------
-    def key_set(self, version: Optional[int], status: int) -> KeySet:
-        rows = (
-            (row[ROW_KEY], row[ROW_VERSION], row[ROW_STATUS])
-            for _, row in self._item_rows()
-            if version is None or row[ROW_VERSION] == version
-        )
-        return _folding.keys_with_status(rows, status, _backend.backend.new_key_set)
-
-    def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
-        latest = {
-            row[ROW_KEY]: row[ROW_STATUS]
-            for _, row in self._item_rows()
-            if row[ROW_VERSION] == version
-        }
-        return _folding.ok_and_failed(latest, _backend.backend.new_key_set)
-
-    def _latest_outputs(self, version: int) -> dict[bytes, Optional[bytes]]:
-        return {
-            row[ROW_KEY]: row[ROW_OUTPUT] if row[ROW_STATUS] == STATUS_OK else None
-            for _, row in self._item_rows()
-            if row[ROW_VERSION] == version
-        }
-
-    def outputs_for(self, version: int, keys: bytes) -> list[Any]:
-        return _folding.outputs_in_key_order(self._latest_outputs(version), keys, self.path)
-
-    def all_outputs(self, version: int) -> list[Any]:
-        return _folding.outputs_in_save_order(self._latest_outputs(version), self.path)
+    def fold_wal_into_file(self) -> None:
+        self.flush()  # every frame is in the file, fsynced, once committed
 
     def _release(self) -> None:
         self._released = True
         os.close(self._fd)
-
-
-def _fsync_directory(path: str) -> None:
-    """Make a new file's directory entry durable too."""
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
