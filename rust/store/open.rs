@@ -564,7 +564,7 @@ mod tests {
         let reader = Store::open_read_only(&path).unwrap();
         assert_eq!(reader.versions().unwrap().len(), 1);
         writer.append(&[row(2, v1, 0, Some(b"two"))]).unwrap();
-        assert_eq!(reader.rows_after(Some(v1), 0, 10).unwrap().len(), 2);
+        assert_eq!(reader.rows_after(Some(v1), 0, 10, false).unwrap().len(), 2);
         reader.close().unwrap();
         writer.close().unwrap();
 
