@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import select
 import sqlite3
 import struct
 import sys
 import threading
-from importlib import resources
-from typing import Any, Iterator, Optional
+import time
+from typing import Any, Iterable, Iterator, Optional
 
-from snapperable import _folding, _sqlite_writer, keys
+from snapperable import _folding, _row_checksum, _sqlite_file, _sqlite_writer, keys
 from snapperable._contract import (
     KEY_SIZE,
+    ROW_KEY,
+    ROW_OUTPUT,
+    ROW_STATUS,
     STATUS_OK,
+    ItemRow,
     KeySet,
     RowInfo,
     Synchronous,
@@ -34,6 +39,7 @@ from snapperable._sqlite_writer import (
     configure,
 )
 from snapperable._writer import PendingRow, WriterBackedStore
+from snapperable.storage.base import create_private
 from snapperable.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -44,11 +50,11 @@ from snapperable.errors import (
 # ``sqlite3.SQLITE_NOTADB`` exist only from Python 3.11 on.
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
+# An extended code: a read past the end of the file, which only a damaged page number
+# (or a file cut short) asks for.
+_SQLITE_IOERR_SHORT_READ = 522
 
 BACKEND_NAME = "python"
-
-APPLICATION_ID = 1399742800
-FORMAT_VERSION = 1
 
 log = logging.getLogger("snapperable")
 
@@ -101,10 +107,6 @@ def new_key_set() -> PyKeySet:
     return PyKeySet()
 
 
-def _schema() -> str:
-    return resources.files("snapperable").joinpath("schema.sql").read_text(encoding="utf-8")
-
-
 class PySQLiteStore(WriterBackedStore):
     """A SQLite checkpoint through ``sqlite3``: one connection shared, under a lock, by
     the caller's reads and the writer thread's commits."""
@@ -119,6 +121,9 @@ class PySQLiteStore(WriterBackedStore):
         self.path = path
         self._synchronous = synchronous
         self._lock = threading.Lock()
+        # Format 2 rows carry checksums (``_row_checksum``); a format-1 file is read and
+        # written as format 1 (README "Checkpoint files"). Set by ``_connect``.
+        self._checksummed = True
         self._conn = self._connect(synchronous)
         # The writer process (``_sqlite_writer``), started by the writer thread once a
         # commit is large; None before that, or for good once it could not be started.
@@ -131,30 +136,28 @@ class PySQLiteStore(WriterBackedStore):
         return CheckpointCorruptError(f"{self.path}: {why}")
 
     def _connect(self, synchronous: Synchronous) -> sqlite3.Connection:
-        try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise CheckpointError(f"cannot open checkpoint {self.path}: {exc}") from exc
+        """The connection to the checkpoint, once what can be checked cheaply has been:
+        nothing is written to a file found damaged (see ``_sqlite_file``)."""
+        create_private(self.path)
+        header = _sqlite_file.read_header(self.path)
+        checked = False
+        if header is not None and _sqlite_file.has_write_ahead_log(self.path):
+            self._check_existing(self._open_connection(read_only=True), header, close=True)
+            checked = True
+        conn = self._open_connection(read_only=False)
         try:
             configure(conn, synchronous)
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            user_version = conn.execute("PRAGMA user_version").fetchone()[0]
             tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if app_id == 0 and tables == 0:
+            if header is None or (header.application_id == 0 and tables == 0):
                 # One transaction: a crash leaves either no schema or all of it.
-                conn.executescript(f"BEGIN IMMEDIATE; {_schema()};")
+                conn.executescript(f"BEGIN IMMEDIATE; {_sqlite_file.schema_sql()};")
                 conn.executemany(
                     "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)",
-                    [("format_version", str(FORMAT_VERSION)), ("created_by", _created_by())],
+                    [("format_version", str(_sqlite_file.FORMAT_VERSION)), ("created_by", _created_by())],
                 )
                 conn.execute("COMMIT")
-            elif app_id != APPLICATION_ID:
-                raise self._corrupt("is not a snapperable checkpoint (application_id differs)")
-            elif user_version > FORMAT_VERSION:
-                raise CheckpointFormatError(
-                    f"{self.path}: checkpoint format {user_version} is newer than this "
-                    f"snapperable understands ({FORMAT_VERSION}); upgrade snapperable"
-                )
+            elif not checked:
+                self._check_existing(conn, header, close=False)
             conn.execute("PRAGMA journal_mode=WAL")
         except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             conn.close()
@@ -163,6 +166,43 @@ class PySQLiteStore(WriterBackedStore):
             conn.close()
             raise
         return conn
+
+    def _open_connection(self, *, read_only: bool) -> sqlite3.Connection:
+        try:
+            if read_only:
+                return sqlite3.connect(
+                    f"{_file_uri(self.path)}?mode=ro", uri=True, isolation_level=None,
+                    check_same_thread=False,
+                )
+            return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise CheckpointError(f"cannot open checkpoint {self.path}: {exc}") from exc
+
+    def _check_existing(self, conn: sqlite3.Connection, header: _sqlite_file.SQLiteHeader, *, close: bool) -> None:
+        """Raise if the (non-empty) file is not a checkpoint this code reads, or its
+        schema is damaged; closes ``conn`` if it raises, or if ``close``."""
+        try:
+            if header.application_id != _sqlite_file.APPLICATION_ID:
+                raise self._corrupt("is not a snapperable checkpoint (application_id differs)")
+            if header.user_version > _sqlite_file.FORMAT_VERSION:
+                raise CheckpointFormatError(
+                    f"{self.path}: checkpoint format {header.user_version} is newer than this "
+                    f"snapperable understands ({_sqlite_file.FORMAT_VERSION}); upgrade snapperable"
+                )
+            if header.user_version < 1:
+                raise self._corrupt(f"is damaged (format {header.user_version} in its header)")
+            problem = _sqlite_file.schema_problem(conn, header.user_version)
+            if problem is not None:
+                raise self._corrupt(problem)
+            self._checksummed = header.user_version not in _sqlite_file.UNCHECKED_FORMATS
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
+            conn.close()
+            raise self._mapped(exc) from exc
+        except BaseException:
+            conn.close()
+            raise
+        if close:
+            conn.close()
 
     def _mapped(self, exc: Exception) -> CheckpointError:
         """The one mapping of sqlite3 errors to snapperable's; text that does not decode
@@ -179,7 +219,7 @@ class PySQLiteStore(WriterBackedStore):
         code = getattr(exc, "sqlite_errorcode", None)
         text = str(exc)
         if (
-            (isinstance(code, int) and (code & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB))
+            (isinstance(code, int) and ((code & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or code == _SQLITE_IOERR_SHORT_READ))
             or "malformed" in text
             or "not a database" in text
             or "Could not decode to UTF-8" in text  # a damaged type byte in a record
@@ -205,7 +245,7 @@ class PySQLiteStore(WriterBackedStore):
     def _commit_here(self, rows: list[PendingRow]) -> None:
         """Commit ``rows`` in this (the writer) thread, on the shared connection."""
         with self._lock:
-            commit_rows(self._conn, rows)
+            commit_rows(self._conn, rows, self._checksummed)
 
     def _settle(self) -> int:
         return self._process.settle() if self._process is not None else 0
@@ -217,7 +257,7 @@ class PySQLiteStore(WriterBackedStore):
             if self._process_failed or batch_rows < _sqlite_writer.PROCESS_MIN_ROWS or not _can_start_process():
                 return None
             try:
-                self._process = WriterProcess(self.path, self._synchronous)
+                self._process = WriterProcess(self.path, self._synchronous, self._checksummed)
             except OSError as exc:
                 self._no_process(exc)
                 return None
@@ -239,21 +279,25 @@ class PySQLiteStore(WriterBackedStore):
             conn = self._conn
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                cur = conn.execute(
-                    "INSERT INTO versions (fingerprint, parts, uses, created)"
-                    " VALUES (?, ?, coalesce(?, -1), (julianday('now') - 2440587.5) * 86400.0)",
-                    (fingerprint, parts, uses),
-                )
-                vid = cur.lastrowid
-                assert vid is not None
-                if uses is None:
-                    conn.execute("UPDATE versions SET uses = id WHERE id = ?", (vid,))
+                vid = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM versions").fetchone()[0]
+                row = (vid, fingerprint, parts, vid if uses is None else uses, time.time())
+                if self._checksummed:
+                    conn.execute(
+                        "INSERT INTO versions (id, fingerprint, parts, uses, created, checksum)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (*row, _row_checksum.version_checksum(*row)),
+                    )
+                else:
+                    conn.execute(
+                        "INSERT INTO versions (id, fingerprint, parts, uses, created) VALUES (?, ?, ?, ?, ?)",
+                        row,
+                    )
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise self._mapped(exc) from exc
-            return vid
+            return int(vid)
 
     # -- reads --------------------------------------------------------------------------
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
@@ -268,40 +312,70 @@ class PySQLiteStore(WriterBackedStore):
             raise self._corrupt(f"an item row has a malformed key {raw!r}")
         return raw
 
-    def versions(self) -> list[VersionRow]:
-        return [
-            _folding.version_row(row, self.path)
-            for row in self._query(
-                "SELECT id, fingerprint, parts, uses, created FROM versions ORDER BY id"
-            )
-        ]
+    def _damaged_row(self, seq: object) -> CheckpointCorruptError:
+        return self._corrupt(f"is damaged: item row {seq} does not match its checksum")
 
-    def key_set(self, version: Optional[int], status: int) -> KeySet:
-        if version is None:
-            found = self._query("SELECT key, version, status FROM items ORDER BY seq")
+    def versions(self) -> list[VersionRow]:
+        if not self._checksummed:
+            found = self._query("SELECT id, fingerprint, parts, uses, created FROM versions ORDER BY id")
         else:
             found = self._query(
-                "SELECT key, version, status FROM items WHERE version = ? ORDER BY seq",
+                "SELECT id, fingerprint, parts, uses, created, checksum FROM versions ORDER BY id"
+            )
+            for row in found:
+                try:
+                    matches = _row_checksum.version_checksum(*row[:5]) == row[5]
+                except _row_checksum.WrongType:
+                    matches = False
+                if not matches:
+                    raise self._corrupt(f"is damaged: function version {row[0]!r} does not match its checksum")
+            found = [row[:5] for row in found]
+        return [_folding.version_row(row, self.path) for row in found]
+
+    def _checked_heads(self, rows: Iterable[Any], version: Optional[int]) -> Iterator[tuple[bytes, int, int]]:
+        """``(key, version, status)`` of rows ``(seq, key, version, status, checksum)``,
+        their checksums' heads checked (``version`` None: as stored, else this one)."""
+        head_matches = _row_checksum.head_matches
+        for seq, key, row_version, status, checksum in rows:
+            if version is not None:
+                row_version = version
+            if not head_matches(checksum, key, row_version, status):
+                raise self._damaged_row(seq)
+            yield key, row_version, status
+
+    def _checked_rows(self, rows: Iterable[Any], version: Optional[int]) -> Iterator[ItemRow]:
+        """Item rows of ``SELECT seq, {_ITEM_COLUMNS}, checksum``, every field checked."""
+        row_matches = _row_checksum.row_matches
+        for seq, key, row_version, *fields, checksum in rows:
+            if version is not None:
+                row_version = version
+            if not row_matches(checksum, key, row_version, *fields):
+                raise self._damaged_row(seq)
+            yield (key, row_version, *fields)
+
+    def key_set(self, version: Optional[int], status: int) -> KeySet:
+        checksum = ", checksum" if self._checksummed else ""
+        if version is None:
+            found = self._query(f"SELECT seq, key, version, status{checksum} FROM items ORDER BY seq")
+        else:
+            found = self._query(
+                f"SELECT seq, key, version, status{checksum} FROM items WHERE version = ? ORDER BY seq",
                 (version,),
             )
-        rows = ((self._key(key), row_version, row_status) for key, row_version, row_status in found)
+        if self._checksummed:
+            checked: Iterable[tuple[Any, ...]] = self._checked_heads(found, None)
+        else:
+            checked = (row[1:] for row in found)
+        rows = ((self._key(key), row_version, row_status) for key, row_version, row_status in checked)
         return _folding.keys_with_status(rows, status, new_key_set)
 
-    def _latest(self, value_sql: str, version: int) -> dict[bytes, Any]:
-        """Each key of ``version``, in the order first saved -> ``value_sql`` of its latest
-        row. Folded in C by ``dict`` straight from the cursor: no list of all the rows.
-
-        A key that is not 16 bytes of blob reads as None: damage, raised here.
-        """
+    def _latest(self, sql: str, version: int, fold: Any) -> dict[bytes, Any]:
+        """Each key of ``version``, in the order first saved -> the value ``fold`` makes
+        of its latest row, from the rows of ``sql``. ``dict`` folds them (in C straight
+        from the cursor for a format-1 file): no list of all the rows."""
         with self._lock:
             try:
-                latest: dict[Optional[bytes], Any] = dict(
-                    self._conn.execute(
-                        "SELECT CASE WHEN typeof(key) = 'blob' AND length(key) = 16 THEN key END,"
-                        f" {value_sql} FROM items WHERE version = ? ORDER BY seq",
-                        (version,),
-                    )
-                )
+                latest: dict[Optional[bytes], Any] = dict(fold(self._conn.execute(sql, (version,))))
             except (sqlite3.Error, UnicodeDecodeError) as exc:
                 raise self._mapped(exc) from exc
         if None in latest:
@@ -309,10 +383,32 @@ class PySQLiteStore(WriterBackedStore):
         return latest  # type: ignore[return-value]  # None was just ruled out
 
     def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
-        return _folding.ok_and_failed(self._latest("status", version), new_key_set)
+        if not self._checksummed:
+            latest = self._latest(f"SELECT {_CHECKED_KEY}, status FROM items WHERE version = ? ORDER BY seq", version, iter)
+        else:
+            latest = self._latest(
+                "SELECT seq, key, version, status, checksum FROM items WHERE version = ? ORDER BY seq",
+                version,
+                lambda rows: ((key, status) for key, _, status in self._checked_heads(rows, version)),
+            )
+        return _folding.ok_and_failed(latest, new_key_set)
 
     def _latest_outputs(self, version: int) -> dict[bytes, Optional[bytes]]:
-        return self._latest(f"CASE WHEN status = {STATUS_OK} THEN output END", version)
+        if not self._checksummed:
+            return self._latest(
+                f"SELECT {_CHECKED_KEY}, CASE WHEN status = {STATUS_OK} THEN output END"
+                " FROM items WHERE version = ? ORDER BY seq",
+                version,
+                iter,
+            )
+        return self._latest(
+            f"SELECT seq, {_ITEM_COLUMNS}, checksum FROM items WHERE version = ? ORDER BY seq",
+            version,
+            lambda rows: (
+                (row[ROW_KEY], row[ROW_OUTPUT] if row[ROW_STATUS] == STATUS_OK else None)
+                for row in self._checked_rows(rows, version)
+            ),
+        )
 
     def outputs_for(self, version: int, keys_blob: bytes) -> list[Any]:
         return _folding.outputs_in_key_order(self._latest_outputs(version), keys_blob, self.path)
@@ -321,17 +417,19 @@ class PySQLiteStore(WriterBackedStore):
         return _folding.outputs_in_save_order(self._latest_outputs(version), self.path)
 
     def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
-        columns = (
-            "seq, key, version, status, input, error_type, error, traceback,"
-            " attempts, started, ended"
-        )
+        checksum = ", checksum" if self._checksummed else ""
         if version is None:
-            found = self._query(f"SELECT {columns} FROM items ORDER BY seq")
+            found = self._query(f"SELECT seq, {_ITEM_COLUMNS}{checksum} FROM items ORDER BY seq")
         else:
             found = self._query(
-                f"SELECT {columns} FROM items WHERE version = ? ORDER BY seq", (version,)
+                f"SELECT seq, {_ITEM_COLUMNS}{checksum} FROM items WHERE version = ? ORDER BY seq", (version,)
             )
-        return (RowInfo(*row) for row in found)
+        checked: Iterable[tuple[int, Any]]
+        if self._checksummed:
+            checked = zip((row[0] for row in found), self._checked_rows(found, None))
+        else:
+            checked = ((row[0], row[1:]) for row in found)
+        return (_row_info(seq, row) for seq, row in checked)
 
     def _release(self) -> None:
         try:
@@ -340,6 +438,25 @@ class PySQLiteStore(WriterBackedStore):
         finally:
             with self._lock:
                 self._conn.close()
+
+
+# The columns of an ItemRow, in its order.
+_ITEM_COLUMNS = (
+    "key, version, status, input, output, error_type, error, traceback, attempts, started, ended"
+)
+# A format-1 row's key, or None if it is not 16 bytes of blob (damage, raised by ``_latest``).
+_CHECKED_KEY = f"CASE WHEN typeof(key) = 'blob' AND length(key) = {KEY_SIZE} THEN key END"
+
+
+def _row_info(seq: int, row: Any) -> RowInfo:
+    key, version, status, pickled_input, _, error_type, error, tb, attempts, started, ended = row
+    return RowInfo(seq, key, version, status, pickled_input, error_type, error, tb, attempts, started, ended)
+
+
+def _file_uri(path: str) -> str:
+    from urllib.parse import quote  # only for a file with a write-ahead log left
+
+    return "file:" + quote(os.path.abspath(path))
 
 
 def _can_start_process() -> bool:

@@ -101,18 +101,19 @@ class PickleStore(WriterBackedStore):
     def _prepare(self) -> None:
         """Write the header of a new file, check an old one, cut off a torn tail."""
         size = os.fstat(self._fd).st_size
-        header = os.pread(self._fd, _HEADER.size, 0)
-        empty_header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0)
-        if len(header) < _HEADER.size and empty_header.startswith(header):
-            # New file, or a crash while its header was being written: nothing was saved.
-            os.ftruncate(self._fd, 0)
-            os.write(self._fd, empty_header)
+        if size == 0:  # a new file
+            os.write(self._fd, _HEADER.pack(MAGIC, FORMAT_VERSION, 0))
             os.fsync(self._fd)
             _fsync_directory(self.path)
             return
-        magic, version, reserved = (
-            _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0, 0)
-        )
+        header = os.pread(self._fd, _HEADER.size, 0)
+        if len(header) < _HEADER.size:
+            # The header is one write of 16 bytes, so a crash does not cut it: a file
+            # this short was cut by something else, and may have held frames.
+            if MAGIC.startswith(header[: len(MAGIC)]):
+                raise self._corrupt(f"is cut short ({size} bytes, less than its header)")
+            raise self._corrupt("is not a snapperable pickle checkpoint")
+        magic, version, reserved = _HEADER.unpack(header)
         if magic != MAGIC:
             raise self._corrupt("is not a snapperable pickle checkpoint")
         if version < 1 or reserved != 0:
