@@ -2,7 +2,7 @@
 //! pure-Python reference `snapperable/keys.py`, and a compact set of keys.
 //!
 //! This module is pure Rust: it encodes values already taken apart into Rust types.
-//! Walking Python objects (which needs the interpreter) lives in `py_keys.rs`.
+//! Walking Python objects (which needs the interpreter) lives in `python/keys.rs`.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
@@ -10,9 +10,9 @@ use std::hash::{BuildHasherDefault, Hash, Hasher};
 use blake2b_simd::many::{hash_many, HashManyJob};
 use blake2b_simd::Params;
 
+use crate::contract::KEY_SIZE;
 use crate::errors::{Error, Result};
 
-pub const KEY_SIZE: usize = 16;
 pub type Key = [u8; KEY_SIZE];
 
 /// Containers nested deeper than this cannot be keyed (they could exhaust the stack).

@@ -3,25 +3,30 @@
 //! It provides, at module level, what the `Backend` Protocol of `snapperable/_backend.py`
 //! names: input keys, key sets and SQLite checkpoints with a group-committing writer.
 //! This file only registers; the domain logic (`keys`, `store`, `writer`, `checkpoint`)
-//! is pure Rust, and `py_*` is the thin binding layer over it.
+//! is pure Rust, and `python/` is the thin binding layer over it.
 
 pub mod checkpoint;
+pub mod contract;
 pub mod errors;
 pub mod keys;
 pub mod pickles;
 pub mod store;
 pub mod writer;
 
-mod py_imports;
-mod py_keys;
-mod py_process;
-mod py_store;
+mod python;
 
 use pyo3::prelude::*;
+
+use python::{keys as py_keys, store as py_store};
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("BACKEND_NAME", "rust")?;
+    // The contract's constants, checked equal to `snapperable._contract`'s by tests.
+    m.add("KEY_SIZE", contract::KEY_SIZE)?;
+    m.add("STATUS_OK", contract::STATUS_OK)?;
+    m.add("STATUS_FAILED", contract::STATUS_FAILED)?;
+    m.add("PICKLE_PROTOCOL", contract::PICKLE_PROTOCOL)?;
     // Private, for tests: the bound on pending rows (`writer::Limits::DEFAULT`); set
     // without `add`, which would list it in `__all__`.
     m.setattr("_MAX_PENDING_ROWS", writer::Limits::DEFAULT.rows)?;

@@ -13,7 +13,6 @@
 #[cfg(unix)]
 use std::os::raw::c_void;
 use std::sync::OnceLock;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use pyo3::exceptions::{PyIndexError, PyTypeError};
 use pyo3::ffi;
@@ -21,15 +20,13 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyList, PyTuple};
 
 use crate::checkpoint::Checkpoint;
+use crate::contract::{KEY_SIZE, PICKLE_PROTOCOL, STATUS_OK};
 use crate::errors::Error;
-use crate::keys::{Key, KEY_SIZE};
+use crate::keys::Key;
 use crate::pickles::{dump_simple, Simple};
-use crate::py_imports::pickle_dumps;
-use crate::store::{ItemRow, STATUS_OK};
+use crate::python::imports::pickle_dumps;
+use crate::store::{unix_now, ItemRow};
 use crate::writer::Pending;
-
-/// The pickle protocol of stored outputs, as in the file formats.
-const PICKLE_PROTOCOL: i32 = 4;
 
 /// `(index into positions, started, exception, raised_by_pickling, output)`.
 pub type ProcessStop<'py> = (
@@ -133,14 +130,6 @@ fn find_vectorcall(py: Python<'_>) -> Option<VectorcallFn> {
     }
     #[cfg(not(unix))]
     None
-}
-
-/// Unix time in seconds, as `time.time()` gives it.
-fn unix_now() -> f64 {
-    match SystemTime::now().duration_since(UNIX_EPOCH) {
-        Ok(since) => since.as_secs_f64(),
-        Err(before) => -before.duration().as_secs_f64(),
-    }
 }
 
 /// The inputs, read by position; lists and tuples without the generic protocol.

@@ -14,11 +14,14 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple};
 
 use crate::checkpoint::Checkpoint;
+use crate::contract::KEY_SIZE;
 use crate::errors::Error;
-use crate::keys::{self, Key, KEY_SIZE};
+use crate::keys::{self, Key};
 use crate::pickles::{read_simple, Simple};
-use crate::py_imports::{builtin_map, json_loads, pickle_loads, row_info_class, version_row_class};
-use crate::py_process::{self, ProcessStop};
+use crate::python::imports::{
+    builtin_map, json_loads, pickle_loads, row_info_class, version_row_class,
+};
+use crate::python::process::{self, ProcessStop};
 use crate::store::{InOrder, ItemRow, LatestOutputs, OutputChunk, RowInfo, Streamed, Synchronous};
 use crate::writer::{Pending, Policy};
 
@@ -229,7 +232,7 @@ impl PySqliteCheckpoint {
         positions: Vec<isize>,
         version: i64,
     ) -> PyResult<Option<ProcessStop<'py>>> {
-        py_process::process(&self.inner, r#fn, items, keys, positions, version)
+        process::process(&self.inner, r#fn, items, keys, positions, version)
     }
 
     /// Returns once every recorded row is committed.
