@@ -135,13 +135,13 @@ def schema_problem(conn: sqlite3.Connection, format_version: int) -> Optional[st
     objects, columns = read_schema(conn)
     want_objects, want_columns = expected_schema(format_version)
     if objects != want_objects:
-        missing = sorted(name for _, name, _ in want_objects - objects)
-        extra = sorted(name for _, name, _ in objects - want_objects)
+        missing = [name for _, name, _ in sorted(want_objects - objects)]
+        extra = [name for _, name, _ in sorted(objects - want_objects)]
         return f"its schema is damaged (missing: {', '.join(missing) or 'none'}; unexpected: {', '.join(extra) or 'none'})"
     for table, want in want_columns.items():
         if columns.get(table) != want:
             return f"its schema is damaged (the columns of table {table} differ from format {format_version})"
     found = conn.execute("SELECT value FROM meta WHERE name = 'format_version'").fetchall()
     if found != [(str(format_version),)]:
-        return f"its meta table is damaged (format_version {found!r}, the header says {format_version})"
+        return f"its meta table is damaged (its format_version is not {format_version})"
     return None

@@ -8,6 +8,7 @@ use std::path::Path;
 use rusqlite::{params, Connection, OpenFlags};
 
 use super::open::{file_identity, FileIdentity, Store, BUSY_TIMEOUT, SCAN_MMAP_SIZE};
+use super::row_checksum::{checksum_at, head_matches, mismatch};
 use super::schema::{key_at, sqlite_error};
 use crate::contract::{KEY_SIZE, STATUS_FAILED, STATUS_OK};
 use crate::errors::{Error, Result};
@@ -83,13 +84,27 @@ impl Store {
         let _mapped = self.mapped_for_scan()?;
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT seq, key, version, status FROM items ORDER BY seq")
+            .prepare_cached(if self.checksummed {
+                "SELECT seq, key, version, status, checksum FROM items ORDER BY seq"
+            } else {
+                "SELECT seq, key, version, status FROM items ORDER BY seq"
+            })
             .map_err(|e| self.fail(e))?;
         let mut rows = stmt.query([]).map_err(|e| self.fail(e))?;
         while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
             let key = key_at(&self.path, row, 1)?;
             let row_version: i64 = row.get(2).map_err(|e| self.fail(e))?;
             let row_status: i64 = row.get(3).map_err(|e| self.fail(e))?;
+            if self.checksummed
+                && !head_matches(
+                    checksum_at(&self.path, row, 4)?,
+                    &key,
+                    row_version,
+                    row_status,
+                )
+            {
+                return Err(mismatch(&self.path, row));
+            }
             latest.insert(KeyVersion(key, row_version), row_status);
         }
         Ok(latest
@@ -137,6 +152,7 @@ impl Store {
             scan_key_status(
                 &self.conn,
                 &self.path,
+                self.checksummed,
                 version,
                 None,
                 &mut keys,
@@ -150,6 +166,7 @@ impl Store {
             path: &self.path,
             file: &self.file,
             identity: self.identity,
+            checksummed: self.checksummed,
         };
         let second = std::thread::scope(|scope| {
             let later = std::thread::Builder::new()
@@ -158,6 +175,7 @@ impl Store {
             let earlier = scan_key_status(
                 &self.conn,
                 &self.path,
+                self.checksummed,
                 version,
                 Some((first, split)),
                 &mut keys,
@@ -185,6 +203,7 @@ impl Store {
             None => scan_key_status(
                 &self.conn,
                 &self.path,
+                self.checksummed,
                 version,
                 Some((split + 1, last)),
                 &mut keys,
@@ -220,27 +239,46 @@ impl Store {
 }
 
 /// Appends the keys and statuses of the rows of `version` (those with `seq` in the
-/// inclusive `range`, if given) to `keys` and `statuses`, in `seq` order.
+/// inclusive `range`, if given) to `keys` and `statuses`, in `seq` order; checks each
+/// row's checksum head if `checksummed` (it covers key, version, status, and the rest
+/// as its stored `body`), in this thread, on values borrowed from SQLite's buffer.
 fn scan_key_status(
     conn: &Connection,
     path: &str,
+    checksummed: bool,
     version: i64,
     range: Option<(i64, i64)>,
     keys: &mut Vec<u8>,
     statuses: &mut Vec<i64>,
 ) -> Result<()> {
     let fail = |e| sqlite_error(path, e);
-    let (mut stmt, (first, last)) = match range {
-        None => (
+    // The checksum column of a format-1 file is read as a constant NULL, never used.
+    let (mut stmt, (first, last)) = match (range, checksummed) {
+        (None, true) => (
             conn.prepare_cached(
-                "SELECT seq, key, status FROM items WHERE version = ?1 ORDER BY seq",
+                "SELECT seq, key, status, checksum FROM items WHERE version = ?1 ORDER BY seq",
             )
             .map_err(fail)?,
             (None, None),
         ),
-        Some((first, last)) => (
+        (None, false) => (
             conn.prepare_cached(
-                "SELECT seq, key, status FROM items \
+                "SELECT seq, key, status, NULL FROM items WHERE version = ?1 ORDER BY seq",
+            )
+            .map_err(fail)?,
+            (None, None),
+        ),
+        (Some((first, last)), true) => (
+            conn.prepare_cached(
+                "SELECT seq, key, status, checksum FROM items \
+                 WHERE seq >= ?2 AND seq <= ?3 AND version = ?1 ORDER BY seq",
+            )
+            .map_err(fail)?,
+            (Some(first), Some(last)),
+        ),
+        (Some((first, last)), false) => (
+            conn.prepare_cached(
+                "SELECT seq, key, status, NULL FROM items \
                  WHERE seq >= ?2 AND seq <= ?3 AND version = ?1 ORDER BY seq",
             )
             .map_err(fail)?,
@@ -255,6 +293,9 @@ fn scan_key_status(
     while let Some(row) = found.next().map_err(fail)? {
         let key = key_at(path, row, 1)?;
         let status: i64 = row.get(2).map_err(fail)?;
+        if checksummed && !head_matches(checksum_at(path, row, 3)?, &key, version, status) {
+            return Err(mismatch(path, row));
+        }
         keys.extend_from_slice(&key);
         statuses.push(status);
     }
@@ -266,6 +307,7 @@ struct Reader<'a> {
     path: &'a str,
     file: &'a Path,
     identity: Option<FileIdentity>,
+    checksummed: bool,
 }
 
 impl Reader<'_> {
@@ -302,6 +344,7 @@ impl Reader<'_> {
         scan_key_status(
             &conn,
             self.path,
+            self.checksummed,
             version,
             Some(range),
             &mut keys,
@@ -346,8 +389,8 @@ mod tests {
         Connection::open(&path)
             .unwrap()
             .execute_batch(
-                "INSERT INTO items (key, version, status, attempts, started, ended) \
-                 VALUES (x'0102', 1, 0, 1, 0, 0)",
+                "INSERT INTO items (key, version, status, attempts, started, ended, checksum) \
+                 VALUES (x'0102', 1, 0, 1, 0, 0, 0)",
             )
             .unwrap();
         let store = Store::open(&path, Synchronous::Full).unwrap();
