@@ -33,7 +33,7 @@ from snapperable import _pure, keys
 from conftest import forks_with_threads
 from crash_child import writer_process_forced
 from snapperable._contract import KEY_SIZE, STATUS_FAILED, STATUS_OK, ItemRow, RowInfo, VersionRow
-from snapperable._row_checksum import version_checksum
+from snapperable._row_checksum import plain_ok_checksum, version_checksum
 from snapperable.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -725,8 +725,10 @@ def test_foreign_database_and_newer_format_are_refused(tmp_path: Path, open_stor
 def test_damaged_rows_are_corrupt(tmp_path: Path, open_store: Callable[..., Any]) -> None:
     open_store("bad.db").close()
     conn = sqlite3.connect(tmp_path / "bad.db")
-    conn.execute("INSERT INTO items (key, version, status, output, attempts, started, ended)"
-                 " VALUES (?, 1, 0, ?, 1, 0, 0)", (_key(1), b"not a pickle"))
+    # Written so (its checksum matches), not damaged on disk: still not an output.
+    conn.execute("INSERT INTO items (key, version, status, output, attempts, started, ended, checksum)"
+                 " VALUES (?, 1, 0, ?, 1, 0, 0, ?)",
+                 (_key(1), b"not a pickle", plain_ok_checksum(_key(1), 1, 0.0, 0.0, b"not a pickle")))
     conn.commit()
     conn.close()
     store = open_store("bad.db")
@@ -735,8 +737,8 @@ def test_damaged_rows_are_corrupt(tmp_path: Path, open_store: Callable[..., Any]
     store.close()
 
     conn = sqlite3.connect(tmp_path / "bad.db")
-    conn.execute("INSERT INTO items (key, version, status, attempts, started, ended)"
-                 " VALUES (x'00', 1, 0, 1, 0, 0)")
+    conn.execute("INSERT INTO items (key, version, status, attempts, started, ended, checksum)"
+                 " VALUES (x'00', 1, 0, 1, 0, 0, 0)")
     conn.commit()
     conn.close()
     with pytest.raises(CheckpointCorruptError, match="16 bytes"):

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use rusqlite::types::Value;
+use rusqlite::types::{Value, ValueRef};
 use rusqlite::Connection;
 
 use super::schema::{sqlite_error, APPLICATION_ID, FORMAT_VERSION, SCHEMA, UNCHECKED_FORMAT};
@@ -135,6 +135,15 @@ pub(super) fn check_existing(
     }
 }
 
+/// `value` owned; a text that is not UTF-8 (damage) with its bad bytes replaced, where
+/// `Value`'s own conversion would panic.
+fn owned(value: ValueRef<'_>) -> Value {
+    match value {
+        ValueRef::Text(text) => Value::Text(String::from_utf8_lossy(text).into_owned()),
+        other => Value::from(other),
+    }
+}
+
 /// `(type, name, table)` of each schema object, and each table's columns as `PRAGMA
 /// table_xinfo` gives them: what the structure of a checkpoint must be.
 struct Schema {
@@ -149,7 +158,7 @@ fn read_schema(conn: &Connection) -> rusqlite::Result<Schema> {
     while let Some(row) = rows.next()? {
         let text = |index: usize| -> rusqlite::Result<String> {
             Ok(match row.get_ref(index)? {
-                rusqlite::types::ValueRef::Text(text) => String::from_utf8_lossy(text).into_owned(),
+                ValueRef::Text(text) => String::from_utf8_lossy(text).into_owned(),
                 other => format!("{other:?}"),
             })
         };
@@ -168,7 +177,7 @@ fn read_schema(conn: &Connection) -> rusqlite::Result<Schema> {
         let count = stmt.column_count();
         let found = stmt
             .query_map([], |row| {
-                (0..count).map(|i| row.get::<_, Value>(i)).collect()
+                (0..count).map(|i| row.get_ref(i).map(owned)).collect()
             })?
             .collect::<rusqlite::Result<Vec<Vec<Value>>>>()?;
         columns.insert(name.clone(), found);
@@ -221,7 +230,7 @@ fn schema_problem(conn: &Connection, format: i64) -> rusqlite::Result<Option<Str
     }
     let stored: Vec<Value> = conn
         .prepare("SELECT value FROM meta WHERE name = 'format_version'")?
-        .query_map([], |row| row.get(0))?
+        .query_map([], |row| row.get_ref(0).map(owned))?
         .collect::<rusqlite::Result<_>>()?;
     if stored != [Value::Text(format.to_string())] {
         return Ok(Some(format!(
