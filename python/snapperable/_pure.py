@@ -22,11 +22,7 @@ from typing import Any, Iterable, Iterator, Optional
 from snapperable import _folding, _row_checksum, _sqlite_file, _sqlite_writer, keys
 from snapperable._contract import (
     KEY_SIZE,
-    ROW_KEY,
-    ROW_OUTPUT,
-    ROW_STATUS,
     STATUS_OK,
-    ItemRow,
     KeySet,
     RowInfo,
     Synchronous,
@@ -43,16 +39,8 @@ from snapperable.storage.base import create_private
 from snapperable.errors import (
     CheckpointCorruptError,
     CheckpointError,
-    CheckpointFormatError,
 )
 
-# SQLite's primary result codes (sqlite3.h; stable). ``sqlite3.SQLITE_CORRUPT`` and
-# ``sqlite3.SQLITE_NOTADB`` exist only from Python 3.11 on.
-_SQLITE_CORRUPT = 11
-_SQLITE_NOTADB = 26
-# An extended code: a read past the end of the file, which only a damaged page number
-# (or a file cut short) asks for.
-_SQLITE_IOERR_SHORT_READ = 522
 
 BACKEND_NAME = "python"
 
@@ -182,19 +170,8 @@ class PySQLiteStore(WriterBackedStore):
         """Raise if the (non-empty) file is not a checkpoint this code reads, or its
         schema is damaged; closes ``conn`` if it raises, or if ``close``."""
         try:
-            if header.application_id != _sqlite_file.APPLICATION_ID:
-                raise self._corrupt("is not a snapperable checkpoint (application_id differs)")
-            if header.user_version > _sqlite_file.FORMAT_VERSION:
-                raise CheckpointFormatError(
-                    f"{self.path}: checkpoint format {header.user_version} is newer than this "
-                    f"snapperable understands ({_sqlite_file.FORMAT_VERSION}); upgrade snapperable"
-                )
-            if header.user_version < 1:
-                raise self._corrupt(f"is damaged (format {header.user_version} in its header)")
-            problem = _sqlite_file.schema_problem(conn, header.user_version)
-            if problem is not None:
-                raise self._corrupt(problem)
-            self._checksummed = header.user_version not in _sqlite_file.UNCHECKED_FORMATS
+            found = _sqlite_file.check_existing(conn, header, self.path)
+            self._checksummed = found not in _sqlite_file.UNCHECKED_FORMATS
         except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             conn.close()
             raise self._mapped(exc) from exc
@@ -205,27 +182,7 @@ class PySQLiteStore(WriterBackedStore):
             conn.close()
 
     def _mapped(self, exc: Exception) -> CheckpointError:
-        """The one mapping of sqlite3 errors to snapperable's; text that does not decode
-        can only come from damage."""
-        if isinstance(exc, UnicodeDecodeError):
-            return self._corrupt(exc)
-        if isinstance(exc, sqlite3.Error) and not exc.args:
-            # Before Python 3.11, sqlite3 raises such a message as an error with no text
-            # at all (3.11+ raises the UnicodeDecodeError above); sqlite3 never raises
-            # an error without text otherwise.
-            return self._corrupt(f"SQLite reported an error whose text does not decode ({type(exc).__name__})")
-        # ``sqlite_errorcode`` (Python 3.11+) is the extended code: its low byte is the
-        # primary one. Before 3.11 there is no code, and the text below decides.
-        code = getattr(exc, "sqlite_errorcode", None)
-        text = str(exc)
-        if (
-            (isinstance(code, int) and ((code & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or code == _SQLITE_IOERR_SHORT_READ))
-            or "malformed" in text
-            or "not a database" in text
-            or "Could not decode to UTF-8" in text  # a damaged type byte in a record
-        ):
-            return self._corrupt(exc)
-        return CheckpointError(f"{self.path}: {exc}")
+        return _sqlite_file.mapped_error(exc, self.path)
 
     # -- writes -------------------------------------------------------------------------
     def _commit(self, rows: list[PendingRow]) -> Optional[int]:
@@ -343,16 +300,6 @@ class PySQLiteStore(WriterBackedStore):
                 raise self._damaged_row(seq)
             yield key, row_version, status
 
-    def _checked_rows(self, rows: Iterable[Any], version: Optional[int]) -> Iterator[ItemRow]:
-        """Item rows of ``SELECT seq, {_ITEM_COLUMNS}, checksum``, every field checked."""
-        row_matches = _row_checksum.row_matches
-        for seq, key, row_version, *fields, checksum in rows:
-            if version is not None:
-                row_version = version
-            if not row_matches(checksum, key, row_version, *fields):
-                raise self._damaged_row(seq)
-            yield (key, row_version, *fields)
-
     def key_set(self, version: Optional[int], status: int) -> KeySet:
         checksum = ", checksum" if self._checksummed else ""
         if version is None:
@@ -393,6 +340,16 @@ class PySQLiteStore(WriterBackedStore):
             )
         return _folding.ok_and_failed(latest, new_key_set)
 
+    def _checked_outputs(self, rows: Iterable[Any], version: int) -> Iterator[tuple[bytes, Optional[bytes]]]:
+        """``(key, output if ok else None)`` of rows ``(seq, key, status, output,
+        checksum)``: head and output checked."""
+        head_matches = _row_checksum.head_matches
+        output_matches = _row_checksum.output_matches
+        for seq, key, status, output, checksum in rows:
+            if not (head_matches(checksum, key, version, status) and output_matches(checksum, output)):
+                raise self._damaged_row(seq)
+            yield key, output if status == STATUS_OK else None
+
     def _latest_outputs(self, version: int) -> dict[bytes, Optional[bytes]]:
         if not self._checksummed:
             return self._latest(
@@ -402,12 +359,9 @@ class PySQLiteStore(WriterBackedStore):
                 iter,
             )
         return self._latest(
-            f"SELECT seq, {_ITEM_COLUMNS}, checksum FROM items WHERE version = ? ORDER BY seq",
+            "SELECT seq, key, status, output, checksum FROM items WHERE version = ? ORDER BY seq",
             version,
-            lambda rows: (
-                (row[ROW_KEY], row[ROW_OUTPUT] if row[ROW_STATUS] == STATUS_OK else None)
-                for row in self._checked_rows(rows, version)
-            ),
+            lambda rows: self._checked_outputs(rows, version),
         )
 
     def outputs_for(self, version: int, keys_blob: bytes) -> list[Any]:
@@ -419,17 +373,27 @@ class PySQLiteStore(WriterBackedStore):
     def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
         checksum = ", checksum" if self._checksummed else ""
         if version is None:
-            found = self._query(f"SELECT seq, {_ITEM_COLUMNS}{checksum} FROM items ORDER BY seq")
+            found = self._query(f"SELECT seq, {_INFO_COLUMNS}{checksum} FROM items ORDER BY seq")
         else:
             found = self._query(
-                f"SELECT seq, {_ITEM_COLUMNS}{checksum} FROM items WHERE version = ? ORDER BY seq", (version,)
+                f"SELECT seq, {_INFO_COLUMNS}{checksum} FROM items WHERE version = ? ORDER BY seq", (version,)
             )
-        checked: Iterable[tuple[int, Any]]
-        if self._checksummed:
-            checked = zip((row[0] for row in found), self._checked_rows(found, None))
-        else:
-            checked = ((row[0], row[1:]) for row in found)
-        return (_row_info(seq, row) for seq, row in checked)
+        if not self._checksummed:
+            return (RowInfo(*row) for row in found)
+        return self._checked_infos(found)
+
+    def _checked_infos(self, rows: Iterable[Any]) -> Iterator[RowInfo]:
+        """RowInfo of rows ``(seq, {_INFO_COLUMNS}, checksum)``: head and rest checked."""
+        head_matches = _row_checksum.head_matches
+        rest_matches = _row_checksum.rest_matches
+        for *fields, checksum in rows:
+            info = RowInfo(*fields)
+            if not (
+                head_matches(checksum, info.key, info.version, info.status)
+                and rest_matches(checksum, *fields[4:])
+            ):
+                raise self._damaged_row(info.seq)
+            yield info
 
     def _release(self) -> None:
         try:
@@ -440,17 +404,10 @@ class PySQLiteStore(WriterBackedStore):
                 self._conn.close()
 
 
-# The columns of an ItemRow, in its order.
-_ITEM_COLUMNS = (
-    "key, version, status, input, output, error_type, error, traceback, attempts, started, ended"
-)
+# The columns of a RowInfo after its seq, in its order.
+_INFO_COLUMNS = "key, version, status, input, error_type, error, traceback, attempts, started, ended"
 # A format-1 row's key, or None if it is not 16 bytes of blob (damage, raised by ``_latest``).
 _CHECKED_KEY = f"CASE WHEN typeof(key) = 'blob' AND length(key) = {KEY_SIZE} THEN key END"
-
-
-def _row_info(seq: int, row: Any) -> RowInfo:
-    key, version, status, pickled_input, _, error_type, error, tb, attempts, started, ended = row
-    return RowInfo(seq, key, version, status, pickled_input, error_type, error, tb, attempts, started, ended)
 
 
 def _file_uri(path: str) -> str:

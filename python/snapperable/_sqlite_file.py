@@ -15,7 +15,7 @@ import struct
 from importlib import resources
 from typing import NamedTuple, Optional
 
-from snapperable.errors import CheckpointCorruptError
+from snapperable.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
 
 APPLICATION_ID = 1399742800
 # The format new files get, and the newest this code reads.
@@ -23,6 +23,13 @@ FORMAT_VERSION = 2
 # Formats without row checksums (read and written as they are: README).
 UNCHECKED_FORMATS = (1,)
 HEADER_SIZE = 100
+# SQLite's primary result codes (sqlite3.h; stable). ``sqlite3.SQLITE_CORRUPT`` and
+# ``sqlite3.SQLITE_NOTADB`` exist only from Python 3.11 on.
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+# An extended code: a read past the end of the file, which only a damaged page number
+# (or a file cut short) asks for.
+_SQLITE_IOERR_SHORT_READ = 522
 _MAGIC = b"SQLite format 3\x00"
 # The columns format 2 added: format 1 is format 2 without them.
 CHECKSUM_COLUMN = "checksum"
@@ -51,8 +58,6 @@ def read_header(path: str) -> Optional[SQLiteHeader]:
             size = os.fstat(file.fileno()).st_size
             head = file.read(HEADER_SIZE)
     except OSError as exc:
-        from snapperable.errors import CheckpointError
-
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
     if size == 0:
         return None
@@ -124,7 +129,10 @@ def expected_schema(format_version: int) -> Schema:
         conn.close()
     if format_version in UNCHECKED_FORMATS:
         columns = {
-            table: [column for column in found if column[1] != CHECKSUM_COLUMN]
+            table: [
+                (cid, *column[1:])
+                for cid, column in enumerate(column for column in found if column[1] != CHECKSUM_COLUMN)
+            ]
             for table, found in columns.items()
         }
     return objects, columns
@@ -145,3 +153,47 @@ def schema_problem(conn: sqlite3.Connection, format_version: int) -> Optional[st
     if found != [(str(format_version),)]:
         return f"its meta table is damaged (its format_version is not {format_version})"
     return None
+
+
+def check_existing(conn: sqlite3.Connection, header: SQLiteHeader, path: str) -> int:
+    """Raise unless the (non-empty) file open on ``conn`` is a checkpoint this code
+    reads, with the schema of its format; returns that format."""
+    if header.application_id != APPLICATION_ID:
+        raise CheckpointCorruptError(f"{path}: is not a snapperable checkpoint (application_id differs)")
+    if header.user_version > FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{path}: checkpoint format {header.user_version} is newer than this "
+            f"snapperable understands ({FORMAT_VERSION}); upgrade snapperable"
+        )
+    if header.user_version < 1:
+        raise CheckpointCorruptError(f"{path}: is damaged (format {header.user_version} in its header)")
+    problem = schema_problem(conn, header.user_version)
+    if problem is not None:
+        raise CheckpointCorruptError(f"{path}: {problem}")
+    return header.user_version
+
+
+def mapped_error(exc: Exception, path: str) -> CheckpointError:
+    """The one mapping of sqlite3 errors to snapperable's; text that does not decode
+    can only come from damage."""
+    if isinstance(exc, UnicodeDecodeError):
+        return CheckpointCorruptError(f"{path}: {exc}")
+    if isinstance(exc, sqlite3.Error) and not exc.args:
+        # Before Python 3.11, sqlite3 raises such a message as an error with no text
+        # at all (3.11+ raises the UnicodeDecodeError above); sqlite3 never raises
+        # an error without text otherwise.
+        return CheckpointCorruptError(
+            f"{path}: SQLite reported an error whose text does not decode ({type(exc).__name__})"
+        )
+    # ``sqlite_errorcode`` (Python 3.11+) is the extended code: its low byte is the
+    # primary one. Before 3.11 there is no code, and the text below decides.
+    code = getattr(exc, "sqlite_errorcode", None)
+    text = str(exc)
+    if (
+        (isinstance(code, int) and ((code & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or code == _SQLITE_IOERR_SHORT_READ))
+        or "malformed" in text
+        or "not a database" in text
+        or "Could not decode to UTF-8" in text  # a damaged type byte in a record
+    ):
+        return CheckpointCorruptError(f"{path}: {exc}")
+    return CheckpointError(f"{path}: {exc}")

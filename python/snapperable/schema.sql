@@ -29,6 +29,9 @@ CREATE TABLE IF NOT EXISTS items (
     key BLOB NOT NULL,
     version INTEGER NOT NULL,
     status INTEGER NOT NULL,          -- 0 ok, 1 failed
+    -- Format 2: CRC-32s of the other columns but seq (README); right after the columns
+    -- a key scan reads, so that it reads no further into the record.
+    checksum BLOB NOT NULL,
     input BLOB,                       -- pickle of the input; kept for failed items
     output BLOB,                      -- pickle of the output (protocol 4); NULL if failed
     error_type TEXT,
@@ -36,6 +39,5 @@ CREATE TABLE IF NOT EXISTS items (
     traceback TEXT,
     attempts INTEGER NOT NULL,
     started REAL NOT NULL,            -- Unix time
-    ended REAL NOT NULL,
-    checksum INTEGER NOT NULL         -- of the other columns but seq (README, format 2)
+    ended REAL NOT NULL
 );

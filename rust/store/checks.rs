@@ -194,6 +194,12 @@ fn expected_schema(format: i64) -> rusqlite::Result<Schema> {
     if format == UNCHECKED_FORMAT {
         for found in schema.columns.values_mut() {
             found.retain(|column| column.get(1) != Some(&Value::Text(CHECKSUM_COLUMN.to_owned())));
+            // Numbered as format 1 numbers them: without the gap.
+            for (cid, column) in (0i64..).zip(found.iter_mut()) {
+                if let Some(number) = column.first_mut() {
+                    *number = Value::Integer(cid);
+                }
+            }
         }
     }
     Ok(schema)

@@ -97,7 +97,7 @@ impl Store {
             let row_status: i64 = row.get(3).map_err(|e| self.fail(e))?;
             if self.checksummed
                 && !head_matches(
-                    checksum_at(&self.path, row, 4)?,
+                    &checksum_at(&self.path, row, 4)?,
                     &key,
                     row_version,
                     row_status,
@@ -293,7 +293,7 @@ fn scan_key_status(
     while let Some(row) = found.next().map_err(fail)? {
         let key = key_at(path, row, 1)?;
         let status: i64 = row.get(2).map_err(fail)?;
-        if checksummed && !head_matches(checksum_at(path, row, 3)?, &key, version, status) {
+        if checksummed && !head_matches(&checksum_at(path, row, 3)?, &key, version, status) {
             return Err(mismatch(path, row));
         }
         keys.extend_from_slice(&key);

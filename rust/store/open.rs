@@ -9,7 +9,9 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::checks::{check_existing, check_raw_header, has_write_ahead_log};
-use super::row_checksum::{mismatch, read_body, row_checksum, row_matches, version_checksum};
+use super::row_checksum::{
+    checksum_at, head_matches, mismatch, read_rest, rest_matches, row_checksum, version_checksum,
+};
 use super::schema::{
     key_at, sqlite_error, unix_now, ItemRow, RowInfo, Synchronous, VersionRow, APPLICATION_ID,
     FORMAT_VERSION, MIN_ROW_BYTES, SCHEMA, UNCHECKED_FORMAT,
@@ -311,7 +313,7 @@ impl Store {
                         insert.raw_bind_parameter(index + 4, row.started)?;
                         insert.raw_bind_parameter(index + 5, row.ended)?;
                         if checksummed {
-                            insert.raw_bind_parameter(index + 6, row_checksum(row))?;
+                            insert.raw_bind_parameter(index + 6, &row_checksum(row)[..])?;
                         }
                         index += per_row;
                     }
@@ -341,7 +343,7 @@ impl Store {
                 insert.raw_bind_parameter(10, row.started)?;
                 insert.raw_bind_parameter(11, row.ended)?;
                 if checksummed {
-                    insert.raw_bind_parameter(12, row_checksum(row))?;
+                    insert.raw_bind_parameter(12, &row_checksum(row)[..])?;
                 }
                 insert.raw_execute()?;
                 rest = after;
@@ -387,12 +389,12 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(if self.checksummed {
-                "SELECT seq, key, version, status, input, output, error_type, error, traceback, \
+                "SELECT seq, key, version, status, input, error_type, error, traceback, \
                  attempts, started, ended, checksum FROM items \
                  WHERE seq > ?1 AND (?2 IS NULL OR version = ?2) ORDER BY seq LIMIT ?3"
             } else {
-                "SELECT seq, key, version, status, input, output, error_type, error, traceback, \
-                 attempts, started, ended, NULL FROM items \
+                "SELECT seq, key, version, status, input, error_type, error, traceback, \
+                 attempts, started, ended FROM items \
                  WHERE seq > ?1 AND (?2 IS NULL OR version = ?2) ORDER BY seq LIMIT ?3"
             })
             .map_err(|e| self.fail(e))?;
@@ -406,8 +408,10 @@ impl Store {
             if self.checksummed {
                 let version = row.get(2).map_err(|e| self.fail(e))?;
                 let status = row.get(3).map_err(|e| self.fail(e))?;
-                let (body, checksum) = read_body(&self.path, row, 4)?;
-                if !row_matches(checksum, &key, version, status, &body) {
+                let checksum = checksum_at(&self.path, row, 11)?;
+                if !head_matches(&checksum, &key, version, status)
+                    || !rest_matches(&checksum, &read_rest(&self.path, row, 4)?)
+                {
                     return Err(mismatch(&self.path, row));
                 }
             }
@@ -418,12 +422,12 @@ impl Store {
                     version: row.get(2)?,
                     status: row.get(3)?,
                     input: row.get(4)?,
-                    error_type: row.get(6)?,
-                    error: row.get(7)?,
-                    traceback: row.get(8)?,
-                    attempts: row.get(9)?,
-                    started: row.get(10)?,
-                    ended: row.get(11)?,
+                    error_type: row.get(5)?,
+                    error: row.get(6)?,
+                    traceback: row.get(7)?,
+                    attempts: row.get(8)?,
+                    started: row.get(9)?,
+                    ended: row.get(10)?,
                 })
             })()
             .map_err(|e| self.fail(e))?;

@@ -2,10 +2,11 @@
 //! of a `versions` row. The twin of `python/snapperable/_row_checksum.py`, which
 //! documents the encoding; both compute the CRC-32 of zlib (`crc32fast` here).
 //!
-//! An item row's checksum is two CRC-32s in one 64-bit integer: `body` over the output,
-//! input, error texts, attempts and times, and `head` over the key, version, status and
-//! `body`. The key scan that plans a run reads key, status and checksum only, and
-//! checks `head`; a load and the row reports read the rest too and check both.
+//! An item row's checksum is a 12-byte blob of three CRC-32s: `head` over the key,
+//! version, status and the two others, `out` over the output, `rest` over the input,
+//! error texts, attempts and times. Each read checks what it uses, on values borrowed
+//! from SQLite's row buffer: the key scan that plans a run `head`, a load `head` and
+//! `out`, the row reports `head` and `rest`.
 
 use crc32fast::Hasher;
 use rusqlite::types::ValueRef;
@@ -15,6 +16,10 @@ use super::schema::{corrupt_row, sqlite_error, ItemRow};
 use crate::contract::KEY_SIZE;
 use crate::errors::{Error, Result};
 use crate::keys::Key;
+
+/// Bytes of an item row's checksum: `head`, `out`, `rest`, each a little-endian u32.
+pub(super) const CHECKSUM_SIZE: usize = 12;
+pub(super) type Checksum = [u8; CHECKSUM_SIZE];
 
 /// A nullable blob or text field: the byte 0, or the byte 1, a u32 length and the bytes.
 fn field(hasher: &mut Hasher, value: Option<&[u8]>) {
@@ -31,10 +36,16 @@ fn field(hasher: &mut Hasher, value: Option<&[u8]>) {
     }
 }
 
-/// The fields of an item row that `body` covers, borrowed as read.
+/// `out`: the CRC-32 of the output field.
+pub(super) fn out_crc(output: Option<&[u8]>) -> u32 {
+    let mut hasher = Hasher::new();
+    field(&mut hasher, output);
+    hasher.finalize()
+}
+
+/// The fields of an item row that `rest` covers, borrowed as read.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Body<'a> {
-    pub output: Option<&'a [u8]>,
+pub(super) struct Rest<'a> {
     pub input: Option<&'a [u8]>,
     pub error_type: Option<&'a [u8]>,
     pub error: Option<&'a [u8]>,
@@ -44,10 +55,9 @@ pub(super) struct Body<'a> {
     pub ended: f64,
 }
 
-impl Body<'_> {
+impl Rest<'_> {
     pub(super) fn crc(&self) -> u32 {
         let mut hasher = Hasher::new();
-        field(&mut hasher, self.output);
         field(&mut hasher, self.input);
         field(&mut hasher, self.error_type);
         field(&mut hasher, self.error);
@@ -61,34 +71,28 @@ impl Body<'_> {
     }
 }
 
-/// `head`: the CRC-32 of key, version, status and `body`, hashed as one 40-byte block.
-pub(super) fn head_crc(key: &Key, version: i64, status: i64, body: u32) -> u32 {
-    let mut block = [0u8; KEY_SIZE + 20];
+/// `head`: the CRC-32 of key, version, status, `out` and `rest`, as one 44-byte block.
+fn head_crc(key: &Key, version: i64, status: i64, out: u32, rest: u32) -> u32 {
+    let mut block = [0u8; KEY_SIZE + 24];
     block[..KEY_SIZE].copy_from_slice(key);
     block[KEY_SIZE..KEY_SIZE + 8].copy_from_slice(&version.to_le_bytes());
     block[KEY_SIZE + 8..KEY_SIZE + 16].copy_from_slice(&status.to_le_bytes());
-    block[KEY_SIZE + 16..].copy_from_slice(&body.to_le_bytes());
+    block[KEY_SIZE + 16..KEY_SIZE + 20].copy_from_slice(&out.to_le_bytes());
+    block[KEY_SIZE + 20..].copy_from_slice(&rest.to_le_bytes());
     crc32fast::hash(&block)
 }
 
-/// The stored value: the bits of `head, body` as a signed 64-bit integer.
-fn combine(head: u32, body: u32) -> i64 {
-    i64::from_le_bytes(((u64::from(head) << 32) | u64::from(body)).to_le_bytes())
-}
-
-fn body_of(checksum: i64) -> u32 {
-    // The low 32 bits, by definition of `combine`.
-    u32::try_from(u64::from_le_bytes(checksum.to_le_bytes()) & u64::from(u32::MAX)).unwrap_or(0)
-}
-
-fn head_of(checksum: i64) -> u32 {
-    u32::try_from(u64::from_le_bytes(checksum.to_le_bytes()) >> 32).unwrap_or(0)
+/// The `index`th u32 of a checksum (0 `head`, 1 `out`, 2 `rest`).
+fn part(checksum: &Checksum, index: usize) -> u32 {
+    let mut bytes = [0u8; 4];
+    bytes.copy_from_slice(&checksum[index * 4..index * 4 + 4]);
+    u32::from_le_bytes(bytes)
 }
 
 /// The checksum the writer stores with `row`.
-pub(super) fn row_checksum(row: &ItemRow) -> i64 {
-    let body = Body {
-        output: row.output.as_deref(),
+pub(super) fn row_checksum(row: &ItemRow) -> Checksum {
+    let out = out_crc(row.output.as_deref());
+    let rest = Rest {
         input: row.input.as_deref(),
         error_type: row.error_type.as_deref().map(str::as_bytes),
         error: row.error.as_deref().map(str::as_bytes),
@@ -98,23 +102,27 @@ pub(super) fn row_checksum(row: &ItemRow) -> i64 {
         ended: row.ended,
     }
     .crc();
-    combine(head_crc(&row.key, row.version, row.status, body), body)
+    let head = head_crc(&row.key, row.version, row.status, out, rest);
+    let mut checksum = [0u8; CHECKSUM_SIZE];
+    checksum[..4].copy_from_slice(&head.to_le_bytes());
+    checksum[4..8].copy_from_slice(&out.to_le_bytes());
+    checksum[8..].copy_from_slice(&rest.to_le_bytes());
+    checksum
 }
 
 /// Does the stored `checksum` check for these fields? (The key scan's test.)
-pub(super) fn head_matches(checksum: i64, key: &Key, version: i64, status: i64) -> bool {
-    head_crc(key, version, status, body_of(checksum)) == head_of(checksum)
+pub(super) fn head_matches(checksum: &Checksum, key: &Key, version: i64, status: i64) -> bool {
+    head_crc(key, version, status, part(checksum, 1), part(checksum, 2)) == part(checksum, 0)
 }
 
-/// Does the stored `checksum` check for every field of the row?
-pub(super) fn row_matches(
-    checksum: i64,
-    key: &Key,
-    version: i64,
-    status: i64,
-    body: &Body<'_>,
-) -> bool {
-    head_matches(checksum, key, version, status) && body.crc() == body_of(checksum)
+/// Does the output check (after [`head_matches`])?
+pub(super) fn output_matches(checksum: &Checksum, output: Option<&[u8]>) -> bool {
+    out_crc(output) == part(checksum, 1)
+}
+
+/// Do the fields of `rest` check (after [`head_matches`])?
+pub(super) fn rest_matches(checksum: &Checksum, rest: &Rest<'_>) -> bool {
+    rest.crc() == part(checksum, 2)
 }
 
 /// The checksum of a `versions` row: the CRC-32 of `i64 id, i64 uses, f64 created,
@@ -135,14 +143,10 @@ pub(super) fn version_checksum(
     i64::from(hasher.finalize())
 }
 
-/// The [`Body`] of `row` from column `first` on (input, output, error_type, error,
-/// traceback, attempts, started, ended) and the checksum column after them, borrowed
-/// from SQLite's row buffer. A value of another type than the schema's is damage.
-pub(super) fn read_body<'row>(
-    path: &str,
-    row: &'row Row<'_>,
-    first: usize,
-) -> Result<(Body<'row>, i64)> {
+/// The [`Rest`] of `row` from column `first` on (input, error_type, error, traceback,
+/// attempts, started, ended), borrowed from SQLite's row buffer. A value of another
+/// type than the schema's is damage.
+pub(super) fn read_rest<'row>(path: &str, row: &'row Row<'_>, first: usize) -> Result<Rest<'row>> {
     let value = |offset: usize| {
         row.get_ref(first + offset)
             .map_err(|e| sqlite_error(path, e))
@@ -164,29 +168,31 @@ pub(super) fn read_body<'row>(
         ValueRef::Real(number) => Ok(number),
         _ => Err(wrong()),
     };
-    let body = Body {
+    Ok(Rest {
         input: bytes(0, false)?,
-        output: bytes(1, false)?,
-        error_type: bytes(2, true)?,
-        error: bytes(3, true)?,
-        traceback: bytes(4, true)?,
-        attempts: integer(5)?,
-        started: real(6)?,
-        ended: real(7)?,
-    };
-    Ok((body, integer(8)?))
+        error_type: bytes(1, true)?,
+        error: bytes(2, true)?,
+        traceback: bytes(3, true)?,
+        attempts: integer(4)?,
+        started: real(5)?,
+        ended: real(6)?,
+    })
 }
 
-/// The checksum column at `index` of `row`: an integer, or damage.
-pub(super) fn checksum_at(path: &str, row: &Row<'_>, index: usize) -> Result<i64> {
+/// The checksum column at `index` of `row`: 12 bytes of blob, or damage.
+pub(super) fn checksum_at(path: &str, row: &Row<'_>, index: usize) -> Result<Checksum> {
     match row.get_ref(index).map_err(|e| sqlite_error(path, e))? {
-        ValueRef::Integer(checksum) => Ok(checksum),
-        _ => Err(corrupt_row(
-            path,
-            row,
-            "has a checksum that is not an integer",
-        )),
+        ValueRef::Blob(bytes) => Checksum::try_from(bytes).map_err(|_| malformed(path, row)),
+        _ => Err(malformed(path, row)),
     }
+}
+
+fn malformed(path: &str, row: &Row<'_>) -> Error {
+    corrupt_row(
+        path,
+        row,
+        &format!("has a checksum that is not {CHECKSUM_SIZE} bytes"),
+    )
 }
 
 /// The error of a row whose checksum does not check.
@@ -198,8 +204,8 @@ pub(super) fn mismatch(path: &str, row: &Row<'_>) -> Error {
 mod tests {
     use super::*;
 
-    /// Values `python/snapperable/_row_checksum.py` computes for the same rows (see
-    /// tests/test_checksums.py, which checks the same figures from Python).
+    /// Values `python/snapperable/_row_checksum.py` computes for the same rows
+    /// (`tests/test_checksums.py` checks the same figures from Python).
     #[test]
     fn checksums_match_the_python_definition() {
         let row = ItemRow {
@@ -215,27 +221,27 @@ mod tests {
             started: 1.5,
             ended: 2.25,
         };
-        assert_eq!(row_checksum(&row), KNOWN_PLAIN);
+        assert_eq!(hex(&row_checksum(&row)), "3561633bae6c74eab2f2acb7");
         let failed = ItemRow {
             status: 1,
             input: Some(b"in".to_vec()),
             output: None,
             error_type: Some("ValueError".to_owned()),
-            error: Some("bad é".to_owned()),
+            error: Some("bad \u{e9}".to_owned()),
             traceback: Some("Traceback".to_owned()),
             attempts: 3,
             ..row
         };
-        assert_eq!(row_checksum(&failed), KNOWN_FAILED);
-        assert_eq!(version_checksum(1, "fp", "{}", 1, 0.5), KNOWN_VERSION);
+        assert_eq!(hex(&row_checksum(&failed)), "99968d328def02d22a7e4c72");
+        assert_eq!(version_checksum(1, "fp", "{}", 1, 0.5), 2_738_404_838);
     }
 
-    pub(crate) const KNOWN_PLAIN: i64 = -8_354_648_555_805_593_076;
-    pub(crate) const KNOWN_FAILED: i64 = 6_024_402_229_352_911_639;
-    pub(crate) const KNOWN_VERSION: i64 = 2_738_404_838;
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+    }
 
     #[test]
-    fn every_field_counts() {
+    fn every_field_counts_and_each_part_checks_its_own() {
         let base = ItemRow {
             key: [1; KEY_SIZE],
             version: 1,
@@ -303,7 +309,12 @@ mod tests {
         for variant in variants {
             assert_ne!(row_checksum(&variant), sum, "{variant:?}");
         }
-        assert!(head_matches(sum, &base.key, 1, 0));
-        assert!(!head_matches(sum, &base.key, 1, 1));
+        assert!(head_matches(&sum, &base.key, 1, 0));
+        assert!(!head_matches(&sum, &base.key, 1, 1));
+        assert!(output_matches(&sum, Some(&[1, 2, 3])));
+        assert!(!output_matches(&sum, Some(&[1, 2, 3, 4])));
+        let mut flipped = sum;
+        flipped[5] ^= 1; // a stored `out` that no longer matches: the head says so
+        assert!(!head_matches(&flipped, &base.key, 1, 0));
     }
 }

@@ -9,7 +9,7 @@ use rusqlite::types::ValueRef;
 use rusqlite::Row;
 
 use super::open::Store;
-use super::row_checksum::{mismatch, read_body, row_matches};
+use super::row_checksum::{checksum_at, head_matches, mismatch, output_matches};
 use super::schema::{corrupt_row, key_at};
 use crate::contract::{KEY_SIZE, STATUS_OK};
 use crate::errors::Result;
@@ -171,8 +171,8 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(if self.checksummed {
-                "SELECT seq, key, status, input, output, error_type, error, traceback, \
-                 attempts, started, ended, checksum FROM items WHERE version = ?1 ORDER BY seq"
+                "SELECT seq, key, status, checksum, output FROM items \
+                 WHERE version = ?1 ORDER BY seq"
             } else {
                 "SELECT seq, key, status, NULL, output FROM items WHERE version = ?1 ORDER BY seq"
             })
@@ -181,29 +181,29 @@ impl Store {
         while let Some(row) = found.next().map_err(|e| self.fail(e))? {
             let key = key_at(&self.path, row, 1)?;
             let status: i64 = row.get(2).map_err(|e| self.fail(e))?;
+            // Borrowed from SQLite's row buffer: the caller copies it once, if at all.
+            let stored = match row.get_ref(4).map_err(|e| self.fail(e))? {
+                ValueRef::Blob(output) => Some(output),
+                ValueRef::Null => None,
+                _ => {
+                    return Err(corrupt_row(
+                        &self.path,
+                        row,
+                        "has an output that is not a blob",
+                    ))
+                }
+            };
+            // Checked in the scanning thread: the head (key, version, status), then the
+            // output, both on the borrowed values.
             if self.checksummed {
-                // Every field checked, in the scanning thread, borrowed (no copy).
-                let (body, checksum) = read_body(&self.path, row, 3)?;
-                if !row_matches(checksum, &key, version, status, &body) {
+                let checksum = checksum_at(&self.path, row, 3)?;
+                if !head_matches(&checksum, &key, version, status)
+                    || !output_matches(&checksum, stored)
+                {
                     return Err(mismatch(&self.path, row));
                 }
             }
-            // Borrowed from SQLite's row buffer: the caller copies it once, if at all.
-            let output = if status == STATUS_OK {
-                match row.get_ref(4).map_err(|e| self.fail(e))? {
-                    ValueRef::Blob(output) => Some(output),
-                    ValueRef::Null => None,
-                    _ => {
-                        return Err(corrupt_row(
-                            &self.path,
-                            row,
-                            "has an output that is not a blob",
-                        ))
-                    }
-                }
-            } else {
-                None
-            };
+            let output = if status == STATUS_OK { stored } else { None };
             if !each(row, key, output)? {
                 break;
             }

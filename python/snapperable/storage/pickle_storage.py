@@ -79,33 +79,20 @@ class PickleSnapshotStorage(SnapshotStorage[R]):
         return PickleStore(self.path, batch_size, max_wait_time)
 
 
-class PickleStore(WriterBackedStore):
-    """The ``CheckpointStore`` of a pickle-frame file."""
+class FrameReader:
+    """Reads the frames of the pickle checkpoint open on ``fd`` (read-only use: the
+    store below, and ``snapperable.verify``)."""
 
-    def __init__(self, path: str, batch_size: int, max_wait_time: Optional[float]) -> None:
+    def __init__(self, fd: int, path: str) -> None:
+        self._fd = fd
         self.path = path
-        self._write_lock = threading.Lock()  # frames from the writer and add_version
-        self._torn_append: Optional[OSError] = None
-        self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
-        try:
-            self._prepare()
-        except BaseException:
-            os.close(self._fd)
-            raise
-        self._start_writer(path, batch_size, max_wait_time)
+        self._tail_start = _HEADER.size
 
     def _corrupt(self, why: str) -> CheckpointCorruptError:
         return CheckpointCorruptError(f"{self.path}: {why}")
 
-    # -- opening ------------------------------------------------------------------------
-    def _prepare(self) -> None:
-        """Write the header of a new file, check an old one, cut off a torn tail."""
-        size = os.fstat(self._fd).st_size
-        if size == 0:  # a new file
-            os.write(self._fd, _HEADER.pack(MAGIC, FORMAT_VERSION, 0))
-            os.fsync(self._fd)
-            _fsync_directory(self.path)
-            return
+    def check_header(self, size: int) -> None:
+        """Raise unless the (non-empty) file starts with a header this code reads."""
         header = os.pread(self._fd, _HEADER.size, 0)
         if len(header) < _HEADER.size:
             # The header is one write of 16 bytes, so a crash does not cut it: a file
@@ -123,15 +110,6 @@ class PickleStore(WriterBackedStore):
                 f"{self.path}: checkpoint format {version} is newer than this snapperable "
                 f"understands ({FORMAT_VERSION}); upgrade snapperable"
             )
-        end = self._end_of_good_frames(size)
-        if end < size:
-            log.warning(
-                "%s: dropped a torn last frame (%d bytes) left by an interrupted write",
-                self.path,
-                size - end,
-            )
-            os.ftruncate(self._fd, end)
-            os.fsync(self._fd)
 
     def _end_of_good_frames(self, size: int) -> int:
         """Offset just past the last intact frame; raises on damage before the tail."""
@@ -181,15 +159,71 @@ class PickleStore(WriterBackedStore):
             pos += chunk
         return True
 
-    def _records(self) -> Iterator[tuple[str, Any]]:
+    def _records(self, *, stop_at_torn_tail: bool = False) -> Iterator[tuple[str, Any]]:
+        """(kind, body) of each frame; with ``stop_at_torn_tail``, up to a torn tail
+        (``_tail_start`` then says where it starts)."""
         size = os.fstat(self._fd).st_size
-        for pos, payload in self._frames(size, stop_at_torn_tail=False):
+        for pos, payload in self._frames(size, stop_at_torn_tail=stop_at_torn_tail):
             try:
                 record = pickle.loads(payload)
                 kind, body = record
             except Exception as exc:
                 raise self._corrupt(f"the frame at offset {pos} cannot be read: {exc!r}") from exc
             yield kind, body
+
+    # -- reads --------------------------------------------------------------------------
+    def versions(self) -> list[VersionRow]:
+        return [
+            _folding.version_row(body, self.path)
+            for kind, body in self._records()
+            if kind == "version"
+        ]
+
+    def _item_rows(self) -> Iterator[tuple[int, ItemRow]]:
+        seq = 0
+        for kind, body in self._records():
+            if kind != "items":
+                continue
+            for row in body:
+                seq += 1
+                if len(row) != _ROW_FIELDS or not isinstance(row[ROW_KEY], bytes) or len(row[ROW_KEY]) != KEY_SIZE:
+                    raise self._corrupt(f"item {seq} is malformed")
+                yield seq, row
+
+
+class PickleStore(FrameReader, WriterBackedStore):
+    """The ``CheckpointStore`` of a pickle-frame file."""
+
+    def __init__(self, path: str, batch_size: int, max_wait_time: Optional[float]) -> None:
+        FrameReader.__init__(self, os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC), path)
+        self._write_lock = threading.Lock()  # frames from the writer and add_version
+        self._torn_append: Optional[OSError] = None
+        try:
+            self._prepare()
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._start_writer(path, batch_size, max_wait_time)
+
+    # -- opening ------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        """Write the header of a new file, check an old one, cut off a torn tail."""
+        size = os.fstat(self._fd).st_size
+        if size == 0:  # a new file
+            os.write(self._fd, _HEADER.pack(MAGIC, FORMAT_VERSION, 0))
+            os.fsync(self._fd)
+            _fsync_directory(self.path)
+            return
+        self.check_header(size)
+        end = self._end_of_good_frames(size)
+        if end < size:
+            log.warning(
+                "%s: dropped a torn last frame (%d bytes) left by an interrupted write",
+                self.path,
+                size - end,
+            )
+            os.ftruncate(self._fd, end)
+            os.fsync(self._fd)
 
     # -- writes -------------------------------------------------------------------------
     def _append(self, frame: bytes) -> None:
@@ -232,24 +266,6 @@ class PickleStore(WriterBackedStore):
         return vid
 
     # -- reads --------------------------------------------------------------------------
-    def versions(self) -> list[VersionRow]:
-        return [
-            _folding.version_row(body, self.path)
-            for kind, body in self._records()
-            if kind == "version"
-        ]
-
-    def _item_rows(self) -> Iterator[tuple[int, ItemRow]]:
-        seq = 0
-        for kind, body in self._records():
-            if kind != "items":
-                continue
-            for row in body:
-                seq += 1
-                if len(row) != _ROW_FIELDS or not isinstance(row[ROW_KEY], bytes) or len(row[ROW_KEY]) != KEY_SIZE:
-                    raise self._corrupt(f"item {seq} is malformed")
-                yield seq, row
-
     def key_set(self, version: Optional[int], status: int) -> KeySet:
         rows = (
             (row[ROW_KEY], row[ROW_VERSION], row[ROW_STATUS])
