@@ -18,6 +18,7 @@ from snapperable.snapper import Snapper
 from snapperable.storage.base import SnapshotStorage
 from snapperable.storage.pickle_storage import PickleSnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
+from snapperable.verification import VerifyResult, verify
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,8 @@ __all__ = [
     "FailedItem",
     "ProcessingMetric",
     "RunPlan",
+    "verify",
+    "VerifyResult",
     "backend",
     "SnapperableError",
     "CheckpointError",

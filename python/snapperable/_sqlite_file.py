@@ -12,7 +12,6 @@ import functools
 import os
 import sqlite3
 import struct
-from importlib import resources
 from typing import NamedTuple, Optional
 
 from snapperable.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
@@ -43,6 +42,8 @@ class SQLiteHeader(NamedTuple):
 
 
 def schema_sql() -> str:
+    from importlib import resources  # only when a file is created or checked
+
     return resources.files("snapperable").joinpath("schema.sql").read_text(encoding="utf-8")
 
 

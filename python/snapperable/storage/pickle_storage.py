@@ -179,9 +179,9 @@ class FrameReader:
             if kind == "version"
         ]
 
-    def _item_rows(self) -> Iterator[tuple[int, ItemRow]]:
+    def _item_rows(self, *, stop_at_torn_tail: bool = False) -> Iterator[tuple[int, ItemRow]]:
         seq = 0
-        for kind, body in self._records():
+        for kind, body in self._records(stop_at_torn_tail=stop_at_torn_tail):
             if kind != "items":
                 continue
             for row in body:
