@@ -290,39 +290,53 @@ class PySQLiteStore(WriterBackedStore):
         return [_folding.version_row(row, self.path) for row in found]
 
     def _checked_heads(self, rows: Iterable[Any], version: Optional[int]) -> Iterator[tuple[bytes, int, int]]:
-        """``(key, version, status)`` of rows ``(seq, key, version, status, checksum)``,
-        their checksums' heads checked (``version`` None: as stored, else this one)."""
+        """``(key, version, status)`` of rows ``(seq, key, version, status, checksum)``
+        (every row of the table, in order), their numbers and checksums' heads checked;
+        of ``version``'s rows only, unless it is None.
+
+        Every row, not only ``version``'s: one whose version number is damaged must be
+        met (and fail its checksum), not filtered out unseen by SQL."""
         head_matches = _row_checksum.head_matches
+        expected = 1
         for seq, key, row_version, status, checksum in rows:
-            if version is not None:
-                row_version = version
+            if seq != expected:
+                raise self._out_of_sequence(seq)
+            expected += 1
             if not head_matches(checksum, key, row_version, status):
                 raise self._damaged_row(seq)
-            yield key, row_version, status
+            if version is None or row_version == version:
+                yield key, row_version, status
+
+    def _out_of_sequence(self, seq: object) -> CheckpointCorruptError:
+        """The rows of a format-2 table are numbered 1, 2, 3, ... with no gap (the log is
+        only appended to, each new row numbered after the largest): another number is
+        damage that no checksum covers (a flipped row number, rows skipped)."""
+        before = seq - 1 if isinstance(seq, int) else "?"
+        return self._corrupt(f"is damaged: item row {seq} is out of sequence (the row before it is not {before})")
 
     def key_set(self, version: Optional[int], status: int) -> KeySet:
-        checksum = ", checksum" if self._checksummed else ""
-        if version is None:
-            found = self._query(f"SELECT seq, key, version, status{checksum} FROM items ORDER BY seq")
-        else:
-            found = self._query(
-                f"SELECT seq, key, version, status{checksum} FROM items WHERE version = ? ORDER BY seq",
-                (version,),
-            )
+        checked: Iterable[tuple[Any, ...]]
         if self._checksummed:
-            checked: Iterable[tuple[Any, ...]] = self._checked_heads(found, None)
+            found = self._query("SELECT seq, key, version, status, checksum FROM items ORDER BY seq")
+            checked = self._checked_heads(found, version)
+        elif version is None:
+            checked = self._query("SELECT key, version, status FROM items ORDER BY seq")
         else:
-            checked = (row[1:] for row in found)
+            checked = self._query(
+                "SELECT key, version, status FROM items WHERE version = ? ORDER BY seq", (version,)
+            )
         rows = ((self._key(key), row_version, row_status) for key, row_version, row_status in checked)
         return _folding.keys_with_status(rows, status, new_key_set)
 
-    def _latest(self, sql: str, version: int, fold: Any) -> dict[bytes, Any]:
+    def _latest(self, sql: str, version: Optional[int], fold: Any) -> dict[bytes, Any]:
         """Each key of ``version``, in the order first saved -> the value ``fold`` makes
-        of its latest row, from the rows of ``sql``. ``dict`` folds them (in C straight
-        from the cursor for a format-1 file): no list of all the rows."""
+        of its latest row, from the rows of ``sql`` (with ``version`` as its parameter,
+        if not None). ``dict`` folds them (in C straight from the cursor for a format-1
+        file): no list of all the rows."""
         with self._lock:
             try:
-                latest: dict[Optional[bytes], Any] = dict(fold(self._conn.execute(sql, (version,))))
+                cursor = self._conn.execute(sql, () if version is None else (version,))
+                latest: dict[Optional[bytes], Any] = dict(fold(cursor))
             except (sqlite3.Error, UnicodeDecodeError) as exc:
                 raise self._mapped(exc) from exc
         if None in latest:
@@ -334,19 +348,28 @@ class PySQLiteStore(WriterBackedStore):
             latest = self._latest(f"SELECT {_CHECKED_KEY}, status FROM items WHERE version = ? ORDER BY seq", version, iter)
         else:
             latest = self._latest(
-                "SELECT seq, key, version, status, checksum FROM items WHERE version = ? ORDER BY seq",
-                version,
+                "SELECT seq, key, version, status, checksum FROM items ORDER BY seq",
+                None,
                 lambda rows: ((key, status) for key, _, status in self._checked_heads(rows, version)),
             )
         return _folding.ok_and_failed(latest, new_key_set)
 
     def _checked_outputs(self, rows: Iterable[Any], version: int) -> Iterator[tuple[bytes, Optional[bytes]]]:
-        """``(key, output if ok else None)`` of rows ``(seq, key, status, output,
-        checksum)``: head and output checked."""
+        """``(key, output if ok else None)`` of ``version``'s rows among rows ``(seq, key,
+        version, status, output, checksum)`` (every row, as ``_checked_heads`` reads
+        them): numbers, heads, and the outputs used checked."""
         head_matches = _row_checksum.head_matches
         output_matches = _row_checksum.output_matches
-        for seq, key, status, output, checksum in rows:
-            if not (head_matches(checksum, key, version, status) and output_matches(checksum, output)):
+        expected = 1
+        for seq, key, row_version, status, output, checksum in rows:
+            if seq != expected:
+                raise self._out_of_sequence(seq)
+            expected += 1
+            if not head_matches(checksum, key, row_version, status):
+                raise self._damaged_row(seq)
+            if row_version != version:
+                continue
+            if not output_matches(checksum, output):
                 raise self._damaged_row(seq)
             yield key, output if status == STATUS_OK else None
 
@@ -359,8 +382,8 @@ class PySQLiteStore(WriterBackedStore):
                 iter,
             )
         return self._latest(
-            "SELECT seq, key, status, output, checksum FROM items WHERE version = ? ORDER BY seq",
-            version,
+            "SELECT seq, key, version, status, output, checksum FROM items ORDER BY seq",
+            None,
             lambda rows: self._checked_outputs(rows, version),
         )
 
@@ -371,29 +394,33 @@ class PySQLiteStore(WriterBackedStore):
         return _folding.outputs_in_save_order(self._latest_outputs(version), self.path)
 
     def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
-        checksum = ", checksum" if self._checksummed else ""
+        if self._checksummed:
+            found = self._query(f"SELECT seq, {_INFO_COLUMNS}, checksum FROM items ORDER BY seq")
+            return self._checked_infos(found, version)
         if version is None:
-            found = self._query(f"SELECT seq, {_INFO_COLUMNS}{checksum} FROM items ORDER BY seq")
+            found = self._query(f"SELECT seq, {_INFO_COLUMNS} FROM items ORDER BY seq")
         else:
-            found = self._query(
-                f"SELECT seq, {_INFO_COLUMNS}{checksum} FROM items WHERE version = ? ORDER BY seq", (version,)
-            )
-        if not self._checksummed:
-            return (RowInfo(*row) for row in found)
-        return self._checked_infos(found)
+            found = self._query(f"SELECT seq, {_INFO_COLUMNS} FROM items WHERE version = ? ORDER BY seq", (version,))
+        return (RowInfo(*row) for row in found)
 
-    def _checked_infos(self, rows: Iterable[Any]) -> Iterator[RowInfo]:
-        """RowInfo of rows ``(seq, {_INFO_COLUMNS}, checksum)``: head and rest checked."""
+    def _checked_infos(self, rows: Iterable[Any], version: Optional[int]) -> Iterator[RowInfo]:
+        """RowInfo of ``version``'s rows (all if None) among rows ``(seq,
+        {_INFO_COLUMNS}, checksum)`` (every row): numbers, heads and rests checked."""
         head_matches = _row_checksum.head_matches
         rest_matches = _row_checksum.rest_matches
+        expected = 1
         for *fields, checksum in rows:
             info = RowInfo(*fields)
+            if info.seq != expected:
+                raise self._out_of_sequence(info.seq)
+            expected += 1
             if not (
                 head_matches(checksum, info.key, info.version, info.status)
                 and rest_matches(checksum, *fields[4:])
             ):
                 raise self._damaged_row(info.seq)
-            yield info
+            if version is None or info.version == version:
+                yield info
 
     def _release(self) -> None:
         try:

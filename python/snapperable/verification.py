@@ -149,6 +149,8 @@ def _check_sqlite(conn: sqlite3.Connection, path: str, checksummed: bool, counts
     columns = "key, version, status, input, output, error_type, error, traceback, attempts, started, ended"
     for seq, *fields in conn.execute(f"SELECT seq, {columns}{checksum} FROM items ORDER BY seq"):
         counts["rows"] += 1
+        if checksummed and seq != counts["rows"]:  # numbered 1, 2, 3, ... (see _pure)
+            raise _Found(f"{path}: is damaged: item row {seq} is out of sequence", seq)
         key, version, status, pickled_input, output = fields[:5]
         if checksummed:
             stored = fields[11]

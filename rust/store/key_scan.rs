@@ -8,7 +8,7 @@ use std::path::Path;
 use rusqlite::{params, Connection, OpenFlags};
 
 use super::open::{file_identity, FileIdentity, Store, BUSY_TIMEOUT, SCAN_MMAP_SIZE};
-use super::row_checksum::{checksum_at, head_matches, mismatch};
+use super::row_checksum::{checksum_at, head_matches, mismatch, Sequence};
 use super::schema::{key_at, sqlite_error};
 use crate::contract::{KEY_SIZE, STATUS_FAILED, STATUS_OK};
 use crate::errors::{Error, Result};
@@ -91,7 +91,11 @@ impl Store {
             })
             .map_err(|e| self.fail(e))?;
         let mut rows = stmt.query([]).map_err(|e| self.fail(e))?;
+        let mut sequence = Sequence::from(1);
         while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
+            if self.checksummed {
+                sequence.check(&self.path, row)?;
+            }
             let key = key_at(&self.path, row, 1)?;
             let row_version: i64 = row.get(2).map_err(|e| self.fail(e))?;
             let row_status: i64 = row.get(3).map_err(|e| self.fail(e))?;
@@ -160,6 +164,9 @@ impl Store {
             )?;
             return Ok((keys, statuses));
         };
+        // A format-2 table's rows are numbered from 1 (see `Sequence`): scanned from
+        // there, a damaged first number is a gap, not a row left out.
+        let first = if self.checksummed { 1 } else { first };
         // The connection stays on this thread (it is not `Sync`): the other one gets
         // only what it needs to open its own.
         let reader = Reader {
@@ -252,50 +259,61 @@ fn scan_key_status(
     statuses: &mut Vec<i64>,
 ) -> Result<()> {
     let fail = |e| sqlite_error(path, e);
-    // The checksum column of a format-1 file is read as a constant NULL, never used.
-    let (mut stmt, (first, last)) = match (range, checksummed) {
-        (None, true) => (
-            conn.prepare_cached(
-                "SELECT seq, key, status, checksum FROM items WHERE version = ?1 ORDER BY seq",
-            )
-            .map_err(fail)?,
-            (None, None),
-        ),
-        (None, false) => (
-            conn.prepare_cached(
-                "SELECT seq, key, status, NULL FROM items WHERE version = ?1 ORDER BY seq",
-            )
-            .map_err(fail)?,
-            (None, None),
-        ),
-        (Some((first, last)), true) => (
-            conn.prepare_cached(
-                "SELECT seq, key, status, checksum FROM items \
-                 WHERE seq >= ?2 AND seq <= ?3 AND version = ?1 ORDER BY seq",
-            )
-            .map_err(fail)?,
-            (Some(first), Some(last)),
-        ),
-        (Some((first, last)), false) => (
-            conn.prepare_cached(
-                "SELECT seq, key, status, NULL FROM items \
-                 WHERE seq >= ?2 AND seq <= ?3 AND version = ?1 ORDER BY seq",
-            )
-            .map_err(fail)?,
-            (Some(first), Some(last)),
-        ),
-    };
-    let mut found = match (first, last) {
-        (Some(first), Some(last)) => stmt.query(params![version, first, last]),
-        _ => stmt.query([version]),
+    if !checksummed {
+        return scan_key_status_unchecked(conn, path, version, range, keys, statuses);
     }
-    .map_err(fail)?;
+    // Every row, not only `version`'s: a row whose version number is damaged must be
+    // met (and fail its checksum), not filtered out unseen.
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT seq, key, status, checksum, version FROM items \
+             WHERE seq >= ?1 AND seq <= ?2 ORDER BY seq",
+        )
+        .map_err(fail)?;
+    let (first, last) = range.unwrap_or((1, i64::MAX));
+    let mut found = stmt.query(params![first, last]).map_err(fail)?;
+    let mut sequence = Sequence::from(first);
+    while let Some(row) = found.next().map_err(fail)? {
+        sequence.check(path, row)?;
+        let key = key_at(path, row, 1)?;
+        let status: i64 = row.get(2).map_err(fail)?;
+        let row_version: i64 = row.get(4).map_err(fail)?;
+        if !head_matches(&checksum_at(path, row, 3)?, &key, row_version, status) {
+            return Err(mismatch(path, row));
+        }
+        if row_version == version {
+            keys.extend_from_slice(&key);
+            statuses.push(status);
+        }
+    }
+    if range.is_some() {
+        sequence.finish(path, last)?;
+    }
+    Ok(())
+}
+
+/// [`scan_key_status`] of a format-1 file: no checksums to check, so only the rows of
+/// `version` are read.
+fn scan_key_status_unchecked(
+    conn: &Connection,
+    path: &str,
+    version: i64,
+    range: Option<(i64, i64)>,
+    keys: &mut Vec<u8>,
+    statuses: &mut Vec<i64>,
+) -> Result<()> {
+    let fail = |e| sqlite_error(path, e);
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT seq, key, status FROM items \
+             WHERE seq >= ?2 AND seq <= ?3 AND version = ?1 ORDER BY seq",
+        )
+        .map_err(fail)?;
+    let (first, last) = range.unwrap_or((i64::MIN, i64::MAX));
+    let mut found = stmt.query(params![version, first, last]).map_err(fail)?;
     while let Some(row) = found.next().map_err(fail)? {
         let key = key_at(path, row, 1)?;
         let status: i64 = row.get(2).map_err(fail)?;
-        if checksummed && !head_matches(&checksum_at(path, row, 3)?, &key, version, status) {
-            return Err(mismatch(path, row));
-        }
         keys.extend_from_slice(&key);
         statuses.push(status);
     }

@@ -11,6 +11,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 use super::checks::{check_existing, check_raw_header, has_write_ahead_log};
 use super::row_checksum::{
     checksum_at, head_matches, mismatch, read_rest, rest_matches, row_checksum, version_checksum,
+    Sequence,
 };
 use super::schema::{
     key_at, sqlite_error, unix_now, ItemRow, RowInfo, Synchronous, VersionRow, APPLICATION_ID,
@@ -389,30 +390,37 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(if self.checksummed {
+                // Every row, not only `version`'s: one whose version number is damaged
+                // must be met (and fail its checksum), not filtered out unseen.
                 "SELECT seq, key, version, status, input, error_type, error, traceback, \
                  attempts, started, ended, checksum FROM items \
-                 WHERE seq > ?1 AND (?2 IS NULL OR version = ?2) ORDER BY seq LIMIT ?3"
+                 WHERE seq > ?1 AND ?2 IS ?2 AND ?3 IS NOT NULL ORDER BY seq"
             } else {
                 "SELECT seq, key, version, status, input, error_type, error, traceback, \
                  attempts, started, ended FROM items \
                  WHERE seq > ?1 AND (?2 IS NULL OR version = ?2) ORDER BY seq LIMIT ?3"
             })
             .map_err(|e| self.fail(e))?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let sql_limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut rows = stmt
-            .query(params![after, version, limit])
+            .query(params![after, version, sql_limit])
             .map_err(|e| self.fail(e))?;
         let mut page = Vec::new();
+        let mut sequence = Sequence::from(after.saturating_add(1).max(1));
         while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
             let key = key_at(&self.path, row, 1)?;
             if self.checksummed {
-                let version = row.get(2).map_err(|e| self.fail(e))?;
+                sequence.check(&self.path, row)?;
+                let row_version: i64 = row.get(2).map_err(|e| self.fail(e))?;
                 let status = row.get(3).map_err(|e| self.fail(e))?;
                 let checksum = checksum_at(&self.path, row, 11)?;
-                if !head_matches(&checksum, &key, version, status)
+                if !head_matches(&checksum, &key, row_version, status)
                     || !rest_matches(&checksum, &read_rest(&self.path, row, 4)?)
                 {
                     return Err(mismatch(&self.path, row));
+                }
+                if version.is_some_and(|wanted| wanted != row_version) {
+                    continue;
                 }
             }
             let info = (|| -> rusqlite::Result<RowInfo> {
@@ -432,6 +440,9 @@ impl Store {
             })()
             .map_err(|e| self.fail(e))?;
             page.push(info);
+            if page.len() >= limit {
+                break;
+            }
         }
         Ok(page)
     }

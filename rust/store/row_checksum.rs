@@ -195,6 +195,49 @@ fn malformed(path: &str, row: &Row<'_>) -> Error {
     )
 }
 
+/// The rows of a format-2 table are numbered 1, 2, 3, ... with no gap: the log is only
+/// ever appended to, and SQLite gives each new row the number after the largest. A
+/// scan that meets another number has met damage that no row's checksum covers (a
+/// flipped row number, a page of rows skipped or repeated).
+pub(super) struct Sequence {
+    next: i64,
+}
+
+impl Sequence {
+    /// A scan whose first row is `first`.
+    pub(super) fn from(first: i64) -> Self {
+        Sequence { next: first }
+    }
+
+    /// Checks the `seq` (column 0) of the next row the scan met.
+    pub(super) fn check(&mut self, path: &str, row: &Row<'_>) -> Result<()> {
+        let seq: i64 = row.get(0).map_err(|e| sqlite_error(path, e))?;
+        if seq != self.next {
+            return Err(corrupt_row(
+                path,
+                row,
+                &format!(
+                    "is out of sequence (the row before it is not {})",
+                    seq.wrapping_sub(1)
+                ),
+            ));
+        }
+        self.next = seq.saturating_add(1);
+        Ok(())
+    }
+
+    /// Checks that a scan of rows up to `last` met all of them.
+    pub(super) fn finish(&self, path: &str, last: i64) -> Result<()> {
+        if self.next <= last {
+            return Err(Error::Corrupt {
+                path: path.to_owned(),
+                problem: format!("is damaged: item rows {} to {last} are missing", self.next),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// The error of a row whose checksum does not check.
 pub(super) fn mismatch(path: &str, row: &Row<'_>) -> Error {
     corrupt_row(path, row, "does not match its checksum")
