@@ -195,6 +195,9 @@ def mapped_error(exc: Exception, path: str) -> CheckpointError:
         or "malformed" in text
         or "not a database" in text
         or "Could not decode to UTF-8" in text  # a damaged type byte in a record
+        # Before 3.11 a read past the end of the file (a damaged page number) is
+        # told from other I/O errors by nothing: both are damage to a reader.
+        or (code is None and text == "disk I/O error")
     ):
         return CheckpointCorruptError(f"{path}: {exc}")
     return CheckpointError(f"{path}: {exc}")
