@@ -185,7 +185,7 @@ impl Store {
         while let Some(row) = found.next().map_err(|e| self.fail(e))? {
             let key = key_at(&self.path, row, 1)?;
             let status: i64 = row.get(2).map_err(|e| self.fail(e))?;
-            if self.checksummed {
+            let checksum = if self.checksummed {
                 sequence.check(&self.path, row)?;
                 let row_version: i64 = row.get(5).map_err(|e| self.fail(e))?;
                 let checksum = checksum_at(&self.path, row, 3)?;
@@ -195,7 +195,10 @@ impl Store {
                 if row_version != version {
                     continue;
                 }
-            }
+                Some(checksum)
+            } else {
+                None
+            };
             // Borrowed from SQLite's row buffer: the caller copies it once, if at all.
             let stored = match row.get_ref(4).map_err(|e| self.fail(e))? {
                 ValueRef::Blob(output) => Some(output),
@@ -209,7 +212,7 @@ impl Store {
                 }
             };
             // Checked in the scanning thread, on the borrowed value (the head was above).
-            if self.checksummed && !output_matches(&checksum_at(&self.path, row, 3)?, stored) {
+            if checksum.is_some_and(|checksum| !output_matches(&checksum, stored)) {
                 return Err(mismatch(&self.path, row));
             }
             let output = if status == STATUS_OK { stored } else { None };
