@@ -1,9 +1,11 @@
-//! `snapperable._core`: the Rust backend of snapperable (DESIGN 3).
+//! `snapperable._core`: the Rust backend of snapperable (docs/architecture.md, the
+//! backend contract).
 //!
-//! It provides, at module level, what the `Backend` Protocol of `snapperable/_backend.py`
+//! It provides, at module level, what the `Backend` Protocol of `snapperable/_contract.py`
 //! names: input keys, key sets and SQLite checkpoints with a group-committing writer.
-//! This file only registers; the domain logic (`keys`, `store`, `writer`, `checkpoint`)
-//! is pure Rust, and `python/` is the thin binding layer over it.
+//! This file only registers; the domain logic (`contract`, `keys`, `pickles`, `store/`,
+//! `writer`, `checkpoint`) is pure Rust, `python/` is the thin binding layer over it,
+//! and `errors` the one place where the core's errors become Python's.
 
 pub mod checkpoint;
 pub mod contract;

@@ -169,7 +169,7 @@ def test_a_damaged_schema_is_corrupt_not_no_such_column(checkpoint: str) -> None
     conn.execute("ALTER TABLE items RENAME COLUMN output TO outpux")
     conn.commit()
     conn.close()
-    assert_refused_untouched(checkpoint, "its schema is damaged")
+    assert_refused_untouched(checkpoint, "its schema is not format 2")
 
 
 def test_a_damaged_format_version_in_meta_is_corrupt(checkpoint: str) -> None:
@@ -177,7 +177,7 @@ def test_a_damaged_format_version_in_meta_is_corrupt(checkpoint: str) -> None:
     conn.execute("UPDATE meta SET value = '3' WHERE name = 'format_version'")
     conn.commit()
     conn.close()
-    assert_refused_untouched(checkpoint, "its meta table is damaged")
+    assert_refused_untouched(checkpoint, "its meta table does not say")
 
 
 def test_a_damaged_file_left_with_a_write_ahead_log_is_not_written_to(tmp_path: Path, backend_env: dict[str, str]) -> None:

@@ -13,8 +13,15 @@ from snapperable.errors import (
     UnpicklableOutputError,
     WriterError,
 )
-from snapperable.metrics import FailedItem, ProcessingMetric, RunPlan
-from snapperable.snapper import Snapper
+from snapperable.metrics import (
+    FailedItem,
+    ProcessingMetric,
+    RunPlan,
+    generate_json_report,
+    generate_markdown_report,
+    generate_metrics_report,
+)
+from snapperable.snapper import Snapper, VersionValue
 from snapperable.storage.base import SnapshotStorage
 from snapperable.storage.pickle_storage import PickleSnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
@@ -24,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Snapper",
+    "VersionValue",
     "SnapshotStorage",
     "SQLiteSnapshotStorage",
     "PickleSnapshotStorage",
@@ -32,6 +40,9 @@ __all__ = [
     "RunPlan",
     "verify",
     "VerifyResult",
+    "generate_metrics_report",
+    "generate_json_report",
+    "generate_markdown_report",
     "backend",
     "SnapperableError",
     "CheckpointError",

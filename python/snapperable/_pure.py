@@ -31,6 +31,7 @@ from snapperable._contract import (
 from snapperable._sqlite_writer import (
     UnmarshallableRows,
     WriterProcess,
+    WriterProcessError,
     commit_rows,
     configure,
 )
@@ -112,6 +113,7 @@ class PySQLiteStore(WriterBackedStore):
         # Format 2 rows carry checksums (``_row_checksum``); a format-1 file is read and
         # written as format 1 (README "Checkpoint files"). Set by ``_connect``.
         self._checksummed = True
+        self._released = False  # the connection is closed; set before `_mapped` reads it
         self._conn = self._connect(synchronous)
         # The writer process (``_sqlite_writer``), started by the writer thread once a
         # commit is large; None before that, or for good once it could not be started.
@@ -120,9 +122,6 @@ class PySQLiteStore(WriterBackedStore):
         self._start_writer(path, batch_size, max_wait_time)
 
     # -- opening ------------------------------------------------------------------------
-    def _corrupt(self, why: object) -> CheckpointCorruptError:
-        return CheckpointCorruptError(f"{self.path}: {why}")
-
     def _connect(self, synchronous: Synchronous) -> sqlite3.Connection:
         """The connection to the checkpoint, once what can be checked cheaply has been:
         nothing is written to a file found damaged (see ``_sqlite_file``)."""
@@ -164,7 +163,7 @@ class PySQLiteStore(WriterBackedStore):
                 )
             return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
-            raise CheckpointError(f"cannot open checkpoint {self.path}: {exc}") from exc
+            raise self._mapped(exc) from exc
 
     def _check_existing(self, conn: sqlite3.Connection, header: _sqlite_file.SQLiteHeader, *, close: bool) -> None:
         """Raise if the (non-empty) file is not a checkpoint this code reads, or its
@@ -182,6 +181,11 @@ class PySQLiteStore(WriterBackedStore):
             conn.close()
 
     def _mapped(self, exc: Exception) -> CheckpointError:
+        """The one mapping of sqlite3 errors to snapperable's (``_sqlite_file.mapped_error``;
+        the Rust core's is ``sqlite_error`` in rust/store/schema.rs). Once the connection
+        is closed, any failure is that."""
+        if self._released:
+            return CheckpointError.closed(self.path)
         return _sqlite_file.mapped_error(exc, self.path)
 
     # -- writes -------------------------------------------------------------------------
@@ -189,23 +193,39 @@ class PySQLiteStore(WriterBackedStore):
         process = self._connected_process(len(rows))
         if process is not None:
             try:
-                return process.send(rows)  # pipelined: see GroupCommitWriter
-            except UnmarshallableRows:
-                # Rare (a failure message of a str subclass): after what is in flight,
-                # this batch is committed here, in order.
-                durable = process.settle()
-                self._commit_here(rows)
-                return durable + len(rows)
+                try:
+                    return process.send(rows)  # pipelined: see GroupCommitWriter
+                except UnmarshallableRows:
+                    # Rare (a failure message of a str subclass): after what is in
+                    # flight, this batch is committed here, in order.
+                    durable = process.settle()
+                    self._commit_here(rows)
+                    return durable + len(rows)
+            except WriterProcessError as exc:
+                raise self._writer_process_error(exc) from exc
         self._commit_here(rows)
         return None
+
+    def _writer_process_error(self, exc: WriterProcessError) -> CheckpointError:
+        """A failure of the writer process, as a commit in the thread reports it (its
+        text is SQLite's message, see ``_sqlite_writer._send_error``)."""
+        return CheckpointError.failed(self.path, str(exc))
 
     def _commit_here(self, rows: list[PendingRow]) -> None:
         """Commit ``rows`` in this (the writer) thread, on the shared connection."""
         with self._lock:
-            commit_rows(self._conn, rows, self._checksummed)
+            try:
+                commit_rows(self._conn, rows, self._checksummed)
+            except (sqlite3.Error, UnicodeDecodeError) as exc:
+                raise self._mapped(exc) from exc
 
     def _settle(self) -> int:
-        return self._process.settle() if self._process is not None else 0
+        if self._process is None:
+            return 0
+        try:
+            return self._process.settle()
+        except WriterProcessError as exc:
+            raise self._writer_process_error(exc) from exc
 
     def _connected_process(self, batch_rows: int) -> Optional[WriterProcess]:
         """The writer process if it is connected; starts it for a large batch. Until it
@@ -264,13 +284,27 @@ class PySQLiteStore(WriterBackedStore):
             except (sqlite3.Error, UnicodeDecodeError) as exc:
                 raise self._mapped(exc) from exc
 
-    def _key(self, raw: object) -> bytes:
+    def _bad_key(self, version: Optional[int]) -> CheckpointCorruptError:
+        """The error for the first item row (of ``version``, if given) whose key is not
+        16 bytes of blob: looked up only once one was found."""
+        ((seq,),) = self._query(
+            "SELECT min(seq) FROM items"
+            " WHERE NOT (typeof(key) = 'blob' AND length(key) = 16) AND (? IS NULL OR version = ?)",
+            (version, version),
+        )
+        return CheckpointCorruptError.bad_key(self.path, seq)
+
+    def _key(self, raw: object, version: Optional[int]) -> bytes:
         if not isinstance(raw, bytes) or len(raw) != KEY_SIZE:
-            raise self._corrupt(f"an item row has a malformed key {raw!r}")
+            raise self._bad_key(version)
         return raw
 
-    def _damaged_row(self, seq: object) -> CheckpointCorruptError:
-        return self._corrupt(f"is damaged: item row {seq} does not match its checksum")
+    def _damaged_row(self, seq: Optional[int], key: object) -> CheckpointCorruptError:
+        """Row ``seq``'s checksum does not check: said so, or that its key is not a key
+        at all (as the Rust core reads a key before its checksum)."""
+        if type(key) is not bytes or len(key) != KEY_SIZE:
+            return CheckpointCorruptError.bad_key(self.path, seq)
+        return CheckpointCorruptError.bad_row(self.path, seq, "does not match its checksum")
 
     def versions(self) -> list[VersionRow]:
         if not self._checksummed:
@@ -285,7 +319,9 @@ class PySQLiteStore(WriterBackedStore):
                 except _row_checksum.WrongType:
                     matches = False
                 if not matches:
-                    raise self._corrupt(f"is damaged: function version {row[0]!r} does not match its checksum")
+                    raise CheckpointCorruptError.damaged(
+                        self.path, f"function version {row[0]!r} does not match its checksum"
+                    )
             found = [row[:5] for row in found]
         return [_folding.version_row(row, self.path) for row in found]
 
@@ -303,16 +339,17 @@ class PySQLiteStore(WriterBackedStore):
                 raise self._out_of_sequence(seq)
             expected += 1
             if not head_matches(checksum, key, row_version, status):
-                raise self._damaged_row(seq)
+                raise self._damaged_row(seq, key)
             if version is None or row_version == version:
                 yield key, row_version, status
 
-    def _out_of_sequence(self, seq: object) -> CheckpointCorruptError:
+    def _out_of_sequence(self, seq: int) -> CheckpointCorruptError:
         """The rows of a format-2 table are numbered 1, 2, 3, ... with no gap (the log is
         only appended to, each new row numbered after the largest): another number is
         damage that no checksum covers (a flipped row number, rows skipped)."""
-        before = seq - 1 if isinstance(seq, int) else "?"
-        return self._corrupt(f"is damaged: item row {seq} is out of sequence (the row before it is not {before})")
+        return CheckpointCorruptError.bad_row(
+            self.path, seq, f"is out of sequence (the row before it is not {seq - 1})"
+        )
 
     def key_set(self, version: Optional[int], status: int) -> KeySet:
         checked: Iterable[tuple[Any, ...]]
@@ -325,7 +362,7 @@ class PySQLiteStore(WriterBackedStore):
             checked = self._query(
                 "SELECT key, version, status FROM items WHERE version = ? ORDER BY seq", (version,)
             )
-        rows = ((self._key(key), row_version, row_status) for key, row_version, row_status in checked)
+        rows = ((self._key(key, version), row_version, row_status) for key, row_version, row_status in checked)
         return _folding.keys_with_status(rows, status, new_key_set)
 
     def _latest(self, sql: str, version: Optional[int], fold: Any) -> dict[bytes, Any]:
@@ -340,7 +377,7 @@ class PySQLiteStore(WriterBackedStore):
             except (sqlite3.Error, UnicodeDecodeError) as exc:
                 raise self._mapped(exc) from exc
         if None in latest:
-            raise self._corrupt("an item row has a malformed key")
+            raise self._bad_key(version)
         return latest  # type: ignore[return-value]  # None was just ruled out
 
     def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
@@ -366,11 +403,11 @@ class PySQLiteStore(WriterBackedStore):
                 raise self._out_of_sequence(seq)
             expected += 1
             if not head_matches(checksum, key, row_version, status):
-                raise self._damaged_row(seq)
+                raise self._damaged_row(seq, key)
             if row_version != version:
                 continue
             if not output_matches(checksum, output):
-                raise self._damaged_row(seq)
+                raise self._damaged_row(seq, key)
             yield key, output if status == STATUS_OK else None
 
     def _latest_outputs(self, version: int) -> dict[bytes, Optional[bytes]]:
@@ -418,7 +455,7 @@ class PySQLiteStore(WriterBackedStore):
                 head_matches(checksum, info.key, info.version, info.status)
                 and rest_matches(checksum, *fields[4:])
             ):
-                raise self._damaged_row(info.seq)
+                raise self._damaged_row(info.seq, info.key)
             if version is None or info.version == version:
                 yield info
 
@@ -429,6 +466,7 @@ class PySQLiteStore(WriterBackedStore):
         finally:
             with self._lock:
                 self._conn.close()
+                self._released = True
 
 
 # The columns of a RowInfo after its seq, in its order.

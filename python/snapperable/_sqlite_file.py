@@ -59,26 +59,27 @@ def read_header(path: str) -> Optional[SQLiteHeader]:
             size = os.fstat(file.fileno()).st_size
             head = file.read(HEADER_SIZE)
     except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise CheckpointError.failed(path, f"cannot read the file: {exc}") from exc
     if size == 0:
         return None
     if len(head) < HEADER_SIZE:
-        raise CheckpointCorruptError(f"{path}: is cut short ({size} bytes, less than a SQLite header)")
+        raise CheckpointCorruptError.damaged(path, f"the file is cut short ({size} bytes, less than a SQLite header)")
     if not head.startswith(_MAGIC):
-        raise CheckpointCorruptError(f"{path}: is not a snapperable checkpoint (not a SQLite database)")
+        raise CheckpointCorruptError.not_a_checkpoint(path, "it is not a SQLite database")
     (page_size,) = struct.unpack_from(">H", head, 16)
     page_size = 65536 if page_size == 1 else page_size
     if page_size < 512 or page_size & (page_size - 1) or head[21:24] != b"\x40\x20\x20":
-        raise CheckpointCorruptError(f"{path}: is damaged (its SQLite header is not valid)")
+        raise CheckpointCorruptError.damaged(path, "its SQLite header is not valid")
     change_counter, page_count = struct.unpack_from(">II", head, 24)
     (valid_for,) = struct.unpack_from(">I", head, 92)
     # The page count is meaningful only when written with the change counter it
     # matches (SQLite 3.7.0+); a WAL that holds committed pages may hold the rest.
     if page_count and change_counter == valid_for and not _has_log(path):
         if size < page_count * page_size or size % page_size:
-            raise CheckpointCorruptError(
-                f"{path}: is cut short (its header says {page_count} pages of {page_size} "
-                f"bytes, the file has {size} bytes)"
+            raise CheckpointCorruptError.damaged(
+                path,
+                f"the file is cut short (its header says {page_count} pages of {page_size} bytes, "
+                f"the file has {size} bytes)",
             )
     (user_version,) = struct.unpack_from(">i", head, 60)
     (application_id,) = struct.unpack_from(">i", head, 68)
@@ -146,13 +147,16 @@ def schema_problem(conn: sqlite3.Connection, format_version: int) -> Optional[st
     if objects != want_objects:
         missing = [name for _, name, _ in sorted(want_objects - objects)]
         extra = [name for _, name, _ in sorted(objects - want_objects)]
-        return f"its schema is damaged (missing: {', '.join(missing) or 'none'}; unexpected: {', '.join(extra) or 'none'})"
+        return (
+            f"its schema is not format {format_version}'s (missing: {', '.join(missing) or 'none'}; "
+            f"unexpected: {', '.join(extra) or 'none'})"
+        )
     for table, want in want_columns.items():
         if columns.get(table) != want:
-            return f"its schema is damaged (the columns of table {table} differ from format {format_version})"
+            return f"its schema is not format {format_version}'s (the columns of table {table} differ)"
     found = conn.execute("SELECT value FROM meta WHERE name = 'format_version'").fetchall()
     if found != [(str(format_version),)]:
-        return f"its meta table is damaged (its format_version is not {format_version})"
+        return f"its meta table does not say format_version {format_version}"
     return None
 
 
@@ -160,44 +164,45 @@ def check_existing(conn: sqlite3.Connection, header: SQLiteHeader, path: str) ->
     """Raise unless the (non-empty) file open on ``conn`` is a checkpoint this code
     reads, with the schema of its format; returns that format."""
     if header.application_id != APPLICATION_ID:
-        raise CheckpointCorruptError(f"{path}: is not a snapperable checkpoint (application_id differs)")
+        raise CheckpointCorruptError.not_a_checkpoint(path, f"application_id {header.application_id}")
     if header.user_version > FORMAT_VERSION:
-        raise CheckpointFormatError(
-            f"{path}: checkpoint format {header.user_version} is newer than this "
-            f"snapperable understands ({FORMAT_VERSION}); upgrade snapperable"
-        )
+        raise CheckpointFormatError.newer(path, header.user_version, FORMAT_VERSION)
     if header.user_version < 1:
-        raise CheckpointCorruptError(f"{path}: is damaged (format {header.user_version} in its header)")
+        raise CheckpointCorruptError.damaged(path, f"format {header.user_version} in its header")
     problem = schema_problem(conn, header.user_version)
     if problem is not None:
-        raise CheckpointCorruptError(f"{path}: {problem}")
+        raise CheckpointCorruptError.damaged(path, problem)
     return header.user_version
 
 
 def mapped_error(exc: Exception, path: str) -> CheckpointError:
-    """The one mapping of sqlite3 errors to snapperable's; text that does not decode
-    can only come from damage."""
+    """The one mapping of sqlite3 errors to snapperable's (the Rust core's is
+    ``sqlite_error`` in rust/store/schema.rs); text that does not decode can only come
+    from damage."""
     if isinstance(exc, UnicodeDecodeError):
-        return CheckpointCorruptError(f"{path}: {exc}")
+        return CheckpointCorruptError.damaged(path, str(exc))
     if isinstance(exc, sqlite3.Error) and not exc.args:
         # Before Python 3.11, sqlite3 raises such a message as an error with no text
         # at all (3.11+ raises the UnicodeDecodeError above); sqlite3 never raises
         # an error without text otherwise.
-        return CheckpointCorruptError(
-            f"{path}: SQLite reported an error whose text does not decode ({type(exc).__name__})"
+        return CheckpointCorruptError.damaged(
+            path, f"SQLite reported an error whose text does not decode ({type(exc).__name__})"
         )
     # ``sqlite_errorcode`` (Python 3.11+) is the extended code: its low byte is the
     # primary one. Before 3.11 there is no code, and the text below decides.
     code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
     text = str(exc)
+    if primary == _SQLITE_NOTADB or (primary is None and "not a database" in text):
+        return CheckpointCorruptError.not_a_checkpoint(path, text)
     if (
-        (isinstance(code, int) and ((code & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or code == _SQLITE_IOERR_SHORT_READ))
+        primary == _SQLITE_CORRUPT
+        or code == _SQLITE_IOERR_SHORT_READ
         or "malformed" in text
-        or "not a database" in text
         or "Could not decode to UTF-8" in text  # a damaged type byte in a record
         # Before 3.11 a read past the end of the file (a damaged page number) is
         # told from other I/O errors by nothing: both are damage to a reader.
         or (code is None and text == "disk I/O error")
     ):
-        return CheckpointCorruptError(f"{path}: {exc}")
-    return CheckpointError(f"{path}: {exc}")
+        return CheckpointCorruptError.damaged(path, text)
+    return CheckpointError.failed(path, text)

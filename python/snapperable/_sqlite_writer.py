@@ -369,5 +369,8 @@ _ANSWERS_FD = 1  # the child's stdout: the pipe the parent reads answers from
 
 
 def _send_error(exc: Exception) -> None:
-    body = marshal.dumps(f"{type(exc).__name__}: {exc}")
+    # SQLite's own message, as a commit in the parent's thread reports it; any other
+    # failure (none is expected) with its class.
+    text = str(exc) if isinstance(exc, sqlite3.Error) else f"{type(exc).__name__}: {exc}"
+    body = marshal.dumps(text)
     _write_all(b"E" + _ERROR_LENGTH.pack(len(body)) + body)

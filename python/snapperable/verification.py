@@ -64,21 +64,22 @@ def verify(path: str) -> VerifyResult:
     """
     path = os.path.abspath(path)
     if not os.path.isfile(path):
-        raise CheckpointError(f"cannot verify {path}: no such file")
+        raise CheckpointError.failed(path, "cannot verify it: no such file")
     hold = FileHold(path)
     try:
         try:
             with open(path, "rb") as file:
                 start = file.read(len(_SQLITE_MAGIC))
         except OSError as exc:
-            raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+            raise CheckpointError.failed(path, f"cannot read the file: {exc}") from exc
         if not start:
             return VerifyResult(path, "empty", None, 0, 0, False)
         if start.startswith(_SQLITE_MAGIC[: len(start)]) and len(start) == len(_SQLITE_MAGIC):
             return _verify_sqlite(path)
         if start.startswith(MAGIC[: len(start)]):
             return _verify_pickle(path)
-        return VerifyResult(path, "unknown", None, 0, 0, False, f"{path}: is not a snapperable checkpoint")
+        problem = str(CheckpointCorruptError.not_a_checkpoint(path, "it is neither a SQLite nor a pickle checkpoint"))
+        return VerifyResult(path, "unknown", None, 0, 0, False, problem)
     finally:
         hold.release()
 
@@ -134,7 +135,7 @@ def _verify_sqlite(path: str) -> VerifyResult:
 def _check_sqlite(conn: sqlite3.Connection, path: str, checksummed: bool, counts: dict[str, int]) -> None:
     report = [row[0] for row in conn.execute("PRAGMA integrity_check(1)")]
     if report != ["ok"]:
-        raise _Found(f"{path}: SQLite's integrity check failed: {'; '.join(map(str, report))}")
+        raise _Found(str(CheckpointCorruptError.damaged(path, f"SQLite's integrity check failed: {'; '.join(map(str, report))}")))
     checksum = ", checksum" if checksummed else ""
     for row in conn.execute(f"SELECT id, fingerprint, parts, uses, created{checksum} FROM versions ORDER BY id"):
         counts["versions"] += 1
@@ -145,12 +146,12 @@ def _check_sqlite(conn: sqlite3.Connection, path: str, checksummed: bool, counts
             except _row_checksum.WrongType:
                 matches = False
             if not matches:
-                raise _Found(f"{path}: is damaged: function version {row[0]!r} does not match its checksum")
+                raise _Found(str(CheckpointCorruptError.damaged(path, f"function version {row[0]!r} does not match its checksum")))
     columns = "key, version, status, input, output, error_type, error, traceback, attempts, started, ended"
     for seq, *fields in conn.execute(f"SELECT seq, {columns}{checksum} FROM items ORDER BY seq"):
         counts["rows"] += 1
         if checksummed and seq != counts["rows"]:  # numbered 1, 2, 3, ... (see _pure)
-            raise _Found(f"{path}: is damaged: item row {seq} is out of sequence", seq)
+            raise _Found(str(CheckpointCorruptError.bad_row(path, seq, "is out of sequence")), seq)
         key, version, status, pickled_input, output = fields[:5]
         if checksummed:
             stored = fields[11]
@@ -160,15 +161,17 @@ def _check_sqlite(conn: sqlite3.Connection, path: str, checksummed: bool, counts
                 and _row_checksum.output_matches(stored, output)
                 and _row_checksum.rest_matches(stored, *rest)
             ):
-                raise _Found(f"{path}: is damaged: item row {seq} does not match its checksum", seq)
+                raise _Found(str(CheckpointCorruptError.bad_row(path, seq, "does not match its checksum")), seq)
         if type(key) is not bytes or len(key) != KEY_SIZE:
-            raise _Found(f"{path}: is damaged: item row {seq} has a key that is not {KEY_SIZE} bytes", seq)
+            raise _Found(str(CheckpointCorruptError.bad_key(path, seq)), seq)
         if status not in (STATUS_OK, STATUS_FAILED):
-            raise _Found(f"{path}: is damaged: item row {seq} has status {status!r}", seq)
+            raise _Found(str(CheckpointCorruptError.bad_row(path, seq, f"has status {status!r}")), seq)
         for what, value in (("output", output), ("input", pickled_input)):
             problem = _pickle_problem(value)
             if problem is not None:
-                raise _Found(f"{path}: is damaged: item row {seq} has an {what} that is not a pickle ({problem})", seq)
+                raise _Found(
+                    str(CheckpointCorruptError.bad_row(path, seq, f"has an {what} that is not a pickle ({problem})")), seq
+                )
 
 
 def _pickle_problem(value: object) -> Optional[str]:
@@ -194,7 +197,7 @@ def _verify_pickle(path: str) -> VerifyResult:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise CheckpointError.failed(path, f"cannot read the file: {exc}") from exc
     reader = FrameReader(fd, path)
     rows = versions = 0
     try:
@@ -206,7 +209,7 @@ def _verify_pickle(path: str) -> VerifyResult:
                     versions += 1
                     _folding.version_row(body, path)
                 elif kind != "items":
-                    raise CheckpointCorruptError(f"{path}: a frame holds an unknown record {kind!r}")
+                    raise CheckpointCorruptError.damaged(path, f"a frame holds an unknown record {kind!r}")
             for _ in reader._item_rows(stop_at_torn_tail=True):  # their shape, as a run reads them
                 rows += 1
         except CheckpointCorruptError as exc:

@@ -15,7 +15,7 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple};
 
 use crate::checkpoint::Checkpoint;
 use crate::contract::KEY_SIZE;
-use crate::errors::Error;
+use crate::errors::{self, Error};
 use crate::keys::{self, Key};
 use crate::pickles::{read_simple, Simple};
 use crate::python::imports::{
@@ -163,17 +163,11 @@ impl PySqliteCheckpoint {
                 let parts_ok = json_loads(py)?
                     .call1((v.parts.as_str(),))
                     .is_ok_and(|parts| parts.is_instance_of::<PyDict>());
+                let fields = (v.id, v.fingerprint, v.parts, v.uses, v.created).into_pyobject(py)?;
                 if !parts_ok {
-                    return Err(Error::Corrupt {
-                        path: self.inner.path().to_owned(),
-                        problem: format!(
-                            "is damaged: the record of function version {} is not valid",
-                            v.id
-                        ),
-                    }
-                    .into());
+                    return Err(errors::bad_version_record(py, self.inner.path(), fields));
                 }
-                class.call1((v.id, v.fingerprint, v.parts, v.uses, v.created))
+                class.call1(fields)
             })
             .collect()
     }
@@ -222,7 +216,7 @@ impl PySqliteCheckpoint {
 
     /// The hot loop: `fn(items[p])`, pickled, recorded as an ok row for each `p` in
     /// `positions`, in order; the first exception stops it and is returned as
-    /// `(index, started, exception, raised_by_pickling, output)` (`_backend.py`).
+    /// `(index, started, exception, raised_by_pickling, output)` (`_contract.py`).
     #[pyo3(signature = (r#fn, items, keys, positions, version))]
     fn process<'py>(
         &self,
@@ -349,10 +343,9 @@ impl PySqliteCheckpoint {
                     }
                     // Stops the scan at its next chunk, if it is still going.
                     drop(chunks);
-                    let streamed = scan.join().map_err(|_| Error::Checkpoint {
-                        path: self.inner.path().to_owned(),
-                        detail: "the scan thread panicked".to_owned(),
-                    })?;
+                    let streamed = scan
+                        .join()
+                        .map_err(|payload| Error::panicked(self.inner.path(), "scan", &*payload))?;
                     Ok((streamed, unpickled_all, interrupt))
                 })
             })
@@ -386,12 +379,7 @@ impl PySqliteCheckpoint {
         if !err.is_instance_of::<PyException>(py) {
             return err; // Ctrl-C while unpickling is still Ctrl-C
         }
-        let corrupt = PyErr::from(Error::Corrupt {
-            path: self.inner.path().to_owned(),
-            problem: format!("has a saved output that cannot be unpickled ({err})"),
-        });
-        corrupt.set_cause(py, Some(err));
-        corrupt
+        errors::unreadable_output(py, self.inner.path(), err)
     }
 }
 

@@ -55,24 +55,21 @@ pub(super) fn check_raw_header(file: &Path, path: &str) -> Result<()> {
     if head.len() < HEADER_SIZE {
         return Err(corrupt(
             path,
-            format!("is cut short ({size} bytes, less than a SQLite header)"),
+            format!("the file is cut short ({size} bytes, less than a SQLite header)"),
         ));
     }
     if !head.starts_with(MAGIC) {
-        return Err(corrupt(
-            path,
-            "is not a snapperable checkpoint (not a SQLite database)".to_owned(),
-        ));
+        return Err(Error::NotACheckpoint {
+            path: path.to_owned(),
+            reason: "it is not a SQLite database".to_owned(),
+        });
     }
     let page_size = match u16::from_be_bytes([head[16], head[17]]) {
         1 => 65_536u64,
         other => u64::from(other),
     };
     if page_size < 512 || !page_size.is_power_of_two() || head[21..24] != [0x40, 0x20, 0x20] {
-        return Err(corrupt(
-            path,
-            "is damaged (its SQLite header is not valid)".to_owned(),
-        ));
+        return Err(corrupt(path, "its SQLite header is not valid".to_owned()));
     }
     let (change_counter, page_count, valid_for) =
         (be_u32(&head, 24), be_u32(&head, 28), be_u32(&head, 92));
@@ -84,8 +81,8 @@ pub(super) fn check_raw_header(file: &Path, path: &str) -> Result<()> {
             return Err(corrupt(
                 path,
                 format!(
-                    "is cut short (its header says {page_count} pages of {page_size} bytes, \
-                     the file has {size} bytes)"
+                    "the file is cut short (its header says {page_count} pages of {page_size} \
+                     bytes, the file has {size} bytes)"
                 ),
             ));
         }
@@ -111,10 +108,10 @@ pub(super) fn check_existing(
     user_version: i64,
 ) -> Result<i64> {
     if application_id != APPLICATION_ID {
-        return Err(corrupt(
-            path,
-            format!("is not a snapperable checkpoint (application_id {application_id})"),
-        ));
+        return Err(Error::NotACheckpoint {
+            path: path.to_owned(),
+            reason: format!("application_id {application_id}"),
+        });
     }
     if user_version > FORMAT_VERSION {
         return Err(Error::Format {
@@ -126,7 +123,7 @@ pub(super) fn check_existing(
     if user_version < 1 {
         return Err(corrupt(
             path,
-            format!("is damaged (format {user_version} in its header)"),
+            format!("format {user_version} in its header"),
         ));
     }
     match schema_problem(conn, user_version).map_err(|e| sqlite_error(path, e))? {
@@ -222,7 +219,7 @@ fn schema_problem(conn: &Connection, format: i64) -> rusqlite::Result<Option<Str
             }
         };
         return Ok(Some(format!(
-            "its schema is damaged (missing: {}; unexpected: {})",
+            "its schema is not format {format}'s (missing: {}; unexpected: {})",
             names(&want.objects, &found.objects),
             names(&found.objects, &want.objects)
         )));
@@ -230,7 +227,7 @@ fn schema_problem(conn: &Connection, format: i64) -> rusqlite::Result<Option<Str
     for (table, columns) in &want.columns {
         if found.columns.get(table) != Some(columns) {
             return Ok(Some(format!(
-                "its schema is damaged (the columns of table {table} differ from format {format})"
+                "its schema is not format {format}'s (the columns of table {table} differ)"
             )));
         }
     }
@@ -240,7 +237,7 @@ fn schema_problem(conn: &Connection, format: i64) -> rusqlite::Result<Option<Str
         .collect::<rusqlite::Result<_>>()?;
     if stored != [Value::Text(format.to_string())] {
         return Ok(Some(format!(
-            "its meta table is damaged (its format_version is not {format})"
+            "its meta table does not say format_version {format}"
         )));
     }
     Ok(None)

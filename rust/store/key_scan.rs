@@ -189,12 +189,9 @@ impl Store {
                 &mut statuses,
             );
             let later = match later {
-                Ok(handle) => handle.join().unwrap_or_else(|_| {
-                    Err(Error::Checkpoint {
-                        path: self.path.clone(),
-                        detail: "a scan thread panicked".to_owned(),
-                    })
-                }),
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|payload| Err(Error::panicked(&self.path, "scan", &*payload))),
                 Err(_) => Ok(None), // no thread: scanned below, on this one
             };
             // The first half's error first: the one a single scan would have met first.
@@ -412,7 +409,10 @@ mod tests {
             )
             .unwrap();
         let store = Store::open(&path, Synchronous::Full).unwrap();
-        assert!(matches!(store.key_set(None, 0), Err(Error::Corrupt { .. })));
+        assert!(matches!(
+            store.key_set(None, 0),
+            Err(Error::BadKey { seq: Some(1), .. })
+        ));
     }
 
     #[test]
@@ -516,10 +516,7 @@ mod tests {
                 .unwrap();
             let single = store.key_status_columns_split_above(v1, usize::MAX);
             let split = store.key_status_columns_split_above(v1, 0);
-            assert!(
-                matches!(single, Err(Error::Corrupt { .. })),
-                "{damaged_seq}"
-            );
+            assert!(matches!(single, Err(Error::BadKey { .. })), "{damaged_seq}");
             assert_eq!(split.err(), single.err(), "{damaged_seq}");
         }
     }

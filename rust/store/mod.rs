@@ -1,6 +1,6 @@
-//! The SQLite checkpoint format of DESIGN 6.1: opening (and creating) a file, appending
-//! rows, and the scans that plan and load a run. Pure Rust: values cross into Python only
-//! in the binding layer.
+//! The SQLite checkpoint format (docs/architecture.md 6.1): opening (and creating) a
+//! file, appending rows, and the scans that plan and load a run. Pure Rust: values cross
+//! into Python only in the binding layer (`python/store.rs`).
 //!
 //! The opening procedure is the same step for step as the pure-Python backend's, so that
 //! both accept, create and reject exactly the same files.

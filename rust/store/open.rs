@@ -78,9 +78,9 @@ impl Store {
     /// format this code reads.
     pub fn open(path: &Path, synchronous: Synchronous) -> Result<Self> {
         let name = path.to_string_lossy().into_owned();
-        create_private_file(path).map_err(|err| Error::Checkpoint {
+        create_private_file(path).map_err(|err| Error::CannotCreate {
             path: name.clone(),
-            detail: format!("cannot create the file: {err}"),
+            reason: err.to_string(),
         })?;
         // Nothing is written to a file found damaged: its first bytes are checked
         // before SQLite opens it, the rest before anything is written (`prepare`).
@@ -145,12 +145,9 @@ impl Store {
         }
         self.checksummed = header.user_version != UNCHECKED_FORMAT;
         if header.application_id != APPLICATION_ID {
-            return Err(Error::Corrupt {
+            return Err(Error::NotACheckpoint {
                 path: self.path.clone(),
-                problem: format!(
-                    "is not a snapperable checkpoint (application_id {})",
-                    header.application_id
-                ),
+                reason: format!("application_id {}", header.application_id),
             });
         }
         if header.user_version > FORMAT_VERSION {
@@ -228,7 +225,7 @@ impl Store {
                     Some(checksum) if checksum != expected() => Err(Error::Corrupt {
                         path: self.path.clone(),
                         problem: format!(
-                            "is damaged: function version {} does not match its checksum",
+                            "function version {} does not match its checksum",
                             version.id
                         ),
                     }),
@@ -536,9 +533,11 @@ mod tests {
         let text = b"these are my notes, not a database; please keep them safe\n".repeat(20);
         std::fs::write(&path, &text).unwrap();
         match Store::open(&path, Synchronous::Full) {
-            Err(Error::Corrupt { path: named, .. }) => assert_eq!(named, path.to_string_lossy()),
-            Err(other) => panic!("expected Corrupt, got {other}"),
-            Ok(_) => panic!("expected Corrupt, got a store"),
+            Err(Error::NotACheckpoint { path: named, .. }) => {
+                assert_eq!(named, path.to_string_lossy())
+            }
+            Err(other) => panic!("expected NotACheckpoint, got {other}"),
+            Ok(_) => panic!("expected NotACheckpoint, got a store"),
         }
         assert_eq!(std::fs::read(&path).unwrap(), text);
     }
@@ -553,7 +552,7 @@ mod tests {
             .unwrap();
         let err = Store::open(&foreign, Synchronous::Full).err().unwrap();
         assert!(
-            err.to_string().contains("is not a snapperable checkpoint"),
+            matches!(&err, Error::NotACheckpoint { reason, .. } if reason == "application_id 0"),
             "{err}"
         );
 

@@ -231,7 +231,7 @@ impl Sequence {
         if self.next <= last {
             return Err(Error::Corrupt {
                 path: path.to_owned(),
-                problem: format!("is damaged: item rows {} to {last} are missing", self.next),
+                problem: format!("item rows {} to {last} are missing", self.next),
             });
         }
         Ok(())

@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{ErrorCode, Row};
 
-use crate::contract::{KEY_SIZE, STATUS_OK};
+use crate::contract::STATUS_OK;
 use crate::errors::{Error, Result};
 use crate::keys::Key;
 
@@ -64,7 +64,7 @@ pub struct VersionRow {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Synchronous {
-    /// Survives power loss (DESIGN 7's default).
+    /// Survives power loss (the default; docs/architecture.md 7).
     Full,
     /// Survives a crash of the process, not of the machine; faster commits.
     Normal,
@@ -101,8 +101,10 @@ impl Synchronous {
     }
 }
 
-/// Maps a SQLite failure on `path` to the error callers see: damage to the file is
-/// `Corrupt`, anything else (I/O, locks, full disk) is `Checkpoint`.
+/// Maps a SQLite failure on `path` to the error callers see, as the pure backend's
+/// `_mapped` does: a file SQLite does not recognise is `NotACheckpoint`, damage to one
+/// is `Corrupt`, anything else (I/O, locks, full disk) is `Checkpoint`; each with
+/// SQLite's own message.
 pub fn sqlite_error(path: &str, err: rusqlite::Error) -> Error {
     let path = path.to_owned();
     // A read past the end of the file, which only a damaged page number (or a file cut
@@ -113,22 +115,26 @@ pub fn sqlite_error(path: &str, err: rusqlite::Error) -> Error {
     match err.sqlite_error_code() {
         _ if short_read => Error::Corrupt {
             path,
-            problem: format!("is damaged ({err})"),
+            problem: err.to_string(),
         },
-        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => Error::Corrupt {
+        Some(ErrorCode::NotADatabase) => Error::NotACheckpoint {
             path,
-            problem: format!("is not a SQLite database or is damaged ({err})"),
+            reason: err.to_string(),
+        },
+        Some(ErrorCode::DatabaseCorrupt) => Error::Corrupt {
+            path,
+            problem: err.to_string(),
         },
         _ => match err {
             rusqlite::Error::InvalidColumnType(..)
             | rusqlite::Error::FromSqlConversionFailure(..)
             | rusqlite::Error::IntegralValueOutOfRange(..) => Error::Corrupt {
                 path,
-                problem: format!("holds a value of an unexpected type ({err})"),
+                problem: format!("a value of an unexpected type ({err})"),
             },
             _ => Error::Checkpoint {
                 path,
-                detail: format!("SQLite error: {err}"),
+                detail: err.to_string(),
             },
         },
     }
@@ -142,24 +148,24 @@ pub(super) fn key_at(path: &str, row: &Row<'_>, index: usize) -> Result<Key> {
         .as_blob()
         .ok()
         .and_then(|blob| Key::try_from(blob).ok())
-        .ok_or_else(|| {
-            corrupt_row(
-                path,
-                row,
-                &format!("has a key that is not {KEY_SIZE} bytes"),
-            )
+        .ok_or_else(|| Error::BadKey {
+            path: path.to_owned(),
+            seq: row_seq(row),
         })
 }
 
 /// Damage found in the item row `row` (its `seq` in column 0) of the checkpoint at `path`.
 pub(super) fn corrupt_row(path: &str, row: &Row<'_>, problem: &str) -> Error {
-    let seq = row
-        .get::<_, i64>(0)
-        .map_or_else(|_| "?".to_owned(), |seq| seq.to_string());
-    Error::Corrupt {
+    Error::BadRow {
         path: path.to_owned(),
-        problem: format!("is damaged: item row {seq} {problem}"),
+        seq: row_seq(row),
+        problem: problem.to_owned(),
     }
+}
+
+/// The `seq` of `row` (column 0), None if even that is unreadable.
+fn row_seq(row: &Row<'_>) -> Option<i64> {
+    row.get::<_, i64>(0).ok()
 }
 
 /// Now, in Unix seconds, as `time.time()` gives it: the time of the rows' `started` and

@@ -87,9 +87,10 @@ class FrameReader:
         self._fd = fd
         self.path = path
         self._tail_start = _HEADER.size
+        self._released = False  # the descriptor is closed (and its number free for reuse)
 
-    def _corrupt(self, why: str) -> CheckpointCorruptError:
-        return CheckpointCorruptError(f"{self.path}: {why}")
+    def _corrupt(self, problem: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError.damaged(self.path, problem)
 
     def check_header(self, size: int) -> None:
         """Raise unless the (non-empty) file starts with a header this code reads."""
@@ -98,18 +99,15 @@ class FrameReader:
             # The header is one write of 16 bytes, so a crash does not cut it: a file
             # this short was cut by something else, and may have held frames.
             if MAGIC.startswith(header[: len(MAGIC)]):
-                raise self._corrupt(f"is cut short ({size} bytes, less than its header)")
-            raise self._corrupt("is not a snapperable pickle checkpoint")
+                raise self._corrupt(f"its header is cut short ({size} bytes of {_HEADER.size})")
+            raise CheckpointCorruptError.not_a_checkpoint(self.path, "it does not start with a pickle checkpoint's header")
         magic, version, reserved = _HEADER.unpack(header)
         if magic != MAGIC:
-            raise self._corrupt("is not a snapperable pickle checkpoint")
+            raise CheckpointCorruptError.not_a_checkpoint(self.path, "it does not start with a pickle checkpoint's header")
         if version < 1 or reserved != 0:
-            raise self._corrupt("has a damaged header")
+            raise self._corrupt("its header is damaged")
         if version > FORMAT_VERSION:
-            raise CheckpointFormatError(
-                f"{self.path}: checkpoint format {version} is newer than this snapperable "
-                f"understands ({FORMAT_VERSION}); upgrade snapperable"
-            )
+            raise CheckpointFormatError.newer(self.path, version, FORMAT_VERSION)
 
     def _end_of_good_frames(self, size: int) -> int:
         """Offset just past the last intact frame; raises on damage before the tail."""
@@ -162,6 +160,8 @@ class FrameReader:
     def _records(self, *, stop_at_torn_tail: bool = False) -> Iterator[tuple[str, Any]]:
         """(kind, body) of each frame; with ``stop_at_torn_tail``, up to a torn tail
         (``_tail_start`` then says where it starts)."""
+        if self._released:
+            raise CheckpointError.closed(self.path)
         size = os.fstat(self._fd).st_size
         for pos, payload in self._frames(size, stop_at_torn_tail=stop_at_torn_tail):
             try:
@@ -186,8 +186,10 @@ class FrameReader:
                 continue
             for row in body:
                 seq += 1
-                if len(row) != _ROW_FIELDS or not isinstance(row[ROW_KEY], bytes) or len(row[ROW_KEY]) != KEY_SIZE:
-                    raise self._corrupt(f"item {seq} is malformed")
+                if len(row) != _ROW_FIELDS:
+                    raise CheckpointCorruptError.bad_row(self.path, seq, f"does not have {_ROW_FIELDS} fields")
+                if not isinstance(row[ROW_KEY], bytes) or len(row[ROW_KEY]) != KEY_SIZE:
+                    raise CheckpointCorruptError.bad_key(self.path, seq)
                 yield seq, row
 
 
@@ -209,7 +211,7 @@ class PickleStore(FrameReader, WriterBackedStore):
     def _prepare(self) -> None:
         """Write the header of a new file, check an old one, cut off a torn tail."""
         size = os.fstat(self._fd).st_size
-        if size == 0:  # a new file
+        if size == 0:  # a new file: only an empty one is
             os.write(self._fd, _HEADER.pack(MAGIC, FORMAT_VERSION, 0))
             os.fsync(self._fd)
             _fsync_directory(self.path)
@@ -235,9 +237,7 @@ class PickleStore(FrameReader, WriterBackedStore):
         """
         with self._write_lock:
             if self._torn_append is not None:
-                raise CheckpointError(
-                    f"{self.path}: an earlier failed write could not be undone: {self._torn_append}"
-                )
+                raise CheckpointError.failed(self.path, f"an earlier failed write could not be undone: {self._torn_append}")
             end = os.fstat(self._fd).st_size
             try:
                 view = memoryview(frame)
@@ -262,7 +262,7 @@ class PickleStore(FrameReader, WriterBackedStore):
         try:
             self._append(encode_frame(("version", tuple(row))))
         except OSError as exc:
-            raise CheckpointError(f"{self.path}: cannot save a function version: {exc}") from exc
+            raise CheckpointError.failed(self.path, f"cannot save a function version: {exc}") from exc
         return vid
 
     # -- reads --------------------------------------------------------------------------
@@ -305,6 +305,7 @@ class PickleStore(FrameReader, WriterBackedStore):
                 )
 
     def _release(self) -> None:
+        self._released = True
         os.close(self._fd)
 
 
