@@ -164,20 +164,16 @@ def test_a_file_cut_short_is_refused_before_sqlite_extends_it(checkpoint: str) -
     assert_refused_untouched(checkpoint, "is cut short")
 
 
-def test_a_damaged_schema_is_corrupt_not_no_such_column(checkpoint: str) -> None:
+@pytest.mark.parametrize("damage, match", [
+    ("ALTER TABLE items RENAME COLUMN output TO outpux", "its schema is not format 2"),  # not "no such column"
+    ("UPDATE meta SET value = '3' WHERE name = 'format_version'", "its meta table does not say"),
+])
+def test_a_damaged_schema_or_meta_is_corrupt(checkpoint: str, damage: str, match: str) -> None:
     conn = sqlite3.connect(checkpoint)
-    conn.execute("ALTER TABLE items RENAME COLUMN output TO outpux")
+    conn.execute(damage)
     conn.commit()
     conn.close()
-    assert_refused_untouched(checkpoint, "its schema is not format 2")
-
-
-def test_a_damaged_format_version_in_meta_is_corrupt(checkpoint: str) -> None:
-    conn = sqlite3.connect(checkpoint)
-    conn.execute("UPDATE meta SET value = '3' WHERE name = 'format_version'")
-    conn.commit()
-    conn.close()
-    assert_refused_untouched(checkpoint, "its meta table does not say")
+    assert_refused_untouched(checkpoint, match)
 
 
 def test_a_damaged_file_left_with_a_write_ahead_log_is_not_written_to(tmp_path: Path, backend_env: dict[str, str]) -> None:

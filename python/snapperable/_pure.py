@@ -129,7 +129,11 @@ class PySQLiteStore(WriterBackedStore):
         header = _sqlite_file.read_header(self.path)
         checked = False
         if header is not None and _sqlite_file.has_write_ahead_log(self.path):
-            self._check_existing(self._open_connection(read_only=True), header, close=True)
+            reader = self._open_connection(read_only=True)
+            try:
+                self._check_existing(reader, header)
+            finally:
+                reader.close()
             checked = True
         conn = self._open_connection(read_only=False)
         try:
@@ -144,7 +148,7 @@ class PySQLiteStore(WriterBackedStore):
                 )
                 conn.execute("COMMIT")
             elif not checked:
-                self._check_existing(conn, header, close=False)
+                self._check_existing(conn, header)
             conn.execute("PRAGMA journal_mode=WAL")
         except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             conn.close()
@@ -165,20 +169,14 @@ class PySQLiteStore(WriterBackedStore):
         except sqlite3.Error as exc:
             raise self._mapped(exc) from exc
 
-    def _check_existing(self, conn: sqlite3.Connection, header: _sqlite_file.SQLiteHeader, *, close: bool) -> None:
+    def _check_existing(self, conn: sqlite3.Connection, header: _sqlite_file.SQLiteHeader) -> None:
         """Raise if the (non-empty) file is not a checkpoint this code reads, or its
-        schema is damaged; closes ``conn`` if it raises, or if ``close``."""
+        schema is damaged; else note whether its rows carry checksums."""
         try:
             found = _sqlite_file.check_existing(conn, header, self.path)
-            self._checksummed = found not in _sqlite_file.UNCHECKED_FORMATS
         except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
-            conn.close()
             raise self._mapped(exc) from exc
-        except BaseException:
-            conn.close()
-            raise
-        if close:
-            conn.close()
+        self._checksummed = found not in _sqlite_file.UNCHECKED_FORMATS
 
     def _mapped(self, exc: Exception) -> CheckpointError:
         """The one mapping of sqlite3 errors to snapperable's (``_sqlite_file.mapped_error``;

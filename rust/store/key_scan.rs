@@ -243,9 +243,11 @@ impl Store {
 }
 
 /// Appends the keys and statuses of the rows of `version` (those with `seq` in the
-/// inclusive `range`, if given) to `keys` and `statuses`, in `seq` order; checks each
-/// row's checksum head if `checksummed` (it covers key, version, status, and the rest
-/// as its stored `body`), in this thread, on values borrowed from SQLite's buffer.
+/// inclusive `range`, if given) to `keys` and `statuses`, in `seq` order. If
+/// `checksummed` (format 2), every row is read and checked, in this thread, on values
+/// borrowed from SQLite's buffer: its number, and its checksum's head (which covers key,
+/// version, status and the stored CRCs of the rest). Every row, not only `version`'s:
+/// one whose version number is damaged must be met and fail, not filtered out unseen.
 fn scan_key_status(
     conn: &Connection,
     path: &str,
@@ -256,63 +258,36 @@ fn scan_key_status(
     statuses: &mut Vec<i64>,
 ) -> Result<()> {
     let fail = |e| sqlite_error(path, e);
-    if !checksummed {
-        return scan_key_status_unchecked(conn, path, version, range, keys, statuses);
-    }
-    // Every row, not only `version`'s: a row whose version number is damaged must be
-    // met (and fail its checksum), not filtered out unseen.
     let mut stmt = conn
-        .prepare_cached(
+        .prepare_cached(if checksummed {
             "SELECT seq, key, status, checksum, version FROM items \
-             WHERE seq >= ?1 AND seq <= ?2 ORDER BY seq",
-        )
+             WHERE seq >= ?1 AND seq <= ?2 AND ?3 IS NOT NULL ORDER BY seq"
+        } else {
+            "SELECT seq, key, status, NULL, version FROM items \
+             WHERE seq >= ?1 AND seq <= ?2 AND version = ?3 ORDER BY seq"
+        })
         .map_err(fail)?;
-    let (first, last) = range.unwrap_or((1, i64::MAX));
-    let mut found = stmt.query(params![first, last]).map_err(fail)?;
+    // A format-2 table's rows are numbered from 1 (see `Sequence`).
+    let (first, last) = range.unwrap_or((if checksummed { 1 } else { i64::MIN }, i64::MAX));
+    let mut found = stmt.query(params![first, last, version]).map_err(fail)?;
     let mut sequence = Sequence::from(first);
     while let Some(row) = found.next().map_err(fail)? {
-        sequence.check(path, row)?;
         let key = key_at(path, row, 1)?;
         let status: i64 = row.get(2).map_err(fail)?;
         let row_version: i64 = row.get(4).map_err(fail)?;
-        if !head_matches(&checksum_at(path, row, 3)?, &key, row_version, status) {
-            return Err(mismatch(path, row));
+        if checksummed {
+            sequence.check(path, row)?;
+            if !head_matches(&checksum_at(path, row, 3)?, &key, row_version, status) {
+                return Err(mismatch(path, row));
+            }
         }
         if row_version == version {
             keys.extend_from_slice(&key);
             statuses.push(status);
         }
     }
-    if range.is_some() {
+    if checksummed && range.is_some() {
         sequence.finish(path, last)?;
-    }
-    Ok(())
-}
-
-/// [`scan_key_status`] of a format-1 file: no checksums to check, so only the rows of
-/// `version` are read.
-fn scan_key_status_unchecked(
-    conn: &Connection,
-    path: &str,
-    version: i64,
-    range: Option<(i64, i64)>,
-    keys: &mut Vec<u8>,
-    statuses: &mut Vec<i64>,
-) -> Result<()> {
-    let fail = |e| sqlite_error(path, e);
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT seq, key, status FROM items \
-             WHERE seq >= ?2 AND seq <= ?3 AND version = ?1 ORDER BY seq",
-        )
-        .map_err(fail)?;
-    let (first, last) = range.unwrap_or((i64::MIN, i64::MAX));
-    let mut found = stmt.query(params![version, first, last]).map_err(fail)?;
-    while let Some(row) = found.next().map_err(fail)? {
-        let key = key_at(path, row, 1)?;
-        let status: i64 = row.get(2).map_err(fail)?;
-        keys.extend_from_slice(&key);
-        statuses.push(status);
     }
     Ok(())
 }
