@@ -160,8 +160,8 @@ def test_a_file_cut_short_is_refused_before_sqlite_extends_it(checkpoint: str) -
     assert len(data) >= 3 * page_size
     Path(checkpoint).write_bytes(data[: len(data) - page_size])  # a whole page off the end
     assert_refused_untouched(checkpoint, "is cut short")
-    Path(checkpoint).write_bytes(data[:50])
-    assert_refused_untouched(checkpoint, "is cut short")
+    Path(checkpoint).write_bytes(data[:50])  # not even a header: not a database at all
+    assert_refused_untouched(checkpoint, "is cut short|is not a snapperable checkpoint")
 
 
 @pytest.mark.parametrize("damage, match", [
@@ -323,7 +323,8 @@ def test_the_writer_process_exits_quietly_when_its_parent_is_gone(tmp_path: Path
     parent_end, child_end = socket.socketpair()
     code = "import sys; sys.path.insert(0, sys.argv[1]); from snapperable._sqlite_writer import serve; serve(*sys.argv[2:])"
     child = subprocess.Popen(
-        [sys.executable, "-I", "-c", code, str(REPO / "python"), path, "normal", "1"],
+        [sys.executable, "-I", "-c", code, str(REPO / "python"), path, "normal",
+         f"{os.stat(path).st_dev}:{os.stat(path).st_ino}", "1"],
         stdin=child_end.fileno(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     child_end.close()

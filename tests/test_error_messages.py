@@ -112,7 +112,7 @@ def test_newer_format(kind: str, path: str) -> None:
 # -- not a snapperable file --------------------------------------------------------------
 def test_a_text_file_is_not_a_checkpoint(kind: str, path: str) -> None:
     Path(path).write_bytes(b"name,value\n" + b"".join(b"row %d,%d\n" % (i, i) for i in range(500)))
-    reason = "it is not a SQLite database" if kind == "sqlite" else "it does not start with a pickle checkpoint's header"
+    reason = "file is not a database" if kind == "sqlite" else "it does not start with a pickle checkpoint's header"
     assert message_of(snapper(kind, path).start, CheckpointCorruptError) == (
         f"{path} is not a snapperable checkpoint ({reason}); {KEPT}"
     )

@@ -6,15 +6,20 @@ from snapperable.errors import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointLockedError,
+    CheckpointMovedError,
     ForkedProcessError,
     FunctionChangedError,
+    ItemKeyError,
     SnapperableError,
     TooManyConsecutiveErrors,
     UnpicklableOutputError,
     WriterError,
 )
 from snapperable.metrics import (
+    NOT_DONE,
     FailedItem,
+    ItemFailure,
+    NotDone,
     ProcessingMetric,
     RunPlan,
     generate_json_report,
@@ -23,6 +28,7 @@ from snapperable.metrics import (
 )
 from snapperable.snapper import Snapper, VersionValue
 from snapperable.storage.base import SnapshotStorage
+from snapperable.storage.files import move_checkpoint
 from snapperable.storage.pickle_storage import PickleSnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
 from snapperable.verification import VerifyResult, verify
@@ -33,9 +39,13 @@ __all__ = [
     "Snapper",
     "VersionValue",
     "SnapshotStorage",
+    "move_checkpoint",
     "SQLiteSnapshotStorage",
     "PickleSnapshotStorage",
     "FailedItem",
+    "ItemFailure",
+    "NOT_DONE",
+    "NotDone",
     "ProcessingMetric",
     "RunPlan",
     "verify",
@@ -49,10 +59,12 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointFormatError",
     "CheckpointLockedError",
+    "CheckpointMovedError",
     "WriterError",
     "ForkedProcessError",
     "FunctionChangedError",
     "TooManyConsecutiveErrors",
+    "ItemKeyError",
     "UnpicklableOutputError",
     "__version__",
 ]

@@ -34,14 +34,14 @@ from snapperable._sqlite_writer import (
     WriterProcessError,
     commit_rows,
     configure,
+    file_uri,
 )
 from snapperable._writer import PendingRow, WriterBackedStore
-from snapperable.storage.base import create_private
 from snapperable.errors import (
     CheckpointCorruptError,
     CheckpointError,
 )
-
+from snapperable.storage.base import create_private
 
 BACKEND_NAME = "python"
 
@@ -96,78 +96,59 @@ def new_key_set() -> PyKeySet:
     return PyKeySet()
 
 
-class PySQLiteStore(WriterBackedStore):
-    """A SQLite checkpoint through ``sqlite3``: one connection shared, under a lock, by
-    the caller's reads and the writer thread's commits."""
+class PySQLiteReader:
+    """A SQLite checkpoint through ``sqlite3``, opened for reading: nothing is created
+    and no row written, so it reads beside a running writer (a WAL reader) and on a
+    read-only file or directory. ``PySQLiteStore`` adds the writes."""
 
-    def __init__(
-        self,
-        path: str,
-        synchronous: Synchronous,
-        batch_size: int,
-        max_wait_time: Optional[float],
-    ) -> None:
+    path: str
+    _lock: threading.Lock
+    _conn: sqlite3.Connection
+    _released: bool
+    # Format 2 rows carry checksums (``_row_checksum``); a format-1 file is read and
+    # written as format 1 (README "Checkpoint files").
+    _checksummed: bool
+
+    def __init__(self, path: str) -> None:
         self.path = path
-        self._synchronous = synchronous
         self._lock = threading.Lock()
-        # Format 2 rows carry checksums (``_row_checksum``); a format-1 file is read and
-        # written as format 1 (README "Checkpoint files"). Set by ``_connect``.
-        self._checksummed = True
         self._released = False  # the connection is closed; set before `_mapped` reads it
-        self._conn = self._connect(synchronous)
-        # The writer process (``_sqlite_writer``), started by the writer thread once a
-        # commit is large; None before that, or for good once it could not be started.
-        self._process: Optional[WriterProcess] = None
-        self._process_failed = False
-        self._start_writer(path, batch_size, max_wait_time)
+        self._checksummed = True  # set by the checks of the file (``_check_existing``)
+        self._conn = self._connect_read_only()
 
-    # -- opening ------------------------------------------------------------------------
-    def _connect(self, synchronous: Synchronous) -> sqlite3.Connection:
-        """The connection to the checkpoint, once what can be checked cheaply has been:
-        nothing is written to a file found damaged (see ``_sqlite_file``)."""
-        create_private(self.path)
-        header = _sqlite_file.read_header(self.path)
-        checked = False
-        if header is not None and _sqlite_file.has_write_ahead_log(self.path):
-            reader = self._open_connection(read_only=True)
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """Opened read-write where the file allows it (SQLite falls back to read-only
+        where not), so that, closing as the last connection, it removes the ``-wal`` and
+        ``-shm`` it made rather than leave them behind; no row is written. Where SQLite
+        cannot set up its shared memory (a read-only directory without the ``-shm`` a
+        writer leaves), the file is opened as immutable: no writer can be changing it
+        then."""
+        failure: Optional[Exception] = None
+        header = _sqlite_file.read_header(self.path) if os.path.isfile(self.path) else None
+        for query in ("mode=rw", "mode=ro&immutable=1"):
             try:
-                self._check_existing(reader, header)
-            finally:
-                reader.close()
-            checked = True
-        conn = self._open_connection(read_only=False)
-        try:
-            configure(conn, synchronous)
-            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if header is None or (header.application_id == 0 and tables == 0):
-                # One transaction: a crash leaves either no schema or all of it.
-                conn.executescript(f"BEGIN IMMEDIATE; {_sqlite_file.schema_sql()};")
-                conn.executemany(
-                    "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)",
-                    [("format_version", str(_sqlite_file.FORMAT_VERSION)), ("created_by", _created_by())],
+                conn = sqlite3.connect(
+                    f"{file_uri(self.path)}?{query}", uri=True, isolation_level=None, check_same_thread=False
                 )
-                conn.execute("COMMIT")
-            elif not checked:
-                self._check_existing(conn, header)
-            conn.execute("PRAGMA journal_mode=WAL")
-        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
-            conn.close()
-            raise self._mapped(exc) from exc
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _open_connection(self, *, read_only: bool) -> sqlite3.Connection:
-        try:
-            if read_only:
-                return sqlite3.connect(
-                    f"{_file_uri(self.path)}?mode=ro", uri=True, isolation_level=None,
-                    check_same_thread=False,
-                )
-            return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise self._mapped(exc) from exc
+            except sqlite3.Error as exc:
+                failure = exc
+                continue
+            try:
+                conn.execute(f"PRAGMA busy_timeout={_sqlite_writer.BUSY_TIMEOUT_MS}")
+                app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+                user_version = conn.execute("PRAGMA user_version").fetchone()[0]
+            except (sqlite3.Error, UnicodeDecodeError) as exc:
+                conn.close()
+                failure = exc
+                continue
+            try:
+                self._check_existing(conn, header or _sqlite_file.SQLiteHeader(app_id, user_version))
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+        assert failure is not None
+        raise self._mapped(failure) from failure
 
     def _check_existing(self, conn: sqlite3.Connection, header: _sqlite_file.SQLiteHeader) -> None:
         """Raise if the (non-empty) file is not a checkpoint this code reads, or its
@@ -178,6 +159,11 @@ class PySQLiteStore(WriterBackedStore):
             raise self._mapped(exc) from exc
         self._checksummed = found not in _sqlite_file.UNCHECKED_FORMATS
 
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+            self._released = True
+
     def _mapped(self, exc: Exception) -> CheckpointError:
         """The one mapping of sqlite3 errors to snapperable's (``_sqlite_file.mapped_error``;
         the Rust core's is ``sqlite_error`` in rust/store/schema.rs). Once the connection
@@ -186,95 +172,6 @@ class PySQLiteStore(WriterBackedStore):
             return CheckpointError.closed(self.path)
         return _sqlite_file.mapped_error(exc, self.path)
 
-    # -- writes -------------------------------------------------------------------------
-    def _commit(self, rows: list[PendingRow]) -> Optional[int]:
-        process = self._connected_process(len(rows))
-        if process is not None:
-            try:
-                try:
-                    return process.send(rows)  # pipelined: see GroupCommitWriter
-                except UnmarshallableRows:
-                    # Rare (a failure message of a str subclass): after what is in
-                    # flight, this batch is committed here, in order.
-                    durable = process.settle()
-                    self._commit_here(rows)
-                    return durable + len(rows)
-            except WriterProcessError as exc:
-                raise self._writer_process_error(exc) from exc
-        self._commit_here(rows)
-        return None
-
-    def _writer_process_error(self, exc: WriterProcessError) -> CheckpointError:
-        """A failure of the writer process, as a commit in the thread reports it (its
-        text is SQLite's message, see ``_sqlite_writer._send_error``)."""
-        return CheckpointError.failed(self.path, str(exc))
-
-    def _commit_here(self, rows: list[PendingRow]) -> None:
-        """Commit ``rows`` in this (the writer) thread, on the shared connection."""
-        with self._lock:
-            try:
-                commit_rows(self._conn, rows, self._checksummed)
-            except (sqlite3.Error, UnicodeDecodeError) as exc:
-                raise self._mapped(exc) from exc
-
-    def _settle(self) -> int:
-        if self._process is None:
-            return 0
-        try:
-            return self._process.settle()
-        except WriterProcessError as exc:
-            raise self._writer_process_error(exc) from exc
-
-    def _connected_process(self, batch_rows: int) -> Optional[WriterProcess]:
-        """The writer process if it is connected; starts it for a large batch. Until it
-        has connected, commits go on in the thread, so its start costs the loop nothing."""
-        if self._process is None:
-            if self._process_failed or batch_rows < _sqlite_writer.PROCESS_MIN_ROWS or not _can_start_process():
-                return None
-            try:
-                self._process = WriterProcess(self.path, self._synchronous, self._checksummed)
-            except OSError as exc:
-                self._no_process(exc)
-                return None
-        try:
-            return self._process if self._process.ready(_sqlite_writer.PROCESS_CONNECT_WAIT) else None
-        except Exception as exc:  # not connected, nothing sent: the thread commits
-            self._no_process(exc)
-            return None
-
-    def _no_process(self, why: Exception) -> None:
-        log.debug("%s: no writer process, committing in a thread: %s", self.path, why)
-        if self._process is not None:
-            self._process.close()
-        self._process = None
-        self._process_failed = True
-
-    def add_version(self, fingerprint: str, parts: str, uses: Optional[int]) -> int:
-        with self._lock:
-            conn = self._conn
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                vid = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM versions").fetchone()[0]
-                row = (vid, fingerprint, parts, vid if uses is None else uses, time.time())
-                if self._checksummed:
-                    conn.execute(
-                        "INSERT INTO versions (id, fingerprint, parts, uses, created, checksum)"
-                        " VALUES (?, ?, ?, ?, ?, ?)",
-                        (*row, _row_checksum.version_checksum(*row)),
-                    )
-                else:
-                    conn.execute(
-                        "INSERT INTO versions (id, fingerprint, parts, uses, created) VALUES (?, ?, ?, ?, ?)",
-                        row,
-                    )
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise self._mapped(exc) from exc
-            return int(vid)
-
-    # -- reads --------------------------------------------------------------------------
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
         with self._lock:
             try:
@@ -457,6 +354,174 @@ class PySQLiteStore(WriterBackedStore):
             if version is None or info.version == version:
                 yield info
 
+
+class PySQLiteStore(WriterBackedStore, PySQLiteReader):
+    """A SQLite checkpoint through ``sqlite3``: one connection shared, under a lock, by
+    the caller's reads and the writer thread's commits."""
+
+    def __init__(
+        self,
+        path: str,
+        synchronous: Synchronous,
+        batch_size: int,
+        max_wait_time: Optional[float],
+    ) -> None:
+        self.path = path
+        self._synchronous = synchronous
+        self._lock = threading.Lock()
+        self._released = False  # the connection is closed; set before `_mapped` reads it
+        self._checksummed = True  # set by ``_connect``: False for a format-1 file
+        self._conn = self._connect(synchronous)
+        info = os.stat(path)
+        self._identity = (info.st_dev, info.st_ino)  # of the file just opened
+        # The writer process (``_sqlite_writer``), started by the writer thread once a
+        # commit is large; None before that, or for good once it could not be started.
+        self._process: Optional[WriterProcess] = None
+        self._process_failed = False
+        self._start_writer(path, batch_size, max_wait_time)
+
+    # -- opening ------------------------------------------------------------------------
+    def _connect(self, synchronous: Synchronous) -> sqlite3.Connection:
+        """The connection to the checkpoint, once what can be checked cheaply has been:
+        nothing is written to a file found damaged (see ``_sqlite_file``)."""
+        create_private(self.path)
+        header = _sqlite_file.read_header(self.path)
+        checked = False
+        if header is not None and _sqlite_file.has_write_ahead_log(self.path):
+            reader = self._open_connection(read_only=True)
+            try:
+                self._check_existing(reader, header)
+            finally:
+                reader.close()
+            checked = True
+        conn = self._open_connection(read_only=False)
+        try:
+            configure(conn, synchronous)
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if header is None or (header.application_id == 0 and tables == 0):
+                # One transaction: a crash leaves either no schema or all of it.
+                conn.executescript(f"BEGIN IMMEDIATE; {_sqlite_file.schema_sql()};")
+                conn.executemany(
+                    "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)",
+                    [("format_version", str(_sqlite_file.FORMAT_VERSION)), ("created_by", _created_by())],
+                )
+                conn.execute("COMMIT")
+            elif not checked:
+                self._check_existing(conn, header)
+            conn.execute("PRAGMA journal_mode=WAL")
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
+            conn.close()
+            raise self._mapped(exc) from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open_connection(self, *, read_only: bool) -> sqlite3.Connection:
+        try:
+            if read_only:
+                return sqlite3.connect(
+                    f"{file_uri(self.path)}?mode=ro", uri=True, isolation_level=None,
+                    check_same_thread=False,
+                )
+            return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise self._mapped(exc) from exc
+
+    # -- writes -------------------------------------------------------------------------
+    def _commit(self, rows: list[PendingRow]) -> Optional[int]:
+        process = self._connected_process(len(rows))
+        if process is not None:
+            try:
+                try:
+                    return process.send(rows)  # pipelined: see GroupCommitWriter
+                except UnmarshallableRows:
+                    # Rare (a failure message of a str subclass): after what is in
+                    # flight, this batch is committed here, in order.
+                    durable = process.settle()
+                    self._commit_here(rows)
+                    return durable + len(rows)
+            except WriterProcessError as exc:
+                raise self._writer_process_error(exc) from exc
+        self._commit_here(rows)
+        return None
+
+    def _writer_process_error(self, exc: WriterProcessError) -> CheckpointError:
+        """A failure of the writer process, as a commit in the thread reports it (its
+        text is SQLite's message, see ``_sqlite_writer._send_error``)."""
+        return CheckpointError.failed(self.path, str(exc))
+
+    def _commit_here(self, rows: list[PendingRow]) -> None:
+        """Commit ``rows`` in this (the writer) thread, on the shared connection."""
+        with self._lock:
+            try:
+                commit_rows(self._conn, rows, self._checksummed)
+            except (sqlite3.Error, UnicodeDecodeError) as exc:
+                raise self._mapped(exc) from exc
+
+    def _settle(self) -> int:
+        if self._process is None:
+            return 0
+        try:
+            return self._process.settle()
+        except WriterProcessError as exc:
+            raise self._writer_process_error(exc) from exc
+
+    def _connected_process(self, batch_rows: int) -> Optional[WriterProcess]:
+        """The writer process if it is connected; starts it for a large batch. Until it
+        has connected, commits go on in the thread, so its start costs the loop nothing."""
+        if self._process is None:
+            if self._process_failed or batch_rows < _sqlite_writer.PROCESS_MIN_ROWS or not _can_start_process():
+                return None
+            try:
+                self._process = WriterProcess(self.path, self._synchronous, self._identity, self._checksummed)
+            except OSError as exc:
+                self._no_process(exc)
+                return None
+        try:
+            return self._process if self._process.ready(_sqlite_writer.PROCESS_CONNECT_WAIT) else None
+        except Exception as exc:  # not connected, nothing sent: the thread commits
+            self._no_process(exc)
+            return None
+
+    def _no_process(self, why: Exception) -> None:
+        log.debug("%s: no writer process, committing in a thread: %s", self.path, why)
+        if self._process is not None:
+            self._process.close()
+        self._process = None
+        self._process_failed = True
+
+    def add_version(self, fingerprint: str, parts: str, uses: Optional[int]) -> int:
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                vid = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM versions").fetchone()[0]
+                row = (vid, fingerprint, parts, vid if uses is None else uses, time.time())
+                if self._checksummed:
+                    conn.execute(
+                        "INSERT INTO versions (id, fingerprint, parts, uses, created, checksum)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (*row, _row_checksum.version_checksum(*row)),
+                    )
+                else:
+                    conn.execute(
+                        "INSERT INTO versions (id, fingerprint, parts, uses, created) VALUES (?, ?, ?, ?, ?)",
+                        row,
+                    )
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise self._mapped(exc) from exc
+            return int(vid)
+
+    def fold_wal_into_file(self) -> None:
+        self.flush()
+        busy = self._query("PRAGMA wal_checkpoint(TRUNCATE)")[0][0]
+        if busy:
+            raise CheckpointError.failed(self.path, "cannot copy the WAL into the file: another connection is reading it")
+
     def _release(self) -> None:
         try:
             if self._process is not None:
@@ -473,10 +538,8 @@ _INFO_COLUMNS = "key, version, status, input, error_type, error, traceback, atte
 _CHECKED_KEY = f"CASE WHEN typeof(key) = 'blob' AND length(key) = {KEY_SIZE} THEN key END"
 
 
-def _file_uri(path: str) -> str:
-    from urllib.parse import quote  # only for a file with a write-ahead log left
-
-    return "file:" + quote(os.path.abspath(path))
+def open_sqlite_reader(path: str) -> PySQLiteReader:
+    return PySQLiteReader(path)
 
 
 def _can_start_process() -> bool:

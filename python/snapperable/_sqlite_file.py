@@ -65,7 +65,7 @@ def read_header(path: str) -> Optional[SQLiteHeader]:
     if len(head) < HEADER_SIZE:
         raise CheckpointCorruptError.damaged(path, f"the file is cut short ({size} bytes, less than a SQLite header)")
     if not head.startswith(_MAGIC):
-        raise CheckpointCorruptError.not_a_checkpoint(path, "it is not a SQLite database")
+        raise CheckpointCorruptError.not_a_checkpoint(path, "file is not a database")  # SQLite's words
     (page_size,) = struct.unpack_from(">H", head, 16)
     page_size = 65536 if page_size == 1 else page_size
     if page_size < 512 or page_size & (page_size - 1) or head[21:24] != b"\x40\x20\x20":

@@ -89,6 +89,13 @@ class _Inserts:
 _INSERTS = {checksummed: _Inserts(checksummed) for checksummed in (False, True)}
 
 
+def file_uri(path: str) -> str:
+    """``path`` as a SQLite ``file:`` URI: every byte but unreserved ones and ``/``
+    escaped, so that ``?``, ``#`` and ``%`` in a name stay part of it (as the Rust core)."""
+    safe = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/-._~")
+    return "file:" + "".join(chr(b) if b in safe else f"%{b:02X}" for b in path.encode("utf-8", "surrogateescape"))
+
+
 def configure(conn: sqlite3.Connection, synchronous: Synchronous) -> None:
     """The settings of every connection that writes items (the file is in WAL mode)."""
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -152,7 +159,11 @@ class WriterProcess:
     connected.
     """
 
-    def __init__(self, path: str, synchronous: Synchronous, checksummed: bool) -> None:
+    def __init__(self, path: str, synchronous: Synchronous, identity: tuple[int, int], checksummed: bool) -> None:
+        """``identity``: (device, inode) of the file the parent opened; the child commits
+        only to that file, not to another one the path names by then (the checkpoint
+        moved or removed before the child connected: see ``serve``). ``checksummed``:
+        the file is of format 2, whose rows carry checksums."""
         import socket
         import subprocess
 
@@ -171,7 +182,10 @@ class WriterProcess:
         self._to_child, child_end = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", code, package_parent, path, synchronous, str(int(checksummed))],
+                [
+                    sys.executable, "-I", "-c", code, package_parent, path, synchronous, "%d:%d" % identity,
+                    str(int(checksummed)),
+                ],
                 stdin=child_end.fileno(),
                 stdout=subprocess.PIPE,
                 bufsize=0,
@@ -313,11 +327,17 @@ def _read_exact(fd: int, size: int) -> bytes:
 
 
 # -- the child's side -------------------------------------------------------------------
-def serve(path: str, synchronous: str, checksummed: str) -> None:
-    """The writer process's main loop (see the module doc for the protocol)."""
+def serve(path: str, synchronous: str, identity: str, checksummed: str) -> None:
+    """The writer process's main loop (see the module doc for the protocol).
+
+    It opens the file without creating it (``mode=rw``) and checks it is the parent's
+    (``identity``, device:inode), so that a checkpoint moved or removed before it
+    connected is neither recreated empty nor written in the parent's place; the parent
+    then commits in its thread, to the file it has open.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     try:
-        _serve(path, synchronous, checksummed == "1")
+        _serve(path, synchronous, identity, checksummed == "1")
     except OSError:
         # The parent died (its ends of the socket and the pipe are gone) while this
         # process answered or read: nothing to tell anyone, and no traceback for the
@@ -325,14 +345,19 @@ def serve(path: str, synchronous: str, checksummed: str) -> None:
         pass
 
 
-def _serve(path: str, synchronous: str, checksummed: bool) -> None:
+def _serve(path: str, synchronous: str, identity: str, checksummed: bool) -> None:
     # Answers go straight to the pipe (os.write, no buffer): an answer to a parent that
     # died fails here, where it is caught, never in a flush at interpreter exit.
     stdin = sys.stdin.buffer
     try:
-        conn = sqlite3.connect(path, isolation_level=None)
+        conn = sqlite3.connect(f"{file_uri(path)}?mode=rw", uri=True, isolation_level=None)
         configure(conn, "full" if synchronous == "full" else "normal")
-    except sqlite3.Error as exc:
+        conn.execute("PRAGMA application_id").fetchone()  # opens the file
+        info = os.stat(path)
+        if f"{info.st_dev}:{info.st_ino}" != identity:
+            conn.close()
+            raise sqlite3.OperationalError(f"{path} is no longer the file the checkpoint opened")
+    except (sqlite3.Error, OSError) as exc:
         _send_error(exc)
         return
     try:

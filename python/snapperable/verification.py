@@ -20,7 +20,7 @@ from snapperable import _folding, _row_checksum, _sqlite_file
 from snapperable._contract import KEY_SIZE, STATUS_FAILED, STATUS_OK
 from snapperable.errors import CheckpointCorruptError, CheckpointError
 from snapperable.storage.base import FileHold
-from snapperable.storage.pickle_storage import MAGIC, FrameReader
+from snapperable.storage.pickle_storage import MAGIC, PickleReader
 
 Kind = Literal["sqlite", "pickle", "empty", "unknown"]
 
@@ -65,7 +65,7 @@ def verify(path: str) -> VerifyResult:
     path = os.path.abspath(path)
     if not os.path.isfile(path):
         raise CheckpointError.failed(path, "cannot verify it: no such file")
-    hold = FileHold(path)
+    hold = FileHold(path, lambda head: None)  # any file: what it is, verify reports
     try:
         try:
             with open(path, "rb") as file:
@@ -194,34 +194,32 @@ def _pickle_problem(value: object) -> Optional[str]:
 
 # -- pickle ------------------------------------------------------------------------------
 def _verify_pickle(path: str) -> VerifyResult:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise CheckpointError.failed(path, f"cannot read the file: {exc}") from exc
-    reader = FrameReader(fd, path)
     rows = versions = 0
+    version = _pickle_version(path)
     try:
-        size = os.fstat(fd).st_size
-        try:
-            reader.check_header(size)
-            for kind, body in reader._records(stop_at_torn_tail=True):
-                if kind == "version":
-                    versions += 1
-                    _folding.version_row(body, path)
-                elif kind != "items":
-                    raise CheckpointCorruptError.damaged(path, f"a frame holds an unknown record {kind!r}")
-            for _ in reader._item_rows(stop_at_torn_tail=True):  # their shape, as a run reads them
-                rows += 1
-        except CheckpointCorruptError as exc:
-            return VerifyResult(path, "pickle", _pickle_version(fd), rows, versions, True, str(exc))
-        torn = size - reader._tail_start
-        return VerifyResult(path, "pickle", _pickle_version(fd), rows, versions, True, torn_tail=max(torn, 0))
+        reader = PickleReader(path)  # checks the header; reads up to a torn tail
+    except CheckpointCorruptError as exc:
+        return VerifyResult(path, "pickle", version, 0, 0, True, str(exc))
+    try:
+        for kind, body in reader._records():
+            if kind == "version":
+                versions += 1
+                _folding.version_row(body, path)
+            elif kind != "items":
+                raise CheckpointCorruptError.damaged(path, f"a frame holds an unknown record {kind!r}")
+        for _ in reader._item_rows():  # their shape, as a run reads them
+            rows += 1
+        torn = os.path.getsize(path) - reader._tail_start
+    except CheckpointCorruptError as exc:
+        return VerifyResult(path, "pickle", version, rows, versions, True, str(exc))
     finally:
-        os.close(fd)
+        reader.close()
+    return VerifyResult(path, "pickle", version, rows, versions, True, torn_tail=max(torn, 0))
 
 
-def _pickle_version(fd: int) -> Optional[int]:
-    head = os.pread(fd, 12, 0)
+def _pickle_version(path: str) -> Optional[int]:
+    with open(path, "rb") as file:
+        head = file.read(12)
     return int.from_bytes(head[8:12], "little") if len(head) == 12 else None
 
 

@@ -61,7 +61,7 @@ pub(super) fn check_raw_header(file: &Path, path: &str) -> Result<()> {
     if !head.starts_with(MAGIC) {
         return Err(Error::NotACheckpoint {
             path: path.to_owned(),
-            reason: "it is not a SQLite database".to_owned(),
+            reason: "file is not a database".to_owned(), // SQLite's own words
         });
     }
     let page_size = match u16::from_be_bytes([head[16], head[17]]) {

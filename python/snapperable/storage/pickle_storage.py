@@ -24,7 +24,7 @@ import struct
 import threading
 import time
 import zlib
-from typing import Any, Iterator, Optional, TypeVar
+from typing import Any, Iterator, Optional, TypeVar, Union
 
 from snapperable import _backend, _folding
 from snapperable._contract import (
@@ -35,6 +35,7 @@ from snapperable._contract import (
     ROW_OUTPUT,
     ROW_STATUS,
     ROW_VERSION,
+    CheckpointReader,
     CheckpointStore,
     ItemRow,
     KeySet,
@@ -43,7 +44,7 @@ from snapperable._contract import (
 )
 from snapperable._writer import PendingRow, WriterBackedStore, item_row
 from snapperable.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
-from snapperable.storage.base import SnapshotStorage
+from snapperable.storage.base import SnapshotStorage, fsync_directory
 
 R = TypeVar("R")
 
@@ -57,6 +58,8 @@ _FRAME = struct.Struct("<cQI")  # marker, payload length, payload CRC-32
 _FRAME_CHECK = struct.Struct("<I")  # CRC-32 of the _FRAME bytes
 FRAME_HEADER_SIZE = _FRAME.size + _FRAME_CHECK.size
 _ROW_FIELDS = 11
+_EMPTY_HEADER = _HEADER.pack(MAGIC, FORMAT_VERSION, 0)
+NOT_OUR_HEADER = "it does not start with a pickle checkpoint's header"
 
 
 def encode_frame(record: tuple[str, Any]) -> bytes:
@@ -71,49 +74,72 @@ class PickleSnapshotStorage(SnapshotStorage[R]):
     Every read scans the file, so prefer ``SQLiteSnapshotStorage`` for large runs.
     """
 
-    def __init__(self, file_path: str = DEFAULT_FILE_PATH) -> None:
-        self.file_path = file_path
-        self.path = os.path.abspath(file_path)
+    def __init__(self, file_path: Union[str, "os.PathLike[str]"] = DEFAULT_FILE_PATH) -> None:
+        self.file_path = os.fspath(file_path)
+        self.path = os.path.abspath(self.file_path)
+
+    def _foreign_format(self, head: bytes) -> Optional[str]:
+        if head[: len(MAGIC)] == MAGIC[: len(head)]:  # a torn header too
+            return None
+        return NOT_OUR_HEADER
+
+    def _open_reader(self) -> CheckpointReader:
+        return PickleReader(self.path)
 
     def _open_store(self, batch_size: int, max_wait_time: Optional[float]) -> CheckpointStore:
         return PickleStore(self.path, batch_size, max_wait_time)
 
 
-class FrameReader:
-    """Reads the frames of the pickle checkpoint open on ``fd`` (read-only use: the
-    store below, and ``snapperable.verify``)."""
+class PickleReader:
+    """A pickle-frame file opened for reading only: it needs no lock and writes nothing,
+    so it reads the committed frames beside a running writer, and a read-only file.
+    A frame still being appended at the end reads as not there yet."""
 
-    def __init__(self, fd: int, path: str) -> None:
-        self._fd = fd
+    path: str
+    _fd: int
+    # A truncated last frame: one being appended (a reader beside a writer), or damage
+    # (the store, which cut any torn tail off when it opened).
+    _tail_may_be_in_flight = True
+
+    def __init__(self, path: str) -> None:
         self.path = path
-        self._tail_start = _HEADER.size
         self._released = False  # the descriptor is closed (and its number free for reuse)
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise CheckpointError.failed(path, f"cannot open it for reading: {exc}") from exc
+        try:
+            header = os.pread(self._fd, _HEADER.size, 0)
+            if header:  # else a new file, its header not yet written
+                self._check_header(header)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def close(self) -> None:
+        if not self._released:
+            self._released = True
+            os.close(self._fd)
 
     def _corrupt(self, problem: str) -> CheckpointCorruptError:
         return CheckpointCorruptError.damaged(self.path, problem)
 
-    def check_header(self, size: int) -> None:
-        """Raise unless the (non-empty) file starts with a header this code reads."""
-        header = os.pread(self._fd, _HEADER.size, 0)
-        if len(header) < _HEADER.size:
-            # The header is one write of 16 bytes, so a crash does not cut it: a file
-            # this short was cut by something else, and may have held frames.
-            if MAGIC.startswith(header[: len(MAGIC)]):
-                raise self._corrupt(f"its header is cut short ({size} bytes of {_HEADER.size})")
-            raise CheckpointCorruptError.not_a_checkpoint(self.path, "it does not start with a pickle checkpoint's header")
-        magic, version, reserved = _HEADER.unpack(header)
+    def _check_header(self, header: bytes) -> None:
+        """Refuse a file that is not a pickle checkpoint, or of a newer format, or whose
+        header is cut short: the header is one write of 16 bytes, so no crash leaves
+        part of it, and a file that short was cut by something else (it may have held
+        frames). Only an empty file is a new checkpoint."""
+        if len(header) < _HEADER.size and MAGIC.startswith(header[: len(MAGIC)]):
+            raise self._corrupt(f"its header is cut short ({len(header)} bytes of {_HEADER.size})")
+        magic, version, reserved = (
+            _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0, 0)
+        )
         if magic != MAGIC:
-            raise CheckpointCorruptError.not_a_checkpoint(self.path, "it does not start with a pickle checkpoint's header")
+            raise CheckpointCorruptError.not_a_checkpoint(self.path, NOT_OUR_HEADER)
         if version < 1 or reserved != 0:
             raise self._corrupt("its header is damaged")
         if version > FORMAT_VERSION:
             raise CheckpointFormatError.newer(self.path, version, FORMAT_VERSION)
-
-    def _end_of_good_frames(self, size: int) -> int:
-        """Offset just past the last intact frame; raises on damage before the tail."""
-        for _ in self._frames(size, stop_at_torn_tail=True):
-            pass
-        return self._tail_start
 
     def _frames(self, size: int, *, stop_at_torn_tail: bool) -> Iterator[tuple[int, bytes]]:
         """(offset, payload) of each intact frame; sets ``_tail_start`` where they end."""
@@ -157,13 +183,11 @@ class FrameReader:
             pos += chunk
         return True
 
-    def _records(self, *, stop_at_torn_tail: bool = False) -> Iterator[tuple[str, Any]]:
-        """(kind, body) of each frame; with ``stop_at_torn_tail``, up to a torn tail
-        (``_tail_start`` then says where it starts)."""
+    def _records(self) -> Iterator[tuple[str, Any]]:
         if self._released:
             raise CheckpointError.closed(self.path)
         size = os.fstat(self._fd).st_size
-        for pos, payload in self._frames(size, stop_at_torn_tail=stop_at_torn_tail):
+        for pos, payload in self._frames(size, stop_at_torn_tail=self._tail_may_be_in_flight):
             try:
                 record = pickle.loads(payload)
                 kind, body = record
@@ -179,9 +203,9 @@ class FrameReader:
             if kind == "version"
         ]
 
-    def _item_rows(self, *, stop_at_torn_tail: bool = False) -> Iterator[tuple[int, ItemRow]]:
+    def _item_rows(self) -> Iterator[tuple[int, ItemRow]]:
         seq = 0
-        for kind, body in self._records(stop_at_torn_tail=stop_at_torn_tail):
+        for kind, body in self._records():
             if kind != "items":
                 continue
             for row in body:
@@ -192,14 +216,55 @@ class FrameReader:
                     raise CheckpointCorruptError.bad_key(self.path, seq)
                 yield seq, row
 
+    def key_set(self, version: Optional[int], status: int) -> KeySet:
+        rows = (
+            (row[ROW_KEY], row[ROW_VERSION], row[ROW_STATUS])
+            for _, row in self._item_rows()
+            if version is None or row[ROW_VERSION] == version
+        )
+        return _folding.keys_with_status(rows, status, _backend.backend.new_key_set)
 
-class PickleStore(FrameReader, WriterBackedStore):
+    def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
+        latest = {
+            row[ROW_KEY]: row[ROW_STATUS]
+            for _, row in self._item_rows()
+            if row[ROW_VERSION] == version
+        }
+        return _folding.ok_and_failed(latest, _backend.backend.new_key_set)
+
+    def _latest_outputs(self, version: int) -> dict[bytes, Optional[bytes]]:
+        return {
+            row[ROW_KEY]: row[ROW_OUTPUT] if row[ROW_STATUS] == STATUS_OK else None
+            for _, row in self._item_rows()
+            if row[ROW_VERSION] == version
+        }
+
+    def outputs_for(self, version: int, keys: bytes) -> list[Any]:
+        return _folding.outputs_in_key_order(self._latest_outputs(version), keys, self.path)
+
+    def all_outputs(self, version: int) -> list[Any]:
+        return _folding.outputs_in_save_order(self._latest_outputs(version), self.path)
+
+    def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
+        for seq, row in self._item_rows():
+            if version is None or row[ROW_VERSION] == version:
+                key, version_id, status, pickled_input, _, error_type, error, tb, attempts, started, ended = row
+                yield RowInfo(
+                    seq, key, version_id, status, pickled_input, error_type, error, tb,
+                    attempts, started, ended,
+                )
+
+class PickleStore(WriterBackedStore, PickleReader):
     """The ``CheckpointStore`` of a pickle-frame file."""
 
+    _tail_may_be_in_flight = False
+
     def __init__(self, path: str, batch_size: int, max_wait_time: Optional[float]) -> None:
-        FrameReader.__init__(self, os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC), path)
+        self.path = path
         self._write_lock = threading.Lock()  # frames from the writer and add_version
         self._torn_append: Optional[OSError] = None
+        self._released = False
+        self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         try:
             self._prepare()
         except BaseException:
@@ -211,12 +276,13 @@ class PickleStore(FrameReader, WriterBackedStore):
     def _prepare(self) -> None:
         """Write the header of a new file, check an old one, cut off a torn tail."""
         size = os.fstat(self._fd).st_size
-        if size == 0:  # a new file: only an empty one is
-            os.write(self._fd, _HEADER.pack(MAGIC, FORMAT_VERSION, 0))
+        header = os.pread(self._fd, _HEADER.size, 0)
+        if not header:  # a new file (only an empty one is: see ``_check_header``)
+            os.write(self._fd, _EMPTY_HEADER)
             os.fsync(self._fd)
-            _fsync_directory(self.path)
+            fsync_directory(self.path)
             return
-        self.check_header(size)
+        self._check_header(header)
         end = self._end_of_good_frames(size)
         if end < size:
             log.warning(
@@ -226,6 +292,12 @@ class PickleStore(FrameReader, WriterBackedStore):
             )
             os.ftruncate(self._fd, end)
             os.fsync(self._fd)
+
+    def _end_of_good_frames(self, size: int) -> int:
+        """Offset just past the last intact frame; raises on damage before the tail."""
+        for _ in self._frames(size, stop_at_torn_tail=True):
+            pass
+        return self._tail_start
 
     # -- writes -------------------------------------------------------------------------
     def _append(self, frame: bytes) -> None:
@@ -265,54 +337,9 @@ class PickleStore(FrameReader, WriterBackedStore):
             raise CheckpointError.failed(self.path, f"cannot save a function version: {exc}") from exc
         return vid
 
-    # -- reads --------------------------------------------------------------------------
-    def key_set(self, version: Optional[int], status: int) -> KeySet:
-        rows = (
-            (row[ROW_KEY], row[ROW_VERSION], row[ROW_STATUS])
-            for _, row in self._item_rows()
-            if version is None or row[ROW_VERSION] == version
-        )
-        return _folding.keys_with_status(rows, status, _backend.backend.new_key_set)
-
-    def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
-        latest = {
-            row[ROW_KEY]: row[ROW_STATUS]
-            for _, row in self._item_rows()
-            if row[ROW_VERSION] == version
-        }
-        return _folding.ok_and_failed(latest, _backend.backend.new_key_set)
-
-    def _latest_outputs(self, version: int) -> dict[bytes, Optional[bytes]]:
-        return {
-            row[ROW_KEY]: row[ROW_OUTPUT] if row[ROW_STATUS] == STATUS_OK else None
-            for _, row in self._item_rows()
-            if row[ROW_VERSION] == version
-        }
-
-    def outputs_for(self, version: int, keys: bytes) -> list[Any]:
-        return _folding.outputs_in_key_order(self._latest_outputs(version), keys, self.path)
-
-    def all_outputs(self, version: int) -> list[Any]:
-        return _folding.outputs_in_save_order(self._latest_outputs(version), self.path)
-
-    def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
-        for seq, row in self._item_rows():
-            if version is None or row[ROW_VERSION] == version:
-                key, version_id, status, pickled_input, _, error_type, error, tb, attempts, started, ended = row
-                yield RowInfo(
-                    seq, key, version_id, status, pickled_input, error_type, error, tb,
-                    attempts, started, ended,
-                )
+    def fold_wal_into_file(self) -> None:
+        self.flush()  # every frame is in the file, fsynced, once committed
 
     def _release(self) -> None:
         self._released = True
         os.close(self._fd)
-
-
-def _fsync_directory(path: str) -> None:
-    """Make a new file's directory entry durable too."""
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
