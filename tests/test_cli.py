@@ -67,7 +67,7 @@ def test_info_summarises_the_file(made: SnapshotStorage[Any], backend: str) -> N
     text = done.stdout
     kind = "sqlite" if isinstance(made, SQLiteSnapshotStorage) else "pickle"
     assert f"checkpoint: {made.path}" in text
-    assert f"format:     {kind} 1" in text
+    assert f"format:     {kind} {2 if kind == 'sqlite' else 1}" in text
     assert "held by:    nobody" in text
     assert "version 'v1' -> 'v2'" in text
     assert "1: 30 items (29 ok, 1 failed), 34 rows (4 superseded)" in text

@@ -33,6 +33,7 @@ from snapperable.storage.base import SnapshotStorage
 from snapperable.storage.files import move_checkpoint
 from snapperable.storage.pickle_storage import PickleSnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
+from snapperable.verification import VerifyResult, verify
 
 if TYPE_CHECKING:
     from snapperable.reader import CheckpointReader, ItemRecord, open_checkpoint
@@ -66,6 +67,8 @@ __all__ = [
     "open_checkpoint",
     "CheckpointReader",
     "ItemRecord",
+    "verify",
+    "VerifyResult",
     "generate_metrics_report",
     "generate_json_report",
     "generate_markdown_report",

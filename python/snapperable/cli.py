@@ -180,12 +180,29 @@ def _writing(path: str, write: Callable[[], int]) -> int:
 
 
 def cmd_check(args: argparse.Namespace, out: IO[str]) -> int:
+    """``snapperable.verify`` (every page or frame, every row's checksum), then the
+    reader's check of every stored pickle's framing. ``verify`` holds the file as a run
+    does; while a run holds it, the reader's check alone runs, beside the run."""
+    from snapperable import verify
+    from snapperable.reader import detect_format
+
+    problem: Optional[str] = None
+    tail = 0
     try:
-        with _open(args.path) as reader:
-            problem = reader.check()
-            tail = reader.torn_tail_bytes()
+        detect_format(args.path)  # a foreign file gets no lock file from verify's hold
+        result = verify(args.path)  # before the reader opens it: one SQLite library at a time
+        problem, tail = result.problem, result.torn_tail
+    except CheckpointLockedError as held:
+        out.write(f"note: {held}; checking beside it, without the hold\n")
     except CheckpointCorruptError as exc:
-        problem, tail = str(exc), 0
+        problem = str(exc)
+    if problem is None:
+        try:
+            with _open(args.path) as reader:
+                problem = reader.check()
+                tail = max(tail, reader.torn_tail_bytes())
+        except CheckpointCorruptError as exc:
+            problem = str(exc)
     if problem is not None:
         one_line = "; ".join(line.strip() for line in problem.splitlines() if line.strip())
         sys.stderr.write(f"damaged: {one_line}\n")
