@@ -422,3 +422,17 @@ def test_a_file_made_by_one_backend_is_read_by_the_other(made: SnapshotStorage[A
     assert mine.returncode == theirs.returncode == 0, (mine.stderr, theirs.stderr)
     assert mine.stdout == theirs.stdout and len(mine.stdout.splitlines()) == 40
     assert run_module(others[0], "check", made.path).returncode == 0
+
+
+def test_check_finds_a_flipped_byte_inside_a_stored_value(tmp_path: Path, backend: str) -> None:
+    """SQLite checksums nothing; the rows' own checksums (format 2) find it."""
+    storage = SQLiteSnapshotStorage[str](str(tmp_path / "run.db"))
+    with Snapper(range(50), lambda x: f"marker-{x:04d}", snapshot_storage=storage) as s:
+        s.start()
+    data = Path(storage.path).read_bytes()
+    assert b"marker-0042" in data
+    # Every copy (a page split leaves stale ones in free space): the live cell among them.
+    Path(storage.path).write_bytes(data.replace(b"marker-0042", b"marker-0043"))
+    done = run_module(backend, "check", storage.path)
+    assert done.returncode == cli.EXIT_DAMAGED, done
+    assert "item row 43" in done.stderr and storage.path in done.stderr, done.stderr
