@@ -52,6 +52,18 @@ class UnpicklableOutputError(SnapperableError, TypeError):
     """The function returned a value that cannot be pickled, so it cannot be checkpointed."""
 
 
+def unpicklable_output_error(output: object, exc: BaseException) -> BaseException:
+    """The item failure for an ``output`` whose pickling raised ``exc``."""
+    if not isinstance(exc, Exception):
+        return exc  # Ctrl-C while pickling is still Ctrl-C
+    error = UnpicklableOutputError(
+        f"fn returned a {type(output).__module__}.{type(output).__qualname__}, which cannot "
+        f"be pickled, so it cannot be checkpointed: {exc}"
+    )
+    error.__cause__ = exc
+    return error
+
+
 __all__ = [
     "SnapperableError",
     "CheckpointError",
