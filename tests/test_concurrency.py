@@ -389,7 +389,7 @@ def test_users_executors_are_used_and_never_shut_down(db: SQLiteSnapshotStorage[
         assert sorted(calls.calls) == list(range(30))
         assert threads.submit(lambda: 42).result() == 42  # still open
     with ProcessPoolExecutor(2, mp_context=process_context()) as processes:
-        other = SQLiteSnapshotStorage(db.path + "2")
+        other = SQLiteSnapshotStorage[Any](db.path + "2")
         snapper = snap(other, range(20), pid_of, executor=processes)
         snapper.start()
         assert [x for x, _ in snapper.load()] == list(range(20))
