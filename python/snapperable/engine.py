@@ -29,25 +29,22 @@ one ``Outcome`` per item.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
-import multiprocessing
 import os
 import pickle
 import queue
 import re
 import reprlib
 import signal
-import sys
 import threading
 import time
 import traceback
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future
 from typing import (
+    TYPE_CHECKING,
     Any,
     Awaitable,
     Callable,
-    Coroutine,
     Iterator,
     Optional,
     Protocol,
@@ -58,6 +55,10 @@ from typing import (
 
 from snapperable._contract import PICKLE_PROTOCOL, STATUS_FAILED, STATUS_OK, CheckpointStore, ItemRow
 from snapperable.errors import unpicklable_output_error
+
+if TYPE_CHECKING:  # imported where used: a run on threads needs neither (asyncio: ~50 ms)
+    import asyncio
+    import multiprocessing.context
 
 # What a worker sends back per item: (started, ended, pickled output or None, exception
 # or None), Unix times measured where it ran.
@@ -343,6 +344,8 @@ class ExecutorRunner:
 
 def process_context() -> multiprocessing.context.BaseContext:
     """A start method safe with threads running (ours, the writer's): never plain fork."""
+    import multiprocessing
+
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
@@ -364,6 +367,8 @@ def pickled_fn(fn: Callable[[Any], Any], where: str) -> bytes:
 
 def process_runner(fn: Callable[[Any], Any], workers: int) -> ExecutorRunner:
     fn_pickle = pickled_fn(fn, 'executor="process" workers')
+    from concurrent.futures import ProcessPoolExecutor
+
     pool = ProcessPoolExecutor(
         workers, mp_context=process_context(), initializer=init_process_worker, initargs=(fn_pickle,)
     )
@@ -628,6 +633,8 @@ async def run_async(driver: Driver, fn: Callable[[Any], Awaitable[Any]]) -> None
     at once, each recording its own result as it completes. A cancellation of this
     coroutine is a Ctrl-C: the first stops taking items and waits for the running ones
     (recording them), a second stops waiting at once (cancelling them)."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     running: dict[int, "asyncio.Task[None]"] = {}
     all_done: "asyncio.Future[None]" = loop.create_future()
@@ -738,6 +745,8 @@ class Background:
         self._result()
 
     async def wait_async(self) -> None:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         finished: "asyncio.Future[None]" = loop.create_future()
 
@@ -773,6 +782,8 @@ def async_in_thread(make_driver: Callable[[], Driver], fn: Callable[[Any], Await
     state: dict[str, Any] = {}
 
     def body() -> None:
+        import asyncio
+
         loop = asyncio.new_event_loop()
         try:
             main = loop.create_task(_driven(make_driver, fn))
@@ -797,6 +808,8 @@ def async_in_thread(make_driver: Callable[[], Driver], fn: Callable[[Any], Await
 
 
 async def _driven(make_driver: Callable[[], Driver], fn: Callable[[Any], Awaitable[Any]]) -> None:
+    import asyncio
+
     try:
         await run_async(make_driver(), fn)
     except asyncio.CancelledError:
