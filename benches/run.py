@@ -764,20 +764,21 @@ def print_concurrency(c: dict[str, Any]) -> None:
     header = f"{'row':<58} {'wall':>9}   {'goal':<34}"
     print(header)
     print("-" * len(header))
-    io, io_bare = wall("io"), wall("io_bare")
-    n_io = c.get("io", {}).get("items", 4000)
-    ideal_io = n_io * 0.01 / 32
-    print(f"{f'I/O threads: {n_io:,} x sleep 10 ms, workers=32':<58} {cell('io'):>9}   "
-          + (f"{io / ideal_io:.2f}x ideal {verdict(io / ideal_io, GOAL_IO_X_IDEAL)}, "
-             f"{io / io_bare:.2f}x bare {verdict(io / io_bare, GOAL_IO_X_BARE)}" if io and io_bare else ""))
-    print(f"{'  bare ThreadPoolExecutor(32).map, no checkpoint':<58} {cell('io_bare'):>9}   (ideal {ideal_io:.2f} s)")
-    a, a_bare = wall("async"), wall("async_bare")
-    n_async = c.get("async", {}).get("items", 20000)
-    ideal_a = n_async * 0.05 / 1000
-    print(f"{f'async def: {n_async:,} x asyncio.sleep(0.05), workers=1000':<58} {cell('async'):>9}   "
-          + (f"{a / ideal_a:.2f}x ideal {verdict(a / ideal_a, GOAL_ASYNC_X_IDEAL)}, "
-             f"{a / a_bare:.2f}x bare {verdict(a / a_bare, GOAL_ASYNC_X_BARE)}" if a and a_bare else ""))
-    print(f"{'  bare asyncio.gather + Semaphore(1000), no checkpoint':<58} {cell('async_bare'):>9}   (ideal {ideal_a:.2f} s)")
+    def against_ideal(key: str, what: str, seconds_each: float, workers: int, bare: str,
+                      goals: tuple[float, float]) -> None:
+        mine, theirs = wall(key), wall(f"{key}_bare")
+        n_items = c.get(key, {}).get("items", 0)
+        ideal = n_items * seconds_each / workers
+        verdicts = (f"{mine / ideal:.2f}x ideal {verdict(mine / ideal, goals[0])}, "
+                    f"{mine / theirs:.2f}x bare {verdict(mine / theirs, goals[1])}" if mine and theirs else "")
+        label = f"{what}: {n_items:,} items, workers={workers}"
+        print(f"{label:<58} {cell(key):>9}   {verdicts}")
+        print(f"{'  ' + bare + ', no checkpoint':<58} {cell(key + '_bare'):>9}   (ideal {ideal:.2f} s)")
+
+    against_ideal("io", "I/O threads, sleep 10 ms", 0.01, 32, "bare ThreadPoolExecutor(32).map",
+                  (GOAL_IO_X_IDEAL, GOAL_IO_X_BARE))
+    against_ideal("async", "async def, asyncio.sleep(0.05)", 0.05, 1000,
+                  "bare asyncio.gather + Semaphore(1000)", (GOAL_ASYNC_X_IDEAL, GOAL_ASYNC_X_BARE))
     t, t_bare = wall("tiny"), wall("tiny_bare")
     n_tiny = c.get("tiny", {}).get("items", 300000)
     if t and t_bare:
