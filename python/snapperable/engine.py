@@ -554,6 +554,12 @@ class Driver:
         return len(self._tasks)
 
     # -- what finished -----------------------------------------------------------------
+    def failed_unrun(self, error: BaseException) -> None:
+        """An item failed before it could run (its key raised) and is recorded as failed:
+        a failure in a row all the same."""
+        self._consecutive += 1
+        self._policy._check_consecutive(self._consecutive, error)
+
     def stop(self, exc: BaseException) -> None:
         """Take nothing new; drop what waits for a retry (a resumed run redoes it)."""
         if self.stopping is None:
