@@ -444,6 +444,10 @@ def test_pickle_truncation_anywhere_keeps_every_complete_frame(
             complete = [f for f in frames if f[1] <= length]
             kept = set().union(*(items for _, _, items in complete))
             error, before, rerun = outcome(PickleSnapshotStorage[int](path), PICKLE_ITEMS)
+            if 0 < length < PICKLE_HEADER_SIZE:  # a header cut short: never a new file
+                assert error is not None and "cut short" in str(error), error
+                assert Path(path).read_bytes() == good[:length], "a damaged file was modified"
+                return
             assert error is None, error
             assert set(before) == kept, "saved results were lost"
             assert set(rerun) == set(range(PICKLE_ITEMS)) - kept

@@ -33,6 +33,7 @@ from snapperable import _pure, keys
 from conftest import forks_with_threads
 from crash_child import writer_process_forced
 from snapperable._contract import KEY_SIZE, STATUS_FAILED, STATUS_OK, ItemRow, RowInfo, VersionRow
+from snapperable._row_checksum import plain_ok_checksum, version_checksum
 from snapperable.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -630,11 +631,11 @@ def test_new_file_is_private_and_says_who_made_it(tmp_path: Path, open_store: Ca
     assert path.stat().st_mode & 0o777 == 0o600
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA application_id").fetchone()[0] == 1399742800
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         meta = dict(conn.execute("SELECT name, value FROM meta"))
     conn.close()
-    assert meta == {"format_version": "1", "created_by": f"snapperable {snapperable.__version__}"}
+    assert meta == {"format_version": "2", "created_by": f"snapperable {snapperable.__version__}"}
 
 
 def test_rows_iterate_across_pages(open_store: Callable[..., Any]) -> None:
@@ -715,7 +716,7 @@ def test_foreign_database_and_newer_format_are_refused(tmp_path: Path, open_stor
 
     open_store("newer.db").close()
     conn = sqlite3.connect(tmp_path / "newer.db")
-    conn.execute("PRAGMA user_version = 2")
+    conn.execute("PRAGMA user_version = 3")
     conn.close()
     with pytest.raises(CheckpointFormatError, match="newer.db"):
         open_store("newer.db")
@@ -724,8 +725,10 @@ def test_foreign_database_and_newer_format_are_refused(tmp_path: Path, open_stor
 def test_damaged_rows_are_corrupt(tmp_path: Path, open_store: Callable[..., Any]) -> None:
     open_store("bad.db").close()
     conn = sqlite3.connect(tmp_path / "bad.db")
-    conn.execute("INSERT INTO items (key, version, status, output, attempts, started, ended)"
-                 " VALUES (?, 1, 0, ?, 1, 0, 0)", (_key(1), b"not a pickle"))
+    # Written so (its checksum matches), not damaged on disk: still not an output.
+    conn.execute("INSERT INTO items (key, version, status, output, attempts, started, ended, checksum)"
+                 " VALUES (?, 1, 0, ?, 1, 0, 0, ?)",
+                 (_key(1), b"not a pickle", plain_ok_checksum(_key(1), 1, 0.0, 0.0, b"not a pickle")))
     conn.commit()
     conn.close()
     store = open_store("bad.db")
@@ -734,8 +737,8 @@ def test_damaged_rows_are_corrupt(tmp_path: Path, open_store: Callable[..., Any]
     store.close()
 
     conn = sqlite3.connect(tmp_path / "bad.db")
-    conn.execute("INSERT INTO items (key, version, status, attempts, started, ended)"
-                 " VALUES (x'00', 1, 0, 1, 0, 0)")
+    conn.execute("INSERT INTO items (key, version, status, attempts, started, ended, checksum)"
+                 " VALUES (x'00', 1, 0, 1, 0, 0, 0)")
     conn.commit()
     conn.close()
     with pytest.raises(CheckpointCorruptError, match="16 bytes"):
@@ -746,7 +749,13 @@ def test_damaged_rows_are_corrupt(tmp_path: Path, open_store: Callable[..., Any]
 def test_damaged_version_record_is_corrupt(tmp_path: Path, open_store: Callable[..., Any], with_: str) -> None:
     open_store("v.db", with_=with_).close()
     conn = sqlite3.connect(tmp_path / "v.db")
-    conn.execute("INSERT INTO versions (fingerprint, parts, uses, created) VALUES ('fp', '{not json', 1, 0)")
+    # A record whose checksum matches (written so, not damaged on disk) but whose parts
+    # are not JSON: still no version.
+    record = (1, "fp", "{not json", 1, 0.0)
+    conn.execute(
+        "INSERT INTO versions (id, fingerprint, parts, uses, created, checksum) VALUES (?, ?, ?, ?, ?, ?)",
+        (*record, version_checksum(*record)),
+    )
     conn.commit()
     conn.close()
     with pytest.raises(CheckpointCorruptError, match="v.db"):
@@ -1280,10 +1289,17 @@ store.record((key, version, 0, None, pickle.dumps(1, 4), None, None, None, 1, 0.
 store.close()
 conn = sqlite3.connect(path); conn.execute("UPDATE items SET seq = ?", (seq,)); conn.commit(); conn.close()
 store = core.open_sqlite(path, "normal", 1, None)
-ok, failed = store.key_sets(version)
-assert (len(ok), len(failed)) == (1, 0)
-assert store.all_outputs(version) == [1] and store.outputs_for(version, key) == [1]
-assert len(store.key_set(None, 0)) == 1
+from snapperable.errors import CheckpointCorruptError
+# Format 2 numbers rows 1, 2, 3, ...: a row numbered otherwise is damage, found by
+# every read, and none of them sizes a table for it first.
+for read in (lambda: store.key_sets(version), lambda: store.all_outputs(version),
+             lambda: store.outputs_for(version, key), lambda: store.key_set(None, 0)):
+    try:
+        read()
+    except CheckpointCorruptError as exc:
+        assert "out of sequence" in str(exc), exc
+    else:
+        raise AssertionError("a damaged seq was read as good")
 print("fine")
 """
 
