@@ -6,10 +6,12 @@ from snapperable.errors import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointLockedError,
+    ClusterTaskError,
     ForkedProcessError,
     FunctionChangedError,
     SnapperableError,
     TooManyConsecutiveErrors,
+    UnpicklableInputError,
     UnpicklableOutputError,
     WriterError,
 )
@@ -40,5 +42,7 @@ __all__ = [
     "FunctionChangedError",
     "TooManyConsecutiveErrors",
     "UnpicklableOutputError",
+    "UnpicklableInputError",
+    "ClusterTaskError",
     "__version__",
 ]

@@ -52,6 +52,18 @@ class UnpicklableOutputError(SnapperableError, TypeError):
     """The function returned a value that cannot be pickled, so it cannot be checkpointed."""
 
 
+class UnpicklableInputError(SnapperableError, TypeError):
+    """An item cannot be pickled, so it cannot be sent to the process that would run it."""
+
+
+class ClusterTaskError(SnapperableError, RuntimeError):
+    """The cluster could not run a task (its workers died running it, or it was lost).
+
+    Its items are not recorded; everything recorded before stays, and ``start()``
+    again resumes.
+    """
+
+
 __all__ = [
     "SnapperableError",
     "CheckpointError",
@@ -63,4 +75,6 @@ __all__ = [
     "FunctionChangedError",
     "TooManyConsecutiveErrors",
     "UnpicklableOutputError",
+    "UnpicklableInputError",
+    "ClusterTaskError",
 ]
