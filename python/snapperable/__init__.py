@@ -11,7 +11,6 @@ from snapperable.errors import (
     FunctionChangedError,
     SnapperableError,
     TooManyConsecutiveErrors,
-    UnpicklableInputError,
     UnpicklableOutputError,
     WriterError,
 )
@@ -42,7 +41,6 @@ __all__ = [
     "FunctionChangedError",
     "TooManyConsecutiveErrors",
     "UnpicklableOutputError",
-    "UnpicklableInputError",
     "ClusterTaskError",
     "__version__",
 ]

@@ -52,16 +52,24 @@ class UnpicklableOutputError(SnapperableError, TypeError):
     """The function returned a value that cannot be pickled, so it cannot be checkpointed."""
 
 
-class UnpicklableInputError(SnapperableError, TypeError):
-    """An item cannot be pickled, so it cannot be sent to the process that would run it."""
-
-
 class ClusterTaskError(SnapperableError, RuntimeError):
     """The cluster could not run a task (its workers died running it, or it was lost).
 
     Its items are not recorded; everything recorded before stays, and ``start()``
     again resumes.
     """
+
+
+def unpicklable_output_error(output: object, exc: BaseException) -> BaseException:
+    """The item failure for an ``output`` whose pickling raised ``exc``."""
+    if not isinstance(exc, Exception):
+        return exc  # Ctrl-C while pickling is still Ctrl-C
+    error = UnpicklableOutputError(
+        f"fn returned a {type(output).__module__}.{type(output).__qualname__}, which cannot "
+        f"be pickled, so it cannot be checkpointed: {exc}"
+    )
+    error.__cause__ = exc
+    return error
 
 
 __all__ = [
@@ -75,6 +83,5 @@ __all__ = [
     "FunctionChangedError",
     "TooManyConsecutiveErrors",
     "UnpicklableOutputError",
-    "UnpicklableInputError",
     "ClusterTaskError",
 ]

@@ -24,6 +24,8 @@ import traceback
 from contextlib import contextmanager
 from itertools import islice
 from typing import (
+    Any,
+    Awaitable,
     Callable,
     Generic,
     Iterable,
@@ -34,6 +36,8 @@ from typing import (
     NoReturn,
     Sized,
     TypeVar,
+    Union,
+    overload,
 )
 
 from snapperable import _backend
@@ -43,15 +47,18 @@ from snapperable.errors import (
     FunctionChangedError,
     TooManyConsecutiveErrors,
     UnpicklableOutputError,
+    unpicklable_output_error,
 )
 from snapperable.metrics import FailedItem, ProcessingMetric, RunPlan, metric_from_row, render_report
 from snapperable.storage.base import OpenCheckpoint, SnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
 
 if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
     from tqdm import tqdm
 
-    from snapperable import versioning
+    from snapperable import engine, versioning
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -59,6 +66,8 @@ R = TypeVar("R")
 log = logging.getLogger("snapperable")
 
 VersionPolicy = Literal["reprocess", "keep", "raise"]
+ExecutorChoice = Union[Literal["thread", "process"], "Executor"]
+RateLimit = Union[int, float, str]
 VERSION_POLICIES = ("reprocess", "keep", "raise")
 UNREGISTERED = -1  # the id of a version start() has yet to record: no rows have it
 CHUNK = 1024  # inputs keyed and checked against the done set per backend call
@@ -90,8 +99,44 @@ class Snapper(Generic[T, R]):
       exponentially growing, jittered delay (``retry_backoff * 2**n``, at most
       ``retry_max_backoff`` seconds, times a random factor in [0.5, 1]).
     - ``progress``: draw a tqdm progress bar during ``start`` (needs ``tqdm``).
+    - ``workers``: run up to this many items at once (default: one at a time, in the
+      calling thread). A plain ``fn`` runs on threads, an ``async def fn`` as tasks on
+      an event loop.
+    - ``executor``: ``"thread"`` (default), ``"process"`` (a pool of ``workers``
+      processes; ``fn`` and the items must be picklable), or a
+      ``concurrent.futures.Executor`` of yours (never shut down by the Snapper).
+    - ``rate_limit``: at most this many calls started per second (``10``, ``"10/s"``,
+      ``"600/min"``), over all workers, retries included.
     """
 
+    # An ``async def fn`` returning R makes a Snapper of R, not of its coroutines.
+    @overload
+    def __init__(
+        self,
+        iterable: Iterable[T],
+        fn: Callable[[T], Awaitable[R]],
+        *,
+        snapshot_storage: Optional[SnapshotStorage[R]] = None,
+        batch_size: int = 1,
+        max_wait_time: Optional[float] = None,
+        key: Optional[Callable[[T], object]] = None,
+        version: Optional[str] = None,
+        on_version_change: VersionPolicy = "reprocess",
+        skip_item_errors: bool = False,
+        fatal_exceptions: tuple[type[BaseException], ...] = (),
+        max_consecutive_exceptions: Optional[int] = None,
+        retry_failed_items: bool = False,
+        retries: int = 0,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        retry_backoff: float = 1.0,
+        retry_max_backoff: float = 60.0,
+        progress: bool = False,
+        workers: Optional[int] = None,
+        executor: Optional[ExecutorChoice] = None,
+        rate_limit: Optional[RateLimit] = None,
+    ) -> None: ...
+
+    @overload
     def __init__(
         self,
         iterable: Iterable[T],
@@ -112,6 +157,35 @@ class Snapper(Generic[T, R]):
         retry_backoff: float = 1.0,
         retry_max_backoff: float = 60.0,
         progress: bool = False,
+        workers: Optional[int] = None,
+        executor: Optional[ExecutorChoice] = None,
+        rate_limit: Optional[RateLimit] = None,
+    ) -> None: ...
+
+
+    def __init__(
+        self,
+        iterable: Iterable[T],
+        fn: "Callable[[T], R] | Callable[[T], Awaitable[R]]",
+        *,
+        snapshot_storage: Optional[SnapshotStorage[R]] = None,
+        batch_size: int = 1,
+        max_wait_time: Optional[float] = None,
+        key: Optional[Callable[[T], object]] = None,
+        version: Optional[str] = None,
+        on_version_change: VersionPolicy = "reprocess",
+        skip_item_errors: bool = False,
+        fatal_exceptions: tuple[type[BaseException], ...] = (),
+        max_consecutive_exceptions: Optional[int] = None,
+        retry_failed_items: bool = False,
+        retries: int = 0,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        retry_backoff: float = 1.0,
+        retry_max_backoff: float = 60.0,
+        progress: bool = False,
+        workers: Optional[int] = None,
+        executor: Optional[ExecutorChoice] = None,
+        rate_limit: Optional[RateLimit] = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
@@ -136,8 +210,31 @@ class Snapper(Generic[T, R]):
             iter(iterable)
         except TypeError:
             raise TypeError(f"iterable must be iterable, not {type(iterable).__name__}") from None
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be None or a whole number >= 1, not {workers!r}")
+        if executor is not None and not isinstance(executor, str):
+            from concurrent.futures import Executor
+
+            if not isinstance(executor, Executor):
+                raise TypeError(
+                    'executor must be "thread", "process" or a concurrent.futures.Executor, '
+                    f"not {type(executor).__name__}"
+                )
+        elif executor not in (None, "thread", "process"):
+            raise ValueError(f'executor must be "thread", "process" or a concurrent.futures.Executor, not {executor!r}')
+        self._is_async = _is_async(fn)
+        if self._is_async and executor not in (None, "thread"):
+            raise ValueError("an async def fn runs as tasks on an event loop; executor= is for plain functions")
+        self._start_interval: Optional[float] = None
+        if rate_limit is not None:
+            from snapperable.engine import parse_rate_limit
+
+            self._start_interval = parse_rate_limit(rate_limit)
         self.iterable = iterable
-        self.fn = fn
+        self.fn: Callable[[T], Any] = fn
+        self.workers = workers
+        self.executor = executor
+        self.rate_limit = rate_limit
         self.snapshot_storage: SnapshotStorage[R] = (
             snapshot_storage if snapshot_storage is not None else SQLiteSnapshotStorage()
         )
@@ -332,8 +429,48 @@ class Snapper(Generic[T, R]):
         """Process every item not yet done; return once every result is saved.
 
         An exception from ``fn`` (unless ``skip_item_errors``), Ctrl-C included, propagates
-        only after everything processed before it is saved.
+        only after everything processed before it is saved. With ``workers``, items run
+        concurrently and each is saved as it completes; an ``async def fn`` runs on an
+        event loop of its own in a helper thread (so this works inside a running loop).
         """
+        with self._running() as run:
+            if not self._concurrent:
+                self._run(*run)
+                return
+            from snapperable import engine
+
+            if self._is_async:
+                fn = self.fn
+                engine.async_in_thread(lambda: self._driver(run, None), fn).wait_blocking()
+            else:
+                runner = self._runner()
+                engine.run_sync(self._driver(run, runner), runner)
+
+    async def astart(self) -> None:
+        """``start()`` for code inside an event loop: ``await snapper.astart()``.
+
+        An ``async def fn`` runs on the caller's loop; a plain one on worker threads (one
+        unless ``workers`` says more), with this coroutine waiting for them. Cancelling it
+        is a Ctrl-C: the first cancellation stops taking items and waits for the running
+        ones (saving them), a second stops waiting.
+        """
+        from snapperable import engine
+
+        with self._running() as run:
+            if self._is_async:
+                await engine.run_async(self._driver(run, None), self.fn)
+            else:
+                runner = self._runner()
+                await engine.sync_in_thread(self._driver(run, runner), runner).wait_async()
+
+    @property
+    def _concurrent(self) -> bool:
+        """Whether ``start`` needs the engine; else the sequential loop, as it always was."""
+        return self._is_async or self.workers is not None or self.executor is not None or self._start_interval is not None
+
+    @contextmanager
+    def _running(self) -> Iterator["_Run"]:
+        """A run's plan and its end: what ``_run`` and the engine need, then a flush."""
         self.failed_items = []
         with self._session() as checkpoint:
             store = checkpoint.store
@@ -345,7 +482,7 @@ class Snapper(Generic[T, R]):
             bar = self._progress_bar() if self.progress else None
             key_chunks: list[bytes] = []
             try:
-                self._run(store, version, skip, bar, key_chunks)
+                yield store, version, skip, bar, key_chunks
                 self._key_chunks = key_chunks
             except BaseException:
                 # A one-shot iterator cannot be read again: a later load() returns the
@@ -357,6 +494,66 @@ class Snapper(Generic[T, R]):
                 store.flush()
                 if bar is not None:
                     bar.close()
+
+    def _worker_count(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        if self.executor == "process":
+            return os.cpu_count() or 1
+        if self.executor == "thread":
+            return min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default
+        if self.executor is not None:
+            return getattr(self.executor, "_max_workers", None) or os.cpu_count() or 1
+        return 1
+
+    def _runner(self) -> "engine.Runner":
+        """Where a plain ``fn``'s tasks run (``executor=``)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from snapperable import engine
+
+        workers = self._worker_count()
+        executor = self.executor
+        if executor is None or executor == "thread":
+            return engine.ThreadRunner(workers)
+        if executor == "process":
+            return engine.process_runner(self.fn, workers)
+        assert not isinstance(executor, str)
+        if isinstance(executor, ThreadPoolExecutor):
+            return engine.ExecutorRunner(executor, remote=False, owned=False, fn_pickle=None)
+        where = f"the workers of {type(executor).__name__}"
+        fn_pickle = engine.picklable(f"fn {self.fn!r}", self.fn, where)
+        return engine.ExecutorRunner(executor, remote=True, owned=False, fn_pickle=fn_pickle)
+
+    def _driver(self, run: "_Run", runner: "Optional[engine.Runner]") -> "engine.Driver":
+        """The engine's driver over what ``run`` claims; ``runner=None``: an ``async def fn``."""
+        from snapperable import engine
+
+        store, version, skip, bar, key_chunks = run
+        workers = self._worker_count()
+        claims = (
+            (chunk[p], keys[p * KEY_SIZE : (p + 1) * KEY_SIZE])
+            for chunk, keys, todo in self._claimed(skip, bar, key_chunks)
+            for p in todo
+        )
+        limiter = None if self._start_interval is None else engine.RateLimiter(self._start_interval)
+        # In flight: a task per worker plus one queued each, so no worker waits for the
+        # driver; with a rate limit or on an event loop, one each (a task starts when sent).
+        queued = runner is not None and limiter is None
+        return engine.Driver(
+            self,
+            store,
+            version,
+            self.fn,
+            claims,
+            max_tasks=2 * workers if queued else workers,
+            remote=runner is not None and runner.remote,
+            target_task_seconds=0.0 if runner is None else runner.target_task_seconds,
+            batching=runner is not None,
+            limiter=limiter,
+            progress=None if bar is None else (lambda status: _advance(bar)),
+            pickle_hint=f"the workers of executor={self.executor!r}",
+        )
 
     def _progress_bar(self) -> "tqdm[NoReturn]":
         from tqdm.auto import tqdm  # imported only when asked for: it is slow to import
@@ -381,12 +578,7 @@ class Snapper(Generic[T, R]):
         """
         fn = self.fn
         consecutive_failures = 0
-        for chunk in self._chunks():
-            keys = self._keys_of(chunk)
-            key_chunks.append(keys)
-            todo = skip.claim(keys)  # duplicates within the chunk are claimed once
-            if bar is not None:
-                bar.update(len(chunk) - len(todo))  # done before, or duplicates
+        for chunk, keys, todo in self._claimed(skip, bar, key_chunks):
             while todo:
                 # With a bar, one item per call so that it moves as items finish.
                 batch = todo if bar is None else todo[:1]
@@ -403,7 +595,7 @@ class Snapper(Generic[T, R]):
                 position = batch[index]
                 todo = todo[index + 1 :]
                 if raised_by_pickling:
-                    exc = _unpicklable(output, exc)
+                    exc = unpicklable_output_error(output, exc)
                 key = keys[position * KEY_SIZE : (position + 1) * KEY_SIZE]
                 item = chunk[position]
                 outcome = self._recover(item, exc)
@@ -417,6 +609,19 @@ class Snapper(Generic[T, R]):
                 store.record(ok_row)
                 consecutive_failures = 0
 
+    def _claimed(
+        self, skip: KeySet, bar: "Optional[tqdm[NoReturn]]", key_chunks: list[bytes]
+    ) -> Iterator[tuple[list[T], bytes, list[int]]]:
+        """Per chunk of the iterable: the chunk, its keys, and the positions in it that are
+        not done (claimed: added to ``skip``). Appends each chunk's keys to ``key_chunks``."""
+        for chunk in self._chunks():
+            keys = self._keys_of(chunk)
+            key_chunks.append(keys)
+            todo = skip.claim(keys)  # duplicates within the chunk are claimed once
+            if bar is not None:
+                bar.update(len(chunk) - len(todo))  # done before, or duplicates
+            yield chunk, keys, todo
+
     def _recover(self, item: T, exc: BaseException) -> "tuple[bytes, int] | _Failed":
         """After ``fn(item)`` raised ``exc``: retry it, record it, or let ``exc`` propagate.
 
@@ -425,21 +630,29 @@ class Snapper(Generic[T, R]):
         """
         attempts = 1
         while True:
-            if not isinstance(exc, Exception) or isinstance(exc, self.fatal_exceptions):
-                raise exc  # Ctrl-C, SystemExit and fatal_exceptions stop the run at once
-            retryable = isinstance(exc, self.retry_on) and not isinstance(exc, UnpicklableOutputError)
-            if not (retryable and attempts <= self.retries):
-                break
-            delay = min(self.retry_max_backoff, self.retry_backoff * 2 ** (attempts - 1))
-            log.info("retrying %r after %s: %s (attempt %d)", item, type(exc).__name__, exc, attempts + 1)
-            time.sleep(delay * random.uniform(0.5, 1.0))
+            decision = self._on_failure(item, exc, attempts)
+            if isinstance(decision, _Failed):
+                return decision
+            time.sleep(decision)
             attempts += 1
             output: object = _NO_OUTPUT
             try:
                 output = self.fn(item)
                 return pickle.dumps(output, PICKLE_PROTOCOL), attempts
             except BaseException as again:
-                exc = again if output is _NO_OUTPUT else _unpicklable(output, again)
+                exc = again if output is _NO_OUTPUT else unpicklable_output_error(output, again)
+
+    def _on_failure(self, item: T, exc: BaseException, attempts: int) -> "float | _Failed":
+        """After attempt ``attempts`` of ``fn(item)`` raised ``exc``: the delay before the
+        next attempt, or the failure to record (``skip_item_errors``); raises what must
+        propagate. The one failure policy, of the sequential loop and of the engine."""
+        if not isinstance(exc, Exception) or isinstance(exc, self.fatal_exceptions):
+            raise exc  # Ctrl-C, SystemExit and fatal_exceptions stop the run at once
+        retryable = isinstance(exc, self.retry_on) and not isinstance(exc, UnpicklableOutputError)
+        if retryable and attempts <= self.retries:
+            delay = min(self.retry_max_backoff, self.retry_backoff * 2 ** (attempts - 1))
+            log.info("retrying %r after %s: %s (attempt %d)", item, type(exc).__name__, exc, attempts + 1)
+            return float(delay * random.uniform(0.5, 1.0))
         if not self.skip_item_errors:
             raise exc
         self.failed_items.append(FailedItem(item, exc))
@@ -552,6 +765,14 @@ class Snapper(Generic[T, R]):
             )
 
 
+def _advance(bar: "tqdm[NoReturn]") -> None:
+    """One item finished (saved or recorded as failed): the bar moves by one."""
+    bar.update(1)
+
+
+_Run = tuple[CheckpointStore, int, KeySet, "Optional[tqdm[NoReturn]]", list[bytes]]
+
+
 class _Failed:
     """An item's last exception and how many attempts it took, to be recorded."""
 
@@ -565,13 +786,9 @@ class _Failed:
 _NO_OUTPUT = object()  # marks "fn raised" apart from "pickling the output raised"
 
 
-def _unpicklable(output: object, exc: BaseException) -> BaseException:
-    """The item failure for an output that cannot be pickled."""
-    if not isinstance(exc, Exception):
-        return exc  # Ctrl-C while pickling is still Ctrl-C
-    error = UnpicklableOutputError(
-        f"fn returned a {type(output).__module__}.{type(output).__qualname__}, which cannot "
-        f"be pickled, so it cannot be checkpointed: {exc}"
-    )
-    error.__cause__ = exc
-    return error
+def _is_async(fn: object) -> bool:
+    """``async def`` functions, partials of them and objects with an ``async def __call__``."""
+    import inspect
+
+    call = getattr(fn, "__call__", None)
+    return inspect.iscoroutinefunction(fn) or (call is not None and inspect.iscoroutinefunction(call))
