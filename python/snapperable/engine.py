@@ -128,6 +128,11 @@ class RateLimiter:
         self.next_at = now + self.interval
 
 
+def _pickle4(obj: object) -> bytes:
+    """The pickler of what a remote task is sent and sends back, unless its runner has its own."""
+    return pickle.dumps(obj, PICKLE_PROTOCOL)
+
+
 # -- running one item where the work runs -------------------------------------------------
 def _outcome_of(fn: Callable[[Any], Any], item: Any) -> Outcome:
     started = time.time()
@@ -171,9 +176,12 @@ def init_process_worker(fn_pickle: bytes) -> None:
     _worker_fn = pickle.loads(fn_pickle)
 
 
-def run_remote(fn_pickle: Optional[bytes], item_pickles: Sequence[bytes]) -> list[Outcome]:
+def run_remote(
+    fn_pickle: Optional[bytes], item_pickles: Sequence[bytes], dumps: Callable[[object], bytes] = _pickle4
+) -> list[Outcome]:
     """A task in another process: ``run_items`` on unpickled inputs, with every exception
-    made fit to travel back (its traceback attached; replaced if it cannot be pickled)."""
+    made fit to travel back (its traceback attached; replaced if ``dumps``, the pickler
+    that sends the outcomes back, cannot pickle it)."""
     global _last_fn
     if fn_pickle is None:
         fn = _worker_fn
@@ -187,16 +195,16 @@ def run_remote(fn_pickle: Optional[bytes], item_pickles: Sequence[bytes]) -> lis
     for item_pickle in item_pickles:
         started, ended, payload, exc = _outcome_of(fn, pickle.loads(item_pickle))
         if exc is not None:
-            exc = _travelling(exc)
+            exc = _travelling(exc, dumps)
         outcomes.append((started, ended, payload, exc))
     return outcomes
 
 
-def _travelling(exc: BaseException) -> BaseException:
+def _travelling(exc: BaseException, dumps: Callable[[object], bytes]) -> BaseException:
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         exc.__cause__ = RemoteTraceback(f'\n"""\n{text}"""')
-        pickle.loads(pickle.dumps(exc, PICKLE_PROTOCOL))
+        pickle.loads(dumps(exc))
         return exc
     except Exception:
         return RuntimeError(f"fn raised an exception that cannot be sent back from its process:\n{text}")
@@ -212,6 +220,8 @@ class Runner(Protocol):
     - ``target_task_seconds``: how long a task of many tiny items should last, to keep
       the per-task overhead small (the driver sizes tasks from measured item durations).
     - ``cancel_queued``: tasks not yet started are dropped; each gets ``done(id, CANCELLED)``.
+    - A remote runner may have ``item_dumps``, the pickler of its items (default: pickle,
+      protocol 4); the Dask runner pickles them as Dask would, with cloudpickle.
     - ``close(wait)``: release what the runner started (never a user's executor);
       ``wait=False`` (a second Ctrl-C) does not wait for running work.
     """
@@ -331,10 +341,10 @@ def process_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
-def picklable(what: str, obj: object, hint: str) -> bytes:
-    """``obj`` pickled, or a TypeError naming ``what`` could not be."""
+def picklable(what: str, obj: object, hint: str, dumps: Callable[[object], bytes] = _pickle4) -> bytes:
+    """``obj`` pickled (by ``dumps``), or a TypeError naming ``what`` could not be."""
     try:
-        return pickle.dumps(obj, PICKLE_PROTOCOL)
+        return dumps(obj)
     except Exception as exc:
         raise TypeError(f"{what} cannot be pickled, so it cannot be sent to {hint}: {exc}") from exc
 
@@ -385,6 +395,7 @@ class Driver:
         limiter: Optional[RateLimiter],
         progress: Optional[Callable[[int], None]],
         pickle_hint: str = "",
+        dumps: Optional[Callable[[object], bytes]] = None,
     ) -> None:
         self._policy = policy
         self._store = store
@@ -398,6 +409,7 @@ class Driver:
         self._limiter = limiter
         self._progress = progress
         self._pickle_hint = pickle_hint
+        self._dumps = dumps or _pickle4  # the pickler of items for a remote runner
         self._tasks: dict[int, list[_Entry]] = {}
         self._next_task = 0
         self._retries: list[tuple[float, int, _Entry]] = []  # (due, tie-break, entry), a heap
@@ -453,7 +465,7 @@ class Driver:
             item, key = claim
             pickled = None
             if self._remote:
-                pickled = picklable(f"item {reprlib.repr(item)}", item, self._pickle_hint)
+                pickled = picklable(f"item {reprlib.repr(item)}", item, self._pickle_hint, self._dumps)
             entries.append(_Entry(item, key, pickled))
             self._alive += 1
         return entries
