@@ -10,6 +10,7 @@ Skipped only where ``distributed`` is not installed (the ``test`` extra installs
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import os
@@ -185,6 +186,24 @@ def test_the_executor_of_get_executor_runs_on_the_cluster_too(client: Any, tmp_p
         outputs = snapper.load()
     assert [out for out, _, _ in outputs] == list(range(1, 51))
     assert all(task.startswith("snapperable-") for _, task, _ in outputs)  # our chunked tasks
+
+
+def test_astart_runs_on_the_cluster(client: Any, tmp_path: Path) -> None:
+    async def main() -> list[tuple[int, str, int]]:
+        with Snapper(range(100), where, executor=client, snapshot_storage=storage(tmp_path), version=VERSION) as snapper:
+            await snapper.astart()
+            return snapper.load()
+
+    assert [out for out, _, _ in asyncio.run(main())] == list(range(1, 101))
+    assert recorded(tmp_path, range(100)) == Counter(range(100))
+
+
+def test_an_async_fn_is_refused_with_a_client(client: Any, tmp_path: Path) -> None:
+    async def coroutine_fn(x: int) -> int:
+        return x
+
+    with pytest.raises(ValueError, match="async def fn"):
+        Snapper(range(3), coroutine_fn, executor=client, snapshot_storage=storage(tmp_path))
 
 
 def test_the_iterable_is_read_lazily(client: Any, tmp_path: Path) -> None:

@@ -39,9 +39,6 @@ from snapperable.errors import ClusterTaskError
 # and that a Ctrl-C waits little for the tasks that run.
 TARGET_TASK_SECONDS = 0.1
 
-# Scheduler states of a task no worker has started; a first Ctrl-C cancels these.
-_NOT_STARTED = frozenset({"released", "waiting", "queued", "no-worker"})
-
 
 def client_of(executor: object) -> Any:
     """The ``distributed.Client`` behind ``executor`` (itself, or that of the executor
@@ -145,16 +142,23 @@ class DaskRunner:
         done(task_id, result)
 
     def cancel_queued(self) -> None:
-        """Cancel the tasks no worker has started (the scheduler says which)."""
+        """Cancel the tasks the scheduler has not given to a worker yet.
+
+        A task that starts between the question and the cancel is lost, not recorded
+        (a later run does it): never recorded twice.
+        """
         with self._lock:
-            by_key = {future.key: (task_id, future) for task_id, future in self._futures.items()}
-        if not by_key:
+            waiting = {future.key: (task_id, future) for task_id, future in self._futures.items()}
+        if not waiting:
             return
         try:
-            states: dict[str, str] = self._client.run_on_scheduler(_task_states, list(by_key))
+            processing: dict[str, list[str]] = self._client.processing()
         except Exception:  # a scheduler that cannot tell: let every task finish
             return
-        queued = [by_key[key] for key, state in states.items() if state in _NOT_STARTED]
+        for keys in processing.values():
+            for key in keys:
+                waiting.pop(key, None)
+        queued = [(task_id, future) for task_id, future in waiting.values() if not future.done()]
         with self._lock:
             self._cancelled.update(task_id for task_id, _ in queued)
         if queued:
@@ -168,12 +172,6 @@ class DaskRunner:
             self._cancelled.update(self._futures)
         if futures:
             self._client.cancel(futures)
-
-
-def _task_states(keys: list[str], dask_scheduler: Any = None) -> dict[str, str]:
-    """On the scheduler: the state of each task of ``keys`` it still knows."""
-    tasks = dask_scheduler.tasks
-    return {key: tasks[key].state for key in keys if key in tasks}
 
 
 def run_task(fn_pickle: bytes, items_pickle: bytes) -> bytes:
