@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import dask_rows  # benches/dask_rows.py: the rows of Snapper(..., executor=client)
+
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 PROTOCOL = 4
@@ -198,6 +200,7 @@ WORKERS: dict[str, Callable[..., dict[str, Any]]] = {
     "generator": _w_generator,
     "baseline": _w_baseline,
 }
+WORKERS.update(dask_rows.WORKERS)
 
 
 def worker_main(name: str, args_json: str) -> None:
@@ -404,6 +407,7 @@ def main() -> int:
     ap.add_argument("--peer-seconds", type=float, default=None,
                     help="rough time budget per slow peer; its sample is sized from a probe (default 5)")
     ap.add_argument("--skip-peers", action="store_true", help="skip diskcache, joblib and naive sqlite3")
+    ap.add_argument("--skip-dask", action="store_true", help="skip the Dask cluster rows (benches/dask_rows.py)")
     ap.add_argument("--json", default=None, help="also write every number to this JSON file")
     ap.add_argument("--keep", action="store_true", help="keep the temporary checkpoints")
     ap.add_argument("--silent", action="store_true", help="no progress lines on stderr")
@@ -494,6 +498,10 @@ def main() -> int:
         resume = measure_resume(bench, n_resume, repeat, has_rust)
         # --- peak memory of a long generator run ------------------------------------------
         memory = measure_memory(bench, n_rss, has_rust)
+        # --- on a Dask cluster (benches/dask_rows.py) ----------------------------------------
+        dask_res: Optional[dict[str, Any]] = None
+        if not args.skip_dask and dask_rows.available():
+            dask_res, _ = attempt("dask", lambda: dask_rows.measure(run_worker, root, quick))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -501,6 +509,9 @@ def main() -> int:
     elapsed = time.perf_counter() - t_start
     report["loadavg_after"] = os.getloadavg()[0]
     print_report(rows, fixed, resume, memory, n, n_resume, n_rss, repeat, elapsed, quick)
+    if dask_res is not None:
+        dask_rows.print_rows(dask_res)
+        report["dask"] = dask_res
     print(f"1-minute load average: {load_before:.2f} before, {report['loadavg_after']:.2f} after "
           f"(the benchmark itself keeps about 1-1.5 cores busy).")
 
