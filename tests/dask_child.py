@@ -11,6 +11,7 @@ appends each item it finished to LOG, one ``write`` a line, so the parent can co
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import time
@@ -20,6 +21,21 @@ from distributed import Client
 from snapperable import Snapper, SQLiteSnapshotStorage
 
 VERSION = "dask-child-v1"
+
+
+def logged(log: str, pause: float, x: int) -> int:
+    """``x * 3 + 1``, with each call appended to ``log`` (one ``write``) as it finishes.
+
+    Run here, this is ``__main__``'s, so it travels to the workers by value, as a
+    script's or a notebook's function does; the tests import it by name.
+    """
+    time.sleep(pause)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, f"{x}\n".encode("ascii"))
+    finally:
+        os.close(fd)
+    return x * 3 + 1
 
 
 def main() -> None:
@@ -34,20 +50,9 @@ def main() -> None:
     parser.add_argument("--log", required=True)
     parser.add_argument("--sleep", type=float, default=0.0)
     args = parser.parse_args()
-    log, pause = args.log, args.sleep
-
-    def work(x: int) -> int:  # sent to the workers by value (this is __main__)
-        time.sleep(pause)
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, f"{x}\n".encode("ascii"))
-        finally:
-            os.close(fd)
-        return x * 3 + 1
-
     with Client(args.address) as client:  # type: ignore[no-untyped-call]  # distributed is typed in part
         with Snapper(
-            range(args.n), work, executor=client, snapshot_storage=SQLiteSnapshotStorage[int](args.path), version=VERSION
+            range(args.n), functools.partial(logged, args.log, args.sleep), executor=client, snapshot_storage=SQLiteSnapshotStorage[int](args.path), version=VERSION
         ) as snapper:
             snapper.start()
 

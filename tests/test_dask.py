@@ -21,13 +21,15 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator
 
 import pytest
 
 distributed = pytest.importorskip("distributed", reason="distributed is not installed (pip install 'snapperable[dask]')")
 
 import snapperable  # noqa: E402
+from conftest import wait_until  # noqa: E402
+from dask_child import VERSION as CHILD_VERSION, logged  # noqa: E402
 from snapperable import ClusterTaskError, Snapper, SQLiteSnapshotStorage  # noqa: E402
 from snapperable.keys import input_key  # noqa: E402
 
@@ -106,17 +108,6 @@ def fails_first_time(marker_dir: str, x: int) -> int:
     return x * 10
 
 
-def logged(log: str, pause: float, x: int) -> int:
-    """``x * 3 + 1``, with each call appended to ``log`` (one ``write``) as it finishes."""
-    time.sleep(pause)
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        os.write(fd, f"{x}\n".encode("ascii"))
-    finally:
-        os.close(fd)
-    return x * 3 + 1
-
-
 def kills_its_worker_at(bad: int, log: str, x: int) -> int:
     if x == bad:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -138,17 +129,6 @@ def recorded(tmp_path: Path, items: Iterable[Any]) -> Counter[Any]:
 
 def logged_items(log: Path) -> list[int]:
     return [int(line) for line in log.read_text().split()] if log.exists() else []
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, proc: Optional["subprocess.Popen[bytes]"] = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
-            _, err = proc.communicate()
-            pytest.fail(f"child exited ({proc.returncode}) before {what}: {err.decode(errors='replace')}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
 
 
 def worker_pids(client: Any) -> list[int]:
@@ -397,7 +377,7 @@ def test_ctrl_c_on_the_driver_saves_what_finished_and_resumes(
     ran_before = len(logged_items(log))
     with Snapper(
         range(n), functools.partial(logged, str(log), 0.0), executor=client,
-        snapshot_storage=SQLiteSnapshotStorage[int](path), version="dask-child-v1",
+        snapshot_storage=SQLiteSnapshotStorage[int](path), version=CHILD_VERSION,
     ) as resumed:
         resumed.start()
         assert resumed.load() == [x * 3 + 1 for x in range(n)]
