@@ -201,13 +201,29 @@ def run_remote(
 
 
 def _travelling(exc: BaseException, dumps: Callable[[object], bytes]) -> BaseException:
+    """``exc``, made to arrive with its traceback as its ``__cause__`` (a pickle drops both)."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        exc.__cause__ = RemoteTraceback(f'\n"""\n{text}"""')
         pickle.loads(dumps(exc))
-        return exc
     except Exception:
-        return RuntimeError(f"fn raised an exception that cannot be sent back from its process:\n{text}")
+        exc = RuntimeError(f"fn raised an exception that cannot be sent back from its process:\n{text}")
+    return _WithTraceback(exc, f'\n"""\n{text}"""')
+
+
+class _WithTraceback(BaseException):
+    """Unpickled as the exception it carries, with the traceback text as its cause."""
+
+    def __init__(self, exc: BaseException, text: str) -> None:
+        self.exc = exc
+        self.text = text
+
+    def __reduce__(self) -> tuple[Callable[[BaseException, str], BaseException], tuple[BaseException, str]]:
+        return _with_cause, (self.exc, self.text)
+
+
+def _with_cause(exc: BaseException, text: str) -> BaseException:
+    exc.__cause__ = RemoteTraceback(text)
+    return exc
 
 
 # -- runners ------------------------------------------------------------------------------
@@ -349,8 +365,15 @@ def picklable(what: str, obj: object, hint: str, dumps: Callable[[object], bytes
         raise TypeError(f"{what} cannot be pickled, so it cannot be sent to {hint}: {exc}") from exc
 
 
+def pickled_fn(fn: Callable[[Any], Any], where: str) -> bytes:
+    """``fn`` pickled for ``where``, or a TypeError naming it."""
+    name = getattr(fn, "__qualname__", None)
+    what = f"fn {getattr(fn, '__module__', '?')}.{name}" if name else f"fn {reprlib.repr(fn)}"
+    return picklable(what, fn, f"{where} (a function defined at module level can be)")
+
+
 def process_runner(fn: Callable[[Any], Any], workers: int) -> ExecutorRunner:
-    fn_pickle = picklable(f"fn {reprlib.repr(fn)}", fn, 'executor="process" workers (define it at module level)')
+    fn_pickle = pickled_fn(fn, 'executor="process" workers')
     pool = ProcessPoolExecutor(
         workers, mp_context=process_context(), initializer=init_process_worker, initargs=(fn_pickle,)
     )
@@ -377,7 +400,8 @@ class Driver:
     ``claims`` yields the items to process as ``(item, key)``, lazily. Tasks of up to
     ``batch`` items go out while fewer than ``max_tasks`` are in flight; ``batch`` grows
     from 1 while items turn out shorter than ``target_task_seconds``. Items waiting for
-    a retry keep their place in the window (they are taken and not saved).
+    a retry are not in the window, but at most as many as it holds may wait: beyond
+    that, new items wait for retries to fall due.
     """
 
     def __init__(
@@ -456,8 +480,10 @@ class Driver:
         retries = self._retries
         while retries and retries[0][0] <= now and len(entries) < batch:
             entries.append(heapq.heappop(retries)[2])
+        # Items that wait for a retry do not hold up new ones, up to as many again as run.
         window = self._max_tasks * batch
-        while len(entries) < batch and self._claims is not None and self._alive < window:
+        waiting = len(retries)
+        while len(entries) < batch and self._claims is not None and self._alive - waiting < window and waiting <= window:
             claim = next(self._claims, None)
             if claim is None:
                 self._claims = None

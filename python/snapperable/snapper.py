@@ -543,7 +543,7 @@ class Snapper(Generic[T, R]):
         if isinstance(executor, ThreadPoolExecutor):
             return engine.ExecutorRunner(executor, remote=False, owned=False, fn_pickle=None)
         where = f"the workers of {type(executor).__name__}"
-        fn_pickle = engine.picklable(f"fn {self.fn!r}", self.fn, where)
+        fn_pickle = engine.pickled_fn(self.fn, where)
         return engine.ExecutorRunner(executor, remote=True, owned=False, fn_pickle=fn_pickle)
 
     def _driver(self, run: "_Run", runner: "Optional[engine.Runner]") -> "engine.Driver":
