@@ -2,7 +2,9 @@
 
     python dask_child.py ADDRESS PATH --n N --log LOG --sleep S
 
-Connects to the scheduler at ADDRESS (the parent's cluster) and runs ``range(N)`` through
+Connects to the scheduler at ADDRESS (the parent's cluster), or with ADDRESS ``local``
+starts a 2-worker ``LocalCluster`` of its own (whose worker processes a terminal's
+Ctrl-C reaches too), and runs ``range(N)`` through
 ``work`` on its workers, with the version pinned (``VERSION``) so that the parent resumes
 the checkpoint at PATH with a Snapper of its own. ``work`` runs on the workers: it
 appends each item it finished to LOG, one ``write`` a line, so the parent can count calls.
@@ -16,7 +18,9 @@ import os
 import signal
 import time
 
-from distributed import Client
+from contextlib import ExitStack
+
+from distributed import Client, LocalCluster
 
 from snapperable import Snapper, SQLiteSnapshotStorage
 
@@ -50,9 +54,19 @@ def main() -> None:
     parser.add_argument("--log", required=True)
     parser.add_argument("--sleep", type=float, default=0.0)
     args = parser.parse_args()
-    with Client(args.address) as client:  # type: ignore[no-untyped-call]  # distributed is typed in part
+    with ExitStack() as stack:
+        cluster: object = args.address
+        if args.address == "local":
+            cluster = stack.enter_context(
+                LocalCluster(  # type: ignore[no-untyped-call]
+                    host="127.0.0.1", dashboard_address=None, n_workers=2, threads_per_worker=1
+                )
+            )
+        client = stack.enter_context(Client(cluster))  # type: ignore[no-untyped-call]  # distributed is typed in part
+        print("connected", flush=True)
         with Snapper(
-            range(args.n), functools.partial(logged, args.log, args.sleep), executor=client, snapshot_storage=SQLiteSnapshotStorage[int](args.path), version=VERSION
+            range(args.n), functools.partial(logged, args.log, args.sleep), executor=client,
+            snapshot_storage=SQLiteSnapshotStorage[int](args.path), version=VERSION,
         ) as snapper:
             snapper.start()
 

@@ -38,6 +38,7 @@ from snapperable.errors import ClusterTaskError
 # few percent; short enough that tasks even out over the workers at the end of a run,
 # and that a Ctrl-C waits little for the tasks that run.
 TARGET_TASK_SECONDS = 0.1
+WATCH_SECONDS = 0.2  # how often a stopping run looks for tasks that lost their worker
 
 
 def client_of(executor: object) -> Any:
@@ -99,6 +100,8 @@ class DaskRunner:
         self._lock = threading.Lock()
         self._futures: dict[int, Any] = {}  # task id -> its distributed.Future
         self._cancelled: set[int] = set()  # tasks we cancelled: reported as never started
+        self._watch: Optional[threading.Thread] = None  # cancels unstarted tasks once stopping
+        self._closed = threading.Event()
 
     def submit(self, task_id: int, work: tuple[Any, list[Any]], done: engine.Done) -> None:
         _, item_pickles = work
@@ -112,59 +115,81 @@ class DaskRunner:
         )
         with self._lock:
             self._futures[task_id] = future
-        size = len(item_pickles)
-        future.add_done_callback(lambda finished: self._finished(task_id, size, finished, done))
+        self._client.loop.add_callback(self._collect, task_id, len(item_pickles), future, done)
 
-    def _finished(self, task_id: int, size: int, future: Any, done: engine.Done) -> None:
-        with self._lock:
-            self._futures.pop(task_id, None)
-            ours = task_id in self._cancelled
-            self._cancelled.discard(task_id)
+    async def _collect(self, task_id: int, size: int, future: Any, done: engine.Done) -> None:
+        """On the client's event loop: wait for the task and fetch its outcomes.
+
+        Waiting there, not in a thread: a result whose worker died before it was fetched
+        is computed again elsewhere, and meanwhile nothing else waits behind it (Dask's
+        done callbacks share one thread). ``distributed.cfexecutor`` waits the same way.
+        """
         result: engine.TaskResult
-        if future.cancelled():
-            result = engine.CANCELLED if ours else ClusterTaskError(
-                f"a task of {size} item(s) was cancelled on the cluster (was the client "
-                "closed?); they are not recorded, the items recorded so far are kept, and "
-                "start() again resumes"
-            )
-        else:
-            try:
-                result = pickle.loads(future.result())
-            except BaseException as exc:
+        try:
+            result = pickle.loads(await future._result())
+        except BaseException as exc:
+            with self._lock:
+                ours = task_id in self._cancelled
+            if future.cancelled() and ours:
+                result = engine.CANCELLED
+            else:
+                why = "was cancelled on the cluster (was the client closed?)" if future.cancelled() else (
+                    f"could not run on the cluster ({type(exc).__name__}: {exc})")
                 error = ClusterTaskError(
-                    f"the cluster could not run a task of {size} item(s) ({type(exc).__name__}: "
-                    f"{exc}); they are not recorded, the items recorded so far are kept, and "
-                    "start() again resumes"
+                    f"a task of {size} item(s) {why}; they are not recorded, the items recorded "
+                    "so far are kept, and start() again resumes"
                 )
                 error.__cause__ = exc
                 result = error
-        future.release()  # now, not when the callback thread lets go of it
+        with self._lock:
+            self._futures.pop(task_id, None)
+            self._cancelled.discard(task_id)
+        future.release()
         done(task_id, result)
 
     def cancel_queued(self) -> None:
-        """Cancel the tasks the scheduler has not given to a worker yet.
+        """Cancel the tasks no worker runs, now and until the running ones have finished.
+
+        Until then, because a task whose worker dies while the driver waits would wait
+        for a new worker: a terminal's Ctrl-C reaches the worker processes of a
+        ``LocalCluster`` started by the same script too, and they die of it.
+        """
+        if self._watch is None:
+            self._watch = threading.Thread(target=self._cancel_unstarted_while_waiting, name="snapperable-dask-stop",
+                                           daemon=True)
+            self._watch.start()
+
+    def _cancel_unstarted_while_waiting(self) -> None:
+        while not self._closed.is_set():
+            with self._lock:
+                if not self._futures:
+                    return
+            self._cancel_unstarted()
+            self._closed.wait(WATCH_SECONDS)
+
+    def _cancel_unstarted(self) -> None:
+        """Cancel the tasks the scheduler has not given to a worker.
 
         A task that starts between the question and the cancel is lost, not recorded
         (a later run does it): never recorded twice.
         """
         with self._lock:
             waiting = {future.key: (task_id, future) for task_id, future in self._futures.items()}
-        if not waiting:
-            return
         try:
             processing: dict[str, list[str]] = self._client.processing()
-        except Exception:  # a scheduler that cannot tell: let every task finish
+        except Exception:  # a scheduler that cannot tell (or is gone): wait as it is
             return
         for keys in processing.values():
             for key in keys:
                 waiting.pop(key, None)
-        queued = [(task_id, future) for task_id, future in waiting.values() if not future.done()]
+        unstarted = [(task_id, future) for task_id, future in waiting.values() if not future.done()]
         with self._lock:
-            self._cancelled.update(task_id for task_id, _ in queued)
-        if queued:
-            self._client.cancel([future for _, future in queued])
+            self._cancelled.update(task_id for task_id, _ in unstarted)
+        if unstarted:
+            self._client.cancel([future for _, future in unstarted])
 
     def close(self, wait: bool) -> None:
+        self._closed.set()
         if wait:
             return  # every task has reported: there is nothing of ours left on the cluster
         with self._lock:  # abandoned (a second Ctrl-C): the cluster stops running our tasks
