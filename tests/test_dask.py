@@ -186,6 +186,15 @@ def test_an_async_fn_is_refused_with_a_client(client: Any, tmp_path: Path) -> No
         Snapper(range(3), coroutine_fn, executor=client, snapshot_storage=storage(tmp_path))
 
 
+def test_an_asynchronous_client_is_refused_clearly(process_client: Any, tmp_path: Path) -> None:
+    async def make() -> None:
+        async with distributed.Client(process_client.scheduler.address, asynchronous=True) as client:
+            with pytest.raises(TypeError, match="needs a synchronous distributed.Client"):
+                Snapper(range(3), plus_one, executor=client, snapshot_storage=storage(tmp_path))
+
+    asyncio.run(make())
+
+
 def test_the_iterable_is_read_lazily(client: Any, tmp_path: Path) -> None:
     # An endless iterable: client.map would never return. A fatal item stops the run
     # after a bounded read (at most the tasks in flight of at most 1024 items each).

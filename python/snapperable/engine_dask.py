@@ -43,7 +43,7 @@ WATCH_SECONDS = 0.2  # how often a stopping run looks for tasks that lost their 
 
 def client_of(executor: object) -> Any:
     """The ``distributed.Client`` behind ``executor`` (itself, or that of the executor
-    ``client.get_executor()`` returns), or None.
+    ``client.get_executor()`` returns), or None; a TypeError for an asynchronous client.
 
     A client exists only once ``distributed`` is imported, so ``sys.modules`` says
     whether there is a class to compare with, and nothing is imported here.
@@ -51,11 +51,17 @@ def client_of(executor: object) -> Any:
     distributed = sys.modules.get("distributed")
     if distributed is None:
         return None
+    client: Any = None
     if isinstance(executor, distributed.Client):
-        return executor
-    if isinstance(executor, distributed.cfexecutor.ClientExecutor):
-        return executor._client
-    return None
+        client = executor
+    elif isinstance(executor, distributed.cfexecutor.ClientExecutor):
+        client = executor._client
+    if client is not None and client.asynchronous:
+        raise TypeError(
+            "executor= needs a synchronous distributed.Client: this one was made with "
+            "asynchronous=True (use Client(address) and, inside an event loop, await astart())"
+        )
+    return client
 
 
 def cluster_threads(client: Any) -> int:

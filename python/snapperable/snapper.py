@@ -221,7 +221,7 @@ class Snapper(Generic[T, R]):
 
             from snapperable.engine_dask import client_of
 
-            if not isinstance(executor, Executor) and client_of(executor) is None:
+            if client_of(executor) is None and not isinstance(executor, Executor):
                 raise TypeError(
                     'executor must be "thread", "process", a concurrent.futures.Executor or a '
                     f"distributed.Client, not {type(executor).__name__}"
