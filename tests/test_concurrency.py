@@ -532,3 +532,23 @@ def _holds_lock(path: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cancelling_astart_waits_for_running_items_and_saves_them(tmp_path: Path, kind: str) -> None:
+    storage = SQLiteSnapshotStorage[int](str(tmp_path / "run.db"))
+    calls = Calls(kind, sleep=0.1)
+    snapper = snap(storage, range(100), calls.fn(), workers=4)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(snapper.astart())
+        while len(calls.calls) < 6:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    started = set(calls.calls)
+    assert len(started) < 100
+    assert {x // 2 for x in snap(storage, range(100), calls.fn()).load()} == started  # all finished, all saved

@@ -29,25 +29,23 @@ one ``Outcome`` per item.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
-import multiprocessing
 import os
 import pickle
 import queue
 import re
 import reprlib
 import signal
-import sys
 import threading
 import time
 import traceback
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from contextlib import contextmanager
+from concurrent.futures import Executor, Future
 from typing import (
+    TYPE_CHECKING,
     Any,
     Awaitable,
     Callable,
-    Coroutine,
     Iterator,
     Optional,
     Protocol,
@@ -58,6 +56,10 @@ from typing import (
 
 from snapperable._contract import PICKLE_PROTOCOL, STATUS_FAILED, STATUS_OK, CheckpointStore, ItemRow
 from snapperable.errors import unpicklable_output_error
+
+if TYPE_CHECKING:  # imported where used: a run on threads needs neither (asyncio: ~50 ms)
+    import asyncio
+    import multiprocessing.context
 
 # What a worker sends back per item: (started, ended, pickled output or None, exception
 # or None), Unix times measured where it ran.
@@ -353,6 +355,8 @@ class ExecutorRunner:
 
 def process_context() -> multiprocessing.context.BaseContext:
     """A start method safe with threads running (ours, the writer's): never plain fork."""
+    import multiprocessing
+
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
@@ -374,6 +378,8 @@ def pickled_fn(fn: Callable[[Any], Any], where: str) -> bytes:
 
 def process_runner(fn: Callable[[Any], Any], workers: int) -> ExecutorRunner:
     fn_pickle = pickled_fn(fn, 'executor="process" workers')
+    from concurrent.futures import ProcessPoolExecutor
+
     pool = ProcessPoolExecutor(
         workers, mp_context=process_context(), initializer=init_process_worker, initargs=(fn_pickle,)
     )
@@ -581,8 +587,40 @@ class Driver:
 
 
 # -- the loops --------------------------------------------------------------------------------
-# Put on a sync loop's completion queue, from another thread, to interrupt it as a Ctrl-C would.
+# Put on a sync loop's completion queue to interrupt it as a Ctrl-C would (from another
+# thread, or from the SIGINT handler of ``first_ctrl_c_calls``).
 INTERRUPT = "interrupt"
+# The longest a loop blocks without looking up: a signal the kernel hands to another
+# thread than the main one does not wake the main thread's wait.
+POLL_SECONDS = 0.25
+
+
+@contextmanager
+def first_ctrl_c_calls(first: Callable[[], None]) -> Iterator[None]:
+    """While in the main thread with Python's own SIGINT handler: a first Ctrl-C calls
+    ``first`` instead of raising ``KeyboardInterrupt`` wherever the code happens to be
+    (half-way through handing a task over, where the task would be lost and waited
+    for forever); a second one raises ``KeyboardInterrupt`` as usual. Elsewhere (another
+    thread, a handler of the application's) this changes nothing."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    presses = 0
+
+    def on_sigint(signum: int, frame: object) -> None:
+        nonlocal presses
+        presses += 1
+        if presses > 1:
+            raise KeyboardInterrupt
+        first()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_sync(driver: Driver, runner: Runner, inbox: "Optional[queue.SimpleQueue[Any]]" = None) -> None:
@@ -598,41 +636,52 @@ def run_sync(driver: Driver, runner: Runner, inbox: "Optional[queue.SimpleQueue[
     def done(task_id: int, result: TaskResult) -> None:
         put((task_id, result))
 
-    interrupted = False
-    cancelled = False
     abandoned = False
     try:
-        while True:
-            try:
-                now = time.monotonic()
-                for task_id, work in driver.ready(now):
-                    runner.submit(task_id, work, done)
-                if driver.stopping is not None and not cancelled:
-                    cancelled = True
-                    runner.cancel_queued()
-                if driver.finished:
-                    break
-                message = results.get(timeout=driver.wakeup(now))
-                while True:  # and whatever else finished meanwhile, before starting more
-                    if message == INTERRUPT:
-                        raise KeyboardInterrupt
-                    driver.complete(*message)
-                    try:
-                        message = results.get_nowait()
-                    except queue.Empty:
-                        break
-            except queue.Empty:
-                continue
-            except KeyboardInterrupt as exc:
-                if interrupted:
-                    abandoned = True
-                    raise  # a second Ctrl-C: stop waiting at once
-                interrupted = True
-                driver.stop(exc)
+        with first_ctrl_c_calls(lambda: put(INTERRUPT)):
+            _drive(driver, runner, results, done)
+    except KeyboardInterrupt:
+        abandoned = True
+        raise
     finally:
         runner.close(wait=not abandoned)
     if driver.stopping is not None:
         raise driver.stopping
+
+
+def _drive(driver: Driver, runner: Runner, results: "queue.SimpleQueue[Any]", done: Done) -> None:
+    """``run_sync``'s loop; returns once the driver is finished, raises a second Ctrl-C."""
+    interrupted = False
+    cancelled = False
+    while True:
+        try:
+            now = time.monotonic()
+            for task_id, work in driver.ready(now):
+                runner.submit(task_id, work, done)
+            if driver.stopping is not None and not cancelled:
+                cancelled = True
+                runner.cancel_queued()
+            if driver.finished:
+                return
+            wait = driver.wakeup(now)
+            message = results.get(timeout=POLL_SECONDS if wait is None else min(wait, POLL_SECONDS))
+            while True:  # and whatever else finished meanwhile, before starting more
+                if message == INTERRUPT:
+                    raise KeyboardInterrupt
+                driver.complete(*message)
+                try:
+                    message = results.get_nowait()
+                except queue.Empty:
+                    break
+        except queue.Empty:
+            continue
+        except KeyboardInterrupt as exc:
+            # A second Ctrl-C (the first may have reached the driver while it read the
+            # iterable, and stopped it there): stop waiting at once.
+            if interrupted or isinstance(driver.stopping, KeyboardInterrupt):
+                raise
+            interrupted = True
+            driver.stop(exc)
 
 
 async def run_async(driver: Driver, fn: Callable[[Any], Awaitable[Any]]) -> None:
@@ -640,6 +689,8 @@ async def run_async(driver: Driver, fn: Callable[[Any], Awaitable[Any]]) -> None
     at once, each recording its own result as it completes. A cancellation of this
     coroutine is a Ctrl-C: the first stops taking items and waits for the running ones
     (recording them), a second stops waiting at once (cancelling them)."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     running: dict[int, "asyncio.Task[None]"] = {}
     all_done: "asyncio.Future[None]" = loop.create_future()
@@ -737,19 +788,28 @@ class Background:
 
     def wait_blocking(self) -> None:
         interrupted = False
-        while True:
-            try:
-                while not self._finished.wait(0.1):  # a timed wait: Ctrl-C gets through
-                    pass
-                break
-            except KeyboardInterrupt:
-                self._interrupt(interrupted)
-                if interrupted:
-                    raise  # a second Ctrl-C: stop waiting at once
-                interrupted = True
+
+        def first() -> None:
+            nonlocal interrupted
+            interrupted = True
+            self._interrupt(False)
+
+        with first_ctrl_c_calls(first):
+            while True:
+                try:
+                    while not self._finished.wait(POLL_SECONDS):  # timed: Ctrl-C gets through
+                        pass
+                    break
+                except KeyboardInterrupt:
+                    self._interrupt(interrupted)
+                    if interrupted:
+                        raise  # a second Ctrl-C: stop waiting at once
+                    interrupted = True
         self._result()
 
     async def wait_async(self) -> None:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         finished: "asyncio.Future[None]" = loop.create_future()
 
@@ -775,6 +835,8 @@ class Background:
                 if interrupted:
                     raise
                 interrupted = True
+        if interrupted and isinstance(self._error, KeyboardInterrupt):
+            raise asyncio.CancelledError  # the interrupt was this coroutine's cancellation
         self._result()
 
 
@@ -785,6 +847,8 @@ def async_in_thread(make_driver: Callable[[], Driver], fn: Callable[[Any], Await
     state: dict[str, Any] = {}
 
     def body() -> None:
+        import asyncio
+
         loop = asyncio.new_event_loop()
         try:
             main = loop.create_task(_driven(make_driver, fn))
@@ -809,6 +873,8 @@ def async_in_thread(make_driver: Callable[[], Driver], fn: Callable[[Any], Await
 
 
 async def _driven(make_driver: Callable[[], Driver], fn: Callable[[Any], Awaitable[Any]]) -> None:
+    import asyncio
+
     try:
         await run_async(make_driver(), fn)
     except asyncio.CancelledError:
