@@ -10,6 +10,7 @@ child uses the same backend.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -107,3 +108,14 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, proc: O
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.002)
+
+
+def import_file(path: Path, name: str) -> ModuleType:
+    """Import the source file ``path`` as module ``name``, replacing any module of that name
+    in sys.modules (as a new run of a script would; inspect finds classes' source there)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

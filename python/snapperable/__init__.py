@@ -14,8 +14,15 @@ from snapperable.errors import (
     UnpicklableOutputError,
     WriterError,
 )
-from snapperable.metrics import FailedItem, ProcessingMetric, RunPlan
-from snapperable.snapper import Snapper
+from snapperable.metrics import (
+    FailedItem,
+    ProcessingMetric,
+    RunPlan,
+    generate_json_report,
+    generate_markdown_report,
+    generate_metrics_report,
+)
+from snapperable.snapper import Snapper, VersionValue
 from snapperable.storage.base import SnapshotStorage
 from snapperable.storage.pickle_storage import PickleSnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
@@ -24,12 +31,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Snapper",
+    "VersionValue",
     "SnapshotStorage",
     "SQLiteSnapshotStorage",
     "PickleSnapshotStorage",
     "FailedItem",
     "ProcessingMetric",
     "RunPlan",
+    "generate_metrics_report",
+    "generate_json_report",
+    "generate_markdown_report",
     "backend",
     "SnapperableError",
     "CheckpointError",
