@@ -14,6 +14,7 @@ import asyncio
 import functools
 import itertools
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -224,6 +225,26 @@ def test_skip_item_errors_records_each_failure_with_its_worker_traceback(client:
         assert failure.error_type == "builtins.ValueError" and failure.error == f"odd item {failure.item}"
         assert failure.traceback is not None and "in fails_on_odd" in failure.traceback
     assert recorded(tmp_path, range(40)) == Counter(range(40))
+
+
+def test_a_failure_keeps_its_traceback_when_tblib_pickles_exceptions() -> None:
+    # distributed installs tblib's reducer for every exception class that exists when it
+    # is imported: the engine's, too, when the engine was imported first.
+    import copyreg
+
+    import cloudpickle  # type: ignore[import-untyped]
+    import tblib.pickling_support  # type: ignore[import-untyped]
+
+    from snapperable import engine
+
+    copyreg.pickle(engine._WithTraceback, tblib.pickling_support.pickle_exception)
+    try:
+        [(_, _, _, exc)] = pickle.loads(cloudpickle.dumps(engine.run_remote(
+            cloudpickle.dumps(fails_on_odd), [pickle.dumps(3)], cloudpickle.dumps
+        )))
+    finally:
+        del copyreg.dispatch_table[engine._WithTraceback]
+    assert isinstance(exc, ValueError) and "in fails_on_odd" in str(exc.__cause__)
 
 
 def test_an_error_stops_the_run_after_saving_what_finished(client: Any, tmp_path: Path) -> None:

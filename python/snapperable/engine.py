@@ -218,6 +218,9 @@ class _WithTraceback(BaseException):
     def __init__(self, exc: BaseException, text: str) -> None:
         self.exc = exc
         self.text = text
+        # tblib (imported by Dask's distributed) may pickle every exception class with
+        # its own reducer, which sets the unpickled exception's __cause__ to this one's.
+        self.__cause__ = RemoteTraceback(text)
 
     def __reduce__(self) -> tuple[Callable[[BaseException, str], BaseException], tuple[BaseException, str]]:
         return _with_cause, (self.exc, self.text)
