@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -68,22 +69,25 @@ def plus_one(x: int) -> int:
 
 
 def logged_spin(rounds: int, log: str, x: int) -> int:
-    """``spin``, with each finished call appended to ``log`` (one ``write``): the crash row
-    counts what ran from it, SIGKILL or not."""
+    """``spin``, with each finished call and its task appended to ``log`` (one ``write``):
+    the crash row counts what ran, SIGKILL or not, and how many items a task held."""
+    from distributed import get_worker
+
     out = spin(rounds, x)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        os.write(fd, f"{x}\n".encode("ascii"))
+        os.write(fd, f"{x} {get_worker().get_current_task()}\n".encode("ascii"))
     finally:
         os.close(fd)
     return out
 
 
-def _logged(log: str) -> list[int]:
+def _logged(log: str) -> list[tuple[int, str]]:
+    """(item, task) of each finished call; a line cut by the kill is not counted."""
     if not os.path.exists(log):
         return []
-    lines = Path(log).read_bytes().split(b"\n")
-    return [int(line) for line in lines[:-1]]  # a line cut by the kill is not counted
+    lines = Path(log).read_text().split("\n")[:-1]
+    return [(int(x), task) for x, task in (line.split(" ", 1) for line in lines)]
 
 
 def _recorded(path: str) -> list[bytes]:
@@ -148,16 +152,14 @@ def _w_dask(n_cpu: int, n_tiny: int, repeat: int, root: str, **_: Any) -> dict[s
         result["tiny"] = {"seconds": time.perf_counter() - started, "loaded": loaded,
                           "rows": len(_recorded(path))}
 
-        result["crash"] = _crash(client, cluster.scheduler_address, n_cpu, rounds, fresh("crash"), root,
-                                 result["item_ms_on_worker"] / 1e3)
+        result["crash"] = _crash(client, cluster.scheduler_address, n_cpu, rounds, fresh("crash"), root)
     return result
 
 
-def _crash(client: Any, address: str, n: int, rounds: int, path: str, root: str, item_s: float) -> dict[str, Any]:
+def _crash(client: Any, address: str, n: int, rounds: int, path: str, root: str) -> dict[str, Any]:
     """SIGKILL a driver mid-run, resume here; what was redone against what was in flight."""
     from snapperable import Snapper, SQLiteSnapshotStorage
-    from snapperable.engine import MAX_BATCH
-    from snapperable.engine_dask import TARGET_TASK_SECONDS, cluster_threads
+    from snapperable.engine_dask import cluster_threads
     from snapperable.keys import input_key
 
     log = os.path.join(root, "dask-crash.log")
@@ -173,7 +175,9 @@ def _crash(client: Any, address: str, n: int, rounds: int, path: str, root: str,
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     time.sleep(0.5)  # the tasks that ran on when their driver died finish and log
-    ran = set(_logged(log))
+    before = _logged(log)
+    ran = {x for x, _ in before}
+    largest_task = max(Counter(task for _, task in before).values())
     recorded_keys = set(_recorded(path))
     keys = {input_key(x): x for x in range(n)}
     recorded = {keys[key] for key in recorded_keys}
@@ -184,9 +188,9 @@ def _crash(client: Any, address: str, n: int, rounds: int, path: str, root: str,
         complete = len(s.load()) == n
     rows = _recorded(path)
     tasks_in_flight = 2 * cluster_threads(client)
-    items_per_task = min(MAX_BATCH, max(1, int(TARGET_TASK_SECONDS / item_s)))  # as the engine sizes them
     return {"ran_before_kill": len(ran), "recorded_before_kill": len(recorded), "redone": len(redone),
-            "tasks_in_flight": tasks_in_flight, "items_in_flight_bound": tasks_in_flight * items_per_task,
+            "tasks_in_flight": tasks_in_flight, "largest_task": largest_task,
+            "items_in_flight_bound": tasks_in_flight * largest_task,
             "complete": complete, "rows": len(rows), "unique_rows": len(set(rows))}
 
 
@@ -233,7 +237,7 @@ def report_lines(res: dict[str, Any], n_cpu: int, n_tiny: int, repeat: int) -> l
         f"{ok(tiny['seconds'] < GOAL_TINY_S and tiny['rows'] == tiny['loaded'] == n_tiny)})",
         f"  Crash: driver SIGKILLed after {crash['ran_before_kill']} items ran ({crash['recorded_before_kill']} "
         f"recorded); redone on resume {crash['redone']} items, bound: {crash['tasks_in_flight']} tasks in "
-        f"flight x ~{crash['items_in_flight_bound'] // crash['tasks_in_flight']} items = "
+        f"flight x {crash['largest_task']} items (the largest task before the kill) = "
         f"{crash['items_in_flight_bound']} ({ok(crash['redone'] <= crash['items_in_flight_bound'])}); "
         f"after resume {crash['unique_rows']:,} items, {crash['rows']:,} rows "
         f"({ok(crash['complete'] and crash['rows'] == crash['unique_rows'] == n_cpu)})",
