@@ -89,6 +89,8 @@ async def async_work(x: int) -> int:
 
     await asyncio.sleep(0.05)
     return x
+
+
 class Model:
     """Stands for a model's weights: a large object held by a global that a function reads."""
 
@@ -686,14 +688,14 @@ def main() -> int:
         resume = measure_resume(bench, n_resume, repeat, has_rust)
         # --- peak memory of a long generator run ------------------------------------------
         memory = measure_memory(bench, n_rss, has_rust)
+        # --- opening a checkpoint whose fn reads a large object ---------------------------
+        opening = measure_open_with_state(bench, repeat, has_rust)
+        # --- concurrent runs (issue #12) -------------------------------------------------
+        concurrency = {} if args.skip_concurrency else measure_concurrency(bench, quick)
         # --- on a Dask cluster (benches/dask_rows.py) ----------------------------------------
         dask_res: Optional[dict[str, Any]] = None
         if not args.skip_dask and dask_rows.available():
             dask_res, _ = attempt("dask", lambda: dask_rows.measure(run_worker, root, quick))
-        # --- concurrent runs (issue #12) -------------------------------------------------
-        concurrency = {} if args.skip_concurrency else measure_concurrency(bench, quick)
-        # --- opening a checkpoint whose fn reads a large object ---------------------------
-        opening = measure_open_with_state(bench, repeat, has_rust)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -716,8 +718,8 @@ def main() -> int:
         report["rows"] = [{"label": l, "key": k, "result": r, "note": s} for l, k, r, s in rows]
         report["resume"] = resume
         report["memory"] = memory
-        report["concurrency"] = concurrency
         report["open_with_state"] = opening
+        report["concurrency"] = concurrency
         report["elapsed_s"] = elapsed
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

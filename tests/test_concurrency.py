@@ -486,7 +486,7 @@ def test_ctrl_c_waits_for_running_items_and_saves_them(
     assert "KeyboardInterrupt" in err and code != 0, (code, err)
     logged = logged_items(log)
     saved = saved_set("sqlite", path, 400)
-    assert set(logged) == saved  # every item that ran to the end was waited for and saved
+    assert set(logged) == saved, err  # every item that ran to the end was waited for and saved
     assert len(saved) < 400
     code, _, err = finish(spawn(child_env, *args[:-4], "--sleep", "0", "--workers", "8", "--executor", executor))
     assert code == 0, err

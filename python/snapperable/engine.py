@@ -55,7 +55,7 @@ from typing import (
 )
 
 from snapperable._contract import PICKLE_PROTOCOL, STATUS_FAILED, STATUS_OK, CheckpointStore, ItemRow
-from snapperable.errors import unpicklable_output_error
+from snapperable.errors import UnpicklableOutputError
 
 if TYPE_CHECKING:  # imported where used: a run on threads needs neither (asyncio: ~50 ms)
     import asyncio
@@ -145,7 +145,7 @@ def _outcome_of(fn: Callable[[Any], Any], item: Any) -> Outcome:
     try:
         payload = pickle.dumps(output, PICKLE_PROTOCOL)
     except BaseException as exc:
-        return started, time.time(), None, unpicklable_output_error(output, exc)
+        return started, time.time(), None, UnpicklableOutputError.of(output, exc)
     return started, time.time(), payload, None
 
 
@@ -713,7 +713,7 @@ async def run_async(driver: Driver, fn: Callable[[Any], Awaitable[Any]]) -> None
             try:
                 outcome = (started, time.time(), pickle.dumps(output, PICKLE_PROTOCOL), None)
             except BaseException as exc:
-                outcome = (started, time.time(), None, unpicklable_output_error(output, exc))
+                outcome = (started, time.time(), None, UnpicklableOutputError.of(output, exc))
         running.pop(task_id, None)
         driver.complete(task_id, [outcome])
         pump()

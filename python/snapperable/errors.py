@@ -146,6 +146,19 @@ class TooManyConsecutiveErrors(SnapperableError, RuntimeError):
 class UnpicklableOutputError(SnapperableError, TypeError):
     """The function returned a value that cannot be pickled, so it cannot be checkpointed."""
 
+    @classmethod
+    def of(cls, output: object, exc: BaseException) -> BaseException:
+        """The item failure for an ``output`` whose pickling raised ``exc`` (chained);
+        ``exc`` itself when it is no ``Exception``: Ctrl-C while pickling is still Ctrl-C."""
+        if not isinstance(exc, Exception):
+            return exc
+        error = cls(
+            f"fn returned a {type(output).__module__}.{type(output).__qualname__}, which cannot "
+            f"be pickled, so it cannot be checkpointed: {exc}"
+        )
+        error.__cause__ = exc
+        return error
+
 
 class ClusterTaskError(SnapperableError, RuntimeError):
     """The cluster could not run a task (its workers died running it, or it was lost).
@@ -153,18 +166,6 @@ class ClusterTaskError(SnapperableError, RuntimeError):
     Its items are not recorded; everything recorded before stays, and ``start()``
     again resumes.
     """
-
-
-def unpicklable_output_error(output: object, exc: BaseException) -> BaseException:
-    """The item failure for an ``output`` whose pickling raised ``exc``."""
-    if not isinstance(exc, Exception):
-        return exc  # Ctrl-C while pickling is still Ctrl-C
-    error = UnpicklableOutputError(
-        f"fn returned a {type(output).__module__}.{type(output).__qualname__}, which cannot "
-        f"be pickled, so it cannot be checkpointed: {exc}"
-    )
-    error.__cause__ = exc
-    return error
 
 
 __all__ = [

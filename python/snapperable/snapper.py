@@ -48,7 +48,6 @@ from snapperable.errors import (
     FunctionChangedError,
     TooManyConsecutiveErrors,
     UnpicklableOutputError,
-    unpicklable_output_error,
 )
 from snapperable.metrics import FailedItem, ProcessingMetric, RunPlan, metric_from_row, render_report
 from snapperable.storage.base import OpenCheckpoint, SnapshotStorage
@@ -636,7 +635,7 @@ class Snapper(Generic[T, R]):
                 position = batch[index]
                 todo = todo[index + 1 :]
                 if raised_by_pickling:
-                    exc = unpicklable_output_error(output, exc)
+                    exc = UnpicklableOutputError.of(output, exc)
                 key = keys[position * KEY_SIZE : (position + 1) * KEY_SIZE]
                 item = chunk[position]
                 outcome = self._recover(item, exc)
@@ -681,7 +680,7 @@ class Snapper(Generic[T, R]):
                 output = self.fn(item)
                 return pickle.dumps(output, PICKLE_PROTOCOL), attempts
             except BaseException as again:
-                exc = again if output is _NO_OUTPUT else unpicklable_output_error(output, again)
+                exc = again if output is _NO_OUTPUT else UnpicklableOutputError.of(output, again)
 
     def _on_failure(self, item: T, exc: BaseException, attempts: int) -> "float | _Failed":
         """After attempt ``attempts`` of ``fn(item)`` raised ``exc``: the delay before the
