@@ -29,7 +29,7 @@ import pytest
 distributed = pytest.importorskip("distributed", reason="distributed is not installed (pip install 'snapperable[dask]')")
 
 import snapperable  # noqa: E402
-from conftest import wait_until  # noqa: E402
+from conftest import once, wait_until  # noqa: E402
 from dask_child import VERSION as CHILD_VERSION, logged  # noqa: E402
 from snapperable import ClusterTaskError, Snapper, SQLiteSnapshotStorage  # noqa: E402
 from snapperable.keys import input_key  # noqa: E402
@@ -167,6 +167,24 @@ def test_the_executor_of_get_executor_runs_on_the_cluster_too(client: Any, tmp_p
         outputs = snapper.load()
     assert [out for out, _, _ in outputs] == list(range(1, 51))
     assert all(task.startswith("snapperable-") for _, task, _ in outputs)  # our chunked tasks
+
+
+def test_the_options_of_get_executor_go_with_every_task(process_client: Any, tmp_path: Path) -> None:
+    client = process_client
+    chosen, pid = next(iter(client.run(os.getpid).items()))
+    executor = client.get_executor(workers=[chosen], allow_other_workers=False)
+    with Snapper(range(300), where, executor=executor, snapshot_storage=storage(tmp_path), version=VERSION) as snapper:
+        snapper.start()
+        assert {ran_in for _, _, ran_in in snapper.load()} == {pid}
+
+
+@once  # nothing of the backend is involved
+def test_importing_snapperable_never_imports_distributed(backend_env: dict[str, str]) -> None:
+    env = dict(backend_env)
+    env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    code = "import sys, snapperable; from snapperable import Snapper; print(sorted(m for m in sys.modules if m.split('.')[0] in ('distributed', 'dask', 'cloudpickle')))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
 
 
 def test_astart_runs_on_the_cluster(client: Any, tmp_path: Path) -> None:
