@@ -330,6 +330,10 @@ def test_rate_limit_paces_every_start_retries_included(storage: SnapshotStorage[
     # A pacing property, not a speed goal: 9 starts at 40/s span at least 8 intervals
     # (less what one start's hand-off to its worker may lag behind the next one's).
     assert starts[-1] - starts[0] >= 8 / 40 * RATE_MARGIN - 0.02
+    # Recorded starts are paced where they happen: never two closer than 1/40 s, so no
+    # one-second window can hold more than 40.
+    recorded = sorted(m.started for m in snapper.load_metrics())
+    assert min(b - a for a, b in zip(recorded, recorded[1:])) >= 1 / 40
 
 
 # -- processes and user executors ---------------------------------------------------------------

@@ -6,16 +6,21 @@ from snapperable.errors import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointLockedError,
+    CheckpointMovedError,
     ClusterTaskError,
     ForkedProcessError,
     FunctionChangedError,
+    ItemKeyError,
     SnapperableError,
     TooManyConsecutiveErrors,
     UnpicklableOutputError,
     WriterError,
 )
 from snapperable.metrics import (
+    NOT_DONE,
     FailedItem,
+    ItemFailure,
+    NotDone,
     ProcessingMetric,
     RunPlan,
     generate_json_report,
@@ -24,6 +29,7 @@ from snapperable.metrics import (
 )
 from snapperable.snapper import Snapper, VersionValue
 from snapperable.storage.base import SnapshotStorage
+from snapperable.storage.files import move_checkpoint
 from snapperable.storage.pickle_storage import PickleSnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
 
@@ -33,9 +39,13 @@ __all__ = [
     "Snapper",
     "VersionValue",
     "SnapshotStorage",
+    "move_checkpoint",
     "SQLiteSnapshotStorage",
     "PickleSnapshotStorage",
     "FailedItem",
+    "ItemFailure",
+    "NOT_DONE",
+    "NotDone",
     "ProcessingMetric",
     "RunPlan",
     "generate_metrics_report",
@@ -47,10 +57,12 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointFormatError",
     "CheckpointLockedError",
+    "CheckpointMovedError",
     "WriterError",
     "ForkedProcessError",
     "FunctionChangedError",
     "TooManyConsecutiveErrors",
+    "ItemKeyError",
     "UnpicklableOutputError",
     "ClusterTaskError",
     "__version__",

@@ -69,6 +69,9 @@ Outcome = Tuple[float, float, Optional[bytes], Optional[BaseException]]
 TaskResult = Union[list[Outcome], BaseException, str]
 CANCELLED = "cancelled"
 Done = Callable[[int, TaskResult], None]
+# A task as sent to a runner: (fn, items, start pacer) in this process; for a remote
+# runner (None, pickled items, None), the runner holding the pickled fn.
+Work = Tuple[Any, list[Any], Optional[Callable[[], float]]]
 
 MAX_BATCH = 1024  # items per task at most: a task of tiny items still bounds what a crash costs
 EWMA_WEIGHT = 0.2  # weight of the newest task in the running per-item duration
@@ -109,9 +112,10 @@ def parse_rate_limit(rate: Union[int, float, str]) -> float:
     return 1.0 / per_second
 
 
-# Starts are paced this much slower than the limit: a task starts a little after it is
-# sent (a thread's wake-up, a process's pipe), and without the margin that jitter could put
-# one start too many into some one-second window.
+# Sends are paced this much slower than the limit: a task starts a little after it is
+# sent (a process's pipe, a thread's wake-up), and where the start itself cannot be
+# paced (another process), that jitter could otherwise put one start too many into a
+# one-second window.
 RATE_MARGIN = 1.01
 
 
@@ -130,14 +134,48 @@ class RateLimiter:
         self.next_at = now + self.interval
 
 
+class StartPacer:
+    """Where the work runs in this process: each call's start at least ``interval`` after
+    the previous one's, measured on the very clock the start is recorded with, so that
+    no one-second window of recorded starts can hold more than the limit allows, however
+    late a thread wakes up."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.last = float("-inf")
+        self.lock = threading.Lock()
+
+    def __call__(self) -> float:
+        """Wait for this call's turn; its start time (Unix)."""
+        with self.lock:
+            now = time.time()
+            while now < self.last + self.interval:
+                time.sleep(self.last + self.interval - now)
+                now = time.time()
+            self.last = now
+            return now
+
+    async def turn(self, lock: "asyncio.Lock") -> float:
+        """``__call__`` for coroutines, which wait without holding the loop."""
+        import asyncio
+
+        async with lock:
+            now = time.time()
+            while now < self.last + self.interval:
+                await asyncio.sleep(self.last + self.interval - now)
+                now = time.time()
+            self.last = now
+            return now
+
+
 def _pickle4(obj: object) -> bytes:
     """The pickler of what a remote task is sent and sends back, unless its runner has its own."""
     return pickle.dumps(obj, PICKLE_PROTOCOL)
 
 
 # -- running one item where the work runs -------------------------------------------------
-def _outcome_of(fn: Callable[[Any], Any], item: Any) -> Outcome:
-    started = time.time()
+def _outcome_of(fn: Callable[[Any], Any], item: Any, pace: Optional[Callable[[], float]] = None) -> Outcome:
+    started = time.time() if pace is None else pace()
     try:
         output = fn(item)
     except BaseException as exc:
@@ -149,9 +187,9 @@ def _outcome_of(fn: Callable[[Any], Any], item: Any) -> Outcome:
     return started, time.time(), payload, None
 
 
-def run_items(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Outcome]:
-    """A task in this process: each item's outcome, in order."""
-    return [_outcome_of(fn, item) for item in items]
+def run_items(fn: Callable[[Any], Any], items: Sequence[Any], pace: Optional[Callable[[], float]] = None) -> list[Outcome]:
+    """A task in this process: each item's outcome, in order (each start paced by ``pace``)."""
+    return [_outcome_of(fn, item, pace) for item in items]
 
 
 class RemoteTraceback(Exception):
@@ -250,7 +288,7 @@ class Runner(Protocol):
     remote: bool
     target_task_seconds: float
 
-    def submit(self, task_id: int, work: tuple[Any, list[Any]], done: Done) -> None: ...
+    def submit(self, task_id: int, work: Work, done: Done) -> None: ...
 
     def cancel_queued(self) -> None: ...
 
@@ -265,7 +303,7 @@ class ThreadRunner:
     target_task_seconds = 0.001
 
     def __init__(self, workers: int) -> None:
-        self._tasks: "queue.SimpleQueue[Optional[tuple[int, tuple[Any, list[Any]], Done]]]" = queue.SimpleQueue()
+        self._tasks: "queue.SimpleQueue[Optional[tuple[int, Work, Done]]]" = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._work, name=f"snapperable-worker-{i}", daemon=True) for i in range(workers)
         ]
@@ -275,14 +313,14 @@ class ThreadRunner:
     def _work(self) -> None:
         get = self._tasks.get
         while (task := get()) is not None:
-            task_id, (fn, items), done = task
+            task_id, (fn, items, pace), done = task
             try:
-                result: TaskResult = run_items(fn, items)
+                result: TaskResult = run_items(fn, items, pace)
             except BaseException as exc:  # run_items catches fn's errors: this is ours
                 result = exc
             done(task_id, result)
 
-    def submit(self, task_id: int, work: tuple[Any, list[Any]], done: Done) -> None:
+    def submit(self, task_id: int, work: Work, done: Done) -> None:
         self._tasks.put((task_id, work, done))
 
     def cancel_queued(self) -> None:
@@ -319,12 +357,12 @@ class ExecutorRunner:
         self._futures: dict[int, "Future[list[Outcome]]"] = {}
         self._lock = threading.Lock()
 
-    def submit(self, task_id: int, work: tuple[Any, list[Any]], done: Done) -> None:
-        fn, items = work
+    def submit(self, task_id: int, work: Work, done: Done) -> None:
+        fn, items, pace = work
         if self.remote:
             future = self._executor.submit(run_remote, self._fn_pickle, items)
         else:
-            future = self._executor.submit(run_items, fn, items)
+            future = self._executor.submit(run_items, fn, items, pace)
         with self._lock:
             self._futures[task_id] = future
 
@@ -440,6 +478,8 @@ class Driver:
         self._target = target_task_seconds
         self._batching = batching and limiter is None
         self._limiter = limiter
+        # Starts in this process are paced where they happen as well (remote ones cannot be).
+        self.pacer = None if limiter is None or remote else StartPacer(limiter.interval)
         self._progress = progress
         self._pickle_hint = pickle_hint
         self._dumps = dumps or _pickle4  # the pickler of items for a remote runner
@@ -457,9 +497,9 @@ class Driver:
             return 1
         return max(1, min(MAX_BATCH, int(self._target / self._per_item)))
 
-    def ready(self, now: float) -> list[tuple[int, tuple[Any, list[Any]]]]:
+    def ready(self, now: float) -> list[tuple[int, Work]]:
         """Tasks to start now, as ``(task_id, work)``."""
-        out: list[tuple[int, tuple[Any, list[Any]]]] = []
+        out: list[tuple[int, Work]] = []
         if self.stopping is not None:
             return out
         limiter = self._limiter
@@ -477,9 +517,9 @@ class Driver:
                 self._next_task += 1
                 self._tasks[task_id] = entries
                 if self._remote:
-                    out.append((task_id, (None, [e.pickled for e in entries])))
+                    out.append((task_id, (None, [e.pickled for e in entries], None)))
                 else:
-                    out.append((task_id, (self._fn, [e.item for e in entries])))
+                    out.append((task_id, (self._fn, [e.item for e in entries], self.pacer)))
         except BaseException as exc:  # reading the iterable or keying raised; or a pickle
             self.stop(exc)
         return out
@@ -529,6 +569,12 @@ class Driver:
         return len(self._tasks)
 
     # -- what finished -----------------------------------------------------------------
+    def failed_unrun(self, error: BaseException) -> None:
+        """An item failed before it could run (its key raised) and is recorded as failed:
+        a failure in a row all the same."""
+        self._consecutive += 1
+        self._policy._check_consecutive(self._consecutive, error)
+
     def stop(self, exc: BaseException) -> None:
         """Take nothing new; drop what waits for a retry (a resumed run redoes it)."""
         if self.stopping is None:
@@ -699,8 +745,11 @@ async def run_async(driver: Driver, fn: Callable[[Any], Awaitable[Any]]) -> None
     all_done: "asyncio.Future[None]" = loop.create_future()
     timer: list[Optional[asyncio.TimerHandle]] = [None]
 
+    pacer = driver.pacer
+    turns = asyncio.Lock() if pacer is not None else None
+
     async def attempt(task_id: int, item: Any) -> None:
-        started = time.time()
+        started = time.time() if pacer is None or turns is None else await pacer.turn(turns)
         try:
             output = await fn(item)
         except asyncio.CancelledError:
@@ -720,7 +769,7 @@ async def run_async(driver: Driver, fn: Callable[[Any], Awaitable[Any]]) -> None
 
     def pump() -> None:
         now = time.monotonic()
-        for task_id, (_, items) in driver.ready(now):
+        for task_id, (_, items, _) in driver.ready(now):
             running[task_id] = loop.create_task(attempt(task_id, items[0]))
         if driver.finished:
             if not all_done.done():

@@ -109,8 +109,8 @@ class DaskRunner:
         self._watch: Optional[threading.Thread] = None  # cancels unstarted tasks once stopping
         self._closed = threading.Event()
 
-    def submit(self, task_id: int, work: tuple[Any, list[Any]], done: engine.Done) -> None:
-        _, item_pickles = work
+    def submit(self, task_id: int, work: engine.Work, done: engine.Done) -> None:
+        _, item_pickles, _ = work  # remote: no pacer (a rate limit paces the sends)
         future = self._client.submit(
             run_task,
             self._fn_pickle,
