@@ -96,8 +96,7 @@ def snap(storage: SnapshotStorage[Any], items: Any, fn: Callable[[Any], Any], **
 
 def rows_per_key(storage: SnapshotStorage[Any], n: int) -> Counter[bytes]:
     with Snapper(range(n), output_of, snapshot_storage=storage, version=VERSION) as s:
-        assert s._checkpoint is not None
-        return Counter(row.key for row in s._checkpoint.store.rows(None))
+        return Counter(row.key for row in s._open().store.rows(None))
 
 
 # -- 2. results, order, duplicates, metrics -------------------------------------------------
