@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import dask_rows  # benches/dask_rows.py: the rows of Snapper(..., executor=client)
+
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 PROTOCOL = 4
@@ -376,6 +378,7 @@ WORKERS: dict[str, Callable[..., dict[str, Any]]] = {
     "bare": _w_bare,
     "crash_child": _w_crash_child,
 }
+WORKERS.update(dask_rows.WORKERS)
 
 
 def worker_main(name: str, args_json: str) -> None:
@@ -582,6 +585,7 @@ def main() -> int:
     ap.add_argument("--peer-seconds", type=float, default=None,
                     help="rough time budget per slow peer; its sample is sized from a probe (default 5)")
     ap.add_argument("--skip-peers", action="store_true", help="skip diskcache, joblib and naive sqlite3")
+    ap.add_argument("--skip-dask", action="store_true", help="skip the Dask cluster rows (benches/dask_rows.py)")
     ap.add_argument("--skip-concurrency", action="store_true", help="skip the concurrent-run rows")
     ap.add_argument("--only-concurrency", action="store_true", help="only the concurrent-run rows")
     ap.add_argument("--json", default=None, help="also write every number to this JSON file")
@@ -688,6 +692,10 @@ def main() -> int:
         opening = measure_open_with_state(bench, repeat, has_rust)
         # --- concurrent runs (issue #12) -------------------------------------------------
         concurrency = {} if args.skip_concurrency else measure_concurrency(bench, quick)
+        # --- on a Dask cluster (benches/dask_rows.py) ----------------------------------------
+        dask_res: Optional[dict[str, Any]] = None
+        if not args.skip_dask and dask_rows.available():
+            dask_res, _ = attempt("dask", lambda: dask_rows.measure(run_worker, root, quick))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -696,6 +704,9 @@ def main() -> int:
     report["loadavg_after"] = os.getloadavg()[0]
     print_report(rows, fixed, resume, memory, n, n_resume, n_rss, repeat, elapsed, quick)
     print_open_with_state(opening, repeat)
+    if dask_res is not None:
+        dask_rows.print_rows(dask_res)
+        report["dask"] = dask_res
     if concurrency:
         print_concurrency(concurrency)
     print()

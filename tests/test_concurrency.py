@@ -26,8 +26,8 @@ from crash_child import VERSION, item_of, make_storage, output_of
 from snapperable import Snapper, SnapshotStorage, SQLiteSnapshotStorage, TooManyConsecutiveErrors
 from snapperable.engine import RATE_MARGIN, parse_rate_limit, process_context
 from snapperable.snapper import CHUNK
-from conftest import once
-from test_durability import child_env, finish, logged_items, wait_until  # noqa: F401  (child_env: a fixture)
+from conftest import once, wait_until
+from test_durability import child_env, finish, logged_items  # noqa: F401  (child_env: a fixture)
 
 TESTS = Path(__file__).resolve().parent
 CHILD = str(TESTS / "concurrency_child.py")

@@ -7,6 +7,7 @@ from snapperable.errors import (
     CheckpointFormatError,
     CheckpointLockedError,
     CheckpointMovedError,
+    ClusterTaskError,
     ForkedProcessError,
     FunctionChangedError,
     ItemKeyError,
@@ -66,5 +67,6 @@ __all__ = [
     "TooManyConsecutiveErrors",
     "ItemKeyError",
     "UnpicklableOutputError",
+    "ClusterTaskError",
     "__version__",
 ]

@@ -168,6 +168,11 @@ class StartPacer:
             return now
 
 
+def _pickle4(obj: object) -> bytes:
+    """The pickler of what a remote task is sent and sends back, unless its runner has its own."""
+    return pickle.dumps(obj, PICKLE_PROTOCOL)
+
+
 # -- running one item where the work runs -------------------------------------------------
 def _outcome_of(fn: Callable[[Any], Any], item: Any, pace: Optional[Callable[[], float]] = None) -> Outcome:
     started = time.time() if pace is None else pace()
@@ -211,9 +216,12 @@ def init_process_worker(fn_pickle: bytes) -> None:
     _worker_fn = pickle.loads(fn_pickle)
 
 
-def run_remote(fn_pickle: Optional[bytes], item_pickles: Sequence[bytes]) -> list[Outcome]:
+def run_remote(
+    fn_pickle: Optional[bytes], item_pickles: Sequence[bytes], dumps: Callable[[object], bytes] = _pickle4
+) -> list[Outcome]:
     """A task in another process: ``run_items`` on unpickled inputs, with every exception
-    made fit to travel back (its traceback attached; replaced if it cannot be pickled)."""
+    made fit to travel back (its traceback attached; replaced if ``dumps``, the pickler
+    that sends the outcomes back, cannot pickle it)."""
     global _last_fn
     if fn_pickle is None:
         fn = _worker_fn
@@ -227,16 +235,16 @@ def run_remote(fn_pickle: Optional[bytes], item_pickles: Sequence[bytes]) -> lis
     for item_pickle in item_pickles:
         started, ended, payload, exc = _outcome_of(fn, pickle.loads(item_pickle))
         if exc is not None:
-            exc = _travelling(exc)
+            exc = _travelling(exc, dumps)
         outcomes.append((started, ended, payload, exc))
     return outcomes
 
 
-def _travelling(exc: BaseException) -> BaseException:
+def _travelling(exc: BaseException, dumps: Callable[[object], bytes]) -> BaseException:
     """``exc``, made to arrive with its traceback as its ``__cause__`` (a pickle drops both)."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        pickle.loads(pickle.dumps(exc, PICKLE_PROTOCOL))
+        pickle.loads(dumps(exc))
     except Exception:
         exc = RuntimeError(f"fn raised an exception that cannot be sent back from its process:\n{text}")
     return _WithTraceback(exc, f'\n"""\n{text}"""')
@@ -248,6 +256,9 @@ class _WithTraceback(BaseException):
     def __init__(self, exc: BaseException, text: str) -> None:
         self.exc = exc
         self.text = text
+        # tblib (imported by Dask's distributed) may pickle every exception class with
+        # its own reducer, which sets the unpickled exception's __cause__ to this one's.
+        self.__cause__ = RemoteTraceback(text)
 
     def __reduce__(self) -> tuple[Callable[[BaseException, str], BaseException], tuple[BaseException, str]]:
         return _with_cause, (self.exc, self.text)
@@ -268,6 +279,8 @@ class Runner(Protocol):
     - ``target_task_seconds``: how long a task of many tiny items should last, to keep
       the per-task overhead small (the driver sizes tasks from measured item durations).
     - ``cancel_queued``: tasks not yet started are dropped; each gets ``done(id, CANCELLED)``.
+    - A remote runner may have ``item_dumps``, the pickler of its items (default: pickle,
+      protocol 4); the Dask runner pickles them as Dask would, with cloudpickle.
     - ``close(wait)``: release what the runner started (never a user's executor);
       ``wait=False`` (a second Ctrl-C) does not wait for running work.
     """
@@ -389,10 +402,10 @@ def process_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
-def picklable(what: str, obj: object, hint: str) -> bytes:
-    """``obj`` pickled, or a TypeError naming ``what`` could not be."""
+def picklable(what: str, obj: object, hint: str, dumps: Callable[[object], bytes] = _pickle4) -> bytes:
+    """``obj`` pickled (by ``dumps``), or a TypeError naming ``what`` could not be."""
     try:
-        return pickle.dumps(obj, PICKLE_PROTOCOL)
+        return dumps(obj)
     except Exception as exc:
         raise TypeError(f"{what} cannot be pickled, so it cannot be sent to {hint}: {exc}") from exc
 
@@ -453,6 +466,7 @@ class Driver:
         limiter: Optional[RateLimiter],
         progress: Optional[Callable[[int], None]],
         pickle_hint: str = "",
+        dumps: Optional[Callable[[object], bytes]] = None,
     ) -> None:
         self._policy = policy
         self._store = store
@@ -468,6 +482,7 @@ class Driver:
         self.pacer = None if limiter is None or remote else StartPacer(limiter.interval)
         self._progress = progress
         self._pickle_hint = pickle_hint
+        self._dumps = dumps or _pickle4  # the pickler of items for a remote runner
         self._tasks: dict[int, list[_Entry]] = {}
         self._next_task = 0
         self._retries: list[tuple[float, int, _Entry]] = []  # (due, tie-break, entry), a heap
@@ -525,7 +540,7 @@ class Driver:
             item, key = claim
             pickled = None
             if self._remote:
-                pickled = picklable(f"item {reprlib.repr(item)}", item, self._pickle_hint)
+                pickled = picklable(f"item {reprlib.repr(item)}", item, self._pickle_hint, self._dumps)
             entries.append(_Entry(item, key, pickled))
             self._alive += 1
         return entries

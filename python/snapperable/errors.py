@@ -223,6 +223,14 @@ class UnpicklableOutputError(SnapperableError, TypeError):
         return error
 
 
+class ClusterTaskError(SnapperableError, RuntimeError):
+    """The cluster could not run a task (its workers died running it, or it was lost).
+
+    Its items are not recorded; everything recorded before stays, and ``start()``
+    again resumes.
+    """
+
+
 __all__ = [
     "SnapperableError",
     "CheckpointError",
@@ -236,4 +244,5 @@ __all__ = [
     "TooManyConsecutiveErrors",
     "ItemKeyError",
     "UnpicklableOutputError",
+    "ClusterTaskError",
 ]

@@ -83,6 +83,8 @@ from snapperable.storage.files import storage_for
 if TYPE_CHECKING:
     from concurrent.futures import Executor
 
+    from distributed import Client
+
     from snapperable import engine, versioning
 
 T = TypeVar("T")
@@ -92,7 +94,7 @@ M = TypeVar("M")  # the placeholder of load(missing=...)
 log = logging.getLogger("snapperable")
 
 VersionPolicy = Literal["reprocess", "keep", "raise"]
-ExecutorChoice = Union[Literal["thread", "process"], "Executor"]
+ExecutorChoice = Union[Literal["thread", "process"], "Executor", "Client"]
 RateLimit = Union[int, float, str]
 # What version= pins: a str or any constant (DESIGN 5), e.g. ("v2", llm.model_name).
 # None only inside a tuple: version=None means "not pinned".
@@ -143,7 +145,9 @@ class Snapper(Generic[T, R]):
       an event loop.
     - ``executor``: ``"thread"`` (default), ``"process"`` (a pool of ``workers``
       processes; ``fn`` and the items must be picklable), or a
-      ``concurrent.futures.Executor`` of yours (never shut down by the Snapper).
+      ``concurrent.futures.Executor`` of yours (never shut down by the Snapper), or a
+      Dask ``distributed.Client`` (``fn`` runs on its cluster's workers, in tasks sized
+      to the work; the checkpoint stays here).
     - ``rate_limit``: at most this many calls started per second (``10``, ``"10/s"``,
       ``"600/min"``), over all workers, retries included.
     """
@@ -255,13 +259,18 @@ class Snapper(Generic[T, R]):
         if executor is not None and not isinstance(executor, str):
             from concurrent.futures import Executor
 
-            if not isinstance(executor, Executor):
+            from snapperable.engine_dask import client_of
+
+            if client_of(executor) is None and not isinstance(executor, Executor):
                 raise TypeError(
-                    'executor must be "thread", "process" or a concurrent.futures.Executor, '
-                    f"not {type(executor).__name__}"
+                    'executor must be "thread", "process", a concurrent.futures.Executor or a '
+                    f"distributed.Client, not {type(executor).__name__}"
                 )
         elif executor not in (None, "thread", "process"):
-            raise ValueError(f'executor must be "thread", "process" or a concurrent.futures.Executor, not {executor!r}')
+            raise ValueError(
+                'executor must be "thread", "process", a concurrent.futures.Executor or a '
+                f"distributed.Client, not {executor!r}"
+            )
         self._is_async = _is_async(fn)
         if self._is_async and executor not in (None, "thread"):
             raise ValueError("an async def fn runs as tasks on an event loop; executor= is for plain functions")
@@ -642,12 +651,17 @@ class Snapper(Generic[T, R]):
         if self.executor == "thread":
             return min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default
         if self.executor is not None:
+            from snapperable.engine_dask import client_of, cluster_threads
+
+            client = client_of(self.executor)
+            if client is not None:
+                return cluster_threads(client)
             return getattr(self.executor, "_max_workers", None) or os.cpu_count() or 1
         return 1
 
     def _runner(self) -> "engine.Runner":
         """Where a plain ``fn``'s tasks run (``executor=``)."""
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import Executor, ThreadPoolExecutor
 
         from snapperable import engine
 
@@ -658,6 +672,13 @@ class Snapper(Generic[T, R]):
         if executor == "process":
             return engine.process_runner(self.fn, workers)
         assert not isinstance(executor, str)
+        from snapperable import engine_dask
+
+        client = engine_dask.client_of(executor)
+        if client is not None:
+            # A client's executor passes its submit options (resources=, workers=, ...) on.
+            return engine_dask.DaskRunner(client, self.fn, getattr(executor, "_kwargs", None))
+        assert isinstance(executor, Executor)
         if isinstance(executor, ThreadPoolExecutor):
             return engine.ExecutorRunner(executor, remote=False, owned=False, fn_pickle=None)
         where = f"the workers of {type(executor).__name__}"
@@ -695,6 +716,7 @@ class Snapper(Generic[T, R]):
             limiter=limiter,
             progress=lambda status: progress.saved(1, failed=int(status == STATUS_FAILED)),
             pickle_hint=f"the workers of executor={self.executor!r}",
+            dumps=getattr(runner, "item_dumps", None),
         )
         drivers.append(driver)
         return driver
