@@ -425,3 +425,15 @@ def test_reads_a_read_only_file_in_a_read_only_directory(made: SnapshotStorage[A
             assert len(list(reader.items(1))) == 30
     finally:
         os.chmod(directory, 0o700)
+
+
+def test_store_inputs_with_workers(storage: SnapshotStorage[Any]) -> None:
+    with Snapper(range(40), triple, snapshot_storage=storage, store_inputs=True, workers=4) as s:
+        s.start()
+    with Snapper(range(40, 50), triple, snapshot_storage=storage, workers=4) as s:
+        s.start()  # store_inputs off: the engine keeps no input
+    with open_checkpoint(storage.path) as reader:
+        items = list(reader.items())
+    assert sorted(item.input() for item in items if item.has_input) == list(range(40))
+    assert all(item.output() == 3 * item.input() for item in items if item.has_input)
+    assert len(items) == 50

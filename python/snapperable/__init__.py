@@ -9,6 +9,7 @@ from snapperable.errors import (
     CheckpointFormatError,
     CheckpointLockedError,
     CheckpointMovedError,
+    ClusterTaskError,
     ForkedProcessError,
     FunctionChangedError,
     ItemKeyError,
@@ -85,5 +86,6 @@ __all__ = [
     "TooManyConsecutiveErrors",
     "ItemKeyError",
     "UnpicklableOutputError",
+    "ClusterTaskError",
     "__version__",
 ]
