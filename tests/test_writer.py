@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Iterator
 
 import pytest
 
 from snapperable._writer import GroupCommitWriter
-from snapperable.errors import WriterError
+from snapperable.errors import CheckpointError, WriterError
 
 
 class SlowSink:
@@ -118,10 +119,31 @@ def test_flush_waits_for_every_row_in_the_queue_however_it_got_there() -> None:
     sink = SlowSink(delay=0.01)
     writer: GroupCommitWriter[int] = GroupCommitWriter(sink, batch_size=1, max_wait_time=None, name="t")
     writer.record(0)
-    writer._pending.extend([1, 2, 3])  # appended as process() does, nothing counted
+    writer._pending.extend([1, 2, 3])  # appended as record_all does, nothing counted
     writer.flush()
     assert sink.rows == [0, 1, 2, 3]
-    writer._count_bytes(10**12)  # a byte count off by far more than the bound ...
+    writer._recorded_bytes += 10**12  # a byte count off by far more than the bound ...
     writer.record(4)  # ... makes record wait for room only while rows are pending
     writer.close()
     assert sink.rows == [0, 1, 2, 3, 4]
+
+
+def test_record_all_refuses_before_taking_a_row_and_bounds_the_buffer() -> None:
+    sink = SlowSink(delay=0.005)
+    writer: GroupCommitWriter[int] = GroupCommitWriter(
+        sink, batch_size=10**9, max_wait_time=None, name="t", max_pending=50
+    )
+    writer.record_all((i, 1) for i in range(1000))
+    writer.flush()
+    assert sink.rows == list(range(1000))
+    assert max(len(batch) for batch in sink.batches) <= 50  # whatever batch_size says
+    writer.close()
+    made: list[int] = []
+
+    def rows() -> Iterator[tuple[int, int]]:
+        made.append(1)  # the work of a row, which a closed writer must not ask for
+        yield (1000, 1)
+
+    with pytest.raises(CheckpointError, match="closed"):
+        writer.record_all(rows())
+    assert made == []
