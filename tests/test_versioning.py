@@ -1,4 +1,5 @@
-"""Function fingerprints (DESIGN 5): what must change them, what must not, and the words.
+"""Function fingerprints (docs/architecture.md 5): what must change them, what must not,
+and the words.
 
 Each test writes real source files and imports them, so an "edit" is a second file with
 the edited text, imported again.

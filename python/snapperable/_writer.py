@@ -1,4 +1,4 @@
-"""The pure-Python pending buffer and group-commit writer thread (DESIGN section 7).
+"""The pure-Python pending buffer and group-commit writer thread (docs/architecture.md 7).
 
 Used by the pure-Python SQLite store and by the pickle store; the Rust core has its own
 (``rust/writer.rs``) with the same behaviour. Items are handed over with ``record``,

@@ -238,7 +238,7 @@ class Snapper(Generic[T, R]):
         return self._fingerprint
 
     def _resolve_version(self, checkpoint: OpenCheckpoint) -> None:
-        """Decide which version's results this Snapper reads and writes (DESIGN 5).
+        """Decide which version's results this Snapper reads and writes (docs/architecture.md 5).
 
         Nothing is written here: ``plan()`` and the loads only read. What ``start()``
         must record about it (a new version, an accepted change, a return to an older

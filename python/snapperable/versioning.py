@@ -1,4 +1,4 @@
-"""Function fingerprints and "what changed" explanations (DESIGN section 5).
+"""Function fingerprints and "what changed" explanations (docs/architecture.md 5).
 
 A fingerprint changes when the behaviour of ``fn`` can change, and not otherwise. It is a
 set of named *parts* (each a hex digest, except the literal ``python`` and ``version``
