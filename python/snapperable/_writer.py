@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from operator import itemgetter
-from typing import Any, Callable, Generic, Iterable, Iterator, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Generic, Optional, Sequence, Tuple, TypeVar, Union
 
 from snapperable._contract import KEY_SIZE, PICKLE_PROTOCOL, ROW_OUTPUT, STATUS_OK, ItemRow, ProcessStop
 from snapperable.errors import CheckpointError, WriterError
@@ -32,7 +32,7 @@ MAX_PENDING_BYTES = 64 << 20
 
 Row = TypeVar("Row")
 
-# `record_all` brings the writer's byte count up to date at least this often.
+# `ItemRowWriter.process` brings the writer's byte count up to date at least this often.
 _UNCOUNTED_BYTES = 1 << 20
 
 # What ``process`` records for nearly every item, a plain success (ok at the first
@@ -117,40 +117,6 @@ class GroupCommitWriter(Generic[Row]):
         self._pending.append(row)
         self._recorded_bytes += size
         self._after_recording()
-
-    def record_all(self, rows: Iterable[tuple[Row, int]]) -> None:
-        """Hand over each ``(row, size)`` that ``rows`` yields, as ``record`` would, for a
-        loop that makes its rows as it goes (``WriterBackedStore.process``).
-
-        Refuses before taking the first row, so that nothing is computed for rows that
-        could not be saved. After that, the cost of a row is an append and one test:
-        the byte count is brought up to date in bulk, and the rest of ``record``'s work
-        (raising the writer's failure, timing the oldest row, waking the writer, waiting
-        for room) is done only when the writer is idle, the buffer is full, or many
-        bytes went uncounted. A writer that fails or stops sets ``_writer_idle`` too, so
-        that the one test notices everything.
-
-        Rows are not counted here: ``flush`` counts the deque itself, so a Ctrl-C at any
-        point can neither make it wait for rows that do not exist nor skip one that
-        does. (Bytes only bound memory; a Ctrl-C may leave them off by one chunk, and
-        ``_wait_for_room`` never waits on an empty deque.)
-        """
-        if self._error is not None or self._closing:
-            self._refuse()
-        pending = self._pending
-        append = pending.append
-        max_rows = self._max_pending
-        uncounted = 0  # bytes appended, not yet in _recorded_bytes
-        try:
-            for row, size in rows:
-                append(row)
-                uncounted += size
-                if self._writer_idle or len(pending) >= max_rows or uncounted >= _UNCOUNTED_BYTES:
-                    counted, uncounted = uncounted, 0
-                    self._recorded_bytes += counted
-                    self._after_recording()
-        finally:
-            self._recorded_bytes += uncounted
 
     def _after_recording(self) -> None:
         """Raise the writer's failure, time the oldest pending row, wake an idle writer,
@@ -276,6 +242,72 @@ class GroupCommitWriter(Generic[Row]):
                 self._cond.notify_all()
 
 
+class ItemRowWriter(GroupCommitWriter[PendingRow]):
+    """The writer of the pure stores' item rows, with the per-item loop that feeds it.
+
+    ``process`` is its one appending method besides ``record``: the hot loop of
+    ``CheckpointStore.process``. It is a method of the writer because of how it feeds
+    the buffer. Each row costs an append and one test: the loop appends to ``_pending``
+    itself and brings the byte count up to date in bulk, and the rest of ``record``'s
+    work (raising the writer's failure, timing the oldest row, waking the writer,
+    waiting for room) runs only when the writer is idle, the buffer is full, or many
+    bytes went uncounted. A writer that fails or stops sets ``_writer_idle`` too, so
+    that the one test notices everything. (An appending method that takes rows from
+    the store, over a generator or one call per row, costs the pure row more:
+    ``benches/README.md``.)
+
+    Rows are not counted by the loop: ``flush`` counts the deque itself, so a Ctrl-C at
+    any point can neither make it wait for rows that do not exist nor skip one that
+    does. (Bytes only bound memory; a Ctrl-C may leave them off by one chunk, and
+    ``_wait_for_room`` never waits on an empty deque.)
+    """
+
+    def process(
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        keys: bytes,
+        positions: Sequence[int],
+        version: int,
+    ) -> Optional[ProcessStop]:
+        """``CheckpointStore.process`` (see ``_contract``): a plain ok row for each item.
+
+        Refuses before the first item, so that nothing is computed for rows that could
+        not be saved.
+        """
+        if self._error is not None or self._closing:
+            self._refuse()
+        pending = self._pending
+        append = pending.append
+        max_rows = self._max_pending
+        now = time.time
+        dumps = pickle.dumps
+        protocol = PICKLE_PROTOCOL
+        key_size = KEY_SIZE
+        size = 0  # bytes appended, not yet in _recorded_bytes
+        try:
+            for index, position in enumerate(positions):
+                started = now()
+                try:
+                    output = fn(items[position])
+                except BaseException as exc:
+                    return index, started, exc, False, None
+                try:
+                    payload = dumps(output, protocol)
+                except BaseException as exc:
+                    return index, started, exc, True, output
+                at = position * key_size
+                append((keys[at : at + key_size], version, started, now(), payload))
+                size += len(payload)
+                if self._writer_idle or len(pending) >= max_rows or size >= _UNCOUNTED_BYTES:
+                    counted, size = size, 0
+                    self._recorded_bytes += counted
+                    self._after_recording()
+        finally:
+            self._recorded_bytes += size
+        return None
+
+
 class WriterBackedStore:
     """The write half of the pure-Python stores (SQLite and pickle).
 
@@ -286,7 +318,7 @@ class WriterBackedStore:
     flush: Callable[[], None]  # bound straight to the writer's
 
     def _start_writer(self, path: str, batch_size: int, max_wait_time: Optional[float]) -> None:
-        self._writer: GroupCommitWriter[PendingRow] = GroupCommitWriter(
+        self._writer = ItemRowWriter(
             self._commit,
             settle=self._settle,
             batch_size=batch_size,
@@ -309,9 +341,7 @@ class WriterBackedStore:
         version: int,
     ) -> Optional[ProcessStop]:
         """The per-item hot loop of the pure-Python backend (contract in ``_contract``)."""
-        stop: list[ProcessStop] = []
-        self._writer.record_all(_plain_ok_rows(fn, items, keys, positions, version, stop))
-        return stop[0] if stop else None
+        return self._writer.process(fn, items, keys, positions, version)
 
     def _commit(self, rows: list[PendingRow]) -> Optional[int]:
         """Commit ``rows`` (see ``GroupCommitWriter`` for a pipelined commit's return)."""
@@ -336,37 +366,6 @@ class WriterBackedStore:
             # for the (daemon) writer to finish its commit, rather than closing under it.
             if self._writer.stopped:
                 self._release()
-
-
-def _plain_ok_rows(
-    fn: Callable[[Any], Any],
-    items: Sequence[Any],
-    keys: bytes,
-    positions: Sequence[int],
-    version: int,
-    stop: list[ProcessStop],
-) -> Iterator[tuple[PendingRow, int]]:
-    """For each position in turn: ``fn`` of its item, and the plain ok row of the result
-    with its size (the pickled output's length). At the first exception, from ``fn`` or
-    from pickling its output, the rows end and ``stop`` gets what ``process`` returns."""
-    now = time.time
-    dumps = pickle.dumps
-    protocol = PICKLE_PROTOCOL
-    key_size = KEY_SIZE
-    for index, position in enumerate(positions):
-        started = now()
-        try:
-            output = fn(items[position])
-        except BaseException as exc:
-            stop.append((index, started, exc, False, None))
-            return
-        try:
-            payload = dumps(output, protocol)
-        except BaseException as exc:
-            stop.append((index, started, exc, True, output))
-            return
-        at = position * key_size
-        yield (keys[at : at + key_size], version, started, now(), payload), len(payload)
 
 
 _OUTPUT = itemgetter(ROW_OUTPUT)
