@@ -1,10 +1,11 @@
 """The pure-Python pending buffer and group-commit writer thread (docs/architecture.md 7).
 
 Used by the pure-Python SQLite store and by the pickle store; the Rust core has its own
-(``rust/writer.rs``) with the same behaviour. Items are handed over with ``record``,
-which only appends to a list; a background thread commits whatever has accumulated in
-one transaction, so a slow commit (an fsync) groups every item that finished meanwhile
-and the per-item cost stays small even at ``batch_size=1``.
+(``rust/writer.rs``) with the same behaviour. Items are handed over with ``record``, or
+by the per-item loop ``ItemRowWriter.process``, which only append to a queue; a
+background thread commits whatever has accumulated in one transaction, so a slow
+commit (an fsync) groups every item that finished meanwhile and the per-item cost stays
+small even at ``batch_size=1``.
 """
 
 from __future__ import annotations
@@ -253,7 +254,7 @@ class ItemRowWriter(GroupCommitWriter[PendingRow]):
     waiting for room) runs only when the writer is idle, the buffer is full, or many
     bytes went uncounted. A writer that fails or stops sets ``_writer_idle`` too, so
     that the one test notices everything. (An appending method that takes rows from
-    the store, over a generator or one call per row, costs the pure row more:
+    the store, over a generator or one call per row, costs the loop more:
     ``benches/README.md``.)
 
     Rows are not counted by the loop: ``flush`` counts the deque itself, so a Ctrl-C at
@@ -311,7 +312,7 @@ class ItemRowWriter(GroupCommitWriter[PendingRow]):
 class WriterBackedStore:
     """The write half of the pure-Python stores (SQLite and pickle).
 
-    Rows go through a ``GroupCommitWriter`` to the subclass's ``_commit``; ``close``
+    Rows go through an ``ItemRowWriter`` to the subclass's ``_commit``; ``close``
     stops the writer, then ``_release`` lets go of the file.
     """
 
