@@ -90,7 +90,7 @@ def test_fatal_exceptions_raise_at_once(storage: SnapshotStorage[Any]) -> None:
 
 def test_max_consecutive_exceptions_halts(storage: SnapshotStorage[Any]) -> None:
     fn = Flaky({1, 3, 4, 5, 6})
-    with pytest.raises(TooManyConsecutiveErrors, match="3 items failed in a row.*ValueError: bad item 5") as info:
+    with pytest.raises(TooManyConsecutiveErrors, match="3 consecutive items failed.*ValueError: bad item 5") as info:
         snap(storage, range(10), fn, skip_item_errors=True, max_consecutive_exceptions=3).start()
     assert isinstance(info.value.__cause__, ValueError)
     assert 6 not in fn.calls  # halted right after the third failure in a row
@@ -174,12 +174,12 @@ def test_report_markdown_and_json(storage: SnapshotStorage[Any]) -> None:
     snapper = snap(storage, range(10), mixed, skip_item_errors=True)
     snapper.start()
     data = json.loads(snapper.generate_report(format="json"))
-    assert (data["total"], data["successes"], data["failures"]) == (10, 7, 3)
+    assert (data["total_items"], data["successful_items"], data["failed_count"]) == (10, 7, 3)
     assert data["failures_by_type"]["builtins.ValueError"]["count"] == 2
-    assert data["failures_by_type"]["builtins.KeyError"]["example"]["item"] == "8"
-    d = data["duration"]
-    assert d["min"] <= d["p50"] <= d["p95"] <= d["max"]
-    assert data["time_range"]["first_start"] <= data["time_range"]["last_end"]
+    assert data["failures_by_type"]["builtins.KeyError"]["example"]["input_item"] == "8"
+    assert data["min_duration"] <= data["p50_duration"] <= data["p95_duration"] <= data["max_duration"]
+    assert data["processing_start"] <= data["processing_end"]
+    assert sorted(f["input_item"] for f in data["failed_items"]) == ["1", "2", "8"]
     text = snapper.generate_report()
     assert "10 (7 succeeded, 3 failed" in text
     assert "| builtins.ValueError | 2 |" in text and "p95" in text
@@ -188,13 +188,14 @@ def test_report_markdown_and_json(storage: SnapshotStorage[Any]) -> None:
 
 
 def test_report_slow_outliers() -> None:
-    from snapperable.metrics import summarize
+    from snapperable import generate_metrics_report
 
-    metrics = [ProcessingMetric(key=f"{i:032x}", success=True, started=0.0, ended=0.01, attempts=1) for i in range(50)]
-    metrics.append(ProcessingMetric(key="f" * 32, success=True, started=0.0, ended=5.0, attempts=1))
-    summary = summarize(metrics)
-    assert [o["key"] for o in summary["slow_outliers"]] == ["f" * 32]
-    assert summary["duration"]["p50"] == pytest.approx(0.01)
+    metrics = [ProcessingMetric(i, 0.0, 0.01, True, key=f"{i:032x}") for i in range(50)]
+    metrics.append(ProcessingMetric("slow", 0.0, 5.0, True, key="f" * 32))
+    report = generate_metrics_report(metrics)
+    assert [(o["key"], o["input_item"]) for o in report["slow_outliers"]] == [("f" * 32, "'slow'")]
+    assert report["fast_outliers"] == []
+    assert report["p50_duration"] == pytest.approx(0.01)
 
 
 def test_plan_counts_done_new_stale_failed(storage: SnapshotStorage[Any]) -> None:
@@ -226,4 +227,4 @@ def test_metrics_count_each_item_once(storage: SnapshotStorage[Any]) -> None:
     retried.start()
     metrics = retried.load_metrics()
     assert len(metrics) == 4 and all(m.success for m in metrics)
-    assert json.loads(retried.generate_report(format="json"))["failures"] == 0
+    assert json.loads(retried.generate_report(format="json"))["failed_count"] == 0

@@ -13,7 +13,14 @@ from snapperable.errors import (
     UnpicklableOutputError,
     WriterError,
 )
-from snapperable.metrics import FailedItem, ProcessingMetric, RunPlan
+from snapperable.metrics import (
+    FailedItem,
+    ProcessingMetric,
+    RunPlan,
+    generate_json_report,
+    generate_markdown_report,
+    generate_metrics_report,
+)
 from snapperable.snapper import Snapper
 from snapperable.storage.base import SnapshotStorage
 from snapperable.storage.pickle_storage import PickleSnapshotStorage
@@ -29,6 +36,9 @@ __all__ = [
     "FailedItem",
     "ProcessingMetric",
     "RunPlan",
+    "generate_metrics_report",
+    "generate_json_report",
+    "generate_markdown_report",
     "backend",
     "SnapperableError",
     "CheckpointError",

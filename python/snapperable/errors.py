@@ -45,7 +45,7 @@ class FunctionChangedError(SnapperableError, RuntimeError):
 
 
 class TooManyConsecutiveErrors(SnapperableError, RuntimeError):
-    """``max_consecutive_exceptions`` items failed in a row; the run was halted."""
+    """``max_consecutive_exceptions`` consecutive items failed; the run was halted."""
 
 
 class UnpicklableOutputError(SnapperableError, TypeError):

@@ -471,7 +471,7 @@ class Snapper(Generic[T, R]):
         limit = self.max_consecutive_exceptions
         if limit is not None and count >= limit:
             raise TooManyConsecutiveErrors(
-                f"{count} items failed in a row; halting. The last raised "
+                f"{count} consecutive items failed; halting. The last raised "
                 f"{type(last).__name__}: {last}"
             ) from last
 
@@ -504,7 +504,28 @@ class Snapper(Generic[T, R]):
             version = self._version_id
             assert version is not None
             latest = {row.key: row for row in checkpoint.store.rows(version)}
-            return [metric_from_row(row) for row in latest.values()]
+            inputs = self._items_by_key({key for key, row in latest.items() if row.input is None})
+            return [metric_from_row(row, inputs.get(row.key)) for row in latest.values()]
+
+    def _items_by_key(self, wanted: set[bytes]) -> dict[bytes, T]:
+        """The first item of the current iterable for each key in ``wanted``.
+
+        Only the checkpoint's failed rows keep their input, so this is how a metric
+        names the item it is about. A one-shot iterator is never read for it (it
+        would be used up): its metrics keep ``input_item=None`` unless stored.
+        """
+        found: dict[bytes, T] = {}
+        if not wanted or iter(self.iterable) is self.iterable:
+            return found
+        for chunk in self._chunks():
+            keys = self._keys_of(chunk)
+            for position, item in enumerate(chunk):
+                key = keys[position * KEY_SIZE : (position + 1) * KEY_SIZE]
+                if key in wanted and key not in found:
+                    found[key] = item
+            if len(found) == len(wanted):
+                break
+        return found
 
     def generate_report(self, format: Literal["markdown", "json"] = "markdown") -> str:
         """A summary of the saved metrics: totals, durations, outliers, failures by type."""
