@@ -40,6 +40,9 @@ GOAL_RUST_X_FLOOR = 2.5
 GOAL_PURE_X_FLOOR = 8.0
 GOAL_RESUME_1M_S = 0.5
 GOAL_RSS_3M_MB = 250.0
+GOAL_OPEN_STATE_EXTRA_MS = 50.0  # issue #9: a 400 MB object fn reads adds < 50 ms to an open
+STATE_MB = 400
+OPEN_ITEMS = 1000
 
 
 def _cpu() -> float:
@@ -52,6 +55,21 @@ def _cpu() -> float:
 def fn(x: int) -> int:
     """The trivial function every variant runs."""
     return x + 1
+
+
+class Model:
+    """Stands for a model's weights: a large object held by a global that a function reads."""
+
+    def __init__(self, size: int) -> None:
+        self.weights = bytearray(size)
+
+
+model = Model(0)  # the open worker puts STATE_MB in it before it times anything
+
+
+def fn_with_model(x: int) -> int:
+    """``fn``, reading the model: its fingerprint covers ``model`` by type only."""
+    return x + 1 + 0 * len(model.weights)
 
 
 # ======================================================================================
@@ -177,6 +195,23 @@ def _w_generator(n: int, path: str, **_: Any) -> dict[str, Any]:
     return {"start": t1 - t0, "load": t2 - t1, "self_maxrss_kb": rss_kb, "backend": snapperable.backend}
 
 
+def _w_open(n: int, path: str, big: bool, **_: Any) -> dict[str, Any]:
+    """Open a finished checkpoint of ``fn`` or ``fn_with_model``: start() processes nothing."""
+    global model
+    import snapperable
+    from snapperable import Snapper, SQLiteSnapshotStorage
+
+    if big:
+        model = Model(STATE_MB << 20)
+    target = fn_with_model if big else fn
+    items = list(range(n))
+    t0 = time.perf_counter()
+    snapper = Snapper(items, target, snapshot_storage=SQLiteSnapshotStorage(path))
+    snapper.start()
+    t1 = time.perf_counter()
+    return {"seconds": t1 - t0, "done": snapper.plan().done, "backend": snapperable.backend}
+
+
 def _w_baseline(**_: Any) -> dict[str, Any]:
     """Memory of the interpreter with snapperable imported, before any work."""
     import resource
@@ -196,6 +231,7 @@ WORKERS: dict[str, Callable[..., dict[str, Any]]] = {
     "sqlite": _w_sqlite,
     "resume": _w_resume,
     "generator": _w_generator,
+    "open": _w_open,
     "baseline": _w_baseline,
 }
 
@@ -494,6 +530,8 @@ def main() -> int:
         resume = measure_resume(bench, n_resume, repeat, has_rust)
         # --- peak memory of a long generator run ------------------------------------------
         memory = measure_memory(bench, n_rss, has_rust)
+        # --- opening a checkpoint whose fn reads a large object ---------------------------
+        opening = measure_open_with_state(bench, repeat, has_rust)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -501,6 +539,9 @@ def main() -> int:
     elapsed = time.perf_counter() - t_start
     report["loadavg_after"] = os.getloadavg()[0]
     print_report(rows, fixed, resume, memory, n, n_resume, n_rss, repeat, elapsed, quick)
+    print_open_with_state(opening, repeat)
+    print()
+    print(f"Total benchmark time {elapsed:.0f} s." + ("  (--quick: sizes below the goals' sizes)" if quick else ""))
     print(f"1-minute load average: {load_before:.2f} before, {report['loadavg_after']:.2f} after "
           f"(the benchmark itself keeps about 1-1.5 cores busy).")
 
@@ -508,6 +549,7 @@ def main() -> int:
         report["rows"] = [{"label": l, "key": k, "result": r, "note": s} for l, k, r, s in rows]
         report["resume"] = resume
         report["memory"] = memory
+        report["open_with_state"] = opening
         report["elapsed_s"] = elapsed
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
@@ -596,6 +638,27 @@ def measure_memory(bench: Bench, n: int, has_rust: bool) -> dict[str, Any]:
     return out
 
 
+def measure_open_with_state(bench: Bench, repeat: int, has_rust: bool) -> dict[str, Any]:
+    """Fresh processes opening a finished checkpoint of fn, and of fn reading a big object."""
+    backend = "rust" if has_rust else "python"
+    out: dict[str, Any] = {"backend": backend, "items": OPEN_ITEMS, "state_mb": STATE_MB}
+    for big in (False, True):
+        label = "big" if big else "none"
+        path = bench.fresh(f"open-{label}.db")
+        try:
+            bench.progress(f"open with {'a ' + str(STATE_MB) + ' MB' if big else 'no'} object, {backend}")
+            run_worker("open", backend, n=OPEN_ITEMS, path=path, big=big)  # writes the checkpoint
+            runs = [run_worker("open", backend, n=OPEN_ITEMS, path=path, big=big) for _ in range(repeat)]
+        except WorkerFailed as exc:
+            out[label] = {"note": f"n/a (failed: {str(exc)[:70]})"}
+            continue
+        if any(res["done"] != OPEN_ITEMS for res in runs):
+            out["warning"] = f"an open with {label} object did not find every item done: it reprocessed"
+        out[label] = {"seconds": statistics.median(res["seconds"] for res in runs),
+                      "peak_mb": max(res["child_maxrss_kb"] for res in runs) / 1024}
+    return out
+
+
 # -- printing --------------------------------------------------------------------------
 
 
@@ -674,8 +737,26 @@ def print_report(rows: list[tuple[str, str, Optional[dict[str, Any]], str]], fix
                     if full else f"   (goal <= {GOAL_RSS_3M_MB:g} MB is for 3M items)")
         print(f"  {label:<12} {r['peak_mb']:6.0f} MB  (interpreter + import {r['baseline_mb']:.0f} MB; "
               f"start {r['start']:.1f} s, load {r['load']:.1f} s){goal}")
+
+
+def print_open_with_state(opening: dict[str, Any], repeat: int) -> None:
     print()
-    print(f"Total benchmark time {elapsed:.0f} s." + ("  (--quick: sizes below the goals' sizes)" if quick else ""))
+    print(f"Opening a finished {opening['items']:,}-item checkpoint ({opening['backend']}), fresh process, median "
+          f"of {repeat}: Snapper(...) -> start() (processes nothing), with fn reading no large object, and one\n"
+          f"reading a {opening['state_mb']} MB object (state: its fingerprint counts its type only):")
+    none, big = opening.get("none", {}), opening.get("big", {})
+    for label, r in (("fn reads no large object", none), (f"fn reads a {opening['state_mb']} MB object", big)):
+        if "seconds" not in r:
+            print(f"  {label:<28} {r.get('note', 'n/a')}")
+            continue
+        extra = ""
+        if r is big and "seconds" in none:
+            more_ms = (big["seconds"] - none["seconds"]) * 1000
+            extra = (f"   {more_ms:+.1f} ms; goal < +{GOAL_OPEN_STATE_EXTRA_MS:g} ms "
+                     + ("ok" if more_ms < GOAL_OPEN_STATE_EXTRA_MS else "MISS"))
+        print(f"  {label:<28} {r['seconds'] * 1000:7.1f} ms  (peak RSS {r['peak_mb']:.0f} MB){extra}")
+    if "warning" in opening:
+        print(f"  WARNING: {opening['warning']}")
 
 
 if __name__ == "__main__":

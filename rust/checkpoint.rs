@@ -47,10 +47,8 @@ fn with_store<R>(
     store: &SharedStore,
     f: impl FnOnce(&mut Store) -> Result<R>,
 ) -> Result<R> {
-    let mut guard: MutexGuard<'_, Option<Store>> = store.lock().map_err(|_| Error::Checkpoint {
-        path: path.to_owned(),
-        detail: "internal state was left inconsistent by an earlier panic".to_owned(),
-    })?;
+    let mut guard: MutexGuard<'_, Option<Store>> =
+        store.lock().map_err(|_| Error::poisoned(path))?;
     match guard.as_mut() {
         Some(store) => f(store),
         None => Err(Error::Closed {

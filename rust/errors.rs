@@ -2,29 +2,60 @@
 //!
 //! Domain code (keys, store, writer) returns [`Error`] and knows nothing of Python; the
 //! binding layer converts with `?` through `From<Error> for PyErr`, which maps every
-//! variant onto a class of `snapperable.errors` so that callers see the same exception
-//! types whichever backend is active.
+//! variant onto a class of `snapperable.errors` (imported with `import_exception!`, as
+//! pyca/cryptography does), so callers see the same exception types whichever backend
+//! is active.
+//!
+//! The words of each message are not here: each variant carries the facts of its
+//! failure, and the classmethod of `snapperable/errors.py` that the pure-Python backend
+//! calls for the same failure builds the message from them (`CheckpointFormatError.newer`
+//! for [`Error::Format`], ...). So a failure reads the same from either backend.
 
+use std::any::Any;
 use std::fmt;
 
-use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyType;
+use pyo3::types::PyTuple;
+use pyo3::PyTypeInfo;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+mod classes {
+    pyo3::import_exception!(snapperable.errors, CheckpointError);
+    pyo3::import_exception!(snapperable.errors, CheckpointCorruptError);
+    pyo3::import_exception!(snapperable.errors, CheckpointFormatError);
+    pyo3::import_exception!(snapperable.errors, WriterError);
+    pyo3::import_exception!(snapperable.errors, ForkedProcessError);
+}
+use classes::{
+    CheckpointCorruptError, CheckpointError, CheckpointFormatError, ForkedProcessError, WriterError,
+};
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
-    /// Not a SQLite database, damaged, or not a snapperable checkpoint. `problem` reads
-    /// after the path: "is not a snapperable checkpoint".
+    /// The file is not a snapperable checkpoint; `reason` says what gave it away
+    /// ("application_id 0", or SQLite's "file is not a database").
+    NotACheckpoint { path: String, reason: String },
+    /// A checkpoint, damaged; `problem` says how (SQLite's message, or what was found).
     Corrupt { path: String, problem: String },
+    /// Item row `seq` (None if even that is unreadable) is not what the format says.
+    BadRow {
+        path: String,
+        seq: Option<i64>,
+        problem: String,
+    },
+    /// Item row `seq` has a key that is not a 16-byte blob.
+    BadKey { path: String, seq: Option<i64> },
     /// A checkpoint written by a newer, incompatible format version.
     Format {
         path: String,
         found: i64,
         supported: i64,
     },
-    /// Any other failure to open, read or write a checkpoint.
+    /// The file could not be created.
+    CannotCreate { path: String, reason: String },
+    /// Any other failure to open, read or write a checkpoint (for SQLite: its message).
     Checkpoint { path: String, detail: String },
     /// The background writer failed; `cause` is what it failed with.
     Writer { path: String, cause: Box<Error> },
@@ -39,76 +70,95 @@ pub enum Error {
     Key(String),
 }
 
+impl Error {
+    /// A lock poisoned by a panic while it was held: never a user's input or file, but
+    /// if it happens it must surface as an error, not as a second panic.
+    pub fn poisoned(path: &str) -> Self {
+        Error::Checkpoint {
+            path: path.to_owned(),
+            detail: "internal state was left inconsistent by an earlier panic".to_owned(),
+        }
+    }
+
+    /// A panic of one of the core's threads (`thread` names it): a bug, never a user's
+    /// input or file, reported with the panic's message.
+    pub fn panicked(path: &str, thread: &str, payload: &(dyn Any + Send)) -> Self {
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("no message");
+        Error::Checkpoint {
+            path: path.to_owned(),
+            detail: format!("internal error: the {thread} thread panicked ({message})"),
+        }
+    }
+}
+
+/// For Rust callers and tests only: the message a user sees is built by
+/// `snapperable.errors` (see [`Error::into_pyerr`]), except for the two variants that
+/// are plain `ValueError`/`TypeError` messages.
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Corrupt { path, problem } => write!(
-                f,
-                "checkpoint {path} {problem}; snapperable never resets such a file: move it \
-                 aside (or restore a backup) and run again"
-            ),
-            Error::Format {
-                path,
-                found,
-                supported,
-            } => write!(
-                f,
-                "checkpoint {path} has format version {found}, newer than this snapperable \
-                 reads (up to {supported}); upgrade snapperable to resume it"
-            ),
-            Error::Checkpoint { path, detail } => write!(f, "checkpoint {path}: {detail}"),
-            Error::Writer { path, cause } => write!(
-                f,
-                "the background writer failed to save results to {path}; nothing recorded \
-                 after the failure was saved: {cause}"
-            ),
-            Error::Closed { path } => write!(f, "checkpoint {path} is closed"),
-            Error::Forked { path, owner } => write!(
-                f,
-                "checkpoint {path} was opened in process {owner}; a forked child cannot use \
-                 it: open a checkpoint of its own in the child"
-            ),
             Error::InvalidArgument(message) | Error::Key(message) => f.write_str(message),
+            other => fmt::Debug::fmt(other, f),
         }
     }
 }
 
 impl std::error::Error for Error {}
 
-/// The class of `snapperable.errors` named `name`, or `None` if the module cannot be
-/// imported (a broken installation): the caller then falls back to the builtin base.
-fn snapperable_error_class<'py>(py: Python<'py>, name: &str) -> Option<Bound<'py, PyType>> {
-    let module = py.import("snapperable.errors").ok()?;
-    module.getattr(name).ok()?.cast_into::<PyType>().ok()
-}
-
-fn raise_as<Fallback: pyo3::PyTypeInfo>(py: Python<'_>, class: &str, message: String) -> PyErr {
-    match snapperable_error_class(py, class) {
-        Some(cls) => PyErr::from_type(cls, message),
-        None => PyErr::new::<Fallback, _>(message),
+/// The exception `Class.builder(*args)` returns: a class of `snapperable.errors` and
+/// one of its message-building classmethods. If the call itself fails (a broken
+/// installation), that failure is what is raised.
+fn built<'py, Class: PyTypeInfo>(
+    py: Python<'py>,
+    builder: &str,
+    args: impl pyo3::call::PyCallArgs<'py>,
+) -> PyErr {
+    match Class::type_object(py).call_method1(builder, args) {
+        Ok(exception) => PyErr::from_value(exception),
+        Err(failed) => failed,
     }
 }
 
 impl Error {
     fn into_pyerr(self, py: Python<'_>) -> PyErr {
-        let message = self.to_string();
+        type Corrupt = CheckpointCorruptError;
         match self {
-            Error::Corrupt { .. } => {
-                raise_as::<PyValueError>(py, "CheckpointCorruptError", message)
+            Error::NotACheckpoint { path, reason } => {
+                built::<Corrupt>(py, "not_a_checkpoint", (path, reason))
             }
-            Error::Format { .. } => raise_as::<PyValueError>(py, "CheckpointFormatError", message),
-            Error::Checkpoint { .. } | Error::Closed { .. } => {
-                raise_as::<PyOSError>(py, "CheckpointError", message)
+            Error::Corrupt { path, problem } => built::<Corrupt>(py, "damaged", (path, problem)),
+            Error::BadRow { path, seq, problem } => {
+                built::<Corrupt>(py, "bad_row", (path, seq, problem))
             }
-            Error::Writer { cause, .. } => {
+            Error::BadKey { path, seq } => built::<Corrupt>(py, "bad_key", (path, seq)),
+            Error::Format {
+                path,
+                found,
+                supported,
+            } => built::<CheckpointFormatError>(py, "newer", (path, found, supported)),
+            Error::CannotCreate { path, reason } => {
+                built::<CheckpointError>(py, "cannot_create", (path, reason))
+            }
+            Error::Checkpoint { path, detail } => {
+                built::<CheckpointError>(py, "failed", (path, detail))
+            }
+            Error::Closed { path } => built::<CheckpointError>(py, "closed", (path,)),
+            Error::Writer { path, cause } => {
                 // Chained, so a traceback shows the SQLite failure as the direct cause.
-                let err = raise_as::<PyOSError>(py, "WriterError", message);
-                err.set_cause(py, Some(cause.into_pyerr(py)));
+                let cause = cause.into_pyerr(py);
+                let err = built::<WriterError>(py, "stopped_by", (path, cause.value(py)));
+                err.set_cause(py, Some(cause));
                 err
             }
-            Error::Forked { .. } => raise_as::<PyRuntimeError>(py, "ForkedProcessError", message),
-            Error::InvalidArgument(_) => PyValueError::new_err(message),
-            Error::Key(_) => PyTypeError::new_err(message),
+            Error::Forked { path, owner } => {
+                built::<ForkedProcessError>(py, "opened_in", (path, owner))
+            }
+            Error::InvalidArgument(message) => PyValueError::new_err(message),
+            Error::Key(message) => PyTypeError::new_err(message),
         }
     }
 }
@@ -117,4 +167,17 @@ impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {
         Python::attach(|py| err.into_pyerr(py))
     }
+}
+
+/// A saved output of the checkpoint at `path` that does not unpickle (`cause`, chained):
+/// damage to the checkpoint, as the pure backend reports it.
+pub fn unreadable_output(py: Python<'_>, path: &str, cause: PyErr) -> PyErr {
+    let err = built::<CheckpointCorruptError>(py, "unreadable_output", (path, cause.value(py)));
+    err.set_cause(py, Some(cause));
+    err
+}
+
+/// A function version's record (`record`, its fields as read) that is not valid.
+pub fn bad_version_record(py: Python<'_>, path: &str, record: Bound<'_, PyTuple>) -> PyErr {
+    built::<CheckpointCorruptError>(py, "bad_version_record", (path, record))
 }

@@ -1,8 +1,8 @@
-//! Input keys: the canonical encoding of DESIGN section 4, byte for byte the same as the
-//! pure-Python reference `snapperable/keys.py`, and a compact set of keys.
+//! Input keys: the canonical encoding of docs/architecture.md section 4, byte for byte
+//! the same as the pure-Python reference `snapperable/keys.py`, and a compact set of keys.
 //!
 //! This module is pure Rust: it encodes values already taken apart into Rust types.
-//! Walking Python objects (which needs the interpreter) lives in `py_keys.rs`.
+//! Walking Python objects (which needs the interpreter) lives in `python/keys.rs`.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
@@ -10,9 +10,9 @@ use std::hash::{BuildHasherDefault, Hash, Hasher};
 use blake2b_simd::many::{hash_many, HashManyJob};
 use blake2b_simd::Params;
 
+use crate::contract::KEY_SIZE;
 use crate::errors::{Error, Result};
 
-pub const KEY_SIZE: usize = 16;
 pub type Key = [u8; KEY_SIZE];
 
 /// Containers nested deeper than this cannot be keyed (they could exhaust the stack).
@@ -565,15 +565,22 @@ pub fn keys_distinct(keys: &[u8]) -> bool {
     all_distinct(suspects)
 }
 
-/// The keys of a buffer of concatenated keys; an error if its length is not a multiple
-/// of [`KEY_SIZE`].
-pub fn split_keys(keys: &[u8]) -> Result<impl Iterator<Item = Key> + '_> {
+/// How many keys a buffer of concatenated keys holds; an error if its length is not a
+/// multiple of [`KEY_SIZE`].
+pub fn key_count(keys: &[u8]) -> Result<usize> {
     if !keys.len().is_multiple_of(KEY_SIZE) {
         return Err(Error::InvalidArgument(format!(
             "keys must be a concatenation of {KEY_SIZE}-byte keys, got {} bytes",
             keys.len()
         )));
     }
+    Ok(keys.len() / KEY_SIZE)
+}
+
+/// The keys of a buffer of concatenated keys; an error if its length is not a multiple
+/// of [`KEY_SIZE`].
+pub fn split_keys(keys: &[u8]) -> Result<impl Iterator<Item = Key> + '_> {
+    key_count(keys)?;
     Ok(keys.chunks_exact(KEY_SIZE).map(|chunk| {
         let mut key = [0u8; KEY_SIZE];
         key.copy_from_slice(chunk);

@@ -1,4 +1,4 @@
-//! The pending buffer and its background writer (DESIGN 7): group commit.
+//! The pending buffer and its background writer (docs/architecture.md 7): group commit.
 //!
 //! `record` only appends to a buffer under a mutex, so the caller's loop never waits for
 //! the disk. One writer thread commits *everything* pending in one transaction whenever a
@@ -9,7 +9,6 @@
 //!
 //! Generic over the row type and the commit function, so it is tested without SQLite.
 
-use std::any::Any;
 use std::mem;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -161,30 +160,8 @@ fn forks_so_far() -> u64 {
     fork_count().unwrap_or(0)
 }
 
-/// A panic while the lock was held cannot come from user input, but if it happens it
-/// must surface as an error, not as a second panic.
-fn poisoned(path: &str) -> Error {
-    Error::Checkpoint {
-        path: path.to_owned(),
-        detail: "internal state was left inconsistent by an earlier panic".to_owned(),
-    }
-}
-
 fn lock<'a, T>(path: &str, mutex: &'a Mutex<T>) -> Result<MutexGuard<'a, T>> {
-    mutex.lock().map_err(|_| poisoned(path))
-}
-
-/// The writer's failure for a panic of its thread (a bug, never a user's input or file).
-fn panicked(path: &str, payload: &(dyn Any + Send)) -> Error {
-    let message = payload
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("no message");
-    Error::Checkpoint {
-        path: path.to_owned(),
-        detail: format!("internal error: the writer thread panicked ({message})"),
-    }
+    mutex.lock().map_err(|_| Error::poisoned(path))
 }
 
 impl<T: Weigh + Send + 'static> Writer<T> {
@@ -229,7 +206,9 @@ impl<T: Weigh + Send + 'static> Writer<T> {
                     let ran = panic::catch_unwind(AssertUnwindSafe(|| {
                         run(&shared, policy, limits, commit);
                     }));
-                    let failure = ran.err().map(|payload| panicked(&thread_path, &*payload));
+                    let failure = ran
+                        .err()
+                        .map(|payload| Error::panicked(&thread_path, "writer", &*payload));
                     stop(&shared, failure);
                 })
                 .map_err(|err| Error::Checkpoint {
@@ -337,7 +316,7 @@ impl<T: Weigh + Send + 'static> Writer<T> {
                 .shared
                 .room
                 .wait(state)
-                .map_err(|_| poisoned(&self.path))?;
+                .map_err(|_| Error::poisoned(&self.path))?;
         };
         state.room_waiters -= 1;
         outcome
@@ -379,7 +358,7 @@ impl<T: Weigh + Send + 'static> Writer<T> {
                 .shared
                 .progress
                 .wait(state)
-                .map_err(|_| poisoned(&self.path))?;
+                .map_err(|_| Error::poisoned(&self.path))?;
         };
         state.flushers -= 1;
         outcome
@@ -407,10 +386,9 @@ impl<T: Weigh + Send + 'static> Writer<T> {
         let Some(thread) = thread.take() else {
             return Ok(());
         };
-        thread.join().map_err(|_| Error::Checkpoint {
-            path: self.path.clone(),
-            detail: "the writer thread panicked".to_owned(),
-        })?;
+        thread
+            .join()
+            .map_err(|payload| Error::panicked(&self.path, "writer", &*payload))?;
         let state = self.state()?;
         self.check_failure(&state)
     }

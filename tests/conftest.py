@@ -15,6 +15,7 @@ and ``open_store`` fixtures below), the two backends against each other
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -150,3 +151,14 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 PYTHON = sys.executable
+
+
+def import_file(path: Path, name: str) -> ModuleType:
+    """Import the source file ``path`` as module ``name``, replacing any module of that name
+    in sys.modules (as a new run of a script would; inspect finds classes' source there)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -223,7 +223,8 @@ def test_pinned_version_ignores_edits_until_bumped(storage: SnapshotStorage[Any]
         ({"batch_size": 1.5}, ValueError),
         ({"max_wait_time": -1}, ValueError),
         ({"on_version_change": "ignore"}, ValueError),
-        ({"version": 3}, TypeError),
+        ({"version": [3]}, TypeError),  # a list is not a constant: a tuple is
+        ({"version": ("v", object())}, TypeError),
         ({"key": "id"}, TypeError),
         ({"max_consecutive_exceptions": 0}, ValueError),
         ({"retries": -1}, ValueError),

@@ -33,3 +33,36 @@ def test_reveal_types_for_users(tmp_path: Path) -> None:
     assert 'Revealed type is "list[snapperable.metrics.FailedItem[str]]"' in lines[2]
     # a storage typed for int outputs does not fit a function returning dicts
     assert 'Argument 2 to "Snapper" has incompatible type' in lines[3], stdout
+
+
+VERSION_CODE = '''
+import enum
+from snapperable import Snapper, VersionValue
+
+class Size(enum.Enum):
+    LARGE = 1
+
+class Llm:
+    model_name: str = "gpt-4o"
+
+def parse(line: str) -> int:
+    return len(line)
+
+llm = Llm()
+Snapper(["a"], parse, version="v2")
+Snapper(["a"], parse, version=("v2", llm.model_name, 0.5, None, Size.LARGE))
+Snapper(["a"], parse, version=frozenset({"a", "b"}))
+pinned: VersionValue = ("v3", (1, 2))
+Snapper(["a"], parse, version=pinned)
+Snapper(["a"], parse, version=["v2"])
+'''
+
+
+@once  # a static check
+def test_version_takes_constants_for_users(tmp_path: Path) -> None:
+    source = tmp_path / "user_code.py"
+    source.write_text(VERSION_CODE)
+    stdout, _, _ = api.run(["--strict", "--no-incremental", "--cache-dir", str(tmp_path / "cache"), str(source)])
+    errors = [line for line in stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1, stdout  # the list, on the last line
+    assert "user_code.py:20:" in errors[0] and '"version"' in errors[0], stdout

@@ -8,7 +8,6 @@ the edited text, imported again.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,6 +24,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import import_file
 from snapperable import versioning
 from snapperable.versioning import Fingerprint, explain_change, fingerprint, pinned
 
@@ -48,12 +48,7 @@ def load(tmp_path: Path) -> Iterator[Loader]:
         count += 1
         path = tmp_path / f"{name}_v{count}.py"
         path.write_text(textwrap.dedent(source))
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        return module
+        return import_file(path, name)
 
     yield load_source
     sys.modules.pop(name, None)
@@ -234,9 +229,8 @@ def test_class_of_the_same_module_counts(load: Loader) -> None:
     assert changes(load, before, before.replace("x * self.k", "x + self.k")) == [
         "class `Scaler` changed"
     ]
-    assert changes(load, before, before.replace("Scaler(2)", "Scaler(3)")) == [
-        "global `SCALER` changed"
-    ]
+    # an object held in a global is state: its type and class count, not its attributes
+    assert changes(load, before, before.replace("Scaler(2)", "Scaler(3)")) == []
 
 
 def test_dispatch_table_counts_the_functions_in_it(load: Loader) -> None:
@@ -262,7 +256,7 @@ def test_other_modules_count_by_name_only(load: Loader) -> None:
             return join(json.dumps(x))
         """
     fp = fp_of(load, before)
-    assert set(fp.parts) == {"code", "imported join", "module json"}
+    assert set(fp.parts) == {"code", "imported join", "module json", "scheme"}
     after = before.replace("import json", "import pickle as json")
     assert changes(load, before, after) == ["module `json` changed"]
 
@@ -300,7 +294,7 @@ def odd(n):
 def test_mutual_recursion_terminates_and_is_stable(load: Loader) -> None:
     module = load(MUTUAL)
     assert fingerprint(module.even) == fingerprint(module.even)
-    assert set(fingerprint(module.even).parts) == {"code", "helper odd"}
+    assert set(fingerprint(module.even).parts) == {"code", "helper odd", "scheme"}
     assert fingerprint(module.even) != fingerprint(module.odd)
     edited = MUTUAL.replace("n != 0", "n > 0")
     assert changes(load, MUTUAL, edited, "even") == ["helper `odd` changed"]
@@ -362,13 +356,14 @@ def test_partial(load: Loader) -> None:
     base = fingerprint(functools.partial(module.process, scale=3))
     assert base == fingerprint(functools.partial(module.process, scale=3))
     other = fingerprint(functools.partial(module.process, scale=4))
-    assert explain_change(base.parts, other.parts) == ["keyword arguments of the partial changed"]
+    assert explain_change(base.parts, other.parts) == ["keyword argument `scale` of the partial changed"]
     positional = fingerprint(functools.partial(module.process, "x"))
     assert "positional arguments of the partial changed" in explain_change(
         base.parts, positional.parts
     )
     # what it wraps counts as the function itself does
     assert fingerprint(module.process).parts.items() <= base.parts.items()
+    assert "partial keyword scale = 3" in base.covers
 
 
 MODEL_CLASS = """
@@ -394,9 +389,9 @@ def test_bound_method(load: Loader) -> None:
     module = load(MODEL_CLASS)
     fp = fingerprint(module.Model(2).predict)
     assert fp == fingerprint(module.Model(2).predict)
-    assert set(fp.parts) == {"code", "class Model", "instance", "global FACTOR"}
-    state = fingerprint(module.Model(3).predict)
-    assert explain_change(fp.parts, state.parts) == ["state of the bound instance changed"]
+    assert set(fp.parts) == {"code", "class Model", "attribute weight", "global FACTOR", "scheme"}
+    config = fingerprint(module.Model(3).predict)
+    assert explain_change(fp.parts, config.parts) == ["attribute `weight` of the bound instance changed"]
     # another method it calls is part of the class
     edited = load(MODEL_CLASS.replace("x * self.weight", "x / self.weight")).Model(2).predict
     assert explain_change(fp.parts, fingerprint(edited).parts) == ["class `Model` changed"]
@@ -417,8 +412,8 @@ def test_callable_object(load: Loader) -> None:
     fp = fingerprint(module.Model(2))
     assert fp == fingerprint(module.Model(2))
     assert fp != fingerprint(module.Model(2).predict)
-    state = fingerprint(module.Model(5))
-    assert explain_change(fp.parts, state.parts) == ["state of the bound instance changed"]
+    config = fingerprint(module.Model(5))
+    assert explain_change(fp.parts, config.parts) == ["attribute `weight` of the bound instance changed"]
     edited = load(MODEL_CLASS.replace("return self.predict(x)", "return -self.predict(x)"))
     assert explain_change(fp.parts, fingerprint(edited.Model(2)).parts) == [
         "function body changed",
@@ -428,7 +423,7 @@ def test_callable_object(load: Loader) -> None:
 
 def test_class_as_the_function(load: Loader) -> None:
     fp = fp_of(load, MODEL_CLASS, "Model")
-    assert set(fp.parts) == {"class", "global FACTOR"}
+    assert set(fp.parts) == {"class", "global FACTOR", "scheme"}
     assert changes(load, MODEL_CLASS, MODEL_CLASS.replace("FACTOR = 2", "FACTOR = 3"), "Model") == [
         "global `FACTOR` changed"
     ]
@@ -438,7 +433,7 @@ def test_builtins_by_name() -> None:
     assert fingerprint(str) == fingerprint(str)
     assert fingerprint(str) != fingerprint(int)
     assert fingerprint(len) != fingerprint(abs)
-    assert set(fingerprint(len).parts) == {"callable"}
+    assert set(fingerprint(len).parts) == {"callable", "scheme"}
     # a builtin method bound to a value: the value counts
     assert fingerprint(",".join) != fingerprint(";".join)
 
@@ -560,3 +555,350 @@ def test_explain_change_is_empty_exactly_when_parts_are_equal(
     assert (explanation == []) == (old == new)
     differing = {n for n in set(old) | set(new) if old.get(n) != new.get(n)}
     assert len(explanation) == len(differing)
+
+
+# --- the rule: logic and constants count, state by type only (DESIGN 5) -----------------
+
+
+STATE = """
+import argparse
+import datetime
+import functools
+import random
+import threading
+import uuid
+
+
+class Client:
+    def __init__(self):
+        self.session = uuid.uuid4().hex
+
+    def call(self, x):
+        return x
+
+
+class Session:
+    def __init__(self):
+        self.token = uuid.uuid4().hex
+
+
+def call(x, session):
+    return x
+
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--run-id", default=datetime.datetime.now().isoformat())
+args = parser.parse_args([])
+rng = random.Random()
+START = datetime.datetime.now()
+client = Client()
+lock = threading.Lock()
+cache = {}
+
+
+def process(x):
+    if x not in cache:
+        cache[x] = rng.random()
+    with lock:
+        return (x, START, args.run_id, client.call(x), cache[x])
+
+
+def remember(x, memo={}):
+    return memo.setdefault(x, x)
+
+
+with_session = functools.partial(call, session=Session())
+"""
+
+
+def test_state_counts_by_type_only(load: Loader) -> None:
+    """Issue 9's "what is wrong now", as two loads (two runs) of one module.
+
+    End to end, with closures too: tests/test_version_rule.py.
+    """
+    first, second = load(STATE), load(STATE)
+    for name in ("process", "with_session", "remember"):
+        assert fingerprint(getattr(first, name)) == fingerprint(getattr(second, name)), name
+    covers = fingerprint(first.process).covers
+    for name in ("args", "rng", "START", "client", "lock", "cache"):
+        assert f"global {name}: type only" in covers, name
+    assert "class Client" in covers
+    assert "partial keyword session: type only" in fingerprint(first.with_session).covers
+
+
+def test_state_filled_in_process_keeps_the_fingerprint(load: Loader) -> None:
+    """A notebook re-running a cell: the memo and RNG state fn leaves do not count."""
+    module = load(STATE)
+    before = (fingerprint(module.process), fingerprint(module.remember))
+    for x in range(5):
+        module.process(x), module.remember(x)
+    module.rng.seed(7)
+    module.client.session = "another"
+    assert (fingerprint(module.process), fingerprint(module.remember)) == before
+    assert "defaults: type only" not in fingerprint(module.remember).covers
+    assert "defaults = (<dict>,)" in fingerprint(module.remember).covers
+
+
+class Pickled(Exception):
+    pass
+
+
+class NeverLookInto:
+    """State that fails the test if a fingerprint pickles, compares, iterates or sizes it."""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise Pickled("a fingerprint pickled a state object")
+
+    def __eq__(self, other: object) -> bool:
+        raise Pickled("a fingerprint compared a state object")
+
+    __hash__ = object.__hash__
+
+    def __iter__(self) -> Any:
+        raise Pickled("a fingerprint iterated a state object")
+
+    def __len__(self) -> int:
+        raise Pickled("a fingerprint took the length of a state object")
+
+    def __repr__(self) -> str:
+        raise Pickled("a fingerprint took the repr of a state object")
+
+
+def test_state_is_never_pickled_or_walked(load: Loader) -> None:
+    module = load(
+        """
+        import functools
+
+        class Holder:
+            def __init__(self, thing):
+                self.thing = thing
+                self.name = "holder"
+
+            def use(self, x):
+                return x
+
+        def process(x, extra=None):
+            return (model, MODELS, lookup, x)
+
+        def make(thing):
+            def inner(x):
+                return thing, x
+            return inner
+        """
+    )
+    bomb = NeverLookInto()
+    setattr(module, "model", bomb)
+    setattr(module, "MODELS", {"big": bomb, "sizes": [1, 2]})
+    setattr(module, "lookup", {i: bomb for i in range(100_000)})  # lowercase: not walked
+    fingerprints = [
+        fingerprint(module.process),
+        fingerprint(functools.partial(module.process, extra=bomb)),
+        fingerprint(module.Holder(bomb).use),
+        fingerprint(module.make(bomb)),
+    ]
+    covers = fingerprints[0].covers
+    assert "global model: type only" in covers
+    assert "global MODELS = {'big': <NeverLookInto>, 'sizes': [1, 2]}" in covers
+    assert "attribute thing: type only" in fingerprints[2].covers
+    assert "attribute name = 'holder'" in fingerprints[2].covers
+
+
+CONSTANTS = """
+import enum
+
+
+class Size(enum.Enum):
+    SMALL = 1
+    LARGE = 2
+
+
+MODEL = "small"
+TEMPERATURE = 0.5
+RETRIES = 3
+SCALE = 1 + 2j
+SALT = b"x"
+STRICT = True
+LIMIT = None
+SIZE = Size.SMALL
+SHAPE = (1, 2)
+TAGS = frozenset({"a", "b"})
+PARAMS = {"top_k": 5, "stop": ["end"], "seeds": {1, 2}}
+model_name = "gpt"
+point = (1, 2)
+table = {"k": 1}
+
+
+def process(x):
+    return (MODEL, TEMPERATURE, RETRIES, SCALE, SALT, STRICT, LIMIT, SIZE, SHAPE, TAGS, PARAMS,
+            model_name, point, table, x)
+"""
+
+CONSTANT_EDITS = {
+    "MODEL": ('MODEL = "small"', 'MODEL = "large"'),
+    "TEMPERATURE": ("TEMPERATURE = 0.5", "TEMPERATURE = 0.7"),
+    "RETRIES": ("RETRIES = 3", "RETRIES = 4"),
+    "SCALE": ("SCALE = 1 + 2j", "SCALE = 1 + 3j"),
+    "SALT": ('SALT = b"x"', 'SALT = b"y"'),
+    "STRICT": ("STRICT = True", "STRICT = False"),
+    "LIMIT": ("LIMIT = None", "LIMIT = 0"),
+    "SIZE": ("SIZE = Size.SMALL", "SIZE = Size.LARGE"),
+    "SHAPE": ("SHAPE = (1, 2)", "SHAPE = (1, 3)"),
+    "TAGS": ('TAGS = frozenset({"a", "b"})', 'TAGS = frozenset({"a", "c"})'),
+    "PARAMS": ('"top_k": 5', '"top_k": 6'),
+    "PARAMS nested": ('"stop": ["end"]', '"stop": ["end", "."]'),
+    "PARAMS set": ('"seeds": {1, 2}', '"seeds": {1, 3}'),
+    "model_name": ('model_name = "gpt"', 'model_name = "claude"'),
+    "point": ("point = (1, 2)", "point = (2, 2)"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(CONSTANT_EDITS))
+def test_constants_count_by_value(load: Loader, edit: str) -> None:
+    before, after = CONSTANT_EDITS[edit]
+    assert before in CONSTANTS
+    name = edit.split()[0]
+    assert changes(load, CONSTANTS, CONSTANTS.replace(before, after)) == [f"global `{name}` changed"]
+
+
+def test_lowercase_container_counts_by_type(load: Loader) -> None:
+    assert changes(load, CONSTANTS, CONSTANTS.replace('table = {"k": 1}', 'table = {"k": 2}')) == []
+    covers = fp_of(load, CONSTANTS).covers
+    assert "global table: type only" in covers
+    assert "global PARAMS = {'top_k': 5, 'stop': ['end'], 'seeds': {1, 2}}" in covers
+    assert "global SIZE = <Size.SMALL: 1>" in covers and "global point = (1, 2)" in covers
+
+
+def test_covers_lists_every_part_and_how(load: Loader) -> None:
+    assert fp_of(load, BASE).covers == (
+        "code",
+        "defaults = (2,)",
+        "kwdefaults: sep = ','",
+        "global LIMIT = 10",
+        "global MODEL = 'small'",
+        "helper clean",
+        "module json: by name",
+    )
+    long = fp_of(load, BASE.replace('MODEL = "small"', 'MODEL = "' + "m" * 500 + '"'))
+    line = next(c for c in long.covers if c.startswith("global MODEL"))
+    assert len(line) < 110 and line.endswith("...")
+
+
+def test_bound_instance_attributes(load: Loader) -> None:
+    source = """
+        import uuid
+
+        class Scorer:
+            def __init__(self, size):
+                self.size = size
+                self.cache = {}
+                self.client = object()
+
+            def score(self, x):
+                return self.cache.setdefault(x, len(self.size) * x)
+        """
+    module = load(source)
+    large = module.Scorer("large")
+    fp = fingerprint(large.score)
+    assert fp == fingerprint(module.Scorer("large").score)
+    large.score(3)  # fills the cache
+    assert fingerprint(large.score) == fp
+    assert explain_change(fp.parts, fingerprint(module.Scorer("small").score).parts) == [
+        "attribute `size` of the bound instance changed"
+    ]
+    assert {"attribute size = 'large'", "attribute cache: type only", "attribute client: type only"} <= set(
+        fp.covers
+    )
+
+
+def test_slots_instance_counts_its_constant_slots(load: Loader) -> None:
+    module = load(
+        """
+        class Scorer:
+            __slots__ = ("size",)
+
+            def __init__(self, size):
+                self.size = size
+
+            def __call__(self, x):
+                return x
+        """
+    )
+    fp = fingerprint(module.Scorer("large"))
+    assert "attribute size = 'large'" in fp.covers
+    assert fp != fingerprint(module.Scorer("small"))
+
+
+def test_same_module_object_in_a_closure_counts_its_class_code(load: Loader) -> None:
+    source = """
+        class Scorer:
+            def score(self, x):
+                return x * 2
+
+        def make():
+            scorer = Scorer()
+            def process(x):
+                return scorer.score(x)
+            return process
+        """
+    old = fingerprint(load(source).make())
+    new = fingerprint(load(source.replace("x * 2", "x * 3")).make())
+    assert explain_change(old.parts, new.parts) == ["closure value `scorer` changed"]
+    assert "closure scorer: type only" in old.covers
+
+
+def test_pinned_constants() -> None:
+    v2 = pinned(("v2", "gpt-4o"))
+    assert v2 == pinned(("v2", "gpt-4o")) and v2 != pinned(("v2", "gpt-5"))
+    assert v2.covers == ("version = ('v2', 'gpt-4o')",)
+    assert explain_change(v2.parts, pinned(("v2", "gpt-5")).parts) == [
+        "version ('v2', 'gpt-4o') -> ('v2', 'gpt-5')"
+    ]
+    assert pinned(2) != pinned("2")
+    assert explain_change(pinned("2").parts, pinned(2).parts) == ["version '2' -> 2"]
+    assert pinned(frozenset({"b", "a", "c"})).parts["version"] == "frozenset({'a', 'b', 'c'})"
+    assert pinned(("v1",)).parts["version"] == "('v1',)"
+    # a str keeps the parts (so the digest) that earlier releases stored for it
+    assert pinned("v3").parts == {"version": "v3"}
+    for bad in ([1], {"a": 1}, ("v", object()), None):
+        with pytest.raises(TypeError, match="constant"):
+            pinned(bad)
+
+
+# --- schemes ----------------------------------------------------------------------------
+
+
+def scheme1_parts(fp: Fingerprint, state: str = "00" * 16) -> dict[str, str]:
+    """The parts scheme 1 stored for ``fp``'s function (any digest for a state part)."""
+    return {name: digest or state for name, digest in fp.earlier[1].items()}
+
+
+def test_earlier_scheme_is_compared_on_what_both_cover(load: Loader) -> None:
+    module = load(STATE)
+    fp = fingerprint(module.process)
+    assert fp.parts["scheme"] == str(versioning.SCHEME) == "2"
+    old = scheme1_parts(fp)
+    assert old["global rng"] == "00" * 16  # a state part: not compared
+    assert fp.adopts(old) and fp.changes_since(old) == []
+    body = dict(old, code="11" * 16)
+    assert not fp.adopts(body) and fp.changes_since(body) == ["function body changed"]
+    gone = {name: digest for name, digest in old.items() if name != "global START"}
+    assert fp.changes_since(gone) == []  # state parts are ignored, present or not
+    extra = dict(old, **{"helper gone": "22" * 16})
+    assert fp.changes_since(extra) == ["helper `gone` no longer used"]
+    assert not fp.adopts(dict(old, scheme="2"))  # the same scheme compares by digest
+    assert not fp.adopts({"version": "v1"})
+    future = dict(old, scheme="9")
+    assert not fp.adopts(future) and "scheme 9" in fp.changes_since(future)[0]
+
+
+def test_earlier_scheme_of_a_bound_method_and_a_partial(load: Loader) -> None:
+    module = load(MODEL_CLASS)
+    fp = fingerprint(module.Model(2).predict)
+    assert fp.earlier[1]["attribute weight"] is None and fp.earlier[1]["instance"]
+    other = fingerprint(module.Model(3).predict)
+    assert not fp.adopts(scheme1_parts(other))
+    assert fp.changes_since(scheme1_parts(other)) == ["attributes of the bound instance changed"]
+    base = load(BASE)
+    partial = fingerprint(functools.partial(base.process, scale=3))
+    assert partial.earlier[1]["partial keywords"]
+    assert not partial.adopts(scheme1_parts(fingerprint(functools.partial(base.process, scale=4))))

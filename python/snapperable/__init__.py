@@ -21,7 +21,7 @@ from snapperable.metrics import (
     generate_markdown_report,
     generate_metrics_report,
 )
-from snapperable.snapper import Snapper
+from snapperable.snapper import Snapper, VersionValue
 from snapperable.storage.base import SnapshotStorage
 from snapperable.storage.pickle_storage import PickleSnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
@@ -30,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Snapper",
+    "VersionValue",
     "SnapshotStorage",
     "SQLiteSnapshotStorage",
     "PickleSnapshotStorage",

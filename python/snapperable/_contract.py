@@ -4,7 +4,8 @@ module (the fallback ``_pure`` and its writer modules, the Rust core's imports, 
 public modules) can depend on it without a cycle; ``_backend.py`` chooses the backend.
 
 This is the only home of ``KEY_SIZE``, ``PICKLE_PROTOCOL`` and the status codes on the
-Python side (the Rust core has its own, checked equal by ``tests/test_contract.py``).
+Python side (the Rust core's are in ``rust/contract.rs``, exported by ``_core`` and
+checked equal by ``tests/test_contract.py``).
 See ``docs/architecture.md`` for how the parts fit together.
 """
 

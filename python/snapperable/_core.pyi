@@ -10,6 +10,10 @@ from snapperable._contract import ItemRow, ProcessStop, RowInfo, Synchronous, Ve
 
 __all__ = [
     "BACKEND_NAME",
+    "KEY_SIZE",
+    "PICKLE_PROTOCOL",
+    "STATUS_FAILED",
+    "STATUS_OK",
     "KeyIterator",
     "KeySet",
     "RowIterator",
@@ -21,6 +25,11 @@ __all__ = [
 ]
 
 BACKEND_NAME: str
+# The contract's constants (``rust/contract.rs``), equal to ``snapperable._contract``'s.
+KEY_SIZE: int
+STATUS_OK: int
+STATUS_FAILED: int
+PICKLE_PROTOCOL: int
 # Private, for tests: pending rows at which record() and process() wait for the writer.
 _MAX_PENDING_ROWS: int
 

@@ -61,7 +61,7 @@ def version_row(fields: Sequence[object], path: str) -> VersionRow:
         and isinstance(uses, int)
         and isinstance(created, (int, float))
     ):
-        raise CheckpointCorruptError(f"{path}: a function version record is damaged: {fields!r}")
+        raise CheckpointCorruptError.bad_version_record(path, fields)
     return VersionRow(vid, fingerprint, str(parts), uses, float(created))
 
 
@@ -71,7 +71,7 @@ def _unpickled(raws: Iterable[Optional[bytes]], path: str) -> list[Any]:
     try:
         return [loads(raw) for raw in raws if raw is not None]
     except Exception as exc:
-        raise CheckpointCorruptError(f"{path}: a saved output cannot be unpickled: {exc!r}") from exc
+        raise CheckpointCorruptError.unreadable_output(path, exc) from exc
 
 
 def outputs_in_key_order(latest: Mapping[bytes, Optional[bytes]], keys: bytes, path: str) -> list[Any]:

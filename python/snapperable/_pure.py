@@ -30,6 +30,7 @@ from snapperable._contract import (
 from snapperable._sqlite_writer import (
     UnmarshallableRows,
     WriterProcess,
+    WriterProcessError,
     commit_rows,
     configure,
 )
@@ -119,6 +120,7 @@ class PySQLiteStore(WriterBackedStore):
         self.path = path
         self._synchronous = synchronous
         self._lock = threading.Lock()
+        self._released = False  # the connection is closed; set before `_mapped` reads it
         self._conn = self._connect(synchronous)
         # The writer process (``_sqlite_writer``), started by the writer thread once a
         # commit is large; None before that, or for good once it could not be started.
@@ -127,14 +129,11 @@ class PySQLiteStore(WriterBackedStore):
         self._start_writer(path, batch_size, max_wait_time)
 
     # -- opening ------------------------------------------------------------------------
-    def _corrupt(self, why: object) -> CheckpointCorruptError:
-        return CheckpointCorruptError(f"{self.path}: {why}")
-
     def _connect(self, synchronous: Synchronous) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
-            raise CheckpointError(f"cannot open checkpoint {self.path}: {exc}") from exc
+            raise self._mapped(exc) from exc
         try:
             configure(conn, synchronous)
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
@@ -149,12 +148,9 @@ class PySQLiteStore(WriterBackedStore):
                 )
                 conn.execute("COMMIT")
             elif app_id != APPLICATION_ID:
-                raise self._corrupt("is not a snapperable checkpoint (application_id differs)")
+                raise CheckpointCorruptError.not_a_checkpoint(self.path, f"application_id {app_id}")
             elif user_version > FORMAT_VERSION:
-                raise CheckpointFormatError(
-                    f"{self.path}: checkpoint format {user_version} is newer than this "
-                    f"snapperable understands ({FORMAT_VERSION}); upgrade snapperable"
-                )
+                raise CheckpointFormatError.newer(self.path, user_version, FORMAT_VERSION)
             conn.execute("PRAGMA journal_mode=WAL")
         except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             conn.close()
@@ -165,50 +161,73 @@ class PySQLiteStore(WriterBackedStore):
         return conn
 
     def _mapped(self, exc: Exception) -> CheckpointError:
-        """The one mapping of sqlite3 errors to snapperable's; text that does not decode
-        can only come from damage."""
+        """The one mapping of sqlite3 errors to snapperable's (the Rust core's is
+        ``sqlite_error`` in rust/store/schema.rs); text that does not decode can only
+        come from damage. Once the connection is closed, any failure is that."""
+        if self._released:
+            return CheckpointError.closed(self.path)
         if isinstance(exc, UnicodeDecodeError):
-            return self._corrupt(exc)
+            return CheckpointCorruptError.damaged(self.path, str(exc))
         if isinstance(exc, sqlite3.Error) and not exc.args:
             # Before Python 3.11, sqlite3 raises such a message as an error with no text
             # at all (3.11+ raises the UnicodeDecodeError above); sqlite3 never raises
             # an error without text otherwise.
-            return self._corrupt(f"SQLite reported an error whose text does not decode ({type(exc).__name__})")
+            return CheckpointCorruptError.damaged(
+                self.path, f"SQLite reported an error whose text does not decode ({type(exc).__name__})"
+            )
         # ``sqlite_errorcode`` (Python 3.11+) is the extended code: its low byte is the
         # primary one. Before 3.11 there is no code, and the text below decides.
         code = getattr(exc, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
         text = str(exc)
+        if primary == _SQLITE_NOTADB or (primary is None and "not a database" in text):
+            return CheckpointCorruptError.not_a_checkpoint(self.path, text)
         if (
-            (isinstance(code, int) and (code & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB))
+            primary == _SQLITE_CORRUPT
             or "malformed" in text
-            or "not a database" in text
             or "Could not decode to UTF-8" in text  # a damaged type byte in a record
         ):
-            return self._corrupt(exc)
-        return CheckpointError(f"{self.path}: {exc}")
+            return CheckpointCorruptError.damaged(self.path, text)
+        return CheckpointError.failed(self.path, text)
 
     # -- writes -------------------------------------------------------------------------
     def _commit(self, rows: list[PendingRow]) -> Optional[int]:
         process = self._connected_process(len(rows))
         if process is not None:
             try:
-                return process.send(rows)  # pipelined: see GroupCommitWriter
-            except UnmarshallableRows:
-                # Rare (a failure message of a str subclass): after what is in flight,
-                # this batch is committed here, in order.
-                durable = process.settle()
-                self._commit_here(rows)
-                return durable + len(rows)
+                try:
+                    return process.send(rows)  # pipelined: see GroupCommitWriter
+                except UnmarshallableRows:
+                    # Rare (a failure message of a str subclass): after what is in
+                    # flight, this batch is committed here, in order.
+                    durable = process.settle()
+                    self._commit_here(rows)
+                    return durable + len(rows)
+            except WriterProcessError as exc:
+                raise self._writer_process_error(exc) from exc
         self._commit_here(rows)
         return None
+
+    def _writer_process_error(self, exc: WriterProcessError) -> CheckpointError:
+        """A failure of the writer process, as a commit in the thread reports it (its
+        text is SQLite's message, see ``_sqlite_writer._send_error``)."""
+        return CheckpointError.failed(self.path, str(exc))
 
     def _commit_here(self, rows: list[PendingRow]) -> None:
         """Commit ``rows`` in this (the writer) thread, on the shared connection."""
         with self._lock:
-            commit_rows(self._conn, rows)
+            try:
+                commit_rows(self._conn, rows)
+            except (sqlite3.Error, UnicodeDecodeError) as exc:
+                raise self._mapped(exc) from exc
 
     def _settle(self) -> int:
-        return self._process.settle() if self._process is not None else 0
+        if self._process is None:
+            return 0
+        try:
+            return self._process.settle()
+        except WriterProcessError as exc:
+            raise self._writer_process_error(exc) from exc
 
     def _connected_process(self, batch_rows: int) -> Optional[WriterProcess]:
         """The writer process if it is connected; starts it for a large batch. Until it
@@ -263,9 +282,19 @@ class PySQLiteStore(WriterBackedStore):
             except (sqlite3.Error, UnicodeDecodeError) as exc:
                 raise self._mapped(exc) from exc
 
-    def _key(self, raw: object) -> bytes:
+    def _bad_key(self, version: Optional[int]) -> CheckpointCorruptError:
+        """The error for the first item row (of ``version``, if given) whose key is not
+        16 bytes of blob: looked up only once one was found."""
+        ((seq,),) = self._query(
+            "SELECT min(seq) FROM items"
+            " WHERE NOT (typeof(key) = 'blob' AND length(key) = 16) AND (? IS NULL OR version = ?)",
+            (version, version),
+        )
+        return CheckpointCorruptError.bad_key(self.path, seq)
+
+    def _key(self, raw: object, version: Optional[int]) -> bytes:
         if not isinstance(raw, bytes) or len(raw) != KEY_SIZE:
-            raise self._corrupt(f"an item row has a malformed key {raw!r}")
+            raise self._bad_key(version)
         return raw
 
     def versions(self) -> list[VersionRow]:
@@ -284,7 +313,7 @@ class PySQLiteStore(WriterBackedStore):
                 "SELECT key, version, status FROM items WHERE version = ? ORDER BY seq",
                 (version,),
             )
-        rows = ((self._key(key), row_version, row_status) for key, row_version, row_status in found)
+        rows = ((self._key(key, version), row_version, row_status) for key, row_version, row_status in found)
         return _folding.keys_with_status(rows, status, new_key_set)
 
     def _latest(self, value_sql: str, version: int) -> dict[bytes, Any]:
@@ -305,7 +334,7 @@ class PySQLiteStore(WriterBackedStore):
             except (sqlite3.Error, UnicodeDecodeError) as exc:
                 raise self._mapped(exc) from exc
         if None in latest:
-            raise self._corrupt("an item row has a malformed key")
+            raise self._bad_key(version)
         return latest  # type: ignore[return-value]  # None was just ruled out
 
     def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
@@ -340,6 +369,7 @@ class PySQLiteStore(WriterBackedStore):
         finally:
             with self._lock:
                 self._conn.close()
+                self._released = True
 
 
 def _can_start_process() -> bool:

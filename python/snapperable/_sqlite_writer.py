@@ -332,6 +332,9 @@ def serve(path: str, synchronous: str) -> None:
 
 
 def _send_error(stdout: IO[bytes], exc: Exception) -> None:
-    body = marshal.dumps(f"{type(exc).__name__}: {exc}")
+    # SQLite's own message, as a commit in the parent's thread reports it; any other
+    # failure (none is expected) with its class.
+    text = str(exc) if isinstance(exc, sqlite3.Error) else f"{type(exc).__name__}: {exc}"
+    body = marshal.dumps(text)
     stdout.write(b"E" + _ERROR_LENGTH.pack(len(body)) + body)
     stdout.flush()

@@ -139,7 +139,7 @@ class GroupCommitWriter(Generic[Row]):
     def _refuse(self) -> None:
         if self._error is not None:
             self._raise_error()
-        raise CheckpointError(f"{self._name} is closed; open it again to record")
+        raise CheckpointError.closed(self._name)
 
     def _pending_bytes(self) -> int:
         return self._recorded_bytes - self._taken_bytes
@@ -186,7 +186,7 @@ class GroupCommitWriter(Generic[Row]):
 
     def _raise_error(self) -> None:
         assert self._error is not None
-        raise WriterError(f"saving to {self._name} failed: {self._error}") from self._error
+        raise WriterError.stopped_by(self._name, self._error) from self._error
 
     def _ready(self) -> bool:
         """Is there a commit to start now? Called with the lock held."""

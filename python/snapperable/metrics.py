@@ -111,8 +111,8 @@ class RunPlan:
     """What ``start()`` would do for the current iterable and function, counted by key.
 
     ``stale`` items were done under another function version (``version_changes`` says
-    what changed); ``failed`` ones failed earlier and are retried only with
-    ``retry_failed_items=True``.
+    what changed, ``version_covers`` what the current version counts); ``failed`` ones
+    failed earlier and are retried only with ``retry_failed_items=True``.
     """
 
     total: int  # inputs, duplicates included
@@ -123,6 +123,9 @@ class RunPlan:
     failed: int
     retry_failed_items: bool
     version_changes: list[str] = field(default_factory=list)
+    # What the current function version covers, and how: "code", "helper clean",
+    # "global MODEL = 'large'", "global client: type only" (DESIGN 5).
+    version_covers: list[str] = field(default_factory=list)
 
     @property
     def to_process(self) -> int:

@@ -42,7 +42,7 @@ def create_private(path: str) -> None:
     try:
         fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, PRIVATE_FILE_MODE)
     except OSError as exc:
-        raise CheckpointError(f"cannot create checkpoint {path}: {exc}") from exc
+        raise CheckpointError.cannot_create(path, str(exc)) from exc
     os.close(fd)
 
 
@@ -56,10 +56,7 @@ class FileHold:
         with _registry_lock:
             holder = _held_in_process.get(self._real)
             if holder == os.getpid():
-                raise CheckpointLockedError(
-                    f"checkpoint {path} is already held by another Snapper in this process; "
-                    "close it (leave its `with` block) first"
-                )
+                raise CheckpointLockedError.held_in_this_process(path)
             self._lock_fd = self._lock_across_processes()
             _held_in_process[self._real] = os.getpid()
 
@@ -68,24 +65,21 @@ class FileHold:
         try:
             fd = os.open(lock_path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, PRIVATE_FILE_MODE)
         except OSError as exc:
-            raise CheckpointError(f"cannot create lock file {lock_path}: {exc}") from exc
+            raise CheckpointError.failed(self.path, f"cannot create lock file {lock_path}: {exc}") from exc
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise CheckpointLockedError(
-                    f"checkpoint {self.path} is held by another process (pid {holder}); "
-                    "wait for it to finish or stop it"
-                ) from None
-            raise CheckpointError(f"cannot lock {lock_path}: {exc}") from exc
+                raise CheckpointLockedError.held_by_process(self.path, holder) from None
+            raise CheckpointError.failed(self.path, f"cannot lock {lock_path}: {exc}") from exc
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         except OSError as exc:
             os.close(fd)  # which drops the lock just taken
-            raise CheckpointError(f"cannot write the holder's pid to {lock_path}: {exc}") from exc
+            raise CheckpointError.failed(self.path, f"cannot write the holder's pid to {lock_path}: {exc}") from exc
         return fd
 
     def release(self) -> None:

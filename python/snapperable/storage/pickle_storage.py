@@ -86,6 +86,7 @@ class PickleStore(WriterBackedStore):
         self.path = path
         self._write_lock = threading.Lock()  # frames from the writer and add_version
         self._torn_append: Optional[OSError] = None
+        self._released = False  # the descriptor is closed (and its number free for reuse)
         self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         try:
             self._prepare()
@@ -94,8 +95,8 @@ class PickleStore(WriterBackedStore):
             raise
         self._start_writer(path, batch_size, max_wait_time)
 
-    def _corrupt(self, why: str) -> CheckpointCorruptError:
-        return CheckpointCorruptError(f"{self.path}: {why}")
+    def _corrupt(self, problem: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError.damaged(self.path, problem)
 
     # -- opening ------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -114,14 +115,11 @@ class PickleStore(WriterBackedStore):
             _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0, 0)
         )
         if magic != MAGIC:
-            raise self._corrupt("is not a snapperable pickle checkpoint")
+            raise CheckpointCorruptError.not_a_checkpoint(self.path, "it does not start with a pickle checkpoint's header")
         if version < 1 or reserved != 0:
-            raise self._corrupt("has a damaged header")
+            raise self._corrupt("its header is damaged")
         if version > FORMAT_VERSION:
-            raise CheckpointFormatError(
-                f"{self.path}: checkpoint format {version} is newer than this snapperable "
-                f"understands ({FORMAT_VERSION}); upgrade snapperable"
-            )
+            raise CheckpointFormatError.newer(self.path, version, FORMAT_VERSION)
         end = self._end_of_good_frames(size)
         if end < size:
             log.warning(
@@ -181,6 +179,8 @@ class PickleStore(WriterBackedStore):
         return True
 
     def _records(self) -> Iterator[tuple[str, Any]]:
+        if self._released:
+            raise CheckpointError.closed(self.path)
         size = os.fstat(self._fd).st_size
         for pos, payload in self._frames(size, stop_at_torn_tail=False):
             try:
@@ -200,9 +200,7 @@ class PickleStore(WriterBackedStore):
         """
         with self._write_lock:
             if self._torn_append is not None:
-                raise CheckpointError(
-                    f"{self.path}: an earlier failed write could not be undone: {self._torn_append}"
-                )
+                raise CheckpointError.failed(self.path, f"an earlier failed write could not be undone: {self._torn_append}")
             end = os.fstat(self._fd).st_size
             try:
                 view = memoryview(frame)
@@ -227,7 +225,7 @@ class PickleStore(WriterBackedStore):
         try:
             self._append(encode_frame(("version", tuple(row))))
         except OSError as exc:
-            raise CheckpointError(f"{self.path}: cannot save a function version: {exc}") from exc
+            raise CheckpointError.failed(self.path, f"cannot save a function version: {exc}") from exc
         return vid
 
     # -- reads --------------------------------------------------------------------------
@@ -245,8 +243,10 @@ class PickleStore(WriterBackedStore):
                 continue
             for row in body:
                 seq += 1
-                if len(row) != _ROW_FIELDS or not isinstance(row[ROW_KEY], bytes) or len(row[ROW_KEY]) != KEY_SIZE:
-                    raise self._corrupt(f"item {seq} is malformed")
+                if len(row) != _ROW_FIELDS:
+                    raise CheckpointCorruptError.bad_row(self.path, seq, f"does not have {_ROW_FIELDS} fields")
+                if not isinstance(row[ROW_KEY], bytes) or len(row[ROW_KEY]) != KEY_SIZE:
+                    raise CheckpointCorruptError.bad_key(self.path, seq)
                 yield seq, row
 
     def key_set(self, version: Optional[int], status: int) -> KeySet:
@@ -288,6 +288,7 @@ class PickleStore(WriterBackedStore):
                 )
 
     def _release(self) -> None:
+        self._released = True
         os.close(self._fd)
 
 

@@ -14,11 +14,14 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple};
 
 use crate::checkpoint::Checkpoint;
-use crate::errors::Error;
-use crate::keys::{self, Key, KEY_SIZE};
+use crate::contract::KEY_SIZE;
+use crate::errors::{self, Error};
+use crate::keys::{self, Key};
 use crate::pickles::{read_simple, Simple};
-use crate::py_imports::{builtin_map, json_loads, pickle_loads, row_info_class, version_row_class};
-use crate::py_process::{self, ProcessStop};
+use crate::python::imports::{
+    builtin_map, json_loads, pickle_loads, row_info_class, version_row_class,
+};
+use crate::python::process::{self, ProcessStop};
 use crate::store::{InOrder, ItemRow, LatestOutputs, OutputChunk, RowInfo, Streamed, Synchronous};
 use crate::writer::{Pending, Policy};
 
@@ -160,17 +163,11 @@ impl PySqliteCheckpoint {
                 let parts_ok = json_loads(py)?
                     .call1((v.parts.as_str(),))
                     .is_ok_and(|parts| parts.is_instance_of::<PyDict>());
+                let fields = (v.id, v.fingerprint, v.parts, v.uses, v.created).into_pyobject(py)?;
                 if !parts_ok {
-                    return Err(Error::Corrupt {
-                        path: self.inner.path().to_owned(),
-                        problem: format!(
-                            "is damaged: the record of function version {} is not valid",
-                            v.id
-                        ),
-                    }
-                    .into());
+                    return Err(errors::bad_version_record(py, self.inner.path(), fields));
                 }
-                class.call1((v.id, v.fingerprint, v.parts, v.uses, v.created))
+                class.call1(fields)
             })
             .collect()
     }
@@ -219,7 +216,7 @@ impl PySqliteCheckpoint {
 
     /// The hot loop: `fn(items[p])`, pickled, recorded as an ok row for each `p` in
     /// `positions`, in order; the first exception stops it and is returned as
-    /// `(index, started, exception, raised_by_pickling, output)` (`_backend.py`).
+    /// `(index, started, exception, raised_by_pickling, output)` (`_contract.py`).
     #[pyo3(signature = (r#fn, items, keys, positions, version))]
     fn process<'py>(
         &self,
@@ -229,7 +226,7 @@ impl PySqliteCheckpoint {
         positions: Vec<isize>,
         version: i64,
     ) -> PyResult<Option<ProcessStop<'py>>> {
-        py_process::process(&self.inner, r#fn, items, keys, positions, version)
+        process::process(&self.inner, r#fn, items, keys, positions, version)
     }
 
     /// Returns once every recorded row is committed.
@@ -346,10 +343,9 @@ impl PySqliteCheckpoint {
                     }
                     // Stops the scan at its next chunk, if it is still going.
                     drop(chunks);
-                    let streamed = scan.join().map_err(|_| Error::Checkpoint {
-                        path: self.inner.path().to_owned(),
-                        detail: "the scan thread panicked".to_owned(),
-                    })?;
+                    let streamed = scan
+                        .join()
+                        .map_err(|payload| Error::panicked(self.inner.path(), "scan", &*payload))?;
                     Ok((streamed, unpickled_all, interrupt))
                 })
             })
@@ -383,12 +379,7 @@ impl PySqliteCheckpoint {
         if !err.is_instance_of::<PyException>(py) {
             return err; // Ctrl-C while unpickling is still Ctrl-C
         }
-        let corrupt = PyErr::from(Error::Corrupt {
-            path: self.inner.path().to_owned(),
-            problem: format!("has a saved output that cannot be unpickled ({err})"),
-        });
-        corrupt.set_cause(py, Some(err));
-        corrupt
+        errors::unreadable_output(py, self.inner.path(), err)
     }
 }
 

@@ -11,10 +11,9 @@ use pyo3::types::{
     PyTuple,
 };
 
+use crate::contract::PICKLE_PROTOCOL;
 use crate::keys::{self, tag, KeyBatch, MAX_DEPTH};
-use crate::py_imports::pickle_dumps;
-
-const PICKLE_PROTOCOL: u8 = 4;
+use crate::python::imports::pickle_dumps;
 
 /// The 16-byte key that identifies an input across runs and processes.
 #[pyfunction]

@@ -4,7 +4,7 @@
 //! timestamps and one row pushed to the writer's pending buffer, with no Python frame
 //! of snapperable's own in between. Failures are not handled here: the first exception
 //! stops the loop and is handed back, with what the Snapper needs to retry, record or
-//! raise it (`ProcessStop` in `_backend.py`).
+//! raise it (`ProcessStop` in `_contract.py`).
 //!
 //! The GIL is held throughout (the function and the pickler need it); the writer never
 //! needs it, so rows keep being committed while the loop runs. No Python object is
@@ -13,7 +13,6 @@
 #[cfg(unix)]
 use std::os::raw::c_void;
 use std::sync::OnceLock;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use pyo3::exceptions::{PyIndexError, PyTypeError};
 use pyo3::ffi;
@@ -21,15 +20,12 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyList, PyTuple};
 
 use crate::checkpoint::Checkpoint;
-use crate::errors::Error;
-use crate::keys::{Key, KEY_SIZE};
+use crate::contract::{KEY_SIZE, PICKLE_PROTOCOL, STATUS_OK};
+use crate::keys::{self, Key};
 use crate::pickles::{dump_simple, Simple};
-use crate::py_imports::pickle_dumps;
-use crate::store::{ItemRow, STATUS_OK};
+use crate::python::imports::pickle_dumps;
+use crate::store::{unix_now, ItemRow};
 use crate::writer::Pending;
-
-/// The pickle protocol of stored outputs, as in the file formats.
-const PICKLE_PROTOCOL: i32 = 4;
 
 /// `(index into positions, started, exception, raised_by_pickling, output)`.
 pub type ProcessStop<'py> = (
@@ -135,14 +131,6 @@ fn find_vectorcall(py: Python<'_>) -> Option<VectorcallFn> {
     None
 }
 
-/// Unix time in seconds, as `time.time()` gives it.
-fn unix_now() -> f64 {
-    match SystemTime::now().duration_since(UNIX_EPOCH) {
-        Ok(since) => since.as_secs_f64(),
-        Err(before) => -before.duration().as_secs_f64(),
-    }
-}
-
 /// The inputs, read by position; lists and tuples without the generic protocol.
 enum Items<'a, 'py> {
     List(&'a Bound<'py, PyList>),
@@ -216,7 +204,7 @@ fn checked_positions(positions: Vec<isize>, items: usize, keys: usize) -> PyResu
         .collect()
 }
 
-/// The hot loop of `SqliteCheckpoint.process` (contract in `_backend.py`).
+/// The hot loop of `SqliteCheckpoint.process` (contract in `_contract.py`).
 pub fn process<'py>(
     checkpoint: &Checkpoint,
     func: &Bound<'py, PyAny>,
@@ -226,15 +214,9 @@ pub fn process<'py>(
     version: i64,
 ) -> PyResult<Option<ProcessStop<'py>>> {
     let py = func.py();
-    if !keys.len().is_multiple_of(KEY_SIZE) {
-        return Err(Error::InvalidArgument(format!(
-            "keys must be a concatenation of {KEY_SIZE}-byte keys, got {} bytes",
-            keys.len()
-        ))
-        .into());
-    }
+    let key_count = keys::key_count(keys)?;
     let items = Items::new(items);
-    let positions = checked_positions(positions, items.len()?, keys.len() / KEY_SIZE)?;
+    let positions = checked_positions(positions, items.len()?, key_count)?;
     if positions.is_empty() {
         return Ok(None);
     }

@@ -1,0 +1,462 @@
+//! The key sets that plan a run: which keys of a version are done, which failed. The
+//! rows of one version are spread over the whole table (no index on `key`, so appends
+//! stay sequential): a large table is scanned in two halves on two threads, the second
+//! through a read-only connection of its own (`Reader`).
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OpenFlags};
+
+use super::open::{file_identity, FileIdentity, Store, BUSY_TIMEOUT, SCAN_MMAP_SIZE};
+use super::schema::{key_at, sqlite_error};
+use crate::contract::{KEY_SIZE, STATUS_FAILED, STATUS_OK};
+use crate::errors::{Error, Result};
+use crate::keys::{
+    keys_distinct, order_for_table, ClaimSet, Key, KeySet, KeyVersion, KeyVersionMap,
+};
+
+/// Rows (as `row_bound` estimates them) above which [`Store::key_sets`] scans the table
+/// in two halves on two threads, the second through a read-only connection of its own.
+/// Below it the second connection and thread cost more than they save (1M rows: about
+/// 150 ms for one scan).
+const SPLIT_SCAN_ROWS: usize = 100_000;
+
+impl Store {
+    /// Keys whose latest row for `version` (for any version if `None`) has `status`.
+    pub fn key_set(&self, version: Option<i64>, status: i64) -> Result<KeySet> {
+        let Some(version) = version else {
+            return self.key_set_any_version(status);
+        };
+        let rows = self.key_status_rows(version)?;
+        let reserve = if status == STATUS_OK { rows.len() } else { 0 };
+        let mut keys = KeySet::with_capacity(reserve);
+        // A later row of a key overrides an earlier one: each row puts its key in or out.
+        for (key, row_status) in rows {
+            if row_status == status {
+                keys.insert(key);
+            } else {
+                keys.remove(&key);
+            }
+        }
+        Ok(keys)
+    }
+
+    /// The keys whose latest row of `version` is ok, and those whose latest row failed:
+    /// what a run skips, from one scan.
+    ///
+    /// When every row is ok and no key repeats (a run that finished without failures),
+    /// the ok keys are handed over as the list the scan found, in the order saved: the
+    /// run that resumes claims them in that very order, by comparing bytes, and no
+    /// table of them is built unless a claim asks for something else.
+    pub fn key_sets(&self, version: i64) -> Result<(ClaimSet, KeySet)> {
+        let (keys, statuses) = self.key_status_columns(version)?;
+        if statuses.iter().all(|&status| status == STATUS_OK) && keys_distinct(&keys) {
+            return Ok((ClaimSet::listed(keys)?, KeySet::new()));
+        }
+        let rows = key_status_rows(&keys, statuses);
+        drop(keys);
+        // Almost every key of a finished run is ok: size that set for all rows at once.
+        let mut ok = KeySet::with_capacity(rows.len());
+        let mut failed = KeySet::new();
+        for (key, status) in rows {
+            if status == STATUS_OK {
+                ok.insert(key);
+                if !failed.is_empty() {
+                    failed.remove(&key);
+                }
+            } else {
+                ok.remove(&key);
+                if status == STATUS_FAILED {
+                    failed.insert(key);
+                } else {
+                    failed.remove(&key);
+                }
+            }
+        }
+        Ok((ClaimSet::from(ok), failed))
+    }
+
+    /// Keys whose latest row, within some version, has `status`.
+    fn key_set_any_version(&self, status: i64) -> Result<KeySet> {
+        let mut latest: KeyVersionMap<i64> = KeyVersionMap::default();
+        latest.reserve(self.row_bound()?);
+        let _mapped = self.mapped_for_scan()?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, key, version, status FROM items ORDER BY seq")
+            .map_err(|e| self.fail(e))?;
+        let mut rows = stmt.query([]).map_err(|e| self.fail(e))?;
+        while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
+            let key = key_at(&self.path, row, 1)?;
+            let row_version: i64 = row.get(2).map_err(|e| self.fail(e))?;
+            let row_status: i64 = row.get(3).map_err(|e| self.fail(e))?;
+            latest.insert(KeyVersion(key, row_version), row_status);
+        }
+        Ok(latest
+            .into_iter()
+            .filter(|&(_, row_status)| row_status == status)
+            .map(|(KeyVersion(key, _), _)| key)
+            .collect())
+    }
+
+    /// `(key, status)` of each row of `version`, in table order (see `order_for_table`);
+    /// the rows of one key stay in the order saved.
+    fn key_status_rows(&self, version: i64) -> Result<Vec<(Key, i64)>> {
+        let (keys, statuses) = self.key_status_columns(version)?;
+        Ok(key_status_rows(&keys, statuses))
+    }
+
+    /// The keys (concatenated) and statuses of the rows of `version`, in the order saved.
+    fn key_status_columns(&self, version: i64) -> Result<(Vec<u8>, Vec<i64>)> {
+        self.key_status_columns_split_above(version, SPLIT_SCAN_ROWS)
+    }
+
+    /// [`Self::key_status_columns`], in two halves at once when the table holds more
+    /// than `split_above` rows (a parameter only so that tests can lower it).
+    ///
+    /// No index on `key` by design (appends stay sequential), so this is a scan; the
+    /// rows of `version` are spread over the whole table, so it is split by `seq`. Both
+    /// halves end at one `max(seq)` read first: the table is an append-only log, so rows
+    /// appended meanwhile come after it in both, and the halves, one after the other,
+    /// are exactly what one scan would have found.
+    pub(super) fn key_status_columns_split_above(
+        &self,
+        version: i64,
+        split_above: usize,
+    ) -> Result<(Vec<u8>, Vec<i64>)> {
+        let bound = self.row_bound()?;
+        let mut keys = Vec::with_capacity(bound.saturating_mul(KEY_SIZE));
+        let mut statuses = Vec::with_capacity(bound);
+        let _mapped = self.mapped_for_scan()?;
+        let split = if bound > split_above {
+            self.split_point()?
+        } else {
+            None
+        };
+        let Some((first, split, last)) = split else {
+            scan_key_status(
+                &self.conn,
+                &self.path,
+                version,
+                None,
+                &mut keys,
+                &mut statuses,
+            )?;
+            return Ok((keys, statuses));
+        };
+        // The connection stays on this thread (it is not `Sync`): the other one gets
+        // only what it needs to open its own.
+        let reader = Reader {
+            path: &self.path,
+            file: &self.file,
+            identity: self.identity,
+        };
+        let second = std::thread::scope(|scope| {
+            let later = std::thread::Builder::new()
+                .name("snapperable-scan".to_owned())
+                .spawn_scoped(scope, || reader.scan(version, (split + 1, last), bound));
+            let earlier = scan_key_status(
+                &self.conn,
+                &self.path,
+                version,
+                Some((first, split)),
+                &mut keys,
+                &mut statuses,
+            );
+            let later = match later {
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|payload| Err(Error::panicked(&self.path, "scan", &*payload))),
+                Err(_) => Ok(None), // no thread: scanned below, on this one
+            };
+            // The first half's error first: the one a single scan would have met first.
+            earlier.and(later)
+        })?;
+        match second {
+            Some((more_keys, more_statuses)) => {
+                keys.extend_from_slice(&more_keys);
+                statuses.extend_from_slice(&more_statuses);
+            }
+            // No second connection (or not to this file): the second half here, after
+            // the first.
+            None => scan_key_status(
+                &self.conn,
+                &self.path,
+                version,
+                Some((split + 1, last)),
+                &mut keys,
+                &mut statuses,
+            )?,
+        }
+        Ok((keys, statuses))
+    }
+
+    /// `(first, split, last)` to scan as `first..=split` and `split + 1..=last`, or
+    /// None if the table cannot be split so. Not when `max(seq)` is `i64::MAX`: SQLite
+    /// then gives new rows random free numbers, and the log is no longer append-only.
+    pub(super) fn split_point(&self) -> Result<Option<(i64, i64, i64)>> {
+        let (first, last): (Option<i64>, Option<i64>) = self
+            .conn
+            .query_row(
+                "SELECT (SELECT min(seq) FROM items), (SELECT max(seq) FROM items)",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(|e| self.fail(e))?;
+        let (Some(first), Some(last)) = (first, last) else {
+            return Ok(None);
+        };
+        if last == i64::MAX || first >= last {
+            return Ok(None);
+        }
+        // first <= split < last, without overflow for any pair of i64.
+        let split =
+            i64::try_from((i128::from(first) + i128::from(last)).div_euclid(2)).unwrap_or(first);
+        Ok(Some((first, split, last)))
+    }
+}
+
+/// Appends the keys and statuses of the rows of `version` (those with `seq` in the
+/// inclusive `range`, if given) to `keys` and `statuses`, in `seq` order.
+fn scan_key_status(
+    conn: &Connection,
+    path: &str,
+    version: i64,
+    range: Option<(i64, i64)>,
+    keys: &mut Vec<u8>,
+    statuses: &mut Vec<i64>,
+) -> Result<()> {
+    let fail = |e| sqlite_error(path, e);
+    let (mut stmt, (first, last)) = match range {
+        None => (
+            conn.prepare_cached(
+                "SELECT seq, key, status FROM items WHERE version = ?1 ORDER BY seq",
+            )
+            .map_err(fail)?,
+            (None, None),
+        ),
+        Some((first, last)) => (
+            conn.prepare_cached(
+                "SELECT seq, key, status FROM items \
+                 WHERE seq >= ?2 AND seq <= ?3 AND version = ?1 ORDER BY seq",
+            )
+            .map_err(fail)?,
+            (Some(first), Some(last)),
+        ),
+    };
+    let mut found = match (first, last) {
+        (Some(first), Some(last)) => stmt.query(params![version, first, last]),
+        _ => stmt.query([version]),
+    }
+    .map_err(fail)?;
+    while let Some(row) = found.next().map_err(fail)? {
+        let key = key_at(path, row, 1)?;
+        let status: i64 = row.get(2).map_err(fail)?;
+        keys.extend_from_slice(&key);
+        statuses.push(status);
+    }
+    Ok(())
+}
+
+/// What a second, read-only connection to a store's file needs to know.
+struct Reader<'a> {
+    path: &'a str,
+    file: &'a Path,
+    identity: Option<FileIdentity>,
+}
+
+impl Reader<'_> {
+    /// The keys and statuses of the rows of `version` in the inclusive `range`, read
+    /// through a read-only connection of their own, opened as [`Store::open`] opens
+    /// its one (flags, busy timeout; mapped like [`Store::mapped_for_scan`]). None if
+    /// that connection cannot be had, or the path no longer names the file the store
+    /// opened: then the caller scans the range itself.
+    fn scan(
+        &self,
+        version: i64,
+        range: (i64, i64),
+        bound: usize,
+    ) -> Result<Option<(Vec<u8>, Vec<i64>)>> {
+        let same_file = || self.identity.is_some() && file_identity(self.file) == self.identity;
+        if !same_file() {
+            return Ok(None);
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let Ok(conn) = Connection::open_with_flags(self.file, flags) else {
+            return Ok(None);
+        };
+        let prepared = conn
+            .busy_timeout(BUSY_TIMEOUT)
+            .and_then(|()| conn.pragma_update(None, "mmap_size", SCAN_MMAP_SIZE));
+        // Checked again once open: the name was not moved to another file meanwhile.
+        if prepared.is_err() || !same_file() {
+            return Ok(None);
+        }
+        // About half the rows; the first half's buffers are sized for all of them.
+        let rows = bound / 2 + 1;
+        let mut keys = Vec::with_capacity(rows.saturating_mul(KEY_SIZE));
+        let mut statuses = Vec::with_capacity(rows);
+        scan_key_status(
+            &conn,
+            self.path,
+            version,
+            Some(range),
+            &mut keys,
+            &mut statuses,
+        )?;
+        // Closed (and unmapped) here: a read-only connection has nothing to report.
+        drop(conn);
+        Ok(Some((keys, statuses)))
+    }
+}
+
+/// `(key, status)` pairs of concatenated keys and their statuses, in table order (see
+/// `order_for_table`); the rows of one key stay in the order saved.
+fn key_status_rows(keys: &[u8], statuses: Vec<i64>) -> Vec<(Key, i64)> {
+    let mut rows: Vec<(Key, i64)> = keys
+        .chunks_exact(KEY_SIZE)
+        .map(|chunk| {
+            let mut key = [0u8; KEY_SIZE];
+            key.copy_from_slice(chunk);
+            key
+        })
+        .zip(statuses)
+        .collect();
+    order_for_table(&mut rows, |row| &row.0);
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::{keys_of, row, TempDir};
+    use crate::store::{ItemRow, Synchronous};
+
+    #[test]
+    fn short_key_in_file_is_corrupt() {
+        let dir = TempDir::new();
+        let path = dir.file("run.db");
+        Store::open(&path, Synchronous::Full)
+            .unwrap()
+            .close()
+            .unwrap();
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "INSERT INTO items (key, version, status, attempts, started, ended) \
+                 VALUES (x'0102', 1, 0, 1, 0, 0)",
+            )
+            .unwrap();
+        let store = Store::open(&path, Synchronous::Full).unwrap();
+        assert!(matches!(
+            store.key_set(None, 0),
+            Err(Error::BadKey { seq: Some(1), .. })
+        ));
+    }
+
+    #[test]
+    fn key_sets_of_a_finished_run_claim_in_order() {
+        let dir = TempDir::new();
+        let mut store = Store::open(&dir.file("run.db"), Synchronous::Normal).unwrap();
+        let v1 = store.add_version("fp1", "{}", None).unwrap();
+        let rows: Vec<ItemRow> = (1..=5).map(|k| row(k, v1, 0, Some(&[k]))).collect();
+        store.append(&rows).unwrap();
+        let (mut ok, failed) = store.key_sets(v1).unwrap();
+        assert_eq!((ok.len(), failed.len()), (5, 0));
+        assert_eq!(ok.claim(&keys_of(&[1, 2, 3])).unwrap(), Vec::<usize>::new());
+        assert_eq!(ok.claim(&keys_of(&[4, 5, 6, 1])).unwrap(), vec![2]);
+        assert_eq!(ok.len(), 6);
+
+        // A failure, then a retry that succeeded: the general fold, same answers.
+        store
+            .append(&[row(6, v1, 1, None), row(6, v1, 0, Some(b"6"))])
+            .unwrap();
+        let (mut ok, failed) = store.key_sets(v1).unwrap();
+        assert_eq!((ok.len(), failed.len()), (6, 0));
+        assert_eq!(ok.claim(&keys_of(&[7, 6, 1])).unwrap(), vec![0]);
+    }
+
+    /// Rows of `v1` and `v2` interleaved, with failures and superseding rows on both
+    /// sides of the middle `seq` (where a split scan divides the table).
+    fn rows_across_the_middle(v1: i64, v2: i64) -> Vec<ItemRow> {
+        let keyed = |i: u32, version: i64, status: i64| {
+            let mut row = row(0, version, status, (status == 0).then_some(&b"out"[..]));
+            row.key[..4].copy_from_slice(&i.to_le_bytes());
+            row
+        };
+        let mut rows = Vec::new();
+        for i in 0..4000u32 {
+            let status = i64::from(i % 13 == 5); // some failed
+            rows.push(keyed(i, v1, status));
+            if i % 3 == 0 {
+                rows.push(keyed(i, v2, 0)); // another version, interleaved
+            }
+            if i % 101 == 7 {
+                rows.push(keyed(4000 - i, v1, 1 - status)); // supersedes a later key
+            }
+            if i % 97 == 3 && i > 10 {
+                rows.push(keyed(i - 10, v1, 1)); // supersedes an earlier key
+            }
+        }
+        rows
+    }
+
+    #[test]
+    fn split_scan_finds_exactly_what_one_scan_finds() {
+        let dir = TempDir::new();
+        let path = dir.file("run.db");
+        let mut store = Store::open(&path, Synchronous::Normal).unwrap();
+        let v1 = store.add_version("fp1", "{}", None).unwrap();
+        let v2 = store.add_version("fp2", "{}", None).unwrap();
+        store.append(&rows_across_the_middle(v1, v2)).unwrap();
+        let (first, split, last) = store.split_point().unwrap().unwrap();
+        assert!(first < split && split < last);
+        for version in [v1, v2, 99] {
+            let single = store
+                .key_status_columns_split_above(version, usize::MAX)
+                .unwrap();
+            let split = store.key_status_columns_split_above(version, 0).unwrap();
+            assert_eq!(split, single, "version {version}");
+        }
+        let single = store
+            .key_status_columns_split_above(v1, usize::MAX)
+            .unwrap();
+        assert!(single.1.contains(&STATUS_FAILED) && single.1.len() > 4000);
+
+        // The name moved to another file: the second half is read through the store's
+        // own connection instead, with the same result.
+        let moved = dir.file("moved.db");
+        std::fs::rename(&path, &moved).unwrap();
+        Store::open(&path, Synchronous::Normal)
+            .unwrap()
+            .close()
+            .unwrap();
+        assert_eq!(store.key_status_columns_split_above(v1, 0).unwrap(), single);
+        let (ok, failed) = store.key_sets(v1).unwrap();
+        assert!(ok.len() > 3000 && !failed.is_empty());
+    }
+
+    #[test]
+    fn split_scan_reports_damage_in_either_half_as_one_scan_does() {
+        for damaged_seq in [
+            "(SELECT min(seq) + 3 FROM items)",
+            "(SELECT max(seq) - 3 FROM items)",
+        ] {
+            let dir = TempDir::new();
+            let path = dir.file("run.db");
+            let mut store = Store::open(&path, Synchronous::Normal).unwrap();
+            let v1 = store.add_version("fp1", "{}", None).unwrap();
+            store.append(&rows_across_the_middle(v1, v1 + 1)).unwrap();
+            store
+                .conn
+                .execute_batch(&format!(
+                    "UPDATE items SET key = x'0102' WHERE seq = {damaged_seq}"
+                ))
+                .unwrap();
+            let single = store.key_status_columns_split_above(v1, usize::MAX);
+            let split = store.key_status_columns_split_above(v1, 0);
+            assert!(matches!(single, Err(Error::BadKey { .. })), "{damaged_seq}");
+            assert_eq!(split.err(), single.err(), "{damaged_seq}");
+        }
+    }
+}

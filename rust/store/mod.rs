@@ -1,0 +1,29 @@
+//! The SQLite checkpoint format (docs/architecture.md 6.1): opening (and creating) a
+//! file, appending rows, and the scans that plan and load a run. Pure Rust: values cross
+//! into Python only in the binding layer (`python/store.rs`).
+//!
+//! The opening procedure is the same step for step as the pure-Python backend's, so that
+//! both accept, create and reject exactly the same files.
+//!
+//! One file per concern: `schema` (the format's constants and row types, and how a
+//! stored row is read), `open` (opening a file, appending, small reads), `key_scan`
+//! (the key sets that plan a run, scanned on two threads when large), `folding` (the
+//! latest output of each key, for a load that must look keys up) and `streaming` (a
+//! load that streams outputs in the order saved).
+
+mod folding;
+mod key_scan;
+mod open;
+mod schema;
+mod streaming;
+
+pub use folding::LatestOutputs;
+pub use open::Store;
+pub use schema::{
+    sqlite_error, unix_now, ItemRow, RowInfo, Synchronous, VersionRow, APPLICATION_ID,
+    FORMAT_VERSION,
+};
+pub use streaming::{InOrder, OutputChunk, Streamed};
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,471 @@
+//! Opening a checkpoint (creating the file and the schema, refusing what is not ours),
+//! appending rows, and the small reads (versions, pages of rows); also what every scan
+//! of the file needs from the connection (a mapping, a bound on the rows).
+
+use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+
+use super::schema::{
+    key_at, sqlite_error, unix_now, ItemRow, RowInfo, Synchronous, VersionRow, APPLICATION_ID,
+    FORMAT_VERSION, MIN_ROW_BYTES, SCHEMA,
+};
+use crate::contract::STATUS_OK;
+use crate::errors::{Error, Result};
+
+/// Bytes of the file SQLite maps into memory during a full scan: it then reads pages
+/// in place instead of copying each one out of the OS cache (a scan of a million rows
+/// takes about half the time). Off otherwise, so writes never depend on a mapping.
+pub(super) const SCAN_MMAP_SIZE: i64 = 1 << 30;
+/// Long enough to ride out another process's commit, short enough to report a real lock.
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
+
+/// Plain ok rows per multi-row INSERT: 5 parameters a row, well within SQLite's limit
+/// of 32,766; beyond a few dozen rows the statement's fixed cost no longer shows.
+const PLAIN_ROWS_PER_INSERT: usize = 64;
+
+/// `INSERT` of `rows` plain ok rows, 5 values each (status 0 and 1 attempt fixed).
+///
+/// `OR FAIL`: a statement that writes several rows and may abort half way needs a
+/// statement journal (a copy of each page it touches, to undo just that statement);
+/// with FAIL nothing is undone per statement, and none is kept (~10% of a row's cost).
+/// Nothing is lost by it: any failure rolls back the whole transaction (`append`).
+fn plain_insert(rows: usize) -> String {
+    let values = format!("(?, ?, {STATUS_OK}, ?, 1, ?, ?)");
+    format!(
+        "INSERT OR FAIL INTO items (key, version, status, output, attempts, started, ended) VALUES {}",
+        vec![values; rows].join(", ")
+    )
+}
+
+static PLAIN_INSERT_FULL: LazyLock<String> = LazyLock::new(|| plain_insert(PLAIN_ROWS_PER_INSERT));
+
+/// An open SQLite checkpoint.
+pub struct Store {
+    pub(super) path: String,
+    /// The path as opened (an OS path: it need not be UTF-8), for a second connection.
+    pub(super) file: PathBuf,
+    /// Which file `conn` opened (see [`file_identity`]): a second connection is used
+    /// only while the path still names that file.
+    pub(super) identity: Option<FileIdentity>,
+    pub(super) conn: Connection,
+}
+
+impl Store {
+    /// Opens the checkpoint at `path`, creating the file (mode 0600) and the schema if
+    /// they do not exist, and refusing a file that is not a snapperable checkpoint of a
+    /// format this code reads.
+    pub fn open(path: &Path, synchronous: Synchronous) -> Result<Self> {
+        let name = path.to_string_lossy().into_owned();
+        create_private_file(path).map_err(|err| Error::CannotCreate {
+            path: name.clone(),
+            reason: err.to_string(),
+        })?;
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| sqlite_error(&name, e))?;
+        let identity = file_identity(path);
+        let mut store = Store {
+            path: name,
+            file: path.to_path_buf(),
+            identity,
+            conn,
+        };
+        store.prepare(synchronous)?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub(super) fn fail(&self, err: rusqlite::Error) -> Error {
+        sqlite_error(&self.path, err)
+    }
+
+    fn prepare(&mut self, synchronous: Synchronous) -> Result<()> {
+        self.conn
+            .busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| self.fail(e))?;
+        let mut header = Header::read(&self.conn).map_err(|e| self.fail(e))?;
+        if header.is_fresh() {
+            header = self.initialize().map_err(|e| self.fail(e))?;
+        }
+        if header.application_id != APPLICATION_ID {
+            return Err(Error::NotACheckpoint {
+                path: self.path.clone(),
+                reason: format!("application_id {}", header.application_id),
+            });
+        }
+        if header.user_version > FORMAT_VERSION {
+            return Err(Error::Format {
+                path: self.path.clone(),
+                found: header.user_version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        self.conn
+            .execute_batch("PRAGMA journal_mode=WAL")
+            .and_then(|()| self.conn.execute_batch(synchronous.pragma()))
+            .map_err(|e| self.fail(e))
+    }
+
+    /// Writes the schema into an empty file. The header is read again under the write
+    /// lock, so a process that initialized the file first is not overwritten.
+    fn initialize(&mut self) -> rusqlite::Result<Header> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let header = Header::read(&tx)?;
+        if !header.is_fresh() {
+            return Ok(header);
+        }
+        tx.execute_batch(SCHEMA)?;
+        tx.execute(
+            "INSERT INTO meta (name, value) VALUES ('format_version', ?1), ('created_by', ?2)",
+            params![
+                FORMAT_VERSION.to_string(),
+                concat!("snapperable ", env!("CARGO_PKG_VERSION"))
+            ],
+        )?;
+        let header = Header::read(&tx)?;
+        tx.commit()?;
+        Ok(header)
+    }
+
+    /// Every known function version, oldest first.
+    pub fn versions(&self) -> Result<Vec<VersionRow>> {
+        let read = || -> rusqlite::Result<Vec<VersionRow>> {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT id, fingerprint, parts, uses, created FROM versions ORDER BY id",
+            )?;
+            let rows = stmt.query_map([], |row| {
+                Ok(VersionRow {
+                    id: row.get(0)?,
+                    fingerprint: row.get(1)?,
+                    parts: row.get(2)?,
+                    uses: row.get(3)?,
+                    created: row.get(4)?,
+                })
+            })?;
+            rows.collect()
+        };
+        read().map_err(|e| self.fail(e))
+    }
+
+    /// Registers a version and commits at once; `uses = None` makes it use its own id.
+    pub fn add_version(
+        &mut self,
+        fingerprint: &str,
+        parts: &str,
+        uses: Option<i64>,
+    ) -> Result<i64> {
+        let mut insert = || -> rusqlite::Result<i64> {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT INTO versions (fingerprint, parts, uses, created) VALUES (?1, ?2, ?3, ?4)",
+                params![fingerprint, parts, uses.unwrap_or(0), unix_now()],
+            )?;
+            let id = tx.last_insert_rowid();
+            if uses.is_none() {
+                tx.execute("UPDATE versions SET uses = id WHERE id = ?1", [id])?;
+            }
+            tx.commit()?;
+            Ok(id)
+        };
+        insert().map_err(|e| sqlite_error(&self.path, e))
+    }
+
+    /// Appends `rows` in one `BEGIN IMMEDIATE` transaction: all of them or none, in order.
+    ///
+    /// Plain ok rows (the bulk of a run: status ok, one attempt, no input or error) go
+    /// [`PLAIN_ROWS_PER_INSERT`] to a multi-row INSERT of their 5 varying values: one
+    /// statement step per group instead of per row. Any other row is inserted on its
+    /// own, with all 11 values, at its place.
+    pub fn append(&mut self, rows: &[ItemRow]) -> Result<()> {
+        let mut write = || -> rusqlite::Result<()> {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut rest = rows;
+            while !rest.is_empty() {
+                let plain = rest.iter().take_while(|row| row.is_plain()).count();
+                let (group, after) = rest.split_at(plain);
+                for group in group.chunks(PLAIN_ROWS_PER_INSERT) {
+                    let sql = if group.len() == PLAIN_ROWS_PER_INSERT {
+                        &*PLAIN_INSERT_FULL
+                    } else {
+                        &plain_insert(group.len())
+                    };
+                    let mut insert = tx.prepare_cached(sql)?;
+                    // Bound one by one (monomorphic, no parameter-count check per row).
+                    let mut index = 0;
+                    for row in group {
+                        insert.raw_bind_parameter(index + 1, &row.key[..])?;
+                        insert.raw_bind_parameter(index + 2, row.version)?;
+                        insert.raw_bind_parameter(index + 3, &row.output)?;
+                        insert.raw_bind_parameter(index + 4, row.started)?;
+                        insert.raw_bind_parameter(index + 5, row.ended)?;
+                        index += 5;
+                    }
+                    insert.raw_execute()?;
+                }
+                let Some((row, after)) = after.split_first() else {
+                    break;
+                };
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO items (key, version, status, input, output, error_type, \
+                     error, traceback, attempts, started, ended) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                )?;
+                insert.raw_bind_parameter(1, &row.key[..])?;
+                insert.raw_bind_parameter(2, row.version)?;
+                insert.raw_bind_parameter(3, row.status)?;
+                insert.raw_bind_parameter(4, &row.input)?;
+                insert.raw_bind_parameter(5, &row.output)?;
+                insert.raw_bind_parameter(6, &row.error_type)?;
+                insert.raw_bind_parameter(7, &row.error)?;
+                insert.raw_bind_parameter(8, &row.traceback)?;
+                insert.raw_bind_parameter(9, row.attempts)?;
+                insert.raw_bind_parameter(10, row.started)?;
+                insert.raw_bind_parameter(11, row.ended)?;
+                insert.raw_execute()?;
+                rest = after;
+            }
+            tx.commit()
+        };
+        write().map_err(|e| sqlite_error(&self.path, e))
+    }
+
+    /// Maps the file into memory until the returned guard is dropped.
+    pub(super) fn mapped_for_scan(&self) -> Result<MappedScan<'_>> {
+        self.conn
+            .pragma_update(None, "mmap_size", SCAN_MMAP_SIZE)
+            .map_err(|e| self.fail(e))?;
+        Ok(MappedScan(&self.conn))
+    }
+
+    /// An estimate of the number of item rows, found without a scan, to size the
+    /// tables a scan fills: the largest `seq`, but never more rows than the file's
+    /// bytes could hold (a damaged `seq` must not ask for terabytes).
+    pub(super) fn row_bound(&self) -> Result<usize> {
+        let (max_seq, file_bytes): (Option<i64>, i64) = self
+            .conn
+            .query_row(
+                "SELECT (SELECT max(seq) FROM items), \
+                 (SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size())",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(|e| self.fail(e))?;
+        let most_rows = usize::try_from(file_bytes / MIN_ROW_BYTES).unwrap_or(0);
+        let estimate = max_seq.map_or(0, |seq| usize::try_from(seq).unwrap_or(0));
+        Ok(estimate.min(most_rows))
+    }
+
+    /// Up to `limit` rows with `seq > after` (of `version`, if given), in `seq` order.
+    pub fn rows_after(
+        &self,
+        version: Option<i64>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<RowInfo>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, key, version, status, input, error_type, error, traceback, \
+                 attempts, started, ended FROM items \
+                 WHERE seq > ?1 AND (?2 IS NULL OR version = ?2) ORDER BY seq LIMIT ?3",
+            )
+            .map_err(|e| self.fail(e))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut rows = stmt
+            .query(params![after, version, limit])
+            .map_err(|e| self.fail(e))?;
+        let mut page = Vec::new();
+        while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
+            let key = key_at(&self.path, row, 1)?;
+            let info = (|| -> rusqlite::Result<RowInfo> {
+                Ok(RowInfo {
+                    seq: row.get(0)?,
+                    key,
+                    version: row.get(2)?,
+                    status: row.get(3)?,
+                    input: row.get(4)?,
+                    error_type: row.get(5)?,
+                    error: row.get(6)?,
+                    traceback: row.get(7)?,
+                    attempts: row.get(8)?,
+                    started: row.get(9)?,
+                    ended: row.get(10)?,
+                })
+            })()
+            .map_err(|e| self.fail(e))?;
+            page.push(info);
+        }
+        Ok(page)
+    }
+
+    /// Closes the connection, reporting what SQLite says (e.g. a failed WAL checkpoint).
+    pub fn close(self) -> Result<()> {
+        let path = self.path;
+        self.conn
+            .close()
+            .map_err(|(_, err)| sqlite_error(&path, err))
+    }
+}
+
+/// What identifies a file whatever its name: device and inode (None where unknown).
+pub(super) type FileIdentity = (u64, u64);
+
+#[cfg(unix)]
+pub(super) fn file_identity(path: &Path) -> Option<FileIdentity> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|meta| (meta.dev(), meta.ino()))
+}
+
+#[cfg(not(unix))]
+pub(super) fn file_identity(_path: &Path) -> Option<FileIdentity> {
+    None
+}
+
+/// Unmaps the file when a scan ends, however it ends.
+pub(super) struct MappedScan<'a>(&'a Connection);
+
+impl Drop for MappedScan<'_> {
+    fn drop(&mut self) {
+        // Failing to unmap leaves only a mapping that SQLite keeps coherent anyway.
+        let _ = self.0.pragma_update(None, "mmap_size", 0);
+    }
+}
+
+/// What the first page of a file says about it.
+struct Header {
+    application_id: i64,
+    user_version: i64,
+    has_tables: bool,
+}
+
+impl Header {
+    fn read(conn: &Connection) -> rusqlite::Result<Self> {
+        let pragma = |name: &str| conn.query_row(&format!("PRAGMA {name}"), [], |row| row.get(0));
+        let application_id = pragma("application_id")?;
+        let user_version = pragma("user_version")?;
+        let has_tables = conn
+            .query_row("SELECT 1 FROM sqlite_master LIMIT 1", [], |_| Ok(()))
+            .optional()?
+            .is_some();
+        Ok(Header {
+            application_id,
+            user_version,
+            has_tables,
+        })
+    }
+
+    /// An empty file (or an empty database): ours to initialize.
+    fn is_fresh(&self) -> bool {
+        self.application_id == 0 && !self.has_tables
+    }
+}
+
+/// Creates `path` with mode 0600 if it does not exist; never truncates an existing file.
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::Key;
+    use crate::store::tests::{row, TempDir};
+
+    #[test]
+    fn non_database_file_is_corrupt_and_untouched() {
+        let dir = TempDir::new();
+        let path = dir.file("notes.db");
+        let text = b"these are my notes, not a database; please keep them safe\n".repeat(20);
+        std::fs::write(&path, &text).unwrap();
+        match Store::open(&path, Synchronous::Full) {
+            Err(Error::NotACheckpoint { path: named, .. }) => {
+                assert_eq!(named, path.to_string_lossy())
+            }
+            Err(other) => panic!("expected NotACheckpoint, got {other}"),
+            Ok(_) => panic!("expected NotACheckpoint, got a store"),
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), text);
+    }
+
+    #[test]
+    fn foreign_database_and_newer_format_are_refused() {
+        let dir = TempDir::new();
+        let foreign = dir.file("other.db");
+        Connection::open(&foreign)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
+        let err = Store::open(&foreign, Synchronous::Full).err().unwrap();
+        assert!(
+            matches!(&err, Error::NotACheckpoint { reason, .. } if reason == "application_id 0"),
+            "{err}"
+        );
+
+        let newer = dir.file("newer.db");
+        Store::open(&newer, Synchronous::Full)
+            .unwrap()
+            .close()
+            .unwrap();
+        Connection::open(&newer)
+            .unwrap()
+            .execute_batch("PRAGMA user_version = 2")
+            .unwrap();
+        assert!(matches!(
+            Store::open(&newer, Synchronous::Full),
+            Err(Error::Format { found: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn append_keeps_the_order_of_plain_rows_in_groups_and_others_between() {
+        let dir = TempDir::new();
+        let mut store = Store::open(&dir.file("run.db"), Synchronous::Normal).unwrap();
+        let v1 = store.add_version("fp1", "{}", None).unwrap();
+        let mut rows: Vec<ItemRow> = Vec::new();
+        for i in 0..300u32 {
+            let mut row = match i % 97 {
+                13 => row(0, v1, 1, None), // failed: inserted on its own, in place
+                _ => row(0, v1, 0, Some(&i.to_le_bytes())),
+            };
+            if i % 89 == 5 {
+                row.attempts = 2; // ok but not plain
+            }
+            row.key[..4].copy_from_slice(&i.to_le_bytes());
+            row.started = f64::from(i);
+            rows.push(row);
+        }
+        store.append(&rows).unwrap();
+        let read = store.rows_after(Some(v1), 0, 1000).unwrap();
+        let expected: Vec<(Key, i64, i64, f64)> = rows
+            .iter()
+            .map(|r| (r.key, r.status, r.attempts, r.started))
+            .collect();
+        let got: Vec<(Key, i64, i64, f64)> = read
+            .iter()
+            .map(|r| (r.key, r.status, r.attempts, r.started))
+            .collect();
+        assert_eq!(got, expected);
+        let latest = store.latest_outputs(v1).unwrap();
+        assert_eq!(latest.get(&rows[64].key), Some(&64u32.to_le_bytes()[..]));
+    }
+}
