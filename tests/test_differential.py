@@ -372,7 +372,7 @@ def test_key_sets_of_a_finished_run_claim_as_pure_does(open_store: StoreOpener, 
 
 def test_key_sets_of_a_large_checkpoint_agree_with_pure(open_store: StoreOpener) -> None:
     """Past 100,000 rows the core scans the table in two halves of `seq` on two threads
-    (rust/store.rs SPLIT_SCAN_ROWS): failures, superseding rows and another version's
+    (SPLIT_SCAN_ROWS in rust/store/key_scan.rs): failures, superseding rows and another version's
     rows on both sides of the middle must give exactly the key sets of one scan."""
     n = 120_000
     blob = _core.input_keys(list(range(n + 1)))

@@ -557,7 +557,7 @@ def test_explain_change_is_empty_exactly_when_parts_are_equal(
     assert len(explanation) == len(differing)
 
 
-# --- the rule: logic and constants count, state by type only (DESIGN 5) -----------------
+# --- the rule: logic and constants count, state by type only (docs/architecture.md 5) ---
 
 
 STATE = """

@@ -61,7 +61,7 @@ R = TypeVar("R")
 log = logging.getLogger("snapperable")
 
 VersionPolicy = Literal["reprocess", "keep", "raise"]
-# What version= pins: a str or any constant (DESIGN 5), e.g. ("v2", llm.model_name).
+# What version= pins: a str or any constant (docs/architecture.md 5), e.g. ("v2", llm.model_name).
 # None only inside a tuple: version=None means "not pinned".
 VersionValue = Union[
     None, bool, int, float, complex, str, bytes, Enum,

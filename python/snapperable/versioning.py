@@ -549,7 +549,7 @@ class _Walk:
         return parts
 
     def instance_parts(self, parts: _Parts, obj: object, top: bool) -> None:
-        """The attributes of the instance a method is bound to (rule 4 of DESIGN 5).
+        """The attributes of the instance a method is bound to (rule 4 of docs/architecture.md 5).
 
         At the top, one part per attribute, standing for scheme 1's ``instance`` part
         (its digest over the attributes) when they are all constants; in a value, that
