@@ -19,6 +19,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Iterator, Optional, Protocol
 
 import pytest
