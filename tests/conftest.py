@@ -4,7 +4,8 @@ The ``backend`` fixture is autouse: it swaps ``snapperable._backend.backend`` fo
 module under test, which is where the library looks its backend up at call time.
 ``SNAPPERABLE_BACKEND`` narrows the set: ``python`` runs the fallback alone (as a user
 without the extension gets), ``rust`` the core alone; unset, both run when the
-extension is built. Tests that start child processes pass ``backend_env`` on, so the
+extension is built. (Narrowed, the differential module skips, and with ``python`` the
+Rust-only one too.) Tests that start child processes pass ``backend_env`` on, so the
 child uses the same backend.
 
 The tests are grouped by what they check: behaviour through ``Snapper`` (most modules),
@@ -45,7 +46,7 @@ def _importable() -> dict[str, Backend]:
     return found
 
 
-# Differential tests compare all of these; behaviour and contract tests run on BACKENDS.
+# open_store(with_=...) opens any of these; the tests run on BACKENDS.
 INSTALLED_BACKENDS = _importable()
 
 
@@ -55,6 +56,17 @@ def _chosen() -> dict[str, Backend]:
 
 
 BACKENDS = _chosen()
+
+
+def skip_module_unless_backends(*names: str) -> None:
+    """Skip the calling test module unless every backend ``names`` is chosen: the
+    differential and Rust-only modules test nothing of a run narrowed to one backend
+    (``SNAPPERABLE_BACKEND=python`` is the fallback alone, as a user without the
+    extension gets it)."""
+    missing = [name for name in names if name not in BACKENDS]
+    if missing:
+        pytest.skip(f"needs the {' and '.join(missing)} backend (SNAPPERABLE_BACKEND, or not built)",
+                    allow_module_level=True)
 
 # For a test that does not depend on the backend (a static check, or one that starts
 # child processes choosing their own): run it once, with whichever backend is here.

@@ -21,13 +21,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import INSTALLED_BACKENDS, StoreOpener
+from conftest import INSTALLED_BACKENDS, StoreOpener, skip_module_unless_backends
 from samples import Color, ExplodingReduce, Name, Point, failed_row, fill, key, ok_row, same, saved_pickles, snapshot
 from snapperable import keys
 from snapperable._contract import KEY_SIZE, STATUS_FAILED, STATUS_OK, CheckpointStore, ItemRow
 from snapperable.errors import CheckpointCorruptError
 
-pytest.importorskip("snapperable._core")
+skip_module_unless_backends("rust", "python")
 from snapperable import _core  # noqa: E402  (typed import, after the skip)
 
 

@@ -21,11 +21,11 @@ from typing import Any, NoReturn
 
 import pytest
 
-from conftest import StoreOpener, forks_with_threads
+from conftest import StoreOpener, forks_with_threads, skip_module_unless_backends
 from samples import HOLD_WRITE_LOCK, ok_row, saved
 from snapperable.errors import ForkedProcessError
 
-pytest.importorskip("snapperable._core")
+skip_module_unless_backends("rust")
 from snapperable import _core  # noqa: E402  (typed import, after the skip)
 
 
