@@ -1,7 +1,7 @@
 """Score 4,000 product reviews, one slow call at a time, resumably.
 
     python examples/review_scores.py            # Ctrl-C whenever you like, then run again
-    python examples/review_scores.py --fresh    # start over (moves the old checkpoint aside)
+    python examples/review_scores.py --fresh    # start over (move_checkpoint moves the old one aside)
 
 The reviews are generated (deterministically) into ``reviews.jsonl`` beside the
 checkpoint on the first run; ``score`` stands in for an LLM or HTTP call by sleeping a
@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import time
 from pathlib import Path
 from typing import Iterator
 
-from snapperable import Snapper, SQLiteSnapshotStorage
+from snapperable import Snapper, SQLiteSnapshotStorage, move_checkpoint
 
 POSITIVE = {"great", "love", "excellent", "sturdy", "fast", "perfect", "happy"}
 NEGATIVE = {"broken", "slow", "awful", "refund", "late", "flimsy", "sad"}
@@ -67,8 +66,9 @@ def main() -> None:
     if not data.exists():
         make_reviews(data)
     if args.fresh and checkpoint.exists():
-        aside = checkpoint.with_suffix(f".{int(time.time())}.db")
-        os.replace(checkpoint, aside)  # snapperable itself never deletes a checkpoint
+        # With its -wal, -shm and lock file, after copying the WAL in; refused while a
+        # run holds it. snapperable itself never deletes a checkpoint.
+        aside = move_checkpoint(checkpoint, checkpoint.with_suffix(f".{int(time.time())}.db"))
         print(f"moved the old checkpoint to {aside}")
 
     storage: SQLiteSnapshotStorage[dict[str, object]] = SQLiteSnapshotStorage(str(checkpoint))

@@ -49,7 +49,7 @@ def project_toml(meta: dict[str, object]) -> str:
         'readme = "README.md"',
         'license = { text = "MIT" }',
         f'requires-python = "{meta["requires-python"]}"',
-        "dependencies = []",
+        f"dependencies = {toml_list(list(meta.get('dependencies', [])))}",
         "",
         "[project.optional-dependencies]",
         *(f"{name} = {toml_list(deps)}" for name, deps in extras.items()),

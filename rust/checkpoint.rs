@@ -18,7 +18,8 @@ type SharedStore = Arc<Mutex<Option<Store>>>;
 pub struct Checkpoint {
     path: String,
     store: SharedStore,
-    writer: Writer<ItemRow>,
+    /// None for a checkpoint opened for reading only ([`Checkpoint::open_reader`]).
+    writer: Option<Writer<ItemRow>>,
     /// The thread (see [`thread_token`]) inside `with_store` now, or 0. A read can run
     /// Python code with the store locked (an output's `__setstate__` while a load
     /// unpickles); if that code uses the checkpoint again, it must get an error, not
@@ -95,9 +96,33 @@ impl Checkpoint {
         Ok(Checkpoint {
             path: name,
             store,
-            writer,
+            writer: Some(writer),
             reader: AtomicU64::new(0),
         })
+    }
+
+    /// Opens an existing checkpoint for reading only (`Store::open_read_only`): no
+    /// writer, nothing written, no lock of the writer's needed.
+    pub fn open_reader(path: &Path) -> Result<Self> {
+        let opened = Store::open_read_only(path)?;
+        Ok(Checkpoint {
+            path: opened.path().to_owned(),
+            store: Arc::new(Mutex::new(Some(opened))),
+            writer: None,
+            reader: AtomicU64::new(0),
+        })
+    }
+
+    /// The writer, or the error for a write to a checkpoint opened for reading.
+    fn writer(&self) -> Result<&Writer<ItemRow>> {
+        self.writer.as_ref().ok_or_else(|| Error::Checkpoint {
+            path: self.path.clone(),
+            detail: "is opened for reading only".to_owned(),
+        })
+    }
+
+    fn is_forked_copy(&self) -> bool {
+        self.writer.as_ref().is_some_and(Writer::is_forked_copy)
     }
 
     pub fn path(&self) -> &str {
@@ -106,8 +131,12 @@ impl Checkpoint {
 
     /// Runs a read (or a direct write such as `add_version`) on the open store.
     pub fn with_store<R>(&self, f: impl FnOnce(&mut Store) -> Result<R>) -> Result<R> {
-        if self.writer.is_forked_copy() {
-            return Err(self.writer.forked());
+        if let Some(writer) = self
+            .writer
+            .as_ref()
+            .filter(|writer| writer.is_forked_copy())
+        {
+            return Err(writer.forked());
         }
         let me = thread_token();
         if self.reader.load(Ordering::Acquire) == me {
@@ -128,21 +157,22 @@ impl Checkpoint {
     /// Buffers `row`; on [`Pending::Full`] the caller must `wait_for_room` (without
     /// the GIL) before it records again.
     pub fn record(&self, row: ItemRow) -> Result<Pending> {
-        self.writer.record(row)
+        self.writer()?.record(row)
     }
 
     /// Returns once the pending buffer has room again (see [`Writer::wait_for_room`]).
     pub fn wait_for_room(&self) -> Result<()> {
-        self.writer.wait_for_room()
+        self.writer()?.wait_for_room()
     }
 
     /// Fails as `record` would (writer failure, closed, forked), without a row.
     pub fn check_writer(&self) -> Result<()> {
-        self.writer.check()
+        self.writer()?.check()
     }
 
+    /// Returns once every recorded row is committed (at once for a reader).
     pub fn flush(&self) -> Result<()> {
-        self.writer.flush()
+        self.writer.as_ref().map_or(Ok(()), Writer::flush)
     }
 
     /// Commits what is pending, stops the writer and closes the file. Idempotent. The
@@ -151,10 +181,14 @@ impl Checkpoint {
         // First, before any lock: a lock held at the fork by a thread of the parent (the
         // writer's, mid-commit, or one inside `close`) stays held in a child, where that
         // thread does not exist to let go.
-        if self.writer.is_forked_copy() {
-            return Err(self.writer.forked());
+        if let Some(writer) = self
+            .writer
+            .as_ref()
+            .filter(|writer| writer.is_forked_copy())
+        {
+            return Err(writer.forked());
         }
-        let stopped = self.writer.close();
+        let stopped = self.writer.as_ref().map_or(Ok(()), Writer::close);
         // A lock poisoned by a panic (in a commit, say: the writer's failure then says
         // so) still yields the store: it is only closed, and closing rolls back
         // whatever the panic left half done. Refusing would keep the file open and
@@ -176,7 +210,7 @@ impl Drop for Checkpoint {
         // No lock is taken: the parent's writer may have held it at the fork, and its
         // thread does not exist here to let go. Leaking one reference keeps the Store
         // from ever being dropped in the child.
-        if self.writer.is_forked_copy() {
+        if self.is_forked_copy() {
             std::mem::forget(Arc::clone(&self.store));
         }
     }

@@ -114,6 +114,8 @@ pub mod tag {
     pub const DICT: u8 = b'd';
     pub const SET: u8 = b'S';
     pub const PICKLED: u8 = b'p';
+    /// A namedtuple that cannot be pickled: its field names and values.
+    pub const NAMED_TUPLE: u8 = b'N';
 }
 
 /// The error for a value a key cannot be computed for; the text is the reference's.

@@ -36,6 +36,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_keys::input_keys, m)?)?;
     m.add_function(wrap_pyfunction!(py_store::new_key_set, m)?)?;
     m.add_function(wrap_pyfunction!(py_store::open_sqlite, m)?)?;
+    m.add_function(wrap_pyfunction!(py_store::open_sqlite_reader, m)?)?;
     m.add_class::<py_store::PyKeySet>()?;
     m.add_class::<py_store::PyKeyIterator>()?;
     m.add_class::<py_store::PySqliteCheckpoint>()?;

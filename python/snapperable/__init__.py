@@ -6,15 +6,20 @@ from snapperable.errors import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointLockedError,
+    CheckpointMovedError,
     ForkedProcessError,
     FunctionChangedError,
+    ItemKeyError,
     SnapperableError,
     TooManyConsecutiveErrors,
     UnpicklableOutputError,
     WriterError,
 )
 from snapperable.metrics import (
+    NOT_DONE,
     FailedItem,
+    ItemFailure,
+    NotDone,
     ProcessingMetric,
     RunPlan,
     generate_json_report,
@@ -23,6 +28,7 @@ from snapperable.metrics import (
 )
 from snapperable.snapper import Snapper, VersionValue
 from snapperable.storage.base import SnapshotStorage
+from snapperable.storage.files import move_checkpoint
 from snapperable.storage.pickle_storage import PickleSnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
 
@@ -32,9 +38,13 @@ __all__ = [
     "Snapper",
     "VersionValue",
     "SnapshotStorage",
+    "move_checkpoint",
     "SQLiteSnapshotStorage",
     "PickleSnapshotStorage",
     "FailedItem",
+    "ItemFailure",
+    "NOT_DONE",
+    "NotDone",
     "ProcessingMetric",
     "RunPlan",
     "generate_metrics_report",
@@ -46,10 +56,12 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointFormatError",
     "CheckpointLockedError",
+    "CheckpointMovedError",
     "WriterError",
     "ForkedProcessError",
     "FunctionChangedError",
     "TooManyConsecutiveErrors",
+    "ItemKeyError",
     "UnpicklableOutputError",
     "__version__",
 ]

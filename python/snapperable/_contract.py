@@ -24,6 +24,9 @@ STATUS_FAILED: Final = 1
 
 Synchronous = Literal["full", "normal"]
 
+# `PRAGMA application_id` of a SQLite checkpoint (0x536e6150, "SnaP"; schema.sql).
+SQLITE_APPLICATION_ID: Final = 0x536E6150
+
 
 # One finished item as the writer appends it (docs/architecture.md 6.1):
 #   (key, version, status, input, output, error_type, error, traceback, attempts,
@@ -105,14 +108,10 @@ class KeySet(Protocol):
         ...
 
 
-class CheckpointStore(Protocol):
-    """An open checkpoint: the pending buffer, its writer, and reads.
-
-    ``record`` only buffers; a background writer commits what has accumulated (group
-    commit) once ``batch_size`` rows are pending, once the oldest has waited
-    ``max_wait_time`` seconds, or on ``flush``. A writer failure is raised, as
-    ``WriterError``, by the next ``record``, ``flush`` or ``close``; it is never dropped.
-    """
+class CheckpointReader(Protocol):
+    """An open checkpoint's reads. Opened for reading only (``open_sqlite_reader``, a
+    pickle file opened read-only), it needs no lock and writes nothing, so it reads
+    beside a running writer and on a read-only file; ``CheckpointStore`` adds writes."""
 
     @property
     def path(self) -> str:
@@ -121,10 +120,6 @@ class CheckpointStore(Protocol):
 
     def versions(self) -> list[VersionRow]:
         """Every known function version, oldest first."""
-        ...
-
-    def add_version(self, fingerprint: str, parts: str, uses: Optional[int]) -> int:
-        """Register a version (committed at once); ``uses=None`` means its own id."""
         ...
 
     def key_set(self, version: Optional[int], status: int) -> KeySet:
@@ -137,6 +132,39 @@ class CheckpointStore(Protocol):
     def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
         """``(ok, failed)``: ``key_set(version, STATUS_OK)`` and ``key_set(version,
         STATUS_FAILED)`` from one read of the checkpoint."""
+        ...
+
+    def outputs_for(self, version: int, keys: bytes) -> list[Any]:
+        """Unpickled outputs of the latest ok row of each key, in the order of ``keys``.
+
+        Keys without an ok row are left out; a key given twice gives its output twice.
+        """
+        ...
+
+    def all_outputs(self, version: int) -> list[Any]:
+        """Unpickled latest ok output of every key, in the order each key was first saved."""
+        ...
+
+    def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
+        """Every row (all versions when ``version`` is None), in the order saved."""
+        ...
+
+    def close(self) -> None:
+        """Release the file (a store first flushes and stops its writer). Idempotent."""
+        ...
+
+
+class CheckpointStore(CheckpointReader, Protocol):
+    """An open checkpoint: the pending buffer, its writer, and reads.
+
+    ``record`` only buffers; a background writer commits what has accumulated (group
+    commit) once ``batch_size`` rows are pending, once the oldest has waited
+    ``max_wait_time`` seconds, or on ``flush``. A writer failure is raised, as
+    ``WriterError``, by the next ``record``, ``flush`` or ``close``; it is never dropped.
+    """
+
+    def add_version(self, fingerprint: str, parts: str, uses: Optional[int]) -> int:
+        """Register a version (committed at once); ``uses=None`` means its own id."""
         ...
 
     def record(self, row: ItemRow) -> None: ...
@@ -166,23 +194,10 @@ class CheckpointStore(Protocol):
         """Return once every recorded row is committed (durable per the store's setting)."""
         ...
 
-    def outputs_for(self, version: int, keys: bytes) -> list[Any]:
-        """Unpickled outputs of the latest ok row of each key, in the order of ``keys``.
-
-        Keys without an ok row are left out; a key given twice gives its output twice.
-        """
-        ...
-
-    def all_outputs(self, version: int) -> list[Any]:
-        """Unpickled latest ok output of every key, in the order each key was first saved."""
-        ...
-
-    def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
-        """Every row (all versions when ``version`` is None), in the order saved."""
-        ...
-
-    def close(self) -> None:
-        """Flush, stop the writer and release the file. Idempotent."""
+    def fold_wal_into_file(self) -> None:
+        """Flush, then make the file hold every committed row by itself: SQLite copies
+        its WAL into the database file (``wal_checkpoint(TRUNCATE)``); a pickle file
+        always does. Before the file is moved, or once it was moved under the run."""
         ...
 
 
@@ -207,4 +222,8 @@ class Backend(Protocol):
         max_wait_time: Optional[float],
     ) -> CheckpointStore:
         """Open (creating with mode 0600 if missing) a SQLite checkpoint at ``path``."""
+        ...
+
+    def open_sqlite_reader(self, path: str) -> CheckpointReader:
+        """Open the existing SQLite checkpoint at ``path`` for reading only."""
         ...

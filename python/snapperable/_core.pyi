@@ -22,6 +22,7 @@ __all__ = [
     "input_keys",
     "new_key_set",
     "open_sqlite",
+    "open_sqlite_reader",
 ]
 
 BACKEND_NAME: str
@@ -49,6 +50,9 @@ def open_sqlite(
     max_wait_time: Optional[float],
 ) -> SqliteCheckpoint:
     """Open (creating with mode 0600 if missing) a SQLite checkpoint at ``path``."""
+
+def open_sqlite_reader(path: str) -> SqliteCheckpoint:
+    """Open an existing SQLite checkpoint at ``path`` for reading only; writes raise."""
 
 @final
 class KeySet:
@@ -88,6 +92,7 @@ class SqliteCheckpoint:
     def outputs_for(self, version: int, keys: bytes) -> list[Any]: ...
     def all_outputs(self, version: int) -> list[Any]: ...
     def rows(self, version: Optional[int]) -> RowIterator: ...
+    def fold_wal_into_file(self) -> None: ...
     def close(self) -> None: ...
 
 @final

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import select
 import sqlite3
 import struct
@@ -21,6 +22,7 @@ from typing import Any, Iterator, Optional
 from snapperable import _folding, _sqlite_writer, keys
 from snapperable._contract import (
     KEY_SIZE,
+    SQLITE_APPLICATION_ID,
     STATUS_OK,
     KeySet,
     RowInfo,
@@ -33,6 +35,7 @@ from snapperable._sqlite_writer import (
     WriterProcessError,
     commit_rows,
     configure,
+    file_uri,
 )
 from snapperable._writer import PendingRow, WriterBackedStore
 from snapperable.errors import (
@@ -48,7 +51,7 @@ _SQLITE_NOTADB = 26
 
 BACKEND_NAME = "python"
 
-APPLICATION_ID = 1399742800
+APPLICATION_ID = SQLITE_APPLICATION_ID
 FORMAT_VERSION = 1
 
 log = logging.getLogger("snapperable")
@@ -106,59 +109,65 @@ def _schema() -> str:
     return resources.files("snapperable").joinpath("schema.sql").read_text(encoding="utf-8")
 
 
-class PySQLiteStore(WriterBackedStore):
-    """A SQLite checkpoint through ``sqlite3``: one connection shared, under a lock, by
-    the caller's reads and the writer thread's commits."""
+class PySQLiteReader:
+    """A SQLite checkpoint through ``sqlite3``, opened for reading: nothing is created
+    and no row written, so it reads beside a running writer (a WAL reader) and on a
+    read-only file or directory. ``PySQLiteStore`` adds the writes."""
 
-    def __init__(
-        self,
-        path: str,
-        synchronous: Synchronous,
-        batch_size: int,
-        max_wait_time: Optional[float],
-    ) -> None:
+    path: str
+    _lock: threading.Lock
+    _conn: sqlite3.Connection
+    _released: bool
+
+    def __init__(self, path: str) -> None:
         self.path = path
-        self._synchronous = synchronous
         self._lock = threading.Lock()
         self._released = False  # the connection is closed; set before `_mapped` reads it
-        self._conn = self._connect(synchronous)
-        # The writer process (``_sqlite_writer``), started by the writer thread once a
-        # commit is large; None before that, or for good once it could not be started.
-        self._process: Optional[WriterProcess] = None
-        self._process_failed = False
-        self._start_writer(path, batch_size, max_wait_time)
+        self._conn = self._connect_read_only()
 
-    # -- opening ------------------------------------------------------------------------
-    def _connect(self, synchronous: Synchronous) -> sqlite3.Connection:
-        try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise self._mapped(exc) from exc
-        try:
-            configure(conn, synchronous)
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            user_version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if app_id == 0 and tables == 0:
-                # One transaction: a crash leaves either no schema or all of it.
-                conn.executescript(f"BEGIN IMMEDIATE; {_schema()};")
-                conn.executemany(
-                    "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)",
-                    [("format_version", str(FORMAT_VERSION)), ("created_by", _created_by())],
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """Opened read-write where the file allows it (SQLite falls back to read-only
+        where not), so that, closing as the last connection, it removes the ``-wal`` and
+        ``-shm`` it made rather than leave them behind; no row is written. Where SQLite
+        cannot set up its shared memory (a read-only directory without the ``-shm`` a
+        writer leaves), the file is opened as immutable: no writer can be changing it
+        then."""
+        failure: Optional[Exception] = None
+        for query in ("mode=rw", "mode=ro&immutable=1"):
+            try:
+                conn = sqlite3.connect(
+                    f"{file_uri(self.path)}?{query}", uri=True, isolation_level=None, check_same_thread=False
                 )
-                conn.execute("COMMIT")
-            elif app_id != APPLICATION_ID:
-                raise CheckpointCorruptError.not_a_checkpoint(self.path, f"application_id {app_id}")
-            elif user_version > FORMAT_VERSION:
-                raise CheckpointFormatError.newer(self.path, user_version, FORMAT_VERSION)
-            conn.execute("PRAGMA journal_mode=WAL")
-        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
-            conn.close()
-            raise self._mapped(exc) from exc
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+            except sqlite3.Error as exc:
+                failure = exc
+                continue
+            try:
+                conn.execute(f"PRAGMA busy_timeout={_sqlite_writer.BUSY_TIMEOUT_MS}")
+                app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+                user_version = conn.execute("PRAGMA user_version").fetchone()[0]
+            except (sqlite3.Error, UnicodeDecodeError) as exc:
+                conn.close()
+                failure = exc
+                continue
+            try:
+                self._check_header(app_id, user_version)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+        assert failure is not None
+        raise self._mapped(failure) from failure
+
+    def _check_header(self, app_id: int, user_version: int) -> None:
+        if app_id != APPLICATION_ID:
+            raise CheckpointCorruptError.not_a_checkpoint(self.path, f"application_id {app_id}")
+        if user_version > FORMAT_VERSION:
+            raise CheckpointFormatError.newer(self.path, user_version, FORMAT_VERSION)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+            self._released = True
 
     def _mapped(self, exc: Exception) -> CheckpointError:
         """The one mapping of sqlite3 errors to snapperable's (the Rust core's is
@@ -189,90 +198,6 @@ class PySQLiteStore(WriterBackedStore):
         ):
             return CheckpointCorruptError.damaged(self.path, text)
         return CheckpointError.failed(self.path, text)
-
-    # -- writes -------------------------------------------------------------------------
-    def _commit(self, rows: list[PendingRow]) -> Optional[int]:
-        process = self._connected_process(len(rows))
-        if process is not None:
-            try:
-                try:
-                    return process.send(rows)  # pipelined: see GroupCommitWriter
-                except UnmarshallableRows:
-                    # Rare (a failure message of a str subclass): after what is in
-                    # flight, this batch is committed here, in order.
-                    durable = process.settle()
-                    self._commit_here(rows)
-                    return durable + len(rows)
-            except WriterProcessError as exc:
-                raise self._writer_process_error(exc) from exc
-        self._commit_here(rows)
-        return None
-
-    def _writer_process_error(self, exc: WriterProcessError) -> CheckpointError:
-        """A failure of the writer process, as a commit in the thread reports it (its
-        text is SQLite's message, see ``_sqlite_writer._send_error``)."""
-        return CheckpointError.failed(self.path, str(exc))
-
-    def _commit_here(self, rows: list[PendingRow]) -> None:
-        """Commit ``rows`` in this (the writer) thread, on the shared connection."""
-        with self._lock:
-            try:
-                commit_rows(self._conn, rows)
-            except (sqlite3.Error, UnicodeDecodeError) as exc:
-                raise self._mapped(exc) from exc
-
-    def _settle(self) -> int:
-        if self._process is None:
-            return 0
-        try:
-            return self._process.settle()
-        except WriterProcessError as exc:
-            raise self._writer_process_error(exc) from exc
-
-    def _connected_process(self, batch_rows: int) -> Optional[WriterProcess]:
-        """The writer process if it is connected; starts it for a large batch. Until it
-        has connected, commits go on in the thread, so its start costs the loop nothing."""
-        if self._process is None:
-            if self._process_failed or batch_rows < _sqlite_writer.PROCESS_MIN_ROWS or not _can_start_process():
-                return None
-            try:
-                self._process = WriterProcess(self.path, self._synchronous)
-            except OSError as exc:
-                self._no_process(exc)
-                return None
-        try:
-            return self._process if self._process.ready(_sqlite_writer.PROCESS_CONNECT_WAIT) else None
-        except Exception as exc:  # not connected, nothing sent: the thread commits
-            self._no_process(exc)
-            return None
-
-    def _no_process(self, why: Exception) -> None:
-        log.debug("%s: no writer process, committing in a thread: %s", self.path, why)
-        if self._process is not None:
-            self._process.close()
-        self._process = None
-        self._process_failed = True
-
-    def add_version(self, fingerprint: str, parts: str, uses: Optional[int]) -> int:
-        with self._lock:
-            conn = self._conn
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                cur = conn.execute(
-                    "INSERT INTO versions (fingerprint, parts, uses, created)"
-                    " VALUES (?, ?, coalesce(?, -1), (julianday('now') - 2440587.5) * 86400.0)",
-                    (fingerprint, parts, uses),
-                )
-                vid = cur.lastrowid
-                assert vid is not None
-                if uses is None:
-                    conn.execute("UPDATE versions SET uses = id WHERE id = ?", (vid,))
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise self._mapped(exc) from exc
-            return vid
 
     # -- reads --------------------------------------------------------------------------
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
@@ -362,6 +287,150 @@ class PySQLiteStore(WriterBackedStore):
             )
         return (RowInfo(*row) for row in found)
 
+class PySQLiteStore(WriterBackedStore, PySQLiteReader):
+    """A SQLite checkpoint through ``sqlite3``: one connection shared, under a lock, by
+    the caller's reads and the writer thread's commits."""
+
+    def __init__(
+        self,
+        path: str,
+        synchronous: Synchronous,
+        batch_size: int,
+        max_wait_time: Optional[float],
+    ) -> None:
+        self.path = path
+        self._synchronous = synchronous
+        self._lock = threading.Lock()
+        self._released = False  # the connection is closed; set before `_mapped` reads it
+        self._conn = self._connect(synchronous)
+        info = os.stat(path)
+        self._identity = (info.st_dev, info.st_ino)  # of the file just opened
+        # The writer process (``_sqlite_writer``), started by the writer thread once a
+        # commit is large; None before that, or for good once it could not be started.
+        self._process: Optional[WriterProcess] = None
+        self._process_failed = False
+        self._start_writer(path, batch_size, max_wait_time)
+
+    # -- opening ------------------------------------------------------------------------
+    def _connect(self, synchronous: Synchronous) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise self._mapped(exc) from exc
+        try:
+            configure(conn, synchronous)
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            user_version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if app_id == 0 and tables == 0:
+                # One transaction: a crash leaves either no schema or all of it.
+                conn.executescript(f"BEGIN IMMEDIATE; {_schema()};")
+                conn.executemany(
+                    "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)",
+                    [("format_version", str(FORMAT_VERSION)), ("created_by", _created_by())],
+                )
+                conn.execute("COMMIT")
+            else:
+                self._check_header(app_id, user_version)
+            conn.execute("PRAGMA journal_mode=WAL")
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
+            conn.close()
+            raise self._mapped(exc) from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    # -- writes -------------------------------------------------------------------------
+    def _commit(self, rows: list[PendingRow]) -> Optional[int]:
+        process = self._connected_process(len(rows))
+        if process is not None:
+            try:
+                try:
+                    return process.send(rows)  # pipelined: see GroupCommitWriter
+                except UnmarshallableRows:
+                    # Rare (a failure message of a str subclass): after what is in
+                    # flight, this batch is committed here, in order.
+                    durable = process.settle()
+                    self._commit_here(rows)
+                    return durable + len(rows)
+            except WriterProcessError as exc:
+                raise self._writer_process_error(exc) from exc
+        self._commit_here(rows)
+        return None
+
+    def _writer_process_error(self, exc: WriterProcessError) -> CheckpointError:
+        """A failure of the writer process, as a commit in the thread reports it (its
+        text is SQLite's message, see ``_sqlite_writer._send_error``)."""
+        return CheckpointError.failed(self.path, str(exc))
+
+    def _commit_here(self, rows: list[PendingRow]) -> None:
+        """Commit ``rows`` in this (the writer) thread, on the shared connection."""
+        with self._lock:
+            try:
+                commit_rows(self._conn, rows)
+            except (sqlite3.Error, UnicodeDecodeError) as exc:
+                raise self._mapped(exc) from exc
+
+    def _settle(self) -> int:
+        if self._process is None:
+            return 0
+        try:
+            return self._process.settle()
+        except WriterProcessError as exc:
+            raise self._writer_process_error(exc) from exc
+
+    def _connected_process(self, batch_rows: int) -> Optional[WriterProcess]:
+        """The writer process if it is connected; starts it for a large batch. Until it
+        has connected, commits go on in the thread, so its start costs the loop nothing."""
+        if self._process is None:
+            if self._process_failed or batch_rows < _sqlite_writer.PROCESS_MIN_ROWS or not _can_start_process():
+                return None
+            try:
+                self._process = WriterProcess(self.path, self._synchronous, self._identity)
+            except OSError as exc:
+                self._no_process(exc)
+                return None
+        try:
+            return self._process if self._process.ready(_sqlite_writer.PROCESS_CONNECT_WAIT) else None
+        except Exception as exc:  # not connected, nothing sent: the thread commits
+            self._no_process(exc)
+            return None
+
+    def _no_process(self, why: Exception) -> None:
+        log.debug("%s: no writer process, committing in a thread: %s", self.path, why)
+        if self._process is not None:
+            self._process.close()
+        self._process = None
+        self._process_failed = True
+
+    def add_version(self, fingerprint: str, parts: str, uses: Optional[int]) -> int:
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                cur = conn.execute(
+                    "INSERT INTO versions (fingerprint, parts, uses, created)"
+                    " VALUES (?, ?, coalesce(?, -1), (julianday('now') - 2440587.5) * 86400.0)",
+                    (fingerprint, parts, uses),
+                )
+                vid = cur.lastrowid
+                assert vid is not None
+                if uses is None:
+                    conn.execute("UPDATE versions SET uses = id WHERE id = ?", (vid,))
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise self._mapped(exc) from exc
+            return vid
+
+    def fold_wal_into_file(self) -> None:
+        self.flush()
+        busy = self._query("PRAGMA wal_checkpoint(TRUNCATE)")[0][0]
+        if busy:
+            raise CheckpointError.failed(self.path, "cannot copy the WAL into the file: another connection is reading it")
+
     def _release(self) -> None:
         try:
             if self._process is not None:
@@ -370,6 +439,10 @@ class PySQLiteStore(WriterBackedStore):
             with self._lock:
                 self._conn.close()
                 self._released = True
+
+
+def open_sqlite_reader(path: str) -> PySQLiteReader:
+    return PySQLiteReader(path)
 
 
 def _can_start_process() -> bool:

@@ -75,6 +75,13 @@ PLAIN_ROWS_PER_INSERT = 500
 _INSERT_PLAIN_OK_FULL = _INSERT_PLAIN_OK + ", ".join([_PLAIN_OK_VALUES] * PLAIN_ROWS_PER_INSERT)
 
 
+def file_uri(path: str) -> str:
+    """``path`` as a SQLite ``file:`` URI: every byte but unreserved ones and ``/``
+    escaped, so that ``?``, ``#`` and ``%`` in a name stay part of it (as the Rust core)."""
+    safe = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/-._~")
+    return "file:" + "".join(chr(b) if b in safe else f"%{b:02X}" for b in path.encode("utf-8", "surrogateescape"))
+
+
 def configure(conn: sqlite3.Connection, synchronous: Synchronous) -> None:
     """The settings of every connection that writes items (the file is in WAL mode)."""
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -135,7 +142,10 @@ class WriterProcess:
     connected.
     """
 
-    def __init__(self, path: str, synchronous: Synchronous) -> None:
+    def __init__(self, path: str, synchronous: Synchronous, identity: tuple[int, int]) -> None:
+        """``identity``: (device, inode) of the file the parent opened; the child commits
+        only to that file, not to another one the path names by then (the checkpoint
+        moved or removed before the child connected: see ``serve``)."""
         import socket
         import subprocess
 
@@ -144,7 +154,7 @@ class WriterProcess:
         # PYTHONPATH and the user's site say. The pure backend is all it needs.
         code = (
             "import sys; sys.path.insert(0, sys.argv[1]); "
-            "from snapperable._sqlite_writer import serve; serve(sys.argv[2], sys.argv[3])"
+            "from snapperable._sqlite_writer import serve; serve(sys.argv[2], sys.argv[3], sys.argv[4])"
         )
         # Frames go over a socket, not a pipe: sent with MSG_NOSIGNAL, a child that died
         # is an error here, never a SIGPIPE that kills a process whose SIGPIPE is at its
@@ -154,7 +164,7 @@ class WriterProcess:
         self._to_child, child_end = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", code, package_parent, path, synchronous],
+                [sys.executable, "-I", "-c", code, package_parent, path, synchronous, "%d:%d" % identity],
                 stdin=child_end.fileno(),
                 stdout=subprocess.PIPE,
                 bufsize=0,
@@ -296,15 +306,26 @@ def _read_exact(fd: int, size: int) -> bytes:
 
 
 # -- the child's side -------------------------------------------------------------------
-def serve(path: str, synchronous: str) -> None:
-    """The writer process's main loop (see the module doc for the protocol)."""
+def serve(path: str, synchronous: str, identity: str) -> None:
+    """The writer process's main loop (see the module doc for the protocol).
+
+    It opens the file without creating it (``mode=rw``) and checks it is the parent's
+    (``identity``, device:inode), so that a checkpoint moved or removed before it
+    connected is neither recreated empty nor written in the parent's place; the parent
+    then commits in its thread, to the file it has open.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     stdin = sys.stdin.buffer
     stdout = sys.stdout.buffer
     try:
-        conn = sqlite3.connect(path, isolation_level=None)
+        conn = sqlite3.connect(f"{file_uri(path)}?mode=rw", uri=True, isolation_level=None)
         configure(conn, "full" if synchronous == "full" else "normal")
-    except sqlite3.Error as exc:
+        conn.execute("PRAGMA application_id").fetchone()  # opens the file
+        info = os.stat(path)
+        if f"{info.st_dev}:{info.st_ino}" != identity:
+            conn.close()
+            raise sqlite3.OperationalError(f"{path} is no longer the file the checkpoint opened")
+    except (sqlite3.Error, OSError) as exc:
         _send_error(stdout, exc)
         return
     stdout.write(b"R")

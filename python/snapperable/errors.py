@@ -46,6 +46,26 @@ class CheckpointError(SnapperableError, OSError):
         """The checkpoint at ``path`` was used after ``close()``."""
         return cls(f"checkpoint {path} is closed; open it again to use it")
 
+    @classmethod
+    def no_directory(cls: type[_Checkpoint], path: str, directory: str, exists: bool) -> _Checkpoint:
+        """The directory ``path`` would be created in is missing (or is not a directory)."""
+        what = "is not a directory" if exists else "does not exist"
+        return cls.failed(path, f"cannot create it: the directory {directory} {what}")
+
+    @classmethod
+    def not_a_file(cls: type[_Checkpoint], path: str, what: str) -> _Checkpoint:
+        """``path`` names a directory (``what``: "a directory") or a device, not a file."""
+        return cls.failed(path, f"it is {what}, not a checkpoint file; give the path of a file")
+
+    @classmethod
+    def read_only(cls: type[_Checkpoint], path: str, why: str) -> _Checkpoint:
+        """``start()`` on an existing checkpoint that cannot be written (``why``)."""
+        return cls.failed(path, f"it is read-only ({why}): start() needs to write to it; reads do not")
+
+    @classmethod
+    def cannot_move(cls: type[_Checkpoint], path: str, target: str, why: str) -> _Checkpoint:
+        return cls.failed(path, f"cannot move it to {target}: {why}")
+
 
 class CheckpointCorruptError(CheckpointError, ValueError):
     """A checkpoint file is damaged beyond the recoverable torn tail, or is not a checkpoint.
@@ -123,6 +143,20 @@ class WriterError(CheckpointError):
         )
 
 
+class CheckpointMovedError(WriterError):
+    """The checkpoint file was removed or renamed while a run wrote to it."""
+
+    @classmethod
+    def under_run(cls, path: str, still_there: bool) -> CheckpointMovedError:
+        now = "is now another file" if still_there else "no longer exists"
+        return cls(
+            f"checkpoint {path} was removed or renamed while it was open (the path {now}): "
+            "every row saved so far was committed to the file that was open, which holds "
+            "them all if it was moved; move it back, or start over with "
+            "snapperable.move_checkpoint"
+        )
+
+
 class ForkedProcessError(SnapperableError, RuntimeError):
     """A Snapper (or its open checkpoint) was used in a child process forked after it opened."""
 
@@ -143,6 +177,35 @@ class TooManyConsecutiveErrors(SnapperableError, RuntimeError):
     """``max_consecutive_exceptions`` consecutive items failed; the run was halted."""
 
 
+class ItemKeyError(SnapperableError, TypeError):
+    """An item's identity cannot be computed: ``key=`` raised for it, or its key value
+    (the item itself, without ``key=``) cannot be encoded. Names the item's position
+    and a shortened repr; under ``skip_item_errors=True`` the item is recorded as failed."""
+
+    def __init__(self, message: str, position: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.position = position  # of the item in the iterable
+
+    @classmethod
+    def key_raised(cls, position: int, item: str, exc: BaseException) -> ItemKeyError:
+        """``key=`` raised ``exc`` for the item at ``position`` (``item``: its short repr)."""
+        return cls(f"key= raised {type(exc).__name__}: {exc} for the item at position {position}: {item}", position)
+
+    @classmethod
+    def unkeyable(cls, position: int, item: str, reason: str) -> ItemKeyError:
+        """The item at ``position`` (no ``key=``) cannot be keyed; ``reason`` suggests ``key=``."""
+        return cls(f"cannot compute the key of the item at position {position}: {item}: {reason}", position)
+
+    @classmethod
+    def unkeyable_key(cls, position: int, item: str, value_type: str, reason: str) -> ItemKeyError:
+        """``key=`` returned a value of ``value_type`` that cannot be keyed."""
+        return cls(
+            f"key= returned a {value_type} that cannot be keyed for the item at position "
+            f"{position}: {item}: {reason}; make key= return a str, int, bytes, or a tuple of them",
+            position,
+        )
+
+
 class UnpicklableOutputError(SnapperableError, TypeError):
     """The function returned a value that cannot be pickled, so it cannot be checkpointed."""
 
@@ -154,8 +217,10 @@ __all__ = [
     "CheckpointFormatError",
     "CheckpointLockedError",
     "WriterError",
+    "CheckpointMovedError",
     "ForkedProcessError",
     "FunctionChangedError",
     "TooManyConsecutiveErrors",
+    "ItemKeyError",
     "UnpicklableOutputError",
 ]

@@ -6,11 +6,14 @@ insertion order (unlike the pickle of a set or a dict). The Rust core produces t
 same bytes; ``tests/test_keys.py`` pins both to the vectors here.
 
 Known consequences, documented for users: ``1`` and ``1.0`` are different keys, as are
-``[1]`` and ``(1,)``; a key of an arbitrary object is only as stable as its pickle.
+``[1]`` and ``(1,)``; a key of an arbitrary object is only as stable as its pickle. A
+namedtuple whose pickle fails (pandas' ``itertuples()`` rows, whose class is made on
+the fly) is keyed by its field names and values instead (``N``).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 from hashlib import blake2b
@@ -27,12 +30,12 @@ _F64 = struct.Struct(">d")
 _QUIET_NAN = bytes.fromhex("7ff8000000000000")
 _U32_MAX = 0xFFFFFFFF
 
-_KEY_HINT = "pass key= to Snapper to choose each item's identity yourself"
+KEY_HINT = "pass key= to Snapper to choose each item's identity yourself"
 
 
 def _length(n: int, what: str) -> bytes:
     if n > _U32_MAX:
-        raise TypeError(f"cannot compute an input key: {what} is too large; {_KEY_HINT}")
+        raise TypeError(f"cannot compute an input key: {what} is too large; {KEY_HINT}")
     return _U32.pack(n)
 
 
@@ -56,15 +59,32 @@ def _canon_bytes(x: bytes | bytearray) -> bytes:
     return b"b" + _length(len(x), "a bytes value") + bytes(x)
 
 
-def _canon_pickled(x: object) -> bytes:
+def _canon_pickled(x: object) -> "bytes | tuple[str, ...]":
+    """``p`` + the pickle of ``x``; or, for a namedtuple that cannot be pickled, its
+    field names, for ``canon`` to encode it as ``N`` (there, to keep the recursion to
+    one frame a level)."""
     try:
         raw = pickle.dumps(x, protocol=PICKLE_PROTOCOL)
     except Exception as exc:  # pickling may raise anything (TypeError, PicklingError, ...)
+        fields = _named_tuple_fields(x)
+        if fields is not None:  # pandas' itertuples() rows, a namedtuple made in a function
+            return fields
         raise TypeError(
             f"cannot compute an input key for an object of type {type(x).__qualname__}: "
-            f"it cannot be pickled ({exc}); {_KEY_HINT}"
+            f"it cannot be pickled ({exc}); {KEY_HINT}"
         ) from exc
     return b"p" + _length(len(raw), "a pickled object") + raw
+
+
+def _named_tuple_fields(x: object) -> "tuple[str, ...] | None":
+    """The field names of a namedtuple (a tuple subclass whose ``_fields`` name its
+    items), else None."""
+    if not isinstance(x, tuple):
+        return None
+    fields = getattr(type(x), "_fields", None)
+    if type(fields) is not tuple or len(fields) != len(x) or not all(type(f) is str for f in fields):
+        return None
+    return fields
 
 
 _SCALARS: dict[type, Callable[[object], bytes]] = {
@@ -95,7 +115,7 @@ def canon(x: object, depth: int = 0) -> bytes:
         if depth > MAX_DEPTH:
             raise TypeError(
                 f"cannot compute an input key: nesting is deeper than {MAX_DEPTH} levels; "
-                f"{_KEY_HINT}"
+                f"{KEY_HINT}"
             )
         if t is tuple or t is list:
             sequence = cast("tuple[object, ...] | list[object]", x)
@@ -107,7 +127,22 @@ def canon(x: object, depth: int = 0) -> bytes:
             return b"d" + _length(len(pairs), "a dict") + b"".join(k + v for k, v in pairs)
         members = sorted(canon(item, depth) for item in cast("set[object]", x))
         return b"S" + _length(len(members), "a set") + b"".join(members)
-    return _canon_pickled(x)
+    pickled = _canon_pickled(x)
+    if type(pickled) is bytes:
+        return pickled
+    # A namedtuple that cannot be pickled: ``N`` + u32 count + ``canon(name) +
+    # canon(value)`` for each field, in order.
+    fields = cast("tuple[str, ...]", pickled)
+    depth += 1
+    if depth > MAX_DEPTH:
+        raise TypeError(
+            f"cannot compute an input key: nesting is deeper than {MAX_DEPTH} levels; {KEY_HINT}"
+        )
+    parts = [b"N" + _length(len(fields), "a named tuple")]
+    for name, value in zip(fields, cast("tuple[object, ...]", x)):
+        parts.append(_canon_str(name))
+        parts.append(canon(value, depth))
+    return b"".join(parts)
 
 
 # A hasher that has already taken the prefix: copying it is cheaper than setting up a
@@ -155,3 +190,18 @@ def input_keys(items: Sequence[object]) -> bytes:
             hasher.update(canon(x))
         append(hasher.digest())
     return b"".join(digests)
+
+
+_SUBSTITUTE_PREFIX = b"KX"  # not K1: a substitute key is never the key of any input
+
+
+def substitute_key(item: object) -> bytes:
+    """The key an item whose own key cannot be computed is recorded under as failed
+    (``skip_item_errors``). Derived from the item's value where that encodes (a ``key=``
+    that raised for it), so that a later run finds the failure; else random, matching
+    nothing, so such an item is tried again on each run."""
+    try:
+        body = canon(item)
+    except TypeError:
+        return os.urandom(KEY_SIZE)
+    return blake2b(_SUBSTITUTE_PREFIX + body, digest_size=KEY_SIZE).digest()

@@ -5,15 +5,18 @@ checkpoint's writer. What counts as done is decided per function version: items 
 identified by their input key (``keys.py``, or the user's ``key=``), and results are
 valid for the version of ``fn`` that made them (``versioning.py``).
 
-A Snapper holds its checkpoint file from ``__enter__`` to ``__exit__``; used without
-``with``, it holds it only for the length of each call (``start``, ``load``, ...). The
-seed's own examples rely on the latter: they create a second Snapper on the same
-storage while the first one is still referenced.
+Only ``start()`` takes the hold on the checkpoint file (its lock); inside a ``with``
+block the hold is kept from the first ``start()`` to ``__exit__``, else it is released
+when ``start()`` returns. Every read (``load``, ``plan``, metrics, reports) works
+without it: on the held store when this Snapper holds the file, else on a reader
+opened for the call (``SnapshotStorage.open_reader``), so a notebook can read a
+checkpoint that a running script holds, and a read-only file can be read. The seed's
+own examples create a second Snapper on the same storage while the first one is still
+referenced.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -25,6 +28,7 @@ from contextlib import contextmanager
 from enum import Enum
 from itertools import islice
 from typing import (
+    Any,
     Callable,
     Generic,
     Iterable,
@@ -32,31 +36,55 @@ from typing import (
     Literal,
     Optional,
     TYPE_CHECKING,
-    NoReturn,
     Sized,
     TypeVar,
     Union,
+    overload,
 )
 
 from snapperable import _backend
-from snapperable._contract import KEY_SIZE, PICKLE_PROTOCOL, STATUS_FAILED, STATUS_OK, CheckpointStore, ItemRow, KeySet
+from snapperable._contract import (
+    KEY_SIZE,
+    PICKLE_PROTOCOL,
+    STATUS_FAILED,
+    STATUS_OK,
+    CheckpointReader,
+    CheckpointStore,
+    ItemRow,
+    KeySet,
+)
 from snapperable.errors import (
+    CheckpointError,
     ForkedProcessError,
     FunctionChangedError,
+    ItemKeyError,
     TooManyConsecutiveErrors,
     UnpicklableOutputError,
 )
-from snapperable.metrics import FailedItem, ProcessingMetric, RunPlan, metric_from_row, render_report
+from snapperable.keys import KEY_HINT, substitute_key
+from snapperable.metrics import (
+    MAX_OUTLIERS,
+    NOT_DONE,
+    FailedItem,
+    ItemFailure,
+    NotDone,
+    ProcessingMetric,
+    ReportScope,
+    RunPlan,
+    metric_from_row,
+    render_report,
+    short_repr,
+)
+from snapperable.progress import Progress, ProgressSetting, check_setting
 from snapperable.storage.base import OpenCheckpoint, SnapshotStorage
-from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
+from snapperable.storage.files import storage_for
 
 if TYPE_CHECKING:
-    from tqdm import tqdm
-
     from snapperable import versioning
 
 T = TypeVar("T")
 R = TypeVar("R")
+M = TypeVar("M")  # the placeholder of load(missing=...)
 
 log = logging.getLogger("snapperable")
 
@@ -70,6 +98,7 @@ VersionValue = Union[
 VERSION_POLICIES = ("reprocess", "keep", "raise")
 UNREGISTERED = -1  # the id of a version start() has yet to record: no rows have it
 CHUNK = 1024  # inputs keyed and checked against the done set per backend call
+_NO_PLACEHOLDER: Any = object()  # load() without missing=: leave out what has no output
 
 
 class Snapper(Generic[T, R]):
@@ -78,7 +107,9 @@ class Snapper(Generic[T, R]):
     Keyword arguments:
 
     - ``snapshot_storage``: where the checkpoint lives (default
-      ``SQLiteSnapshotStorage()``, i.e. ``snapper_checkpoint.db`` in the working directory).
+      ``SQLiteSnapshotStorage()``, i.e. ``snapper_checkpoint.db`` in the working directory):
+      a storage, or a path (``str`` or ``os.PathLike``): a pickle file if it ends in
+      ``.pkl`` or ``.pickle``, else SQLite.
     - ``batch_size``: pending items that start a commit (default 1). Commits group
       whatever accumulated meanwhile, so 1 is both the safest and fast.
     - ``max_wait_time``: seconds an item may stay pending before a commit (default None).
@@ -99,7 +130,9 @@ class Snapper(Generic[T, R]):
       whose ``fn`` raised one of ``retry_on`` up to ``retries`` more times, sleeping an
       exponentially growing, jittered delay (``retry_backoff * 2**n``, at most
       ``retry_max_backoff`` seconds, times a random factor in [0.5, 1]).
-    - ``progress``: draw a tqdm progress bar during ``start`` (needs ``tqdm``).
+    - ``progress``: a tqdm bar during ``start``: ``"auto"`` (default) on a terminal once
+      a run lasts a few seconds, never in CI, logs or pipes; ``True`` always, ``False``
+      never (``progress.py``).
     """
 
     def __init__(
@@ -107,7 +140,7 @@ class Snapper(Generic[T, R]):
         iterable: Iterable[T],
         fn: Callable[[T], R],
         *,
-        snapshot_storage: Optional[SnapshotStorage[R]] = None,
+        snapshot_storage: Union[SnapshotStorage[R], str, "os.PathLike[str]", None] = None,
         batch_size: int = 1,
         max_wait_time: Optional[float] = None,
         key: Optional[Callable[[T], object]] = None,
@@ -121,7 +154,7 @@ class Snapper(Generic[T, R]):
         retry_on: tuple[type[BaseException], ...] = (Exception,),
         retry_backoff: float = 1.0,
         retry_max_backoff: float = 60.0,
-        progress: bool = False,
+        progress: ProgressSetting = "auto",
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
@@ -150,9 +183,7 @@ class Snapper(Generic[T, R]):
             raise TypeError(f"iterable must be iterable, not {type(iterable).__name__}") from None
         self.iterable = iterable
         self.fn = fn
-        self.snapshot_storage: SnapshotStorage[R] = (
-            snapshot_storage if snapshot_storage is not None else SQLiteSnapshotStorage()
-        )
+        self.snapshot_storage: SnapshotStorage[R] = storage_for(snapshot_storage)
         self.batch_size = batch_size
         self.max_wait_time = max_wait_time
         self.key = key
@@ -166,9 +197,7 @@ class Snapper(Generic[T, R]):
         self.retry_on = retry_on
         self.retry_backoff = retry_backoff
         self.retry_max_backoff = retry_max_backoff
-        if progress and importlib.util.find_spec("tqdm") is None:
-            raise ImportError("progress=True draws a tqdm bar: pip install tqdm")
-        self.progress = progress
+        self.progress: ProgressSetting = check_setting(progress)
         self.failed_items: list[FailedItem[T]] = []
         self._checkpoint: Optional[OpenCheckpoint] = None
         self._in_with = False
@@ -179,6 +208,7 @@ class Snapper(Generic[T, R]):
         self._change_log = ""
         self._adoption_log = ""  # logged (INFO) when start() records an adopted version
         self._changes: list[str] = []
+        self._version_conflict: Optional[str] = None  # on_version_change="raise" refused a change
         self._fingerprint: "Optional[versioning.Fingerprint]" = None
         # Keys of the iterable in order, one bytes per chunk (16 bytes an input), kept by
         # start() for load(); chunks, not one buffer, so that keeping them never needs
@@ -190,7 +220,6 @@ class Snapper(Generic[T, R]):
     def __enter__(self) -> "Snapper[T, R]":
         if self._in_with:
             raise RuntimeError("this Snapper is already in a `with` block")
-        self._open()
         self._in_with = True
         return self
 
@@ -199,10 +228,11 @@ class Snapper(Generic[T, R]):
         self._close()
 
     def _open(self) -> OpenCheckpoint:
+        """The held checkpoint: the hold taken (and the file opened for writing) if not yet."""
         if self._checkpoint is None:
             checkpoint = self.snapshot_storage.open(self.batch_size, self.max_wait_time)
             try:
-                self._resolve_version(checkpoint)
+                self._resolve_version(checkpoint.store)
             except BaseException:
                 checkpoint.close()
                 raise
@@ -221,14 +251,28 @@ class Snapper(Generic[T, R]):
         checkpoint.close()
 
     @contextmanager
-    def _session(self) -> Iterator[OpenCheckpoint]:
-        """The open checkpoint for one call; opened and closed around it outside ``with``."""
+    def _holding(self) -> Iterator[OpenCheckpoint]:
+        """The held checkpoint for ``start()``; released after it outside ``with``."""
         checkpoint = self._open()
         try:
             yield checkpoint
         finally:
             if not self._in_with:
                 self._close()
+
+    @contextmanager
+    def _reading(self) -> Iterator[CheckpointReader]:
+        """What a read reads: the held store if this Snapper holds the file, else a
+        reader of its own for the call, which needs no lock."""
+        if self._checkpoint is not None:
+            yield self._open().store
+            return
+        reader = self.snapshot_storage.open_reader()
+        try:
+            self._resolve_version(reader)
+            yield reader
+        finally:
+            reader.close()
 
     # -- versions -----------------------------------------------------------------------
     def _current_fingerprint(self) -> "versioning.Fingerprint":
@@ -243,7 +287,7 @@ class Snapper(Generic[T, R]):
             )
         return self._fingerprint
 
-    def _resolve_version(self, checkpoint: OpenCheckpoint) -> None:
+    def _resolve_version(self, store: CheckpointReader) -> None:
         """Decide which version's results this Snapper reads and writes (docs/architecture.md 5).
 
         Nothing is written here: ``plan()`` and the loads only read. What ``start()``
@@ -255,13 +299,13 @@ class Snapper(Generic[T, R]):
         A version recorded under an earlier fingerprint scheme whose parts match on what
         both schemes cover is this one: its results are adopted (upgrades never redo work).
         """
-        store = checkpoint.store
         current = self._current_fingerprint()
         parts = json.dumps(current.parts, sort_keys=True)
         known = store.versions()
         last = known[-1] if known else None
         self._changes = []
         self._registration = None
+        self._version_conflict = None
         self._change_log = self._adoption_log = ""
         if last is not None and last.fingerprint != current.digest:
             self._changes = current.changes_since(json.loads(last.parts))
@@ -287,11 +331,13 @@ class Snapper(Generic[T, R]):
             return
         what = "; ".join(self._changes) or "fingerprint changed"
         if self.on_version_change == "raise":
-            raise FunctionChangedError(
+            # Raised by start() and the loads; plan() previews what changed instead.
+            self._version_id = UNREGISTERED
+            self._version_conflict = (
                 f"the function changed since checkpoint {store.path} was last run ({what}); "
                 'pass on_version_change="reprocess" to redo its items or "keep" to keep them'
             )
-        if self.on_version_change == "keep":
+        elif self.on_version_change == "keep":
             self._version_id = last.uses
             self._registration = (current.digest, parts, last.uses)
             self._change_log = f"function changed ({what}); keeping earlier results"
@@ -300,8 +346,17 @@ class Snapper(Generic[T, R]):
             self._registration = (current.digest, parts, None)
             self._change_log = f"function changed ({what}); its items will be reprocessed"
 
+    def _usable_version(self) -> int:
+        """The version id whose results are read; raises the policy's refusal of a
+        changed function (``on_version_change="raise"``)."""
+        if self._version_conflict is not None:
+            raise FunctionChangedError(self._version_conflict)
+        assert self._version_id is not None
+        return self._version_id
+
     def _register_version(self, store: CheckpointStore) -> int:
         """Record what ``_resolve_version`` decided; the version id to run with."""
+        self._usable_version()
         if self._registration is not None:
             fingerprint, parts, uses = self._registration
             if self._change_log:
@@ -317,16 +372,82 @@ class Snapper(Generic[T, R]):
         return self._version_id
 
     # -- keys ---------------------------------------------------------------------------
-    def _keys_of(self, items: list[T]) -> bytes:
+    def _keyed_chunks(self, *, run: bool = False) -> Iterator[tuple[list[T], bytes, dict[int, ItemKeyError]]]:
+        """``(chunk, keys, unkeyable)`` for each chunk of the iterable: see ``_keys_of``.
+
+        ``run``: an item whose key raises ``ItemKeyError`` ends the chunks after the
+        items before it, as an exception from ``fn`` would, so that those are processed
+        and saved first.
+        """
+        offset = 0
+        for chunk in self._chunks():
+            try:
+                keys, unkeyable = self._keys_of(chunk, offset)
+            except ItemKeyError as error:
+                head = chunk[: (error.position or offset) - offset]
+                if run and head:
+                    yield (head, *self._keys_of(head, offset))
+                raise
+            yield chunk, keys, unkeyable
+            offset += len(chunk)
+
+    def _keys_of(self, items: list[T], offset: int) -> tuple[bytes, dict[int, ItemKeyError]]:
+        """The keys of ``items`` (at ``offset`` in the iterable), and the items among them
+        whose key cannot be computed, by index into ``items``.
+
+        Such an item raises ``ItemKeyError``, naming its position, unless
+        ``skip_item_errors``: then it stands in the keys under ``keys.substitute_key``,
+        so that positions stay aligned, and ``start()`` records it as failed.
+        """
         key = self.key
+        unkeyable: dict[int, ItemKeyError] = {}
+        values: list[object]
         if key is None:
-            return _backend.backend.input_keys(items)
-        return _backend.backend.input_keys([key(item) for item in items])
+            values = items  # type: ignore[assignment]  # read only
+        else:
+            values = []
+            for index, item in enumerate(items):
+                try:
+                    values.append(key(item))
+                except Exception as exc:
+                    error = ItemKeyError.key_raised(offset + index, short_repr(item), exc)
+                    error.__cause__ = exc
+                    if not self.skip_item_errors or isinstance(exc, self.fatal_exceptions):
+                        raise error from exc
+                    unkeyable[index] = error
+                    values.append(None)  # a stand-in; the item gets a substitute key below
+        if not unkeyable:
+            try:
+                return _backend.backend.input_keys(values), unkeyable
+            except TypeError:  # a value that cannot be keyed: found one at a time below
+                pass
+        parts = []
+        for index, value in enumerate(values):
+            if index not in unkeyable:
+                try:
+                    parts.append(_backend.backend.input_key(value))
+                    continue
+                except TypeError as exc:
+                    error = self._unkeyable_value(value, items[index], offset + index, exc)
+                    if not self.skip_item_errors:
+                        raise error from exc
+                    unkeyable[index] = error
+            parts.append(substitute_key(items[index]))
+        return b"".join(parts), unkeyable
+
+    def _unkeyable_value(self, value: object, item: T, position: int, exc: TypeError) -> ItemKeyError:
+        if self.key is None:
+            error = ItemKeyError.unkeyable(position, short_repr(item), str(exc))
+        else:
+            reason = str(exc).removesuffix(f"; {KEY_HINT}")
+            error = ItemKeyError.unkeyable_key(position, short_repr(item), type(value).__qualname__, reason)
+        error.__cause__ = exc
+        return error
 
     def _current_keys(self) -> bytes:
         """Keys of the current iterable in order; from the last complete ``start`` if any."""
         if self._key_chunks is None:
-            self._key_chunks = [self._keys_of(chunk) for chunk in self._chunks()]
+            self._key_chunks = [keys for _, keys, _ in self._keyed_chunks()]
         if len(self._key_chunks) != 1:
             # Kept joined from now on: one copy of the keys, not the chunks plus a join
             # per load (3M inputs: 48 MB less while load() builds its result).
@@ -340,7 +461,7 @@ class Snapper(Generic[T, R]):
             if self._one_shot_read:
                 raise RuntimeError(
                     "this Snapper's iterable is a one-shot iterator (a generator?) that an "
-                    "earlier start(), plan() or load() already read; create the Snapper "
+                    "earlier start(), plan(), load() or items() already read; create the Snapper "
                     "with a fresh iterator, or pass a list"
                 )
             self._one_shot_read = True
@@ -355,17 +476,18 @@ class Snapper(Generic[T, R]):
         only after everything processed before it is saved.
         """
         self.failed_items = []
-        with self._session() as checkpoint:
+        with self._holding() as checkpoint:
             store = checkpoint.store
             version = self._register_version(store)
             skip, failed = store.key_sets(version)
             if not self.retry_failed_items:
                 for key in failed:
                     skip.add(key)
-            bar = self._progress_bar() if self.progress else None
+            total = len(self.iterable) if isinstance(self.iterable, Sized) else None
+            progress = Progress(self.progress, total)
             key_chunks: list[bytes] = []
             try:
-                self._run(store, version, skip, bar, key_chunks)
+                self._run(checkpoint, version, skip, progress, key_chunks)
                 self._key_chunks = key_chunks
             except BaseException:
                 # A one-shot iterator cannot be read again: a later load() returns the
@@ -374,22 +496,18 @@ class Snapper(Generic[T, R]):
                     self._key_chunks = key_chunks
                 raise
             finally:
-                store.flush()
-                if bar is not None:
-                    bar.close()
-
-    def _progress_bar(self) -> "tqdm[NoReturn]":
-        from tqdm.auto import tqdm  # imported only when asked for: it is slow to import
-
-        total = len(self.iterable) if isinstance(self.iterable, Sized) else None
-        return tqdm(total=total, desc="snapperable", unit="item")
+                try:
+                    store.flush()
+                finally:
+                    progress.close()
+            checkpoint.verify_in_place()  # all saved: to the file the path still names?
 
     def _run(
         self,
-        store: CheckpointStore,
+        checkpoint: OpenCheckpoint,
         version: int,
         skip: KeySet,
-        bar: "Optional[tqdm[NoReturn]]",
+        progress: Progress,
         key_chunks: list[bytes],
     ) -> None:
         """The loop: key a chunk, claim what is not done, have the store process it.
@@ -400,22 +518,34 @@ class Snapper(Generic[T, R]):
         for ``load``.
         """
         fn = self.fn
+        store = checkpoint.store
         consecutive_failures = 0
-        for chunk in self._chunks():
-            keys = self._keys_of(chunk)
+        for chunk, keys, unkeyable in self._keyed_chunks(run=True):
+            checkpoint.verify_in_place()  # a stat per chunk: stop soon after an rm or mv
             key_chunks.append(keys)
             todo = skip.claim(keys)  # duplicates within the chunk are claimed once
-            if bar is not None:
-                bar.update(len(chunk) - len(todo))  # done before, or duplicates
+            progress.already_done(len(chunk) - len(todo))  # done before, or duplicates
+            if unkeyable:  # skip_item_errors: recorded as failed, if claimed (not failed before)
+                claimed = set(todo)
+                todo = [position for position in todo if position not in unkeyable]
+                for position, error in unkeyable.items():
+                    if position in claimed:
+                        key = keys[position * KEY_SIZE : (position + 1) * KEY_SIZE]
+                        self.failed_items.append(FailedItem(chunk[position], error))
+                        now = time.time()
+                        store.record(self._failure_row(key, version, chunk[position], _Failed(error, 0), now, now))
+                        progress.saved(1, failed=1)
+                        consecutive_failures += 1
+                        self._check_consecutive(consecutive_failures, error)
             while todo:
-                # With a bar, one item per call so that it moves as items finish.
-                batch = todo if bar is None else todo[:1]
+                # A live bar gets batches it can follow; else the whole chunk at once.
+                size = progress.batch(len(todo))
+                batch = todo if size >= len(todo) else todo[:size]
                 stop = store.process(fn, chunk, keys, batch, version)
                 finished = len(batch) if stop is None else stop[0]
                 if finished:
                     consecutive_failures = 0
-                if bar is not None:
-                    bar.update(finished + (stop is not None))
+                    progress.saved(finished)  # the item that raised counts once recorded
                 if stop is None:
                     todo = todo[len(batch) :]
                     continue
@@ -429,12 +559,14 @@ class Snapper(Generic[T, R]):
                 outcome = self._recover(item, exc)
                 if isinstance(outcome, _Failed):
                     store.record(self._failure_row(key, version, item, outcome, started, time.time()))
+                    progress.saved(1, failed=1)
                     consecutive_failures += 1
                     self._check_consecutive(consecutive_failures, outcome.exception)
                     continue
                 payload, attempts = outcome
                 ok_row = (key, version, STATUS_OK, None, payload, None, None, None, attempts, started, time.time())
                 store.record(ok_row)
+                progress.saved(1)
                 consecutive_failures = 0
 
     def _recover(self, item: T, exc: BaseException) -> "tuple[bytes, int] | _Failed":
@@ -496,23 +628,69 @@ class Snapper(Generic[T, R]):
             ) from last
 
     # -- reading ------------------------------------------------------------------------
-    def load(self) -> list[R]:
+    @overload
+    def load(self) -> list[R]: ...
+
+    @overload
+    def load(self, *, missing: M) -> list[Union[R, M]]: ...
+
+    def load(self, *, missing: object = _NO_PLACEHOLDER) -> list[Any]:
         """Outputs for the current iterable, in its order, duplicates repeated.
 
-        Items never processed, or failed, are left out. After ``start`` the keys it saw
-        are reused, so this works when the iterable was a one-shot generator.
+        Items never processed, or failed, are left out, so the result is shorter than
+        the iterable when anything is missing: do not ``zip`` it with the inputs. With
+        ``missing=`` (any value, ``None`` included) such an item gives that placeholder
+        instead, so position ``i`` of the result belongs to input ``i``; ``items()``
+        pairs each input with its output or failure.
+
+        After ``start`` the keys it saw are reused, so this works when the iterable was
+        a one-shot generator.
         """
-        with self._session() as checkpoint:
-            version = self._version_id
-            assert version is not None
-            return checkpoint.store.outputs_for(version, self._current_keys())
+        with self._reading() as store:
+            version = self._usable_version()
+            keys = self._current_keys()
+            if missing is _NO_PLACEHOLDER:
+                return store.outputs_for(version, keys)
+            outcomes, _ = _outcomes_in_place(store, version, keys, missing)
+            return outcomes
+
+    def items(self) -> list[tuple[T, Union[R, ItemFailure, NotDone]]]:
+        """``(input, outcome)`` for every item of the current iterable, in its order.
+
+        The outcome is the saved output of the current function version; an
+        ``ItemFailure`` (type, message, traceback, attempts) if the item's latest row
+        is a failure; or ``NOT_DONE`` if it has no row of this version (never
+        processed, or done only by another version). Reads the iterable, for its
+        inputs: a one-shot iterator that ``start()`` has already read cannot be read
+        again (``RuntimeError``); pass a list, or a fresh generator to a new Snapper.
+        """
+        with self._reading() as store:
+            version = self._usable_version()
+            inputs: list[T] = []
+            key_chunks: list[bytes] = []
+            for chunk, chunk_keys, _ in self._keyed_chunks():
+                inputs += chunk
+                key_chunks.append(chunk_keys)
+            keys = b"".join(key_chunks)
+            if self._one_shot_read:
+                self._key_chunks = [keys]  # for a later load(): it cannot read them again
+            outcomes, failed = _outcomes_in_place(store, version, keys, NOT_DONE)
+            if failed:
+                failures = {
+                    row.key: ItemFailure(row.error_type or "unknown", row.error or "", row.traceback, row.attempts)
+                    for row in store.rows(version)
+                    if row.status == STATUS_FAILED and row.key in failed
+                }
+                for index, outcome in enumerate(outcomes):
+                    if outcome is NOT_DONE:
+                        outcomes[index] = failures.get(keys[index * KEY_SIZE : (index + 1) * KEY_SIZE], NOT_DONE)
+            return list(zip(inputs, outcomes))
 
     def load_all(self) -> list[R]:
         """Every output saved for the current function version, in the order first saved."""
-        with self._session() as checkpoint:
-            version = self._version_id
-            assert version is not None
-            return checkpoint.store.all_outputs(version)
+        with self._reading() as store:
+            version = self._usable_version()
+            return store.all_outputs(version)
 
     def load_metrics(self) -> list[ProcessingMetric]:
         """One metric per item of the current function version, in the order first saved.
@@ -520,12 +698,13 @@ class Snapper(Generic[T, R]):
         An item's metric is its latest row: a failure that a later run retried
         successfully is superseded, as its output would be.
         """
-        with self._session() as checkpoint:
-            version = self._version_id
-            assert version is not None
-            latest = {row.key: row for row in checkpoint.store.rows(version)}
-            inputs = self._items_by_key({key for key, row in latest.items() if row.input is None})
-            return [metric_from_row(row, inputs.get(row.key)) for row in latest.values()]
+        with self._reading() as store:
+            return self._metrics(store, self._usable_version())
+
+    def _metrics(self, store: CheckpointReader, version: int) -> list[ProcessingMetric]:
+        latest = {row.key: row for row in store.rows(version)}
+        inputs = self._items_by_key({key for key, row in latest.items() if row.input is None})
+        return [metric_from_row(row, inputs.get(row.key)) for row in latest.values()]
 
     def _items_by_key(self, wanted: set[bytes]) -> dict[bytes, T]:
         """The first item of the current iterable for each key in ``wanted``.
@@ -537,8 +716,7 @@ class Snapper(Generic[T, R]):
         found: dict[bytes, T] = {}
         if not wanted or iter(self.iterable) is self.iterable:
             return found
-        for chunk in self._chunks():
-            keys = self._keys_of(chunk)
+        for chunk, keys, _ in self._keyed_chunks():
             for position, item in enumerate(chunk):
                 key = keys[position * KEY_SIZE : (position + 1) * KEY_SIZE]
                 if key in wanted and key not in found:
@@ -548,8 +726,37 @@ class Snapper(Generic[T, R]):
         return found
 
     def generate_report(self, format: Literal["markdown", "json"] = "markdown") -> str:
-        """A summary of the saved metrics: totals, durations, outliers, failures by type."""
-        return render_report(self.load_metrics(), format)
+        """A summary of the saved metrics: totals (and which runs they cover), durations,
+        slow outliers and failures by type, each item named by its input when stored,
+        else by its position in the current iterable (read as ``load()`` reads it)."""
+        with self._reading() as store:
+            version = self._usable_version()
+            metrics = self._metrics(store, version)
+            since = [row.created for row in store.versions() if row.uses == version]
+            scope = ReportScope(version, min(since) if since else None, self._positions_of(metrics))
+        return render_report(metrics, format, scope)
+
+    def _positions_of(self, metrics: list[ProcessingMetric]) -> dict[str, int]:
+        """The first position in the current iterable of the items a report names (the
+        failed ones, the slowest and the fastest), by key hex; none if the iterable cannot be read
+        (a one-shot iterator is read only by ``start()``, whose keys are kept)."""
+        by_duration = sorted(metrics, key=lambda m: m.duration)
+        extremes = by_duration[:MAX_OUTLIERS] + by_duration[-MAX_OUTLIERS:]  # fast and slow outliers
+        wanted = {m.key for m in extremes} | {m.key for m in metrics if not m.success}
+        if iter(self.iterable) is self.iterable and self._key_chunks is None:
+            return {}
+        try:
+            keys = self._current_keys()
+        except (RuntimeError, ItemKeyError):  # a one-shot iterator read before, say
+            return {}
+        positions: dict[str, int] = {}
+        for position in range(len(keys) // KEY_SIZE):
+            key = keys[position * KEY_SIZE : (position + 1) * KEY_SIZE].hex()
+            if key in wanted:
+                positions.setdefault(key, position)
+                if len(positions) == len(wanted):
+                    break
+        return positions
 
     def plan(self) -> RunPlan:
         """What ``start`` would do now, without processing anything.
@@ -557,8 +764,7 @@ class Snapper(Generic[T, R]):
         Reads the whole iterable, as it is now (a generator is consumed, though its
         keys are kept for a later ``load``).
         """
-        with self._session() as checkpoint:
-            store = checkpoint.store
+        with self._reading() as store:
             version = self._version_id
             assert version is not None
             if iter(self.iterable) is not self.iterable:
@@ -591,6 +797,7 @@ class Snapper(Generic[T, R]):
                 retry_failed_items=self.retry_failed_items,
                 version_changes=list(self._changes),
                 version_covers=list(self._current_fingerprint().covers),
+                start_raises=self._version_conflict is not None,
             )
 
 
@@ -605,6 +812,31 @@ class _Failed:
 
 
 _NO_OUTPUT = object()  # marks "fn raised" apart from "pickling the output raised"
+
+
+def _outcomes_in_place(
+    store: CheckpointReader, version: int, keys: bytes, missing: object
+) -> tuple[list[Any], KeySet]:
+    """The output of each key of ``keys``, in place, ``missing`` where it has none; and
+    the keys whose latest row of ``version`` failed.
+
+    Two reads (the key sets, then the outputs): a run in another process may commit
+    between them, which only adds rows, and a key that was ok stays ok within its
+    version (``start()`` skips it), so every output asked for is there.
+    """
+    ok, failed = store.key_sets(version)
+    count = len(keys) // KEY_SIZE
+    found = [i for i in range(count) if keys[i * KEY_SIZE : (i + 1) * KEY_SIZE] in ok]
+    outputs = store.outputs_for(version, b"".join(keys[i * KEY_SIZE : (i + 1) * KEY_SIZE] for i in found))
+    if len(outputs) != len(found):
+        raise CheckpointError(
+            f"checkpoint {store.path} changed while it was read ({len(found)} outputs "
+            f"expected, {len(outputs)} found); read it again"
+        )
+    outcomes: list[Any] = [missing] * count
+    for index, output in zip(found, outputs):
+        outcomes[index] = output
+    return outcomes, failed
 
 
 def _unpicklable(output: object, exc: BaseException) -> BaseException:

@@ -68,7 +68,7 @@ fn canon_into(obj: &Bound<'_, PyAny>, depth: usize, out: &mut Vec<u8>) -> PyResu
         || obj.is_exact_instance_of::<PySet>()
         || obj.is_exact_instance_of::<PyFrozenSet>();
     if !is_container {
-        return canon_pickled(obj, out);
+        return canon_pickled(obj, depth, out);
     }
     let depth = depth + 1;
     if depth > MAX_DEPTH {
@@ -149,13 +149,17 @@ fn canon_str(value: &Bound<'_, PyString>, out: &mut Vec<u8>) -> PyResult<()> {
     }
 }
 
-fn canon_pickled(obj: &Bound<'_, PyAny>, out: &mut Vec<u8>) -> PyResult<()> {
+fn canon_pickled(obj: &Bound<'_, PyAny>, depth: usize, out: &mut Vec<u8>) -> PyResult<()> {
     let py = obj.py();
     match pickle_dumps(py)?.call1((obj, PICKLE_PROTOCOL)) {
         Ok(raw) => Ok(keys::push_pickled(out, raw.cast::<PyBytes>()?.as_bytes())?),
         // As the reference: any Exception from pickling becomes the TypeError that
         // suggests key=, chained to it; BaseExceptions (KeyboardInterrupt) pass through.
+        // A namedtuple (pandas' itertuples() rows) is keyed by its fields instead.
         Err(err) if err.is_instance_of::<PyException>(py) => {
+            if let Some(fields) = named_tuple_fields(obj)? {
+                return canon_named_tuple(obj, &fields, depth, out);
+            }
             let type_name = obj.get_type().qualname()?;
             let reason = err.value(py).str()?;
             let key_err = PyErr::from(keys::unpicklable(&type_name.to_cow()?, &reason.to_cow()?));
@@ -164,4 +168,47 @@ fn canon_pickled(obj: &Bound<'_, PyAny>, out: &mut Vec<u8>) -> PyResult<()> {
         }
         Err(err) => Err(err),
     }
+}
+
+/// The field names of a namedtuple (a tuple subclass whose `_fields`, a tuple of as many
+/// exact strs as it has items, name them), else None.
+fn named_tuple_fields<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+    let Ok(tuple) = obj.cast::<PyTuple>() else {
+        return Ok(None);
+    };
+    let py = obj.py();
+    let Ok(fields) = obj.get_type().getattr(intern!(py, "_fields")) else {
+        return Ok(None);
+    };
+    let Ok(fields) = fields.cast_exact::<PyTuple>() else {
+        return Ok(None);
+    };
+    if fields.len() != tuple.len()
+        || !fields
+            .iter()
+            .all(|name| name.is_exact_instance_of::<PyString>())
+    {
+        return Ok(None);
+    }
+    Ok(Some(fields.clone()))
+}
+
+/// `N` + u32 count + `canon(name) + canon(value)` for each field, in order.
+fn canon_named_tuple(
+    obj: &Bound<'_, PyAny>,
+    fields: &Bound<'_, PyTuple>,
+    depth: usize,
+    out: &mut Vec<u8>,
+) -> PyResult<()> {
+    let depth = depth + 1;
+    if depth > MAX_DEPTH {
+        return Err(keys::too_deep().into());
+    }
+    let tuple = obj.cast::<PyTuple>()?;
+    keys::push_header(out, tag::NAMED_TUPLE, fields.len(), "a named tuple")?;
+    for (name, value) in fields.iter().zip(tuple.iter()) {
+        canon_str(name.cast_exact::<PyString>()?, out)?;
+        canon_into(&value, depth, out)?;
+    }
+    Ok(())
 }

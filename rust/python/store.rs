@@ -138,6 +138,20 @@ pub fn open_sqlite(
     })
 }
 
+/// Opens an existing SQLite checkpoint at `path` for reading only; writes raise.
+#[pyfunction]
+pub fn open_sqlite_reader(
+    py: Python<'_>,
+    path: Bound<'_, PyString>,
+) -> PyResult<PySqliteCheckpoint> {
+    let os_path: PathBuf = path.extract()?;
+    let inner = py.detach(|| Checkpoint::open_reader(&os_path))?;
+    Ok(PySqliteCheckpoint {
+        path: path.unbind(),
+        inner,
+    })
+}
+
 fn max_wait(seconds: Option<f64>) -> Result<Option<Duration>, Error> {
     match seconds {
         None => Ok(None),
@@ -282,6 +296,15 @@ impl PySqliteCheckpoint {
             page: VecDeque::new(),
             exhausted: false,
         }
+    }
+
+    /// Flushes, then copies every committed row from the WAL into the database file.
+    fn fold_wal_into_file(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| {
+            self.inner.flush()?;
+            self.inner.with_store(|store| store.fold_wal_into_file())
+        })?;
+        Ok(())
     }
 
     /// Flushes, stops the writer and releases the file. Idempotent.

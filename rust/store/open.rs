@@ -92,6 +92,64 @@ impl Store {
         if header.is_fresh() {
             header = self.initialize().map_err(|e| self.fail(e))?;
         }
+        self.check_header(&header)?;
+        self.conn
+            .execute_batch("PRAGMA journal_mode=WAL")
+            .and_then(|()| self.conn.execute_batch(synchronous.pragma()))
+            .map_err(|e| self.fail(e))
+    }
+
+    /// Opens an existing checkpoint for reading: nothing is created and no row is
+    /// written (no schema, no journal mode), so it works beside a running writer (a WAL
+    /// reader) and on a read-only file or directory. Opened read-write where the file
+    /// allows it (SQLite falls back to read-only where not), so that, closing as the
+    /// last connection, it removes the `-wal` and `-shm` it made rather than leave them
+    /// behind. Where SQLite cannot set up its shared memory (a read-only directory
+    /// without the `-shm` a writer leaves), the file is opened as immutable: no writer
+    /// can be changing it then.
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        let name = path.to_string_lossy().into_owned();
+        let shared = OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let attempts = [
+            (OpenFlags::SQLITE_OPEN_READ_WRITE | shared, "mode=rw"),
+            (
+                OpenFlags::SQLITE_OPEN_READ_ONLY | shared,
+                "mode=ro&immutable=1",
+            ),
+        ];
+        let mut last_error = None;
+        for (flags, query) in attempts {
+            let uri = format!("{}?{query}", file_uri(&name));
+            let opened = Connection::open_with_flags(&uri, flags).and_then(|conn| {
+                conn.busy_timeout(BUSY_TIMEOUT)?;
+                let header = Header::read(&conn)?;
+                Ok((conn, header))
+            });
+            match opened {
+                Ok((conn, header)) => {
+                    let store = Store {
+                        path: name,
+                        file: path.to_path_buf(),
+                        identity: file_identity(path),
+                        conn,
+                    };
+                    store.check_header(&header)?;
+                    return Ok(store);
+                }
+                Err(err) => last_error = Some(err),
+            }
+        }
+        Err(last_error.map_or_else(
+            || Error::Checkpoint {
+                path: name.clone(),
+                detail: "cannot open it for reading".to_owned(),
+            },
+            |err| sqlite_error(&name, err),
+        ))
+    }
+
+    /// Refuses a file that is not a snapperable checkpoint, or of a newer format.
+    fn check_header(&self, header: &Header) -> Result<()> {
         if header.application_id != APPLICATION_ID {
             return Err(Error::NotACheckpoint {
                 path: self.path.clone(),
@@ -105,10 +163,7 @@ impl Store {
                 supported: FORMAT_VERSION,
             });
         }
-        self.conn
-            .execute_batch("PRAGMA journal_mode=WAL")
-            .and_then(|()| self.conn.execute_batch(synchronous.pragma()))
-            .map_err(|e| self.fail(e))
+        Ok(())
     }
 
     /// Writes the schema into an empty file. The header is read again under the write
@@ -309,6 +364,25 @@ impl Store {
         Ok(page)
     }
 
+    /// Copies every committed row from the WAL into the database file and empties the
+    /// WAL (`wal_checkpoint(TRUNCATE)`), so the file holds them by itself: SQLite does
+    /// not do it on close for a file renamed while open, which would leave them in a
+    /// `-wal` beside the old name.
+    pub fn fold_wal_into_file(&self) -> Result<()> {
+        let busy: i64 = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get(0))
+            .map_err(|e| self.fail(e))?;
+        if busy != 0 {
+            return Err(Error::Checkpoint {
+                path: self.path.clone(),
+                detail: "cannot copy the WAL into the file: another connection is reading it"
+                    .to_owned(),
+            });
+        }
+        Ok(())
+    }
+
     /// Closes the connection, reporting what SQLite says (e.g. a failed WAL checkpoint).
     pub fn close(self) -> Result<()> {
         let path = self.path;
@@ -373,6 +447,20 @@ impl Header {
     }
 }
 
+/// `path` as a SQLite `file:` URI: every byte but unreserved ones and `/` escaped, so
+/// that `?`, `#` and `%` in a name stay part of it.
+fn file_uri(path: &str) -> String {
+    let mut uri = String::from("file:");
+    for byte in path.bytes() {
+        if byte.is_ascii_alphanumeric() || b"/-._~".contains(&byte) {
+            uri.push(char::from(byte));
+        } else {
+            uri.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    uri
+}
+
 /// Creates `path` with mode 0600 if it does not exist; never truncates an existing file.
 fn create_private_file(path: &Path) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
@@ -433,6 +521,33 @@ mod tests {
         assert!(matches!(
             Store::open(&newer, Synchronous::Full),
             Err(Error::Format { found: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn a_reader_sees_a_writers_commits_creates_nothing_and_refuses_what_is_not_ours() {
+        let dir = TempDir::new();
+        let path = dir.file("run.db");
+        assert!(Store::open_read_only(&path).is_err());
+        assert!(!path.exists(), "a reader created the file");
+        let mut writer = Store::open(&path, Synchronous::Normal).unwrap();
+        let v1 = writer.add_version("fp1", "{}", None).unwrap();
+        writer.append(&[row(1, v1, 0, Some(b"out"))]).unwrap();
+        let reader = Store::open_read_only(&path).unwrap();
+        assert_eq!(reader.versions().unwrap().len(), 1);
+        writer.append(&[row(2, v1, 0, Some(b"two"))]).unwrap();
+        assert_eq!(reader.rows_after(Some(v1), 0, 10).unwrap().len(), 2);
+        reader.close().unwrap();
+        writer.close().unwrap();
+
+        let foreign = dir.file("other.db");
+        Connection::open(&foreign)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
+        assert!(matches!(
+            Store::open_read_only(&foreign),
+            Err(Error::NotACheckpoint { .. })
         ));
     }
 

@@ -24,7 +24,7 @@ import struct
 import threading
 import time
 import zlib
-from typing import Any, Iterator, Optional, TypeVar
+from typing import Any, Iterator, Optional, TypeVar, Union
 
 from snapperable import _backend, _folding
 from snapperable._contract import (
@@ -35,6 +35,7 @@ from snapperable._contract import (
     ROW_OUTPUT,
     ROW_STATUS,
     ROW_VERSION,
+    CheckpointReader,
     CheckpointStore,
     ItemRow,
     KeySet,
@@ -43,7 +44,7 @@ from snapperable._contract import (
 )
 from snapperable._writer import PendingRow, WriterBackedStore, item_row
 from snapperable.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
-from snapperable.storage.base import SnapshotStorage
+from snapperable.storage.base import SnapshotStorage, fsync_directory
 
 R = TypeVar("R")
 
@@ -57,6 +58,8 @@ _FRAME = struct.Struct("<cQI")  # marker, payload length, payload CRC-32
 _FRAME_CHECK = struct.Struct("<I")  # CRC-32 of the _FRAME bytes
 FRAME_HEADER_SIZE = _FRAME.size + _FRAME_CHECK.size
 _ROW_FIELDS = 11
+_EMPTY_HEADER = _HEADER.pack(MAGIC, FORMAT_VERSION, 0)
+NOT_OUR_HEADER = "it does not start with a pickle checkpoint's header"
 
 
 def encode_frame(record: tuple[str, Any]) -> bytes:
@@ -71,70 +74,67 @@ class PickleSnapshotStorage(SnapshotStorage[R]):
     Every read scans the file, so prefer ``SQLiteSnapshotStorage`` for large runs.
     """
 
-    def __init__(self, file_path: str = DEFAULT_FILE_PATH) -> None:
-        self.file_path = file_path
-        self.path = os.path.abspath(file_path)
+    def __init__(self, file_path: Union[str, "os.PathLike[str]"] = DEFAULT_FILE_PATH) -> None:
+        self.file_path = os.fspath(file_path)
+        self.path = os.path.abspath(self.file_path)
+
+    def _foreign_format(self, head: bytes) -> Optional[str]:
+        if head[: len(MAGIC)] == MAGIC[: len(head)]:  # a torn header too
+            return None
+        return NOT_OUR_HEADER
+
+    def _open_reader(self) -> CheckpointReader:
+        return PickleReader(self.path)
 
     def _open_store(self, batch_size: int, max_wait_time: Optional[float]) -> CheckpointStore:
         return PickleStore(self.path, batch_size, max_wait_time)
 
 
-class PickleStore(WriterBackedStore):
-    """The ``CheckpointStore`` of a pickle-frame file."""
+class PickleReader:
+    """A pickle-frame file opened for reading only: it needs no lock and writes nothing,
+    so it reads the committed frames beside a running writer, and a read-only file.
+    A frame still being appended at the end reads as not there yet."""
 
-    def __init__(self, path: str, batch_size: int, max_wait_time: Optional[float]) -> None:
+    path: str
+    _fd: int
+    # A truncated last frame: one being appended (a reader beside a writer), or damage
+    # (the store, which cut any torn tail off when it opened).
+    _tail_may_be_in_flight = True
+
+    def __init__(self, path: str) -> None:
         self.path = path
-        self._write_lock = threading.Lock()  # frames from the writer and add_version
-        self._torn_append: Optional[OSError] = None
         self._released = False  # the descriptor is closed (and its number free for reuse)
-        self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         try:
-            self._prepare()
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise CheckpointError.failed(path, f"cannot open it for reading: {exc}") from exc
+        try:
+            header = os.pread(self._fd, _HEADER.size, 0)
+            if not (len(header) < _HEADER.size and _EMPTY_HEADER.startswith(header)):
+                self._check_header(header)  # else a new file, its header not yet written
         except BaseException:
             os.close(self._fd)
             raise
-        self._start_writer(path, batch_size, max_wait_time)
+
+    def close(self) -> None:
+        if not self._released:
+            self._released = True
+            os.close(self._fd)
 
     def _corrupt(self, problem: str) -> CheckpointCorruptError:
         return CheckpointCorruptError.damaged(self.path, problem)
 
-    # -- opening ------------------------------------------------------------------------
-    def _prepare(self) -> None:
-        """Write the header of a new file, check an old one, cut off a torn tail."""
-        size = os.fstat(self._fd).st_size
-        header = os.pread(self._fd, _HEADER.size, 0)
-        empty_header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0)
-        if len(header) < _HEADER.size and empty_header.startswith(header):
-            # New file, or a crash while its header was being written: nothing was saved.
-            os.ftruncate(self._fd, 0)
-            os.write(self._fd, empty_header)
-            os.fsync(self._fd)
-            _fsync_directory(self.path)
-            return
+    def _check_header(self, header: bytes) -> None:
+        """Refuse a file that is not a pickle checkpoint, or of a newer format."""
         magic, version, reserved = (
             _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0, 0)
         )
         if magic != MAGIC:
-            raise CheckpointCorruptError.not_a_checkpoint(self.path, "it does not start with a pickle checkpoint's header")
+            raise CheckpointCorruptError.not_a_checkpoint(self.path, NOT_OUR_HEADER)
         if version < 1 or reserved != 0:
             raise self._corrupt("its header is damaged")
         if version > FORMAT_VERSION:
             raise CheckpointFormatError.newer(self.path, version, FORMAT_VERSION)
-        end = self._end_of_good_frames(size)
-        if end < size:
-            log.warning(
-                "%s: dropped a torn last frame (%d bytes) left by an interrupted write",
-                self.path,
-                size - end,
-            )
-            os.ftruncate(self._fd, end)
-            os.fsync(self._fd)
-
-    def _end_of_good_frames(self, size: int) -> int:
-        """Offset just past the last intact frame; raises on damage before the tail."""
-        for _ in self._frames(size, stop_at_torn_tail=True):
-            pass
-        return self._tail_start
 
     def _frames(self, size: int, *, stop_at_torn_tail: bool) -> Iterator[tuple[int, bytes]]:
         """(offset, payload) of each intact frame; sets ``_tail_start`` where they end."""
@@ -182,51 +182,13 @@ class PickleStore(WriterBackedStore):
         if self._released:
             raise CheckpointError.closed(self.path)
         size = os.fstat(self._fd).st_size
-        for pos, payload in self._frames(size, stop_at_torn_tail=False):
+        for pos, payload in self._frames(size, stop_at_torn_tail=self._tail_may_be_in_flight):
             try:
                 record = pickle.loads(payload)
                 kind, body = record
             except Exception as exc:
                 raise self._corrupt(f"the frame at offset {pos} cannot be read: {exc!r}") from exc
             yield kind, body
-
-    # -- writes -------------------------------------------------------------------------
-    def _append(self, frame: bytes) -> None:
-        """Append one frame and fsync it, or leave the file as it was.
-
-        A failed append (a full disk, a file size limit) may leave part of the frame on
-        disk; it is cut off at once, since a later frame appended after it would turn a
-        torn tail into damage in the middle of the file.
-        """
-        with self._write_lock:
-            if self._torn_append is not None:
-                raise CheckpointError.failed(self.path, f"an earlier failed write could not be undone: {self._torn_append}")
-            end = os.fstat(self._fd).st_size
-            try:
-                view = memoryview(frame)
-                while view:
-                    view = view[os.write(self._fd, view) :]
-                os.fsync(self._fd)
-            except BaseException as exc:
-                try:
-                    os.ftruncate(self._fd, end)
-                except OSError as undo:
-                    self._torn_append = undo  # the next open cuts the torn tail
-                raise exc
-
-    def _commit(self, rows: list[PendingRow]) -> None:  # durable on return
-        self._append(encode_frame(("items", list(map(item_row, rows)))))
-
-    def add_version(self, fingerprint: str, parts: str, uses: Optional[int]) -> int:
-        self.flush()
-        known = self.versions()
-        vid = known[-1].id + 1 if known else 1
-        row = VersionRow(vid, fingerprint, parts, vid if uses is None else uses, time.time())
-        try:
-            self._append(encode_frame(("version", tuple(row))))
-        except OSError as exc:
-            raise CheckpointError.failed(self.path, f"cannot save a function version: {exc}") from exc
-        return vid
 
     # -- reads --------------------------------------------------------------------------
     def versions(self) -> list[VersionRow]:
@@ -287,15 +249,94 @@ class PickleStore(WriterBackedStore):
                     attempts, started, ended,
                 )
 
+class PickleStore(WriterBackedStore, PickleReader):
+    """The ``CheckpointStore`` of a pickle-frame file."""
+
+    _tail_may_be_in_flight = False
+
+    def __init__(self, path: str, batch_size: int, max_wait_time: Optional[float]) -> None:
+        self.path = path
+        self._write_lock = threading.Lock()  # frames from the writer and add_version
+        self._torn_append: Optional[OSError] = None
+        self._released = False
+        self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            self._prepare()
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._start_writer(path, batch_size, max_wait_time)
+
+    # -- opening ------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        """Write the header of a new file, check an old one, cut off a torn tail."""
+        size = os.fstat(self._fd).st_size
+        header = os.pread(self._fd, _HEADER.size, 0)
+        if len(header) < _HEADER.size and _EMPTY_HEADER.startswith(header):
+            # New file, or a crash while its header was being written: nothing was saved.
+            os.ftruncate(self._fd, 0)
+            os.write(self._fd, _EMPTY_HEADER)
+            os.fsync(self._fd)
+            fsync_directory(self.path)
+            return
+        self._check_header(header)
+        end = self._end_of_good_frames(size)
+        if end < size:
+            log.warning(
+                "%s: dropped a torn last frame (%d bytes) left by an interrupted write",
+                self.path,
+                size - end,
+            )
+            os.ftruncate(self._fd, end)
+            os.fsync(self._fd)
+
+    def _end_of_good_frames(self, size: int) -> int:
+        """Offset just past the last intact frame; raises on damage before the tail."""
+        for _ in self._frames(size, stop_at_torn_tail=True):
+            pass
+        return self._tail_start
+
+    # -- writes -------------------------------------------------------------------------
+    def _append(self, frame: bytes) -> None:
+        """Append one frame and fsync it, or leave the file as it was.
+
+        A failed append (a full disk, a file size limit) may leave part of the frame on
+        disk; it is cut off at once, since a later frame appended after it would turn a
+        torn tail into damage in the middle of the file.
+        """
+        with self._write_lock:
+            if self._torn_append is not None:
+                raise CheckpointError.failed(self.path, f"an earlier failed write could not be undone: {self._torn_append}")
+            end = os.fstat(self._fd).st_size
+            try:
+                view = memoryview(frame)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+                os.fsync(self._fd)
+            except BaseException as exc:
+                try:
+                    os.ftruncate(self._fd, end)
+                except OSError as undo:
+                    self._torn_append = undo  # the next open cuts the torn tail
+                raise exc
+
+    def _commit(self, rows: list[PendingRow]) -> None:  # durable on return
+        self._append(encode_frame(("items", list(map(item_row, rows)))))
+
+    def add_version(self, fingerprint: str, parts: str, uses: Optional[int]) -> int:
+        self.flush()
+        known = self.versions()
+        vid = known[-1].id + 1 if known else 1
+        row = VersionRow(vid, fingerprint, parts, vid if uses is None else uses, time.time())
+        try:
+            self._append(encode_frame(("version", tuple(row))))
+        except OSError as exc:
+            raise CheckpointError.failed(self.path, f"cannot save a function version: {exc}") from exc
+        return vid
+
+    def fold_wal_into_file(self) -> None:
+        self.flush()  # every frame is in the file, fsynced, once committed
+
     def _release(self) -> None:
         self._released = True
         os.close(self._fd)
-
-
-def _fsync_directory(path: str) -> None:
-    """Make a new file's directory entry durable too."""
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
