@@ -13,6 +13,7 @@ for what each row measures.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import pickle
@@ -29,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import dask_rows  # benches/dask_rows.py: the rows of Snapper(..., executor=client)
+
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 PROTOCOL = 4
@@ -44,6 +47,17 @@ GOAL_OPEN_STATE_EXTRA_MS = 50.0  # issue #9: a 400 MB object fn reads adds < 50 
 STATE_MB = 400
 OPEN_ITEMS = 1000
 
+# Concurrency goals (issue #12): wall time over the ideal, and over the bare peer.
+GOAL_IO_X_IDEAL = 1.15
+GOAL_IO_X_BARE = 1.1
+GOAL_ASYNC_X_IDEAL = 1.25
+GOAL_ASYNC_X_BARE = 1.1
+GOAL_OVERHEAD_US = 3.0
+GOAL_PROCESS_SPEEDUP = 1.7
+GOAL_RATE_WALL_S = (3.6, 4.4)  # 4 s +- 10%
+GOAL_CRASH_REDO = 2 * 32 + 1  # 2 x workers + batch_size
+CPU_WORK_LOOPS = 40_000  # pure-Python loop turns of cpu_work: about 2 ms on a 2020s core
+
 
 def _cpu() -> float:
     """CPU seconds of this process (all threads) and of its ended child processes (the
@@ -55,6 +69,26 @@ def _cpu() -> float:
 def fn(x: int) -> int:
     """The trivial function every variant runs."""
     return x + 1
+
+
+def cpu_work(x: int) -> int:
+    """About 2 ms of pure-Python CPU work (``CPU_WORK_LOOPS`` turns)."""
+    total = x
+    for i in range(CPU_WORK_LOOPS):
+        total = (total + i * i) % 1_000_003
+    return total
+
+
+def io_work(x: int) -> int:
+    time.sleep(0.01)
+    return x
+
+
+async def async_work(x: int) -> int:
+    import asyncio
+
+    await asyncio.sleep(0.05)
+    return x
 
 
 class Model:
@@ -178,21 +212,128 @@ def _w_resume(n: int, path: str, **_: Any) -> dict[str, Any]:
     return {"seconds": t2 - t0, "start": t1 - t0, "load": t2 - t1, "backend": snapperable.backend}
 
 
-def _w_generator(n: int, path: str, **_: Any) -> dict[str, Any]:
+def _w_generator(n: int, path: str, workers: Optional[int] = None, **_: Any) -> dict[str, Any]:
     """Peak memory of a long generator run: start() then load() length check."""
     import snapperable
     from snapperable import Snapper, SQLiteSnapshotStorage
 
     t0 = time.perf_counter()
-    snapper = Snapper((i for i in range(n)), fn, snapshot_storage=SQLiteSnapshotStorage(path))
+    snapper = Snapper((i for i in range(n)), fn, snapshot_storage=SQLiteSnapshotStorage(path), workers=workers)
     snapper.start()
     t1 = time.perf_counter()
+    start_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     count = len(snapper.load())
     t2 = time.perf_counter()
     if count != n:
         raise AssertionError(f"load() returned {count} outputs, expected {n}")
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"start": t1 - t0, "load": t2 - t1, "self_maxrss_kb": rss_kb, "backend": snapperable.backend}
+    return {"start": t1 - t0, "load": t2 - t1, "self_maxrss_kb": rss_kb, "start_maxrss_kb": start_rss_kb,
+            "backend": snapperable.backend}
+
+
+def _timed(thunk: Callable[[], Any]) -> dict[str, Any]:
+    t0, c0 = time.perf_counter(), _cpu()
+    thunk()
+    t1, c1 = time.perf_counter(), _cpu()
+    return {"seconds": t1 - t0, "cpu": c1 - c0}
+
+
+def _check_snapper(path: str, items: Any, fn: Callable[[int], int], n: int, expect: Callable[[int], int]) -> None:
+    from snapperable import Snapper, SQLiteSnapshotStorage
+
+    out = Snapper(items, fn, snapshot_storage=SQLiteSnapshotStorage(path)).load()
+    if len(out) != n or (n and out[-1] != expect(n - 1)):
+        raise AssertionError(f"load() returned {len(out)} outputs, expected {n}")
+
+
+def _w_concurrent(n: int, path: str, work: str, workers: Optional[int], executor: Optional[str] = None,
+                  rate_limit: Optional[str] = None, **_: Any) -> dict[str, Any]:
+    """A concurrent snapperable run of ``work`` (io, async, tiny, cpu); wall from the
+    constructor to ``start()`` returning, everything saved."""
+    from snapperable import Snapper, SQLiteSnapshotStorage
+
+    fns: dict[str, Callable[..., Any]] = {"io": io_work, "async": async_work, "tiny": fn, "cpu": cpu_work}
+    expect = {"tiny": fn, "cpu": cpu_work}.get(work, lambda x: x)
+    items = list(range(n))
+    kwargs: dict[str, Any] = {"workers": workers}
+    if executor is not None:
+        kwargs["executor"] = executor
+    if rate_limit is not None:
+        kwargs["rate_limit"] = rate_limit
+    result = _timed(lambda: Snapper(items, fns[work], snapshot_storage=SQLiteSnapshotStorage(path), **kwargs).start())
+    _check_snapper(path, items, fns[work], n, expect)
+    if rate_limit is not None:  # the starts as measured where each item ran
+        snapper = Snapper(items, fns[work], snapshot_storage=SQLiteSnapshotStorage(path))
+        starts = sorted(m.started for m in snapper.load_metrics())
+        result["max_starts_per_second"] = max(
+            bisect.bisect_left(starts, t + 1.0) - i for i, t in enumerate(starts))
+    result["items"] = n
+    return result
+
+
+def _w_bare(n: int, work: str, workers: int, how: str, chunksize: int = 1, **_: Any) -> dict[str, Any]:
+    """The peers with no checkpoint: ThreadPoolExecutor.map, asyncio + Semaphore,
+    ProcessPoolExecutor.map (given chunksize), joblib.Parallel, a plain loop."""
+    items = list(range(n))
+    fns: dict[str, Callable[[int], int]] = {"io": io_work, "tiny": fn, "cpu": cpu_work}
+    if how == "threads":
+        from concurrent.futures import ThreadPoolExecutor
+
+        def run() -> None:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(fns[work], items))
+    elif how == "processes":
+        from concurrent.futures import ProcessPoolExecutor
+
+        from snapperable.engine import process_context
+
+        def run() -> None:
+            with ProcessPoolExecutor(workers, mp_context=process_context()) as pool:
+                list(pool.map(fns[work], items, chunksize=chunksize))
+    elif how == "joblib":
+        from joblib import Parallel, delayed
+
+        def run() -> None:
+            Parallel(n_jobs=workers)(delayed(fns[work])(x) for x in items)
+    elif how == "asyncio":
+        import asyncio
+
+        async def main() -> None:
+            semaphore = asyncio.Semaphore(workers)
+
+            async def one(x: int) -> int:
+                async with semaphore:
+                    return await async_work(x)
+
+            await asyncio.gather(*(one(x) for x in items))
+
+        def run() -> None:
+            asyncio.run(main())
+    elif how == "loop":
+        def run() -> None:
+            for x in items:
+                fns[work](x)
+    else:
+        raise ValueError(how)
+    result = _timed(run)
+    result["items"] = n
+    return result
+
+
+def _w_crash_child(n: int, path: str, log: str, workers: int, **_: Any) -> dict[str, Any]:
+    """The I/O run the crash row kills: logs every call as it starts, one write per line
+    (so an item killed halfway counts as redone when the resumed run starts it again)."""
+    from snapperable import Snapper, SQLiteSnapshotStorage
+
+    log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def logged(x: int) -> int:
+        os.write(log_fd, f"{x}\n".encode())
+        time.sleep(0.01)
+        return x
+
+    Snapper(range(n), logged, snapshot_storage=SQLiteSnapshotStorage(path), workers=workers, version="crash").start()
+    return {}
 
 
 def _w_open(n: int, path: str, big: bool, **_: Any) -> dict[str, Any]:
@@ -233,7 +374,11 @@ WORKERS: dict[str, Callable[..., dict[str, Any]]] = {
     "generator": _w_generator,
     "open": _w_open,
     "baseline": _w_baseline,
+    "concurrent": _w_concurrent,
+    "bare": _w_bare,
+    "crash_child": _w_crash_child,
 }
+WORKERS.update(dask_rows.WORKERS)
 
 
 def worker_main(name: str, args_json: str) -> None:
@@ -440,6 +585,9 @@ def main() -> int:
     ap.add_argument("--peer-seconds", type=float, default=None,
                     help="rough time budget per slow peer; its sample is sized from a probe (default 5)")
     ap.add_argument("--skip-peers", action="store_true", help="skip diskcache, joblib and naive sqlite3")
+    ap.add_argument("--skip-dask", action="store_true", help="skip the Dask cluster rows (benches/dask_rows.py)")
+    ap.add_argument("--skip-concurrency", action="store_true", help="skip the concurrent-run rows")
+    ap.add_argument("--only-concurrency", action="store_true", help="only the concurrent-run rows")
     ap.add_argument("--json", default=None, help="also write every number to this JSON file")
     ap.add_argument("--keep", action="store_true", help="keep the temporary checkpoints")
     ap.add_argument("--silent", action="store_true", help="no progress lines on stderr")
@@ -475,6 +623,16 @@ def main() -> int:
     print(f"Measured {report['when']}; one run of `python benches/run.py"
           f"{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`")
     sys.stdout.flush()
+
+    if args.only_concurrency:
+        concurrency = measure_concurrency(bench, quick)
+        shutil.rmtree(root, ignore_errors=True)
+        print_concurrency(concurrency)
+        print(f"Total time {time.perf_counter() - t_start:.0f} s; 1-minute load average: "
+              f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after.")
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(report, concurrency=concurrency), indent=2))
+        return 0
 
     has_rust, why_not = rust_available()
     na_rust = "n/a (extension not built)"
@@ -532,6 +690,12 @@ def main() -> int:
         memory = measure_memory(bench, n_rss, has_rust)
         # --- opening a checkpoint whose fn reads a large object ---------------------------
         opening = measure_open_with_state(bench, repeat, has_rust)
+        # --- concurrent runs (issue #12) -------------------------------------------------
+        concurrency = {} if args.skip_concurrency else measure_concurrency(bench, quick)
+        # --- on a Dask cluster (benches/dask_rows.py) ----------------------------------------
+        dask_res: Optional[dict[str, Any]] = None
+        if not args.skip_dask and dask_rows.available():
+            dask_res, _ = attempt("dask", lambda: dask_rows.measure(run_worker, root, quick))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -540,6 +704,11 @@ def main() -> int:
     report["loadavg_after"] = os.getloadavg()[0]
     print_report(rows, fixed, resume, memory, n, n_resume, n_rss, repeat, elapsed, quick)
     print_open_with_state(opening, repeat)
+    if dask_res is not None:
+        dask_rows.print_rows(dask_res)
+        report["dask"] = dask_res
+    if concurrency:
+        print_concurrency(concurrency)
     print()
     print(f"Total benchmark time {elapsed:.0f} s." + ("  (--quick: sizes below the goals' sizes)" if quick else ""))
     print(f"1-minute load average: {load_before:.2f} before, {report['loadavg_after']:.2f} after "
@@ -550,9 +719,163 @@ def main() -> int:
         report["resume"] = resume
         report["memory"] = memory
         report["open_with_state"] = opening
+        report["concurrency"] = concurrency
         report["elapsed_s"] = elapsed
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
+
+
+def measure_concurrency(bench: Bench, quick: bool) -> dict[str, Any]:
+    """The concurrent-run rows: snapperable beside the bare peers, each in a fresh process."""
+    scale = 10 if quick else 1
+    out: dict[str, Any] = {}
+
+    def row(key: str, name: str, backend: Optional[str] = "rust", **kwargs: Any) -> None:
+        bench.progress(f"concurrency: {key}")
+        if name == "concurrent":
+            kwargs["path"] = bench.fresh(f"{key}.db")
+        try:
+            out[key] = run_worker(name, backend, **kwargs)
+        except WorkerFailed as exc:
+            out[key] = {"note": f"n/a (failed: {str(exc)[:70]})"}
+
+    n_io, n_async, n_tiny, n_cpu, n_rate = 4000 // scale, 20_000 // scale, 300_000 // scale, 2000 // scale, 200
+    row("io", "concurrent", n=n_io, work="io", workers=32)
+    row("io_bare", "bare", n=n_io, work="io", workers=32, how="threads")
+    row("async", "concurrent", n=n_async, work="async", workers=1000)
+    row("async_bare", "bare", n=n_async, work="async", workers=1000, how="asyncio")
+    row("tiny", "concurrent", n=n_tiny, work="tiny", workers=8)
+    row("tiny_bare", "bare", n=n_tiny, work="tiny", workers=8, how="threads")
+    row("cpu", "concurrent", n=n_cpu, work="cpu", workers=2, executor="process")
+    row("cpu_sequential", "concurrent", n=n_cpu, work="cpu", workers=None)
+    row("cpu_loop", "bare", n=n_cpu, work="cpu", workers=1, how="loop")
+    for chunksize in (1, 10, 50):
+        row(f"cpu_pool_{chunksize}", "bare", n=n_cpu, work="cpu", workers=2, how="processes", chunksize=chunksize)
+    row("cpu_joblib", "bare", n=n_cpu, work="cpu", workers=2, how="joblib")
+    row("rate", "concurrent", n=n_rate // (4 if quick else 1), work="tiny", workers=16, rate_limit="50/s")
+    out["crash"] = measure_crash(bench, kills=3 if quick else 10, n=n_io, workers=32)
+    if not quick:
+        bench.progress("concurrency: 3M generator, workers=32")
+        try:
+            res = run_worker("generator", "rust", n=3_000_000, path=bench.fresh("gen-workers.db"), workers=32)
+            out["generator"] = {"peak_mb": res["child_maxrss_kb"] / 1024, "start_mb": res["start_maxrss_kb"] / 1024,
+                                "start": res["start"], "load": res["load"]}
+        except WorkerFailed as exc:
+            out["generator"] = {"note": f"n/a (failed: {str(exc)[:70]})"}
+    return out
+
+
+def measure_crash(bench: Bench, kills: int, n: int, workers: int) -> dict[str, Any]:
+    """SIGKILL of the workers=32 I/O run ``kills`` times at spread-out points, then a run
+    to the end: items started more than once, per kill."""
+    import signal
+
+    path, log = bench.fresh("crash.db"), bench.fresh("crash.log")
+    cmd = [sys.executable, str(HERE), "--worker", "crash_child", json.dumps({"n": n, "path": path, "log": log, "workers": workers})]
+    env = dict(os.environ, SNAPPERABLE_BACKEND="rust")
+
+    def calls() -> int:
+        try:
+            return Path(log).read_bytes().count(b"\n")
+        except FileNotFoundError:
+            return 0
+
+    for k in range(kills):
+        bench.progress(f"concurrency: crash {k + 1}/{kills}")
+        before = calls()
+        proc = subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        grow = 50 + (k * 97) % 251  # kill points spread over the run
+        deadline = time.monotonic() + 60
+        while calls() < before + grow and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    subprocess.run(cmd, env=env, cwd=str(REPO), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lines = Path(log).read_bytes().split(b"\n")[:-1]
+    unique = len(set(lines))
+    if unique != n:
+        return {"note": f"n/a (the final run left {n - unique} items undone)"}
+    return {"kills": kills, "redone": len(lines) - n, "per_kill": (len(lines) - n) / kills}
+
+
+def print_concurrency(c: dict[str, Any]) -> None:
+    def wall(key: str) -> Optional[float]:
+        res = c.get(key, {})
+        return res.get("seconds")
+
+    def cell(key: str) -> str:
+        res = c.get(key, {})
+        return f"{res['seconds']:.2f} s" if "seconds" in res else res.get("note", "n/a")
+
+    def verdict(value: Optional[float], goal: float, below: bool = True) -> str:
+        if value is None:
+            return ""
+        return "ok" if (value <= goal if below else value >= goal) else "MISS"
+
+    print()
+    print("Concurrent runs (Rust core, SQLite defaults; one run per row, fresh process each):")
+    header = f"{'row':<58} {'wall':>9}   {'goal':<34}"
+    print(header)
+    print("-" * len(header))
+    def against_ideal(key: str, what: str, seconds_each: float, workers: int, bare: str,
+                      goals: tuple[float, float]) -> None:
+        mine, theirs = wall(key), wall(f"{key}_bare")
+        n_items = c.get(key, {}).get("items", 0)
+        ideal = n_items * seconds_each / workers
+        verdicts = (f"{mine / ideal:.2f}x ideal {verdict(mine / ideal, goals[0])}, "
+                    f"{mine / theirs:.2f}x bare {verdict(mine / theirs, goals[1])}" if mine and theirs else "")
+        label = f"{what}: {n_items:,} items, workers={workers}"
+        print(f"{label:<58} {cell(key):>9}   {verdicts}")
+        print(f"{'  ' + bare + ', no checkpoint':<58} {cell(key + '_bare'):>9}   (ideal {ideal:.2f} s)")
+
+    against_ideal("io", "I/O threads, sleep 10 ms", 0.01, 32, "bare ThreadPoolExecutor(32).map",
+                  (GOAL_IO_X_IDEAL, GOAL_IO_X_BARE))
+    against_ideal("async", "async def, asyncio.sleep(0.05)", 0.05, 1000,
+                  "bare asyncio.gather + Semaphore(1000)", (GOAL_ASYNC_X_IDEAL, GOAL_ASYNC_X_BARE))
+    t, t_bare = wall("tiny"), wall("tiny_bare")
+    n_tiny = c.get("tiny", {}).get("items", 300000)
+    if t and t_bare:
+        us, us_bare = t / n_tiny * 1e6, t_bare / n_tiny * 1e6
+        print(f"{f'engine overhead: {n_tiny:,} ints, x + 1, workers=8 threads':<58} {cell('tiny'):>9}   "
+              f"{us:.2f} µs/item {verdict(us, GOAL_OVERHEAD_US)}, below bare {verdict(us, us_bare)}")
+        print(f"{'  bare ThreadPoolExecutor(8).map, no checkpoint':<58} {cell('tiny_bare'):>9}   {us_bare:.2f} µs/item")
+    cpu, seq = wall("cpu"), wall("cpu_sequential")
+    n_cpu = c.get("cpu", {}).get("items", 2000)
+    pools = {k: wall(k) for k in ("cpu_pool_1", "cpu_pool_10", "cpu_pool_50")}
+    best_pool = min((v for v in pools.values() if v), default=None)
+    job = wall("cpu_joblib")
+    if cpu and seq:
+        peers = [v for v in (best_pool, job) if v]
+        print(f"{f'processes: {n_cpu:,} x ~2 ms CPU, executor=process, workers=2':<58} {cell('cpu'):>9}   "
+              f"{seq / cpu:.2f}x sequential {verdict(seq / cpu, GOAL_PROCESS_SPEEDUP, below=False)}, "
+              f"vs best peer {cpu / min(peers):.2f}x {verdict(cpu, min(peers) * 1.0) if peers else ''}")
+    print(f"{'  snapperable sequential (no workers)':<58} {cell('cpu_sequential'):>9}")
+    print(f"{'  plain loop, no checkpoint':<58} {cell('cpu_loop'):>9}")
+    for k in pools:
+        label = f"  bare ProcessPoolExecutor(2).map, chunksize={k.rsplit('_', 1)[1]}"
+        print(f"{label:<58} {cell(k):>9}")
+    print(f"{'  joblib.Parallel(n_jobs=2)':<58} {cell('cpu_joblib'):>9}")
+    r = c.get("rate", {})
+    if "seconds" in r:
+        low, high = GOAL_RATE_WALL_S if r["items"] == 200 else (0.0, float("inf"))
+        ok = "ok" if low <= r["seconds"] <= high else "MISS"
+        peak = r["max_starts_per_second"]
+        label = f"rate limit: {r['items']} items, rate_limit=50/s, workers=16"
+        print(f"{label:<58} "
+              f"{r['seconds']:>7.2f} s   4 s +-10% {ok}; most starts in 1 s: {peak} {'ok' if peak <= 50 else 'MISS'}")
+    crash = c.get("crash", {})
+    if "per_kill" in crash:
+        label = f"crash: SIGKILL of the I/O run x {crash['kills']}, then resume"
+        print(f"{label:<58} "
+              f"{crash['per_kill']:>5.1f}/kill  redone items per kill <= {GOAL_CRASH_REDO} "
+              f"{verdict(crash['per_kill'], GOAL_CRASH_REDO)}")
+    elif crash:
+        print(f"{'crash':<58} {crash.get('note')}")
+    gen = c.get("generator")
+    if gen and "peak_mb" in gen:
+        print(f"{'peak RSS, 3,000,000-item generator, workers=32 threads':<58} {gen['peak_mb']:>6.0f} MB   "
+              f"<= {GOAL_RSS_3M_MB:g} MB {verdict(gen['peak_mb'], GOAL_RSS_3M_MB)} "
+              f"({gen['start_mb']:.0f} MB at the end of start(); start {gen['start']:.1f} s, load {gen['load']:.1f} s)")
 
 
 def measure_peer(bench: Bench, name: str, n: int, budget_s: float) -> dict[str, Any]:

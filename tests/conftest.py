@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterator, Optional, Protocol
@@ -164,6 +166,18 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 PYTHON = sys.executable
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, proc: Optional["subprocess.Popen[bytes]"] = None) -> None:
+    """Poll ``predicate`` until it holds; fail after ``timeout`` s or if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            _, err = proc.communicate()
+            pytest.fail(f"child exited ({proc.returncode}) before {what}: {err.decode(errors='replace')}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.002)
 
 
 def import_file(path: Path, name: str) -> ModuleType:

@@ -40,6 +40,7 @@ from snapperable import (
     keys,
 )
 from snapperable._contract import STATUS_OK, ItemRow
+from snapperable._row_checksum import row_checksum, version_checksum
 from snapperable.storage.pickle_storage import encode_frame
 
 KEPT = "snapperable never resets such a file: move it aside (or restore a backup) and run again"
@@ -93,17 +94,18 @@ def item_row(key: bytes, output: bytes, version: int = 1) -> ItemRow:
 # -- newer format ------------------------------------------------------------------------
 def test_newer_format(kind: str, path: str) -> None:
     finished(kind, path)
+    newest = 2 if kind == "sqlite" else 1
     if kind == "sqlite":
         with sqlite3.connect(path) as conn:
-            conn.execute("PRAGMA user_version = 2")
+            conn.execute("PRAGMA user_version = 3")
         conn.close()
     else:
         with open(path, "r+b") as file:  # the header: magic (8 bytes), format (u32), 0
             file.seek(8)
             file.write(struct.pack("<I", 2))
     assert message_of(snapper(kind, path).start, CheckpointFormatError) == (
-        f"checkpoint {path} has format version 2, newer than this snapperable reads (up to 1); "
-        "upgrade snapperable to resume it"
+        f"checkpoint {path} has format version {newest + 1}, newer than this snapperable reads "
+        f"(up to {newest}); upgrade snapperable to resume it"
     )
 
 
@@ -129,11 +131,19 @@ def test_another_applications_sqlite_database_is_not_a_checkpoint(tmp_path: Path
 # -- damaged files -----------------------------------------------------------------------
 def damaged(kind: str, path: str, sql: str, record: tuple[str, Any]) -> None:
     """A finished checkpoint, then damaged: ``sql`` run on a SQLite one, ``record``
-    appended (as an intact frame) to a pickle one."""
+    appended (as an intact frame) to a pickle one. The SQLite rows' checksums are
+    brought up to date after it (as if written so), so that the check under test, not
+    the checksum, finds the damage."""
     finished(kind, path)
     if kind == "sqlite":
         with sqlite3.connect(path) as conn:
             conn.execute(sql)
+            columns = "key, version, status, input, output, error_type, error, traceback, attempts, started, ended"
+            for seq, *fields in conn.execute(f"SELECT seq, {columns} FROM items").fetchall():
+                if isinstance(fields[0], bytes) and len(fields[0]) == 16:
+                    conn.execute("UPDATE items SET checksum = ? WHERE seq = ?", (row_checksum(*fields), seq))
+            for row in conn.execute("SELECT id, fingerprint, parts, uses, created FROM versions").fetchall():
+                conn.execute("UPDATE versions SET checksum = ? WHERE id = ?", (version_checksum(*row), row[0]))
         conn.close()
     else:
         append_frame(path, record)
@@ -142,8 +152,8 @@ def damaged(kind: str, path: str, sql: str, record: tuple[str, Any]) -> None:
 def test_an_item_row_with_a_short_key(kind: str, path: str) -> None:
     damaged(
         kind, path,
-        "INSERT INTO items (key, version, status, output, attempts, started, ended)"
-        " VALUES (x'0102', 1, 0, NULL, 1, 0, 0)",
+        "INSERT INTO items (key, version, status, output, attempts, started, ended, checksum)"
+        " VALUES (x'0102', 1, 0, NULL, 1, 0, 0, zeroblob(12))",
         ("items", [item_row(b"\x01\x02", pickle.dumps(0))]),
     )
     assert message_of(snapper(kind, path).start, CheckpointCorruptError) == (

@@ -168,9 +168,9 @@ def test_snapshot_storage_given_as_a_path(tmp_path: Path, name: str, kind: str, 
 
 def test_snapshot_storage_of_another_type_is_refused_at_construction() -> None:
     with pytest.raises(TypeError, match="snapshot_storage must be a SnapshotStorage"):
-        Snapper([1], str, snapshot_storage=3)  # type: ignore[arg-type]
+        Snapper([1], str, snapshot_storage=3)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="snapshot_storage must be"):
-        Snapper([1], str, snapshot_storage=b"run.db")  # type: ignore[arg-type]
+        Snapper([1], str, snapshot_storage=b"run.db")  # type: ignore[call-overload]
 
 
 # -- item 6: what a bad path reports, and no stray lock files -------------------------------

@@ -88,7 +88,7 @@ def test_auto_is_silent_when_stderr_is_not_a_terminal(
 def test_progress_must_be_true_false_or_auto() -> None:
     for wrong in ("yes", 1, None):
         with pytest.raises(ValueError, match="progress must be"):
-            Snapper([1], str, progress=wrong)  # type: ignore[arg-type]
+            Snapper([1], str, progress=wrong)  # type: ignore[call-overload]
 
 
 CHILD = """

@@ -43,6 +43,7 @@ from samples import (
 )
 from snapperable import keys
 from snapperable._contract import STATUS_FAILED, STATUS_OK, CheckpointStore, RowInfo, VersionRow
+from snapperable._row_checksum import plain_ok_checksum, version_checksum
 from snapperable.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, WriterError
 
 
@@ -93,28 +94,17 @@ def test_loads_read_simple_outputs_exactly_as_pickle_does(store: CheckpointStore
             assert same(pickle.loads(pickle.dumps(value, protocol=4)), read), (value, read)
 
 
-def test_new_file_says_who_made_it(tmp_path: Path, open_store: StoreOpener) -> None:
+def test_new_file_is_private_and_says_who_made_it(tmp_path: Path, open_store: StoreOpener) -> None:
     open_store("fresh.db").close()
-    with sqlite3.connect(tmp_path / "fresh.db") as conn:
+    path = tmp_path / "fresh.db"
+    assert path.stat().st_mode & 0o777 == 0o600
+    with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA application_id").fetchone()[0] == 1399742800
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         meta = dict(conn.execute("SELECT name, value FROM meta"))
     conn.close()
-    assert meta == {"format_version": "1", "created_by": f"snapperable {snapperable.__version__}"}
-
-
-def test_new_file_is_private(
-    tmp_path: Path, open_store: StoreOpener, backend: str, request: pytest.FixtureRequest
-) -> None:
-    if backend == "python":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "the pure backend's open_sqlite leaves a new file's mode to the umask, although "
-            "Backend.open_sqlite promises 0600; users are not affected: SnapshotStorage.open "
-            "creates the file 0600 first (test_durability.py checks it)"
-        )))
-    open_store("fresh.db").close()
-    assert (tmp_path / "fresh.db").stat().st_mode & 0o777 == 0o600
+    assert meta == {"format_version": "2", "created_by": f"snapperable {snapperable.__version__}"}
 
 
 def test_rows_iterate_across_pages(open_store: StoreOpener) -> None:
@@ -197,7 +187,7 @@ def test_foreign_database_and_newer_format_are_refused(tmp_path: Path, open_stor
 
     open_store("newer.db").close()
     conn = sqlite3.connect(tmp_path / "newer.db")
-    conn.execute("PRAGMA user_version = 2")
+    conn.execute("PRAGMA user_version = 3")
     conn.close()
     with pytest.raises(CheckpointFormatError, match="newer.db"):
         open_store("newer.db")
@@ -206,8 +196,10 @@ def test_foreign_database_and_newer_format_are_refused(tmp_path: Path, open_stor
 def test_damaged_rows_are_corrupt(tmp_path: Path, open_store: StoreOpener) -> None:
     open_store("bad.db").close()
     conn = sqlite3.connect(tmp_path / "bad.db")
-    conn.execute("INSERT INTO items (key, version, status, output, attempts, started, ended)"
-                 " VALUES (?, 1, 0, ?, 1, 0, 0)", (key(1), b"not a pickle"))
+    # Written so (its checksum matches), not damaged on disk: still not an output.
+    conn.execute("INSERT INTO items (key, version, status, output, attempts, started, ended, checksum)"
+                 " VALUES (?, 1, 0, ?, 1, 0, 0, ?)",
+                 (key(1), b"not a pickle", plain_ok_checksum(key(1), 1, 0.0, 0.0, b"not a pickle")))
     conn.commit()
     conn.close()
     store = open_store("bad.db")
@@ -216,8 +208,8 @@ def test_damaged_rows_are_corrupt(tmp_path: Path, open_store: StoreOpener) -> No
     store.close()
 
     conn = sqlite3.connect(tmp_path / "bad.db")
-    conn.execute("INSERT INTO items (key, version, status, attempts, started, ended)"
-                 " VALUES (x'00', 1, 0, 1, 0, 0)")
+    conn.execute("INSERT INTO items (key, version, status, attempts, started, ended, checksum)"
+                 " VALUES (x'00', 1, 0, 1, 0, 0, 0)")
     conn.commit()
     conn.close()
     with pytest.raises(CheckpointCorruptError, match="16 bytes"):
@@ -227,7 +219,13 @@ def test_damaged_rows_are_corrupt(tmp_path: Path, open_store: StoreOpener) -> No
 def test_damaged_version_record_is_corrupt(tmp_path: Path, open_store: StoreOpener) -> None:
     open_store("v.db").close()
     conn = sqlite3.connect(tmp_path / "v.db")
-    conn.execute("INSERT INTO versions (fingerprint, parts, uses, created) VALUES ('fp', '{not json', 1, 0)")
+    # A record whose checksum matches (written so, not damaged on disk) but whose parts
+    # are not JSON: still no version.
+    record = (1, "fp", "{not json", 1, 0.0)
+    conn.execute(
+        "INSERT INTO versions (id, fingerprint, parts, uses, created, checksum) VALUES (?, ?, ?, ?, ?, ?)",
+        (*record, version_checksum(*record)),
+    )
     conn.commit()
     conn.close()
     with pytest.raises(CheckpointCorruptError, match="v.db"):

@@ -238,9 +238,9 @@ def test_bad_arguments_fail_early(tmp_path: Path, kwargs: dict[str, Any], error:
 
 def test_bad_positional_arguments() -> None:
     with pytest.raises(TypeError, match="iterable"):
-        Snapper(5, double)  # type: ignore[arg-type]
+        Snapper(5, double)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="callable"):
-        Snapper([1], 5)  # type: ignore[arg-type]
+        Snapper([1], 5)  # type: ignore[call-overload]
     with pytest.raises(ValueError, match="synchronous"):
         SQLiteSnapshotStorage("x.db", synchronous="off")  # type: ignore[arg-type]
 

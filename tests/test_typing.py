@@ -65,4 +65,7 @@ def test_version_takes_constants_for_users(tmp_path: Path) -> None:
     stdout, _, _ = api.run(["--strict", "--no-incremental", "--cache-dir", str(tmp_path / "cache"), str(source)])
     errors = [line for line in stdout.splitlines() if ": error:" in line]
     assert len(errors) == 1, stdout  # the list, on the last line
-    assert "user_code.py:20:" in errors[0] and '"version"' in errors[0], stdout
+    # Snapper's __init__ is overloaded (a plain fn, an async def fn): mypy then names no
+    # argument of a call that fits neither, but lists the variants, version= in them.
+    assert "user_code.py:20:" in errors[0], stdout
+    assert '"version"' in errors[0] or ("[call-overload]" in errors[0] and "version: bool | int" in stdout), stdout

@@ -7,6 +7,7 @@ from snapperable.errors import (
     CheckpointFormatError,
     CheckpointLockedError,
     CheckpointMovedError,
+    ClusterTaskError,
     ForkedProcessError,
     FunctionChangedError,
     ItemKeyError,
@@ -31,6 +32,7 @@ from snapperable.storage.base import SnapshotStorage
 from snapperable.storage.files import move_checkpoint
 from snapperable.storage.pickle_storage import PickleSnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
+from snapperable.verification import VerifyResult, verify
 
 __version__ = "0.1.0"
 
@@ -47,6 +49,8 @@ __all__ = [
     "NotDone",
     "ProcessingMetric",
     "RunPlan",
+    "verify",
+    "VerifyResult",
     "generate_metrics_report",
     "generate_json_report",
     "generate_markdown_report",
@@ -63,5 +67,6 @@ __all__ = [
     "TooManyConsecutiveErrors",
     "ItemKeyError",
     "UnpicklableOutputError",
+    "ClusterTaskError",
     "__version__",
 ]

@@ -16,13 +16,12 @@ import sqlite3
 import struct
 import sys
 import threading
-from importlib import resources
-from typing import Any, Iterator, Optional
+import time
+from typing import Any, Iterable, Iterator, Optional
 
-from snapperable import _folding, _sqlite_writer, keys
+from snapperable import _folding, _row_checksum, _sqlite_file, _sqlite_writer, keys
 from snapperable._contract import (
     KEY_SIZE,
-    SQLITE_APPLICATION_ID,
     STATUS_OK,
     KeySet,
     RowInfo,
@@ -41,18 +40,10 @@ from snapperable._writer import PendingRow, WriterBackedStore
 from snapperable.errors import (
     CheckpointCorruptError,
     CheckpointError,
-    CheckpointFormatError,
 )
-
-# SQLite's primary result codes (sqlite3.h; stable). ``sqlite3.SQLITE_CORRUPT`` and
-# ``sqlite3.SQLITE_NOTADB`` exist only from Python 3.11 on.
-_SQLITE_CORRUPT = 11
-_SQLITE_NOTADB = 26
+from snapperable.storage.base import create_private
 
 BACKEND_NAME = "python"
-
-APPLICATION_ID = SQLITE_APPLICATION_ID
-FORMAT_VERSION = 1
 
 log = logging.getLogger("snapperable")
 
@@ -105,10 +96,6 @@ def new_key_set() -> PyKeySet:
     return PyKeySet()
 
 
-def _schema() -> str:
-    return resources.files("snapperable").joinpath("schema.sql").read_text(encoding="utf-8")
-
-
 class PySQLiteReader:
     """A SQLite checkpoint through ``sqlite3``, opened for reading: nothing is created
     and no row written, so it reads beside a running writer (a WAL reader) and on a
@@ -118,11 +105,15 @@ class PySQLiteReader:
     _lock: threading.Lock
     _conn: sqlite3.Connection
     _released: bool
+    # Format 2 rows carry checksums (``_row_checksum``); a format-1 file is read and
+    # written as format 1 (README "Checkpoint files").
+    _checksummed: bool
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._released = False  # the connection is closed; set before `_mapped` reads it
+        self._checksummed = True  # set by the checks of the file (``_check_existing``)
         self._conn = self._connect_read_only()
 
     def _connect_read_only(self) -> sqlite3.Connection:
@@ -133,6 +124,7 @@ class PySQLiteReader:
         writer leaves), the file is opened as immutable: no writer can be changing it
         then."""
         failure: Optional[Exception] = None
+        header = _sqlite_file.read_header(self.path) if os.path.isfile(self.path) else None
         for query in ("mode=rw", "mode=ro&immutable=1"):
             try:
                 conn = sqlite3.connect(
@@ -150,7 +142,7 @@ class PySQLiteReader:
                 failure = exc
                 continue
             try:
-                self._check_header(app_id, user_version)
+                self._check_existing(conn, header or _sqlite_file.SQLiteHeader(app_id, user_version))
             except BaseException:
                 conn.close()
                 raise
@@ -158,11 +150,14 @@ class PySQLiteReader:
         assert failure is not None
         raise self._mapped(failure) from failure
 
-    def _check_header(self, app_id: int, user_version: int) -> None:
-        if app_id != APPLICATION_ID:
-            raise CheckpointCorruptError.not_a_checkpoint(self.path, f"application_id {app_id}")
-        if user_version > FORMAT_VERSION:
-            raise CheckpointFormatError.newer(self.path, user_version, FORMAT_VERSION)
+    def _check_existing(self, conn: sqlite3.Connection, header: _sqlite_file.SQLiteHeader) -> None:
+        """Raise if the (non-empty) file is not a checkpoint this code reads, or its
+        schema is damaged; else note whether its rows carry checksums."""
+        try:
+            found = _sqlite_file.check_existing(conn, header, self.path)
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
+            raise self._mapped(exc) from exc
+        self._checksummed = found not in _sqlite_file.UNCHECKED_FORMATS
 
     def close(self) -> None:
         with self._lock:
@@ -170,36 +165,13 @@ class PySQLiteReader:
             self._released = True
 
     def _mapped(self, exc: Exception) -> CheckpointError:
-        """The one mapping of sqlite3 errors to snapperable's (the Rust core's is
-        ``sqlite_error`` in rust/store/schema.rs); text that does not decode can only
-        come from damage. Once the connection is closed, any failure is that."""
+        """The one mapping of sqlite3 errors to snapperable's (``_sqlite_file.mapped_error``;
+        the Rust core's is ``sqlite_error`` in rust/store/schema.rs). Once the connection
+        is closed, any failure is that."""
         if self._released:
             return CheckpointError.closed(self.path)
-        if isinstance(exc, UnicodeDecodeError):
-            return CheckpointCorruptError.damaged(self.path, str(exc))
-        if isinstance(exc, sqlite3.Error) and not exc.args:
-            # Before Python 3.11, sqlite3 raises such a message as an error with no text
-            # at all (3.11+ raises the UnicodeDecodeError above); sqlite3 never raises
-            # an error without text otherwise.
-            return CheckpointCorruptError.damaged(
-                self.path, f"SQLite reported an error whose text does not decode ({type(exc).__name__})"
-            )
-        # ``sqlite_errorcode`` (Python 3.11+) is the extended code: its low byte is the
-        # primary one. Before 3.11 there is no code, and the text below decides.
-        code = getattr(exc, "sqlite_errorcode", None)
-        primary = code & 0xFF if isinstance(code, int) else None
-        text = str(exc)
-        if primary == _SQLITE_NOTADB or (primary is None and "not a database" in text):
-            return CheckpointCorruptError.not_a_checkpoint(self.path, text)
-        if (
-            primary == _SQLITE_CORRUPT
-            or "malformed" in text
-            or "Could not decode to UTF-8" in text  # a damaged type byte in a record
-        ):
-            return CheckpointCorruptError.damaged(self.path, text)
-        return CheckpointError.failed(self.path, text)
+        return _sqlite_file.mapped_error(exc, self.path)
 
-    # -- reads --------------------------------------------------------------------------
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
         with self._lock:
             try:
@@ -222,40 +194,81 @@ class PySQLiteReader:
             raise self._bad_key(version)
         return raw
 
-    def versions(self) -> list[VersionRow]:
-        return [
-            _folding.version_row(row, self.path)
-            for row in self._query(
-                "SELECT id, fingerprint, parts, uses, created FROM versions ORDER BY id"
-            )
-        ]
+    def _damaged_row(self, seq: Optional[int], key: object) -> CheckpointCorruptError:
+        """Row ``seq``'s checksum does not check: said so, or that its key is not a key
+        at all (as the Rust core reads a key before its checksum)."""
+        if type(key) is not bytes or len(key) != KEY_SIZE:
+            return CheckpointCorruptError.bad_key(self.path, seq)
+        return CheckpointCorruptError.bad_row(self.path, seq, "does not match its checksum")
 
-    def key_set(self, version: Optional[int], status: int) -> KeySet:
-        if version is None:
-            found = self._query("SELECT key, version, status FROM items ORDER BY seq")
+    def versions(self) -> list[VersionRow]:
+        if not self._checksummed:
+            found = self._query("SELECT id, fingerprint, parts, uses, created FROM versions ORDER BY id")
         else:
             found = self._query(
-                "SELECT key, version, status FROM items WHERE version = ? ORDER BY seq",
-                (version,),
+                "SELECT id, fingerprint, parts, uses, created, checksum FROM versions ORDER BY id"
             )
-        rows = ((self._key(key, version), row_version, row_status) for key, row_version, row_status in found)
+            for row in found:
+                try:
+                    matches = _row_checksum.version_checksum(*row[:5]) == row[5]
+                except _row_checksum.WrongType:
+                    matches = False
+                if not matches:
+                    raise CheckpointCorruptError.damaged(
+                        self.path, f"function version {row[0]!r} does not match its checksum"
+                    )
+            found = [row[:5] for row in found]
+        return [_folding.version_row(row, self.path) for row in found]
+
+    def _checked_heads(self, rows: Iterable[Any], version: Optional[int]) -> Iterator[tuple[bytes, int, int]]:
+        """``(key, version, status)`` of rows ``(seq, key, version, status, checksum)``
+        (every row of the table, in order), their numbers and checksums' heads checked;
+        of ``version``'s rows only, unless it is None.
+
+        Every row, not only ``version``'s: one whose version number is damaged must be
+        met (and fail its checksum), not filtered out unseen by SQL."""
+        head_matches = _row_checksum.head_matches
+        expected = 1
+        for seq, key, row_version, status, checksum in rows:
+            if seq != expected:
+                raise self._out_of_sequence(seq)
+            expected += 1
+            if not head_matches(checksum, key, row_version, status):
+                raise self._damaged_row(seq, key)
+            if version is None or row_version == version:
+                yield key, row_version, status
+
+    def _out_of_sequence(self, seq: int) -> CheckpointCorruptError:
+        """The rows of a format-2 table are numbered 1, 2, 3, ... with no gap (the log is
+        only appended to, each new row numbered after the largest): another number is
+        damage that no checksum covers (a flipped row number, rows skipped)."""
+        return CheckpointCorruptError.bad_row(
+            self.path, seq, f"is out of sequence (the row before it is not {seq - 1})"
+        )
+
+    def key_set(self, version: Optional[int], status: int) -> KeySet:
+        checked: Iterable[tuple[Any, ...]]
+        if self._checksummed:
+            found = self._query("SELECT seq, key, version, status, checksum FROM items ORDER BY seq")
+            checked = self._checked_heads(found, version)
+        elif version is None:
+            checked = self._query("SELECT key, version, status FROM items ORDER BY seq")
+        else:
+            checked = self._query(
+                "SELECT key, version, status FROM items WHERE version = ? ORDER BY seq", (version,)
+            )
+        rows = ((self._key(key, version), row_version, row_status) for key, row_version, row_status in checked)
         return _folding.keys_with_status(rows, status, new_key_set)
 
-    def _latest(self, value_sql: str, version: int) -> dict[bytes, Any]:
-        """Each key of ``version``, in the order first saved -> ``value_sql`` of its latest
-        row. Folded in C by ``dict`` straight from the cursor: no list of all the rows.
-
-        A key that is not 16 bytes of blob reads as None: damage, raised here.
-        """
+    def _latest(self, sql: str, version: Optional[int], fold: Any) -> dict[bytes, Any]:
+        """Each key of ``version``, in the order first saved -> the value ``fold`` makes
+        of its latest row, from the rows of ``sql`` (with ``version`` as its parameter,
+        if not None). ``dict`` folds them (in C straight from the cursor for a format-1
+        file): no list of all the rows."""
         with self._lock:
             try:
-                latest: dict[Optional[bytes], Any] = dict(
-                    self._conn.execute(
-                        "SELECT CASE WHEN typeof(key) = 'blob' AND length(key) = 16 THEN key END,"
-                        f" {value_sql} FROM items WHERE version = ? ORDER BY seq",
-                        (version,),
-                    )
-                )
+                cursor = self._conn.execute(sql, () if version is None else (version,))
+                latest: dict[Optional[bytes], Any] = dict(fold(cursor))
             except (sqlite3.Error, UnicodeDecodeError) as exc:
                 raise self._mapped(exc) from exc
         if None in latest:
@@ -263,10 +276,48 @@ class PySQLiteReader:
         return latest  # type: ignore[return-value]  # None was just ruled out
 
     def key_sets(self, version: int) -> tuple[KeySet, KeySet]:
-        return _folding.ok_and_failed(self._latest("status", version), new_key_set)
+        if not self._checksummed:
+            latest = self._latest(f"SELECT {_CHECKED_KEY}, status FROM items WHERE version = ? ORDER BY seq", version, iter)
+        else:
+            latest = self._latest(
+                "SELECT seq, key, version, status, checksum FROM items ORDER BY seq",
+                None,
+                lambda rows: ((key, status) for key, _, status in self._checked_heads(rows, version)),
+            )
+        return _folding.ok_and_failed(latest, new_key_set)
+
+    def _checked_outputs(self, rows: Iterable[Any], version: int) -> Iterator[tuple[bytes, Optional[bytes]]]:
+        """``(key, output if ok else None)`` of ``version``'s rows among rows ``(seq, key,
+        version, status, output, checksum)`` (every row, as ``_checked_heads`` reads
+        them): numbers, heads, and the outputs used checked."""
+        head_matches = _row_checksum.head_matches
+        output_matches = _row_checksum.output_matches
+        expected = 1
+        for seq, key, row_version, status, output, checksum in rows:
+            if seq != expected:
+                raise self._out_of_sequence(seq)
+            expected += 1
+            if not head_matches(checksum, key, row_version, status):
+                raise self._damaged_row(seq, key)
+            if row_version != version:
+                continue
+            if not output_matches(checksum, output):
+                raise self._damaged_row(seq, key)
+            yield key, output if status == STATUS_OK else None
 
     def _latest_outputs(self, version: int) -> dict[bytes, Optional[bytes]]:
-        return self._latest(f"CASE WHEN status = {STATUS_OK} THEN output END", version)
+        if not self._checksummed:
+            return self._latest(
+                f"SELECT {_CHECKED_KEY}, CASE WHEN status = {STATUS_OK} THEN output END"
+                " FROM items WHERE version = ? ORDER BY seq",
+                version,
+                iter,
+            )
+        return self._latest(
+            "SELECT seq, key, version, status, output, checksum FROM items ORDER BY seq",
+            None,
+            lambda rows: self._checked_outputs(rows, version),
+        )
 
     def outputs_for(self, version: int, keys_blob: bytes) -> list[Any]:
         return _folding.outputs_in_key_order(self._latest_outputs(version), keys_blob, self.path)
@@ -275,17 +326,34 @@ class PySQLiteReader:
         return _folding.outputs_in_save_order(self._latest_outputs(version), self.path)
 
     def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
-        columns = (
-            "seq, key, version, status, input, error_type, error, traceback,"
-            " attempts, started, ended"
-        )
+        if self._checksummed:
+            found = self._query(f"SELECT seq, {_INFO_COLUMNS}, checksum FROM items ORDER BY seq")
+            return self._checked_infos(found, version)
         if version is None:
-            found = self._query(f"SELECT {columns} FROM items ORDER BY seq")
+            found = self._query(f"SELECT seq, {_INFO_COLUMNS} FROM items ORDER BY seq")
         else:
-            found = self._query(
-                f"SELECT {columns} FROM items WHERE version = ? ORDER BY seq", (version,)
-            )
+            found = self._query(f"SELECT seq, {_INFO_COLUMNS} FROM items WHERE version = ? ORDER BY seq", (version,))
         return (RowInfo(*row) for row in found)
+
+    def _checked_infos(self, rows: Iterable[Any], version: Optional[int]) -> Iterator[RowInfo]:
+        """RowInfo of ``version``'s rows (all if None) among rows ``(seq,
+        {_INFO_COLUMNS}, checksum)`` (every row): numbers, heads and rests checked."""
+        head_matches = _row_checksum.head_matches
+        rest_matches = _row_checksum.rest_matches
+        expected = 1
+        for *fields, checksum in rows:
+            info = RowInfo(*fields)
+            if info.seq != expected:
+                raise self._out_of_sequence(info.seq)
+            expected += 1
+            if not (
+                head_matches(checksum, info.key, info.version, info.status)
+                and rest_matches(checksum, *fields[4:])
+            ):
+                raise self._damaged_row(info.seq, info.key)
+            if version is None or info.version == version:
+                yield info
+
 
 class PySQLiteStore(WriterBackedStore, PySQLiteReader):
     """A SQLite checkpoint through ``sqlite3``: one connection shared, under a lock, by
@@ -302,6 +370,7 @@ class PySQLiteStore(WriterBackedStore, PySQLiteReader):
         self._synchronous = synchronous
         self._lock = threading.Lock()
         self._released = False  # the connection is closed; set before `_mapped` reads it
+        self._checksummed = True  # set by ``_connect``: False for a format-1 file
         self._conn = self._connect(synchronous)
         info = os.stat(path)
         self._identity = (info.st_dev, info.st_ino)  # of the file just opened
@@ -313,25 +382,32 @@ class PySQLiteStore(WriterBackedStore, PySQLiteReader):
 
     # -- opening ------------------------------------------------------------------------
     def _connect(self, synchronous: Synchronous) -> sqlite3.Connection:
-        try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise self._mapped(exc) from exc
+        """The connection to the checkpoint, once what can be checked cheaply has been:
+        nothing is written to a file found damaged (see ``_sqlite_file``)."""
+        create_private(self.path)
+        header = _sqlite_file.read_header(self.path)
+        checked = False
+        if header is not None and _sqlite_file.has_write_ahead_log(self.path):
+            reader = self._open_connection(read_only=True)
+            try:
+                self._check_existing(reader, header)
+            finally:
+                reader.close()
+            checked = True
+        conn = self._open_connection(read_only=False)
         try:
             configure(conn, synchronous)
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            user_version = conn.execute("PRAGMA user_version").fetchone()[0]
             tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if app_id == 0 and tables == 0:
+            if header is None or (header.application_id == 0 and tables == 0):
                 # One transaction: a crash leaves either no schema or all of it.
-                conn.executescript(f"BEGIN IMMEDIATE; {_schema()};")
+                conn.executescript(f"BEGIN IMMEDIATE; {_sqlite_file.schema_sql()};")
                 conn.executemany(
                     "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)",
-                    [("format_version", str(FORMAT_VERSION)), ("created_by", _created_by())],
+                    [("format_version", str(_sqlite_file.FORMAT_VERSION)), ("created_by", _created_by())],
                 )
                 conn.execute("COMMIT")
-            else:
-                self._check_header(app_id, user_version)
+            elif not checked:
+                self._check_existing(conn, header)
             conn.execute("PRAGMA journal_mode=WAL")
         except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
             conn.close()
@@ -340,6 +416,17 @@ class PySQLiteStore(WriterBackedStore, PySQLiteReader):
             conn.close()
             raise
         return conn
+
+    def _open_connection(self, *, read_only: bool) -> sqlite3.Connection:
+        try:
+            if read_only:
+                return sqlite3.connect(
+                    f"{file_uri(self.path)}?mode=ro", uri=True, isolation_level=None,
+                    check_same_thread=False,
+                )
+            return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise self._mapped(exc) from exc
 
     # -- writes -------------------------------------------------------------------------
     def _commit(self, rows: list[PendingRow]) -> Optional[int]:
@@ -368,7 +455,7 @@ class PySQLiteStore(WriterBackedStore, PySQLiteReader):
         """Commit ``rows`` in this (the writer) thread, on the shared connection."""
         with self._lock:
             try:
-                commit_rows(self._conn, rows)
+                commit_rows(self._conn, rows, self._checksummed)
             except (sqlite3.Error, UnicodeDecodeError) as exc:
                 raise self._mapped(exc) from exc
 
@@ -387,7 +474,7 @@ class PySQLiteStore(WriterBackedStore, PySQLiteReader):
             if self._process_failed or batch_rows < _sqlite_writer.PROCESS_MIN_ROWS or not _can_start_process():
                 return None
             try:
-                self._process = WriterProcess(self.path, self._synchronous, self._identity)
+                self._process = WriterProcess(self.path, self._synchronous, self._identity, self._checksummed)
             except OSError as exc:
                 self._no_process(exc)
                 return None
@@ -409,21 +496,25 @@ class PySQLiteStore(WriterBackedStore, PySQLiteReader):
             conn = self._conn
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                cur = conn.execute(
-                    "INSERT INTO versions (fingerprint, parts, uses, created)"
-                    " VALUES (?, ?, coalesce(?, -1), (julianday('now') - 2440587.5) * 86400.0)",
-                    (fingerprint, parts, uses),
-                )
-                vid = cur.lastrowid
-                assert vid is not None
-                if uses is None:
-                    conn.execute("UPDATE versions SET uses = id WHERE id = ?", (vid,))
+                vid = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM versions").fetchone()[0]
+                row = (vid, fingerprint, parts, vid if uses is None else uses, time.time())
+                if self._checksummed:
+                    conn.execute(
+                        "INSERT INTO versions (id, fingerprint, parts, uses, created, checksum)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (*row, _row_checksum.version_checksum(*row)),
+                    )
+                else:
+                    conn.execute(
+                        "INSERT INTO versions (id, fingerprint, parts, uses, created) VALUES (?, ?, ?, ?, ?)",
+                        row,
+                    )
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise self._mapped(exc) from exc
-            return vid
+            return int(vid)
 
     def fold_wal_into_file(self) -> None:
         self.flush()
@@ -439,6 +530,12 @@ class PySQLiteStore(WriterBackedStore, PySQLiteReader):
             with self._lock:
                 self._conn.close()
                 self._released = True
+
+
+# The columns of a RowInfo after its seq, in its order.
+_INFO_COLUMNS = "key, version, status, input, error_type, error, traceback, attempts, started, ended"
+# A format-1 row's key, or None if it is not 16 bytes of blob (damage, raised by ``_latest``).
+_CHECKED_KEY = f"CASE WHEN typeof(key) = 'blob' AND length(key) = {KEY_SIZE} THEN key END"
 
 
 def open_sqlite_reader(path: str) -> PySQLiteReader:

@@ -45,9 +45,10 @@ import struct
 import sys
 from collections import deque
 from itertools import chain, groupby
-from typing import IO, Sequence
+from typing import Sequence
 
 from snapperable._contract import STATUS_OK, Synchronous
+from snapperable._row_checksum import plain_ok_checksum, row_checksum
 from snapperable._writer import PLAIN_OK_ROW_LENGTH, PendingRow
 
 BUSY_TIMEOUT_MS = 5000
@@ -59,20 +60,34 @@ PROCESS_MIN_ROWS = 2048
 # to send every commit through the process.)
 PROCESS_CONNECT_WAIT = 0.0
 
-_INSERT_ITEM = (
-    "INSERT INTO items (key, version, status, input, output, error_type, error,"
-    " traceback, attempts, started, ended) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+_ITEM_COLUMNS = (
+    "key, version, status, input, output, error_type, error, traceback, attempts, started, ended"
 )
-# A PlainOkRow binds its 5 values; status and attempts are constants.
-_INSERT_PLAIN_OK = (
-    "INSERT INTO items (key, version, started, ended, output, status, attempts) VALUES "
-)
-_PLAIN_OK_VALUES = f"(?, ?, ?, ?, ?, {STATUS_OK}, 1)"
+# A PlainOkRow binds its 5 values (and its checksum); status and attempts are constants.
+_PLAIN_OK_COLUMNS = "key, version, started, ended, output"
 # Plain rows go PLAIN_ROWS_PER_INSERT to one multi-row INSERT: one statement step per
-# few hundred rows instead of one per row (5 values a row stays far below SQLite's
+# few hundred rows instead of one per row (6 values a row stays far below SQLite's
 # 32,766 bound parameters).
 PLAIN_ROWS_PER_INSERT = 500
-_INSERT_PLAIN_OK_FULL = _INSERT_PLAIN_OK + ", ".join([_PLAIN_OK_VALUES] * PLAIN_ROWS_PER_INSERT)
+
+
+class _Inserts:
+    """The INSERT statements of one checkpoint format: with the checksum column
+    (format 2) or without it (format 1)."""
+
+    def __init__(self, checksummed: bool) -> None:
+        extra, mark = (", checksum", ", ?") if checksummed else ("", "")
+        self.checksummed = checksummed
+        self.item = f"INSERT INTO items ({_ITEM_COLUMNS}{extra}) VALUES (?,?,?,?,?,?,?,?,?,?,?{mark})"
+        self.plain_head = f"INSERT INTO items ({_PLAIN_OK_COLUMNS}{extra}, status, attempts) VALUES "
+        self.plain_values = f"(?, ?, ?, ?, ?{mark}, {STATUS_OK}, 1)"
+        self.plain_full = self.plain(PLAIN_ROWS_PER_INSERT)
+
+    def plain(self, rows: int) -> str:
+        return self.plain_head + ", ".join([self.plain_values] * rows)
+
+
+_INSERTS = {checksummed: _Inserts(checksummed) for checksummed in (False, True)}
 
 
 def file_uri(path: str) -> str:
@@ -88,15 +103,19 @@ def configure(conn: sqlite3.Connection, synchronous: Synchronous) -> None:
     conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
 
 
-def commit_rows(conn: sqlite3.Connection, rows: Sequence[PendingRow]) -> None:
-    """Insert ``rows``, in order, in one ``BEGIN IMMEDIATE`` transaction."""
+def commit_rows(conn: sqlite3.Connection, rows: Sequence[PendingRow], checksummed: bool) -> None:
+    """Insert ``rows``, in order, in one ``BEGIN IMMEDIATE`` transaction; with their
+    checksums if ``checksummed`` (a format-2 file)."""
+    inserts = _INSERTS[checksummed]
     conn.execute("BEGIN IMMEDIATE")
     try:
         for length, run in groupby(rows, len):
             if length == PLAIN_OK_ROW_LENGTH:
-                _insert_plain(conn, list(run))
+                _insert_plain(conn, list(run), inserts)
+            elif checksummed:
+                conn.executemany(inserts.item, ((*row, row_checksum(*row)) for row in run))
             else:
-                conn.executemany(_INSERT_ITEM, run)
+                conn.executemany(inserts.item, run)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -104,20 +123,19 @@ def commit_rows(conn: sqlite3.Connection, rows: Sequence[PendingRow]) -> None:
         raise
 
 
-def _insert_plain(conn: sqlite3.Connection, rows: Sequence[PendingRow]) -> None:
+def _insert_plain(conn: sqlite3.Connection, rows: Sequence[PendingRow], inserts: _Inserts) -> None:
+    if inserts.checksummed:
+        rows = [(*row, plain_ok_checksum(*row)) for row in rows]
     step = PLAIN_ROWS_PER_INSERT
     full = len(rows) - len(rows) % step
     if full:
         conn.executemany(
-            _INSERT_PLAIN_OK_FULL,
+            inserts.plain_full,
             (tuple(chain.from_iterable(rows[i : i + step])) for i in range(0, full, step)),
         )
     if full < len(rows):
         rest = rows[full:]
-        conn.execute(
-            _INSERT_PLAIN_OK + ", ".join([_PLAIN_OK_VALUES] * len(rest)),
-            tuple(chain.from_iterable(rest)),
-        )
+        conn.execute(inserts.plain(len(rest)), tuple(chain.from_iterable(rest)))
 
 
 # -- the parent's side ------------------------------------------------------------------
@@ -142,10 +160,11 @@ class WriterProcess:
     connected.
     """
 
-    def __init__(self, path: str, synchronous: Synchronous, identity: tuple[int, int]) -> None:
+    def __init__(self, path: str, synchronous: Synchronous, identity: tuple[int, int], checksummed: bool) -> None:
         """``identity``: (device, inode) of the file the parent opened; the child commits
         only to that file, not to another one the path names by then (the checkpoint
-        moved or removed before the child connected: see ``serve``)."""
+        moved or removed before the child connected: see ``serve``). ``checksummed``:
+        the file is of format 2, whose rows carry checksums."""
         import socket
         import subprocess
 
@@ -154,7 +173,7 @@ class WriterProcess:
         # PYTHONPATH and the user's site say. The pure backend is all it needs.
         code = (
             "import sys; sys.path.insert(0, sys.argv[1]); "
-            "from snapperable._sqlite_writer import serve; serve(sys.argv[2], sys.argv[3], sys.argv[4])"
+            "from snapperable._sqlite_writer import serve; serve(*sys.argv[2:])"
         )
         # Frames go over a socket, not a pipe: sent with MSG_NOSIGNAL, a child that died
         # is an error here, never a SIGPIPE that kills a process whose SIGPIPE is at its
@@ -164,7 +183,10 @@ class WriterProcess:
         self._to_child, child_end = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", code, package_parent, path, synchronous, "%d:%d" % identity],
+                [
+                    sys.executable, "-I", "-c", code, package_parent, path, synchronous, "%d:%d" % identity,
+                    str(int(checksummed)),
+                ],
                 stdin=child_end.fileno(),
                 stdout=subprocess.PIPE,
                 bufsize=0,
@@ -306,7 +328,7 @@ def _read_exact(fd: int, size: int) -> bytes:
 
 
 # -- the child's side -------------------------------------------------------------------
-def serve(path: str, synchronous: str, identity: str) -> None:
+def serve(path: str, synchronous: str, identity: str, checksummed: str) -> None:
     """The writer process's main loop (see the module doc for the protocol).
 
     It opens the file without creating it (``mode=rw``) and checks it is the parent's
@@ -315,8 +337,19 @@ def serve(path: str, synchronous: str, identity: str) -> None:
     then commits in its thread, to the file it has open.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    try:
+        _serve(path, synchronous, identity, checksummed == "1")
+    except OSError:
+        # The parent died (its ends of the socket and the pipe are gone) while this
+        # process answered or read: nothing to tell anyone, and no traceback for the
+        # terminal it shares. A commit in progress was rolled back or completed.
+        pass
+
+
+def _serve(path: str, synchronous: str, identity: str, checksummed: bool) -> None:
+    # Answers go straight to the pipe (os.write, no buffer): an answer to a parent that
+    # died fails here, where it is caught, never in a flush at interpreter exit.
     stdin = sys.stdin.buffer
-    stdout = sys.stdout.buffer
     try:
         conn = sqlite3.connect(f"{file_uri(path)}?mode=rw", uri=True, isolation_level=None)
         configure(conn, "full" if synchronous == "full" else "normal")
@@ -326,36 +359,44 @@ def serve(path: str, synchronous: str, identity: str) -> None:
             conn.close()
             raise sqlite3.OperationalError(f"{path} is no longer the file the checkpoint opened")
     except (sqlite3.Error, OSError) as exc:
-        _send_error(stdout, exc)
+        _send_error(exc)
         return
-    stdout.write(b"R")
-    stdout.flush()
-    while True:
-        head = stdin.read(_LENGTH.size)
-        if len(head) < _LENGTH.size:
-            break  # the parent died
-        (length,) = _LENGTH.unpack(head)
-        if length == 0:
-            break
-        frame = stdin.read(length)
-        if len(frame) < length:
-            break  # the parent died while sending: nothing of this frame is saved
-        try:
-            commit_rows(conn, marshal.loads(frame))
-        except Exception as exc:
-            # Stops at the first failure, as the Rust writer does: nothing sent after
-            # it is committed, so what is saved stays in the order processed.
-            _send_error(stdout, exc)
-            break
-        stdout.write(b"K")
-        stdout.flush()
-    conn.close()
+    try:
+        _write_all(b"R")
+        while True:
+            head = stdin.read(_LENGTH.size)
+            if len(head) < _LENGTH.size:
+                break  # the parent died
+            (length,) = _LENGTH.unpack(head)
+            if length == 0:
+                break
+            frame = stdin.read(length)
+            if len(frame) < length:
+                break  # the parent died while sending: nothing of this frame is saved
+            try:
+                commit_rows(conn, marshal.loads(frame), checksummed)
+            except Exception as exc:
+                # Stops at the first failure, as the Rust writer does: nothing sent after
+                # it is committed, so what is saved stays in the order processed.
+                _send_error(exc)
+                break
+            _write_all(b"K")
+    finally:
+        conn.close()
 
 
-def _send_error(stdout: IO[bytes], exc: Exception) -> None:
+def _write_all(data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(_ANSWERS_FD, view) :]
+
+
+_ANSWERS_FD = 1  # the child's stdout: the pipe the parent reads answers from
+
+
+def _send_error(exc: Exception) -> None:
     # SQLite's own message, as a commit in the parent's thread reports it; any other
     # failure (none is expected) with its class.
     text = str(exc) if isinstance(exc, sqlite3.Error) else f"{type(exc).__name__}: {exc}"
     body = marshal.dumps(text)
-    stdout.write(b"E" + _ERROR_LENGTH.pack(len(body)) + body)
-    stdout.flush()
+    _write_all(b"E" + _ERROR_LENGTH.pack(len(body)) + body)

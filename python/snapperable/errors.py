@@ -209,6 +209,27 @@ class ItemKeyError(SnapperableError, TypeError):
 class UnpicklableOutputError(SnapperableError, TypeError):
     """The function returned a value that cannot be pickled, so it cannot be checkpointed."""
 
+    @classmethod
+    def of(cls, output: object, exc: BaseException) -> BaseException:
+        """The item failure for an ``output`` whose pickling raised ``exc`` (chained);
+        ``exc`` itself when it is no ``Exception``: Ctrl-C while pickling is still Ctrl-C."""
+        if not isinstance(exc, Exception):
+            return exc
+        error = cls(
+            f"fn returned a {type(output).__module__}.{type(output).__qualname__}, which cannot "
+            f"be pickled, so it cannot be checkpointed: {exc}"
+        )
+        error.__cause__ = exc
+        return error
+
+
+class ClusterTaskError(SnapperableError, RuntimeError):
+    """The cluster could not run a task (its workers died running it, or it was lost).
+
+    Its items are not recorded; everything recorded before stays, and ``start()``
+    again resumes.
+    """
+
 
 __all__ = [
     "SnapperableError",
@@ -223,4 +244,5 @@ __all__ = [
     "TooManyConsecutiveErrors",
     "ItemKeyError",
     "UnpicklableOutputError",
+    "ClusterTaskError",
 ]

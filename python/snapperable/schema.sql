@@ -1,9 +1,10 @@
--- The SQLite checkpoint format, version 1 (docs/architecture.md 6.1). Both backends run this file
--- as it is (the Rust core embeds it with include_str!), so there is one schema.
+-- The SQLite checkpoint format, version 2 (docs/architecture.md 6.1). Both backends run this file
+-- as it is (the Rust core embeds it with include_str!), so there is one schema; both
+-- also check an existing file against it (format 1: the same without `checksum`).
 -- application_id 0x536e6150 ("SnaP") marks the file as a snapperable checkpoint;
 -- user_version is the format version.
 PRAGMA application_id = 1399742800;
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;
 CREATE TABLE IF NOT EXISTS meta (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -17,7 +18,8 @@ CREATE TABLE IF NOT EXISTS versions (
     fingerprint TEXT NOT NULL,
     parts TEXT NOT NULL,
     uses INTEGER NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    checksum INTEGER NOT NULL         -- of the other columns (README, format 2)
 );
 -- Append-only: one row per finished item (all its attempts); a later row for the same
 -- (key, version) supersedes earlier ones. Reads scan in `seq` order, so no index is
@@ -27,6 +29,9 @@ CREATE TABLE IF NOT EXISTS items (
     key BLOB NOT NULL,
     version INTEGER NOT NULL,
     status INTEGER NOT NULL,          -- 0 ok, 1 failed
+    -- Format 2: CRC-32s of the other columns but seq (README); right after the columns
+    -- a key scan reads, so that it reads no further into the record.
+    checksum BLOB NOT NULL,
     input BLOB,                       -- pickle of the input; kept for failed items
     output BLOB,                      -- pickle of the output (protocol 4); NULL if failed
     error_type TEXT,

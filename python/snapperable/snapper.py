@@ -29,6 +29,7 @@ from enum import Enum
 from itertools import islice
 from typing import (
     Any,
+    Awaitable,
     Callable,
     Generic,
     Iterable,
@@ -80,7 +81,11 @@ from snapperable.storage.base import OpenCheckpoint, SnapshotStorage
 from snapperable.storage.files import storage_for
 
 if TYPE_CHECKING:
-    from snapperable import versioning
+    from concurrent.futures import Executor
+
+    from distributed import Client
+
+    from snapperable import engine, versioning
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -89,6 +94,8 @@ M = TypeVar("M")  # the placeholder of load(missing=...)
 log = logging.getLogger("snapperable")
 
 VersionPolicy = Literal["reprocess", "keep", "raise"]
+ExecutorChoice = Union[Literal["thread", "process"], "Executor", "Client"]
+RateLimit = Union[int, float, str]
 # What version= pins: a str or any constant (docs/architecture.md 5), e.g. ("v2", llm.model_name).
 # None only inside a tuple: version=None means "not pinned".
 VersionValue = Union[
@@ -133,8 +140,46 @@ class Snapper(Generic[T, R]):
     - ``progress``: a tqdm bar during ``start``: ``"auto"`` (default) on a terminal once
       a run lasts a few seconds, never in CI, logs or pipes; ``True`` always, ``False``
       never (``progress.py``).
+    - ``workers``: run up to this many items at once (default: one at a time, in the
+      calling thread). A plain ``fn`` runs on threads, an ``async def fn`` as tasks on
+      an event loop.
+    - ``executor``: ``"thread"`` (default), ``"process"`` (a pool of ``workers``
+      processes; ``fn`` and the items must be picklable), or a
+      ``concurrent.futures.Executor`` of yours (never shut down by the Snapper), or a
+      Dask ``distributed.Client`` (``fn`` runs on its cluster's workers, in tasks sized
+      to the work; the checkpoint stays here).
+    - ``rate_limit``: at most this many calls started per second (``10``, ``"10/s"``,
+      ``"600/min"``), over all workers, retries included.
     """
 
+    # An ``async def fn`` returning R makes a Snapper of R, not of its coroutines.
+    @overload
+    def __init__(
+        self,
+        iterable: Iterable[T],
+        fn: Callable[[T], Awaitable[R]],
+        *,
+        snapshot_storage: Union[SnapshotStorage[R], str, "os.PathLike[str]", None] = None,
+        batch_size: int = 1,
+        max_wait_time: Optional[float] = None,
+        key: Optional[Callable[[T], object]] = None,
+        version: Optional[VersionValue] = None,
+        on_version_change: VersionPolicy = "reprocess",
+        skip_item_errors: bool = False,
+        fatal_exceptions: tuple[type[BaseException], ...] = (),
+        max_consecutive_exceptions: Optional[int] = None,
+        retry_failed_items: bool = False,
+        retries: int = 0,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        retry_backoff: float = 1.0,
+        retry_max_backoff: float = 60.0,
+        progress: ProgressSetting = "auto",
+        workers: Optional[int] = None,
+        executor: Optional[ExecutorChoice] = None,
+        rate_limit: Optional[RateLimit] = None,
+    ) -> None: ...
+
+    @overload
     def __init__(
         self,
         iterable: Iterable[T],
@@ -155,6 +200,34 @@ class Snapper(Generic[T, R]):
         retry_backoff: float = 1.0,
         retry_max_backoff: float = 60.0,
         progress: ProgressSetting = "auto",
+        workers: Optional[int] = None,
+        executor: Optional[ExecutorChoice] = None,
+        rate_limit: Optional[RateLimit] = None,
+    ) -> None: ...
+
+    def __init__(
+        self,
+        iterable: Iterable[T],
+        fn: "Callable[[T], R] | Callable[[T], Awaitable[R]]",
+        *,
+        snapshot_storage: Union[SnapshotStorage[R], str, "os.PathLike[str]", None] = None,
+        batch_size: int = 1,
+        max_wait_time: Optional[float] = None,
+        key: Optional[Callable[[T], object]] = None,
+        version: Optional[VersionValue] = None,
+        on_version_change: VersionPolicy = "reprocess",
+        skip_item_errors: bool = False,
+        fatal_exceptions: tuple[type[BaseException], ...] = (),
+        max_consecutive_exceptions: Optional[int] = None,
+        retry_failed_items: bool = False,
+        retries: int = 0,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        retry_backoff: float = 1.0,
+        retry_max_backoff: float = 60.0,
+        progress: ProgressSetting = "auto",
+        workers: Optional[int] = None,
+        executor: Optional[ExecutorChoice] = None,
+        rate_limit: Optional[RateLimit] = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
@@ -181,8 +254,36 @@ class Snapper(Generic[T, R]):
             iter(iterable)
         except TypeError:
             raise TypeError(f"iterable must be iterable, not {type(iterable).__name__}") from None
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be None or a whole number >= 1, not {workers!r}")
+        if executor is not None and not isinstance(executor, str):
+            from concurrent.futures import Executor
+
+            from snapperable.engine_dask import client_of
+
+            if client_of(executor) is None and not isinstance(executor, Executor):
+                raise TypeError(
+                    'executor must be "thread", "process", a concurrent.futures.Executor or a '
+                    f"distributed.Client, not {type(executor).__name__}"
+                )
+        elif executor not in (None, "thread", "process"):
+            raise ValueError(
+                'executor must be "thread", "process", a concurrent.futures.Executor or a '
+                f"distributed.Client, not {executor!r}"
+            )
+        self._is_async = _is_async(fn)
+        if self._is_async and executor not in (None, "thread"):
+            raise ValueError("an async def fn runs as tasks on an event loop; executor= is for plain functions")
+        self._start_interval: Optional[float] = None
+        if rate_limit is not None:
+            from snapperable.engine import parse_rate_limit
+
+            self._start_interval = parse_rate_limit(rate_limit)
         self.iterable = iterable
-        self.fn = fn
+        self.fn: Callable[[T], Any] = fn
+        self.workers = workers
+        self.executor = executor
+        self.rate_limit = rate_limit
         self.snapshot_storage: SnapshotStorage[R] = storage_for(snapshot_storage)
         self.batch_size = batch_size
         self.max_wait_time = max_wait_time
@@ -473,8 +574,48 @@ class Snapper(Generic[T, R]):
         """Process every item not yet done; return once every result is saved.
 
         An exception from ``fn`` (unless ``skip_item_errors``), Ctrl-C included, propagates
-        only after everything processed before it is saved.
+        only after everything processed before it is saved. With ``workers``, items run
+        concurrently and each is saved as it completes; an ``async def fn`` runs on an
+        event loop of its own in a helper thread (so this works inside a running loop).
         """
+        with self._running() as run:
+            if not self._concurrent:
+                self._run(*run)
+                return
+            from snapperable import engine
+
+            if self._is_async:
+                fn = self.fn
+                engine.async_in_thread(lambda: self._driver(run, None), fn).wait_blocking()
+            else:
+                runner = self._runner()
+                engine.run_sync(self._driver(run, runner), runner)
+
+    async def astart(self) -> None:
+        """``start()`` for code inside an event loop: ``await snapper.astart()``.
+
+        An ``async def fn`` runs on the caller's loop; a plain one on worker threads (one
+        unless ``workers`` says more), with this coroutine waiting for them. Cancelling it
+        is a Ctrl-C: the first cancellation stops taking items and waits for the running
+        ones (saving them), a second stops waiting.
+        """
+        from snapperable import engine
+
+        with self._running() as run:
+            if self._is_async:
+                await engine.run_async(self._driver(run, None), self.fn)
+            else:
+                runner = self._runner()
+                await engine.sync_in_thread(self._driver(run, runner), runner).wait_async()
+
+    @property
+    def _concurrent(self) -> bool:
+        """Whether ``start`` needs the engine; else the sequential loop, as it always was."""
+        return self._is_async or self.workers is not None or self.executor is not None or self._start_interval is not None
+
+    @contextmanager
+    def _running(self) -> Iterator["_Run"]:
+        """A run's plan and its end: what ``_run`` and the engine need, then a flush."""
         self.failed_items = []
         with self._holding() as checkpoint:
             store = checkpoint.store
@@ -487,7 +628,7 @@ class Snapper(Generic[T, R]):
             progress = Progress(self.progress, total)
             key_chunks: list[bytes] = []
             try:
-                self._run(checkpoint, version, skip, progress, key_chunks)
+                yield checkpoint, version, skip, progress, key_chunks
                 self._key_chunks = key_chunks
             except BaseException:
                 # A one-shot iterator cannot be read again: a later load() returns the
@@ -501,6 +642,116 @@ class Snapper(Generic[T, R]):
                 finally:
                     progress.close()
             checkpoint.verify_in_place()  # all saved: to the file the path still names?
+
+    def _worker_count(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        if self.executor == "process":
+            return os.cpu_count() or 1
+        if self.executor == "thread":
+            return min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default
+        if self.executor is not None:
+            from snapperable.engine_dask import client_of, cluster_threads
+
+            client = client_of(self.executor)
+            if client is not None:
+                return cluster_threads(client)
+            return getattr(self.executor, "_max_workers", None) or os.cpu_count() or 1
+        return 1
+
+    def _runner(self) -> "engine.Runner":
+        """Where a plain ``fn``'s tasks run (``executor=``)."""
+        from concurrent.futures import Executor, ThreadPoolExecutor
+
+        from snapperable import engine
+
+        workers = self._worker_count()
+        executor = self.executor
+        if executor is None or executor == "thread":
+            return engine.ThreadRunner(workers)
+        if executor == "process":
+            return engine.process_runner(self.fn, workers)
+        assert not isinstance(executor, str)
+        from snapperable import engine_dask
+
+        client = engine_dask.client_of(executor)
+        if client is not None:
+            # A client's executor passes its submit options (resources=, workers=, ...) on.
+            return engine_dask.DaskRunner(client, self.fn, getattr(executor, "_kwargs", None))
+        assert isinstance(executor, Executor)
+        if isinstance(executor, ThreadPoolExecutor):
+            return engine.ExecutorRunner(executor, remote=False, owned=False, fn_pickle=None)
+        where = f"the workers of {type(executor).__name__}"
+        fn_pickle = engine.pickled_fn(self.fn, where)
+        return engine.ExecutorRunner(executor, remote=True, owned=False, fn_pickle=fn_pickle)
+
+    def _driver(self, run: "_Run", runner: "Optional[engine.Runner]") -> "engine.Driver":
+        """The engine's driver over what ``run`` claims; ``runner=None``: an ``async def fn``."""
+        from snapperable import engine
+
+        checkpoint, version, skip, progress, key_chunks = run
+        workers = self._worker_count()
+        drivers: list[engine.Driver] = []  # the one below, for failures found while keying
+        claims = (
+            (chunk[p], keys[p * KEY_SIZE : (p + 1) * KEY_SIZE])
+            for chunk, keys, todo in self._claimed(
+                checkpoint, version, skip, progress, key_chunks, lambda error: drivers[0].failed_unrun(error)
+            )
+            for p in todo
+        )
+        limiter = None if self._start_interval is None else engine.RateLimiter(self._start_interval)
+        # In flight: a task per worker plus one queued each, so no worker waits for the
+        # driver; with a rate limit or on an event loop, one each (a task starts when sent).
+        queued = runner is not None and limiter is None
+        driver = engine.Driver(
+            self,
+            checkpoint.store,
+            version,
+            self.fn,
+            claims,
+            max_tasks=2 * workers if queued else workers,
+            remote=runner is not None and runner.remote,
+            target_task_seconds=0.0 if runner is None else runner.target_task_seconds,
+            batching=runner is not None,
+            limiter=limiter,
+            progress=lambda status: progress.saved(1, failed=int(status == STATUS_FAILED)),
+            pickle_hint=f"the workers of executor={self.executor!r}",
+            dumps=getattr(runner, "item_dumps", None),
+        )
+        drivers.append(driver)
+        return driver
+
+    def _claimed(
+        self,
+        checkpoint: OpenCheckpoint,
+        version: int,
+        skip: KeySet,
+        progress: Progress,
+        key_chunks: list[bytes],
+        unkeyable_failed: Callable[[BaseException], None],
+    ) -> Iterator[tuple[list[T], bytes, list[int]]]:
+        """Per chunk of the iterable: the chunk, its keys, and the positions in it to
+        process (claimed: added to ``skip``). Appends each chunk's keys to ``key_chunks``.
+        Items whose key raised (``skip_item_errors``) are recorded as failed here, each
+        then reported to ``unkeyable_failed``, which counts it as a failure in a row."""
+        store = checkpoint.store
+        for chunk, keys, unkeyable in self._keyed_chunks(run=True):
+            checkpoint.verify_in_place()  # a stat per chunk: stop soon after an rm or mv
+            key_chunks.append(keys)
+            todo = skip.claim(keys)  # duplicates within the chunk are claimed once
+            progress.already_done(len(chunk) - len(todo))  # done before, or duplicates
+            if unkeyable:  # skip_item_errors: recorded as failed, if claimed (not failed before)
+                claimed = set(todo)
+                todo = [position for position in todo if position not in unkeyable]
+                for position, error in unkeyable.items():
+                    if position in claimed:
+                        key = keys[position * KEY_SIZE : (position + 1) * KEY_SIZE]
+                        self.failed_items.append(FailedItem(chunk[position], error))
+                        now = time.time()
+                        store.record(self._failure_row(key, version, chunk[position], _Failed(error, 0), now, now))
+                        progress.saved(1, failed=1)
+                        unkeyable_failed(error)
+            yield chunk, keys, todo
 
     def _run(
         self,
@@ -520,23 +771,13 @@ class Snapper(Generic[T, R]):
         fn = self.fn
         store = checkpoint.store
         consecutive_failures = 0
-        for chunk, keys, unkeyable in self._keyed_chunks(run=True):
-            checkpoint.verify_in_place()  # a stat per chunk: stop soon after an rm or mv
-            key_chunks.append(keys)
-            todo = skip.claim(keys)  # duplicates within the chunk are claimed once
-            progress.already_done(len(chunk) - len(todo))  # done before, or duplicates
-            if unkeyable:  # skip_item_errors: recorded as failed, if claimed (not failed before)
-                claimed = set(todo)
-                todo = [position for position in todo if position not in unkeyable]
-                for position, error in unkeyable.items():
-                    if position in claimed:
-                        key = keys[position * KEY_SIZE : (position + 1) * KEY_SIZE]
-                        self.failed_items.append(FailedItem(chunk[position], error))
-                        now = time.time()
-                        store.record(self._failure_row(key, version, chunk[position], _Failed(error, 0), now, now))
-                        progress.saved(1, failed=1)
-                        consecutive_failures += 1
-                        self._check_consecutive(consecutive_failures, error)
+
+        def unkeyable_failed(error: BaseException) -> None:
+            nonlocal consecutive_failures
+            consecutive_failures += 1
+            self._check_consecutive(consecutive_failures, error)
+
+        for chunk, keys, todo in self._claimed(checkpoint, version, skip, progress, key_chunks, unkeyable_failed):
             while todo:
                 # A live bar gets batches it can follow; else the whole chunk at once.
                 size = progress.batch(len(todo))
@@ -553,7 +794,7 @@ class Snapper(Generic[T, R]):
                 position = batch[index]
                 todo = todo[index + 1 :]
                 if raised_by_pickling:
-                    exc = _unpicklable(output, exc)
+                    exc = UnpicklableOutputError.of(output, exc)
                 key = keys[position * KEY_SIZE : (position + 1) * KEY_SIZE]
                 item = chunk[position]
                 outcome = self._recover(item, exc)
@@ -577,21 +818,29 @@ class Snapper(Generic[T, R]):
         """
         attempts = 1
         while True:
-            if not isinstance(exc, Exception) or isinstance(exc, self.fatal_exceptions):
-                raise exc  # Ctrl-C, SystemExit and fatal_exceptions stop the run at once
-            retryable = isinstance(exc, self.retry_on) and not isinstance(exc, UnpicklableOutputError)
-            if not (retryable and attempts <= self.retries):
-                break
-            delay = min(self.retry_max_backoff, self.retry_backoff * 2 ** (attempts - 1))
-            log.info("retrying %r after %s: %s (attempt %d)", item, type(exc).__name__, exc, attempts + 1)
-            time.sleep(delay * random.uniform(0.5, 1.0))
+            decision = self._on_failure(item, exc, attempts)
+            if isinstance(decision, _Failed):
+                return decision
+            time.sleep(decision)
             attempts += 1
             output: object = _NO_OUTPUT
             try:
                 output = self.fn(item)
                 return pickle.dumps(output, PICKLE_PROTOCOL), attempts
             except BaseException as again:
-                exc = again if output is _NO_OUTPUT else _unpicklable(output, again)
+                exc = again if output is _NO_OUTPUT else UnpicklableOutputError.of(output, again)
+
+    def _on_failure(self, item: T, exc: BaseException, attempts: int) -> "float | _Failed":
+        """After attempt ``attempts`` of ``fn(item)`` raised ``exc``: the delay before the
+        next attempt, or the failure to record (``skip_item_errors``); raises what must
+        propagate. The one failure policy, of the sequential loop and of the engine."""
+        if not isinstance(exc, Exception) or isinstance(exc, self.fatal_exceptions):
+            raise exc  # Ctrl-C, SystemExit and fatal_exceptions stop the run at once
+        retryable = isinstance(exc, self.retry_on) and not isinstance(exc, UnpicklableOutputError)
+        if retryable and attempts <= self.retries:
+            delay = min(self.retry_max_backoff, self.retry_backoff * 2 ** (attempts - 1))
+            log.info("retrying %r after %s: %s (attempt %d)", item, type(exc).__name__, exc, attempts + 1)
+            return float(delay * random.uniform(0.5, 1.0))
         if not self.skip_item_errors:
             raise exc
         self.failed_items.append(FailedItem(item, exc))
@@ -801,6 +1050,10 @@ class Snapper(Generic[T, R]):
             )
 
 
+# What a run's plan hands to the sequential loop or to the engine (``_running``).
+_Run = tuple[OpenCheckpoint, int, KeySet, Progress, list[bytes]]
+
+
 class _Failed:
     """An item's last exception and how many attempts it took, to be recorded."""
 
@@ -839,13 +1092,10 @@ def _outcomes_in_place(
     return outcomes, failed
 
 
-def _unpicklable(output: object, exc: BaseException) -> BaseException:
-    """The item failure for an output that cannot be pickled."""
-    if not isinstance(exc, Exception):
-        return exc  # Ctrl-C while pickling is still Ctrl-C
-    error = UnpicklableOutputError(
-        f"fn returned a {type(output).__module__}.{type(output).__qualname__}, which cannot "
-        f"be pickled, so it cannot be checkpointed: {exc}"
-    )
-    error.__cause__ = exc
-    return error
+
+def _is_async(fn: object) -> bool:
+    """``async def`` functions, partials of them and objects with an ``async def __call__``."""
+    import inspect
+
+    call = getattr(fn, "__call__", None)
+    return inspect.iscoroutinefunction(fn) or (call is not None and inspect.iscoroutinefunction(call))

@@ -8,6 +8,7 @@ use std::path::Path;
 use rusqlite::{params, Connection, OpenFlags};
 
 use super::open::{file_identity, FileIdentity, Store, BUSY_TIMEOUT, SCAN_MMAP_SIZE};
+use super::row_checksum::{checksum_at, head_matches, mismatch, Sequence};
 use super::schema::{key_at, sqlite_error};
 use crate::contract::{KEY_SIZE, STATUS_FAILED, STATUS_OK};
 use crate::errors::{Error, Result};
@@ -83,13 +84,31 @@ impl Store {
         let _mapped = self.mapped_for_scan()?;
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT seq, key, version, status FROM items ORDER BY seq")
+            .prepare_cached(if self.checksummed {
+                "SELECT seq, key, version, status, checksum FROM items ORDER BY seq"
+            } else {
+                "SELECT seq, key, version, status FROM items ORDER BY seq"
+            })
             .map_err(|e| self.fail(e))?;
         let mut rows = stmt.query([]).map_err(|e| self.fail(e))?;
+        let mut sequence = Sequence::from(1);
         while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
+            if self.checksummed {
+                sequence.check(&self.path, row)?;
+            }
             let key = key_at(&self.path, row, 1)?;
             let row_version: i64 = row.get(2).map_err(|e| self.fail(e))?;
             let row_status: i64 = row.get(3).map_err(|e| self.fail(e))?;
+            if self.checksummed
+                && !head_matches(
+                    &checksum_at(&self.path, row, 4)?,
+                    &key,
+                    row_version,
+                    row_status,
+                )
+            {
+                return Err(mismatch(&self.path, row));
+            }
             latest.insert(KeyVersion(key, row_version), row_status);
         }
         Ok(latest
@@ -137,6 +156,7 @@ impl Store {
             scan_key_status(
                 &self.conn,
                 &self.path,
+                self.checksummed,
                 version,
                 None,
                 &mut keys,
@@ -144,12 +164,16 @@ impl Store {
             )?;
             return Ok((keys, statuses));
         };
+        // A format-2 table's rows are numbered from 1 (see `Sequence`): scanned from
+        // there, a damaged first number is a gap, not a row left out.
+        let first = if self.checksummed { 1 } else { first };
         // The connection stays on this thread (it is not `Sync`): the other one gets
         // only what it needs to open its own.
         let reader = Reader {
             path: &self.path,
             file: &self.file,
             identity: self.identity,
+            checksummed: self.checksummed,
         };
         let second = std::thread::scope(|scope| {
             let later = std::thread::Builder::new()
@@ -158,6 +182,7 @@ impl Store {
             let earlier = scan_key_status(
                 &self.conn,
                 &self.path,
+                self.checksummed,
                 version,
                 Some((first, split)),
                 &mut keys,
@@ -182,6 +207,7 @@ impl Store {
             None => scan_key_status(
                 &self.conn,
                 &self.path,
+                self.checksummed,
                 version,
                 Some((split + 1, last)),
                 &mut keys,
@@ -217,43 +243,51 @@ impl Store {
 }
 
 /// Appends the keys and statuses of the rows of `version` (those with `seq` in the
-/// inclusive `range`, if given) to `keys` and `statuses`, in `seq` order.
+/// inclusive `range`, if given) to `keys` and `statuses`, in `seq` order. If
+/// `checksummed` (format 2), every row is read and checked, in this thread, on values
+/// borrowed from SQLite's buffer: its number, and its checksum's head (which covers key,
+/// version, status and the stored CRCs of the rest). Every row, not only `version`'s:
+/// one whose version number is damaged must be met and fail, not filtered out unseen.
 fn scan_key_status(
     conn: &Connection,
     path: &str,
+    checksummed: bool,
     version: i64,
     range: Option<(i64, i64)>,
     keys: &mut Vec<u8>,
     statuses: &mut Vec<i64>,
 ) -> Result<()> {
     let fail = |e| sqlite_error(path, e);
-    let (mut stmt, (first, last)) = match range {
-        None => (
-            conn.prepare_cached(
-                "SELECT seq, key, status FROM items WHERE version = ?1 ORDER BY seq",
-            )
-            .map_err(fail)?,
-            (None, None),
-        ),
-        Some((first, last)) => (
-            conn.prepare_cached(
-                "SELECT seq, key, status FROM items \
-                 WHERE seq >= ?2 AND seq <= ?3 AND version = ?1 ORDER BY seq",
-            )
-            .map_err(fail)?,
-            (Some(first), Some(last)),
-        ),
-    };
-    let mut found = match (first, last) {
-        (Some(first), Some(last)) => stmt.query(params![version, first, last]),
-        _ => stmt.query([version]),
-    }
-    .map_err(fail)?;
+    let mut stmt = conn
+        .prepare_cached(if checksummed {
+            "SELECT seq, key, status, checksum, version FROM items \
+             WHERE seq >= ?1 AND seq <= ?2 AND ?3 IS NOT NULL ORDER BY seq"
+        } else {
+            "SELECT seq, key, status, NULL, version FROM items \
+             WHERE seq >= ?1 AND seq <= ?2 AND version = ?3 ORDER BY seq"
+        })
+        .map_err(fail)?;
+    // A format-2 table's rows are numbered from 1 (see `Sequence`).
+    let (first, last) = range.unwrap_or((if checksummed { 1 } else { i64::MIN }, i64::MAX));
+    let mut found = stmt.query(params![first, last, version]).map_err(fail)?;
+    let mut sequence = Sequence::from(first);
     while let Some(row) = found.next().map_err(fail)? {
         let key = key_at(path, row, 1)?;
         let status: i64 = row.get(2).map_err(fail)?;
-        keys.extend_from_slice(&key);
-        statuses.push(status);
+        let row_version: i64 = row.get(4).map_err(fail)?;
+        if checksummed {
+            sequence.check(path, row)?;
+            if !head_matches(&checksum_at(path, row, 3)?, &key, row_version, status) {
+                return Err(mismatch(path, row));
+            }
+        }
+        if row_version == version {
+            keys.extend_from_slice(&key);
+            statuses.push(status);
+        }
+    }
+    if checksummed && range.is_some() {
+        sequence.finish(path, last)?;
     }
     Ok(())
 }
@@ -263,6 +297,7 @@ struct Reader<'a> {
     path: &'a str,
     file: &'a Path,
     identity: Option<FileIdentity>,
+    checksummed: bool,
 }
 
 impl Reader<'_> {
@@ -299,6 +334,7 @@ impl Reader<'_> {
         scan_key_status(
             &conn,
             self.path,
+            self.checksummed,
             version,
             Some(range),
             &mut keys,
@@ -343,8 +379,8 @@ mod tests {
         Connection::open(&path)
             .unwrap()
             .execute_batch(
-                "INSERT INTO items (key, version, status, attempts, started, ended) \
-                 VALUES (x'0102', 1, 0, 1, 0, 0)",
+                "INSERT INTO items (key, version, status, attempts, started, ended, checksum) \
+                 VALUES (x'0102', 1, 0, 1, 0, 0, 0)",
             )
             .unwrap();
         let store = Store::open(&path, Synchronous::Full).unwrap();

@@ -6,14 +6,18 @@
 //! both accept, create and reject exactly the same files.
 //!
 //! One file per concern: `schema` (the format's constants and row types, and how a
-//! stored row is read), `open` (opening a file, appending, small reads), `key_scan`
+//! stored row is read), `checks` (what is checked of a file before anything is written
+//! to it), `row_checksum` (the format-2 checksums), `open` (opening a file, appending,
+//! small reads), `key_scan`
 //! (the key sets that plan a run, scanned on two threads when large), `folding` (the
 //! latest output of each key, for a load that must look keys up) and `streaming` (a
 //! load that streams outputs in the order saved).
 
+mod checks;
 mod folding;
 mod key_scan;
 mod open;
+mod row_checksum;
 mod schema;
 mod streaming;
 
@@ -21,7 +25,7 @@ pub use folding::LatestOutputs;
 pub use open::Store;
 pub use schema::{
     sqlite_error, unix_now, ItemRow, RowInfo, Synchronous, VersionRow, APPLICATION_ID,
-    FORMAT_VERSION,
+    FORMAT_VERSION, UNCHECKED_FORMAT,
 };
 pub use streaming::{InOrder, OutputChunk, Streamed};
 

@@ -8,9 +8,14 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
+use super::checks::{check_existing, check_raw_header, has_write_ahead_log};
+use super::row_checksum::{
+    checksum_at, head_matches, mismatch, read_rest, rest_matches, row_checksum, version_checksum,
+    Sequence,
+};
 use super::schema::{
     key_at, sqlite_error, unix_now, ItemRow, RowInfo, Synchronous, VersionRow, APPLICATION_ID,
-    FORMAT_VERSION, MIN_ROW_BYTES, SCHEMA,
+    FORMAT_VERSION, MIN_ROW_BYTES, SCHEMA, UNCHECKED_FORMAT,
 };
 use crate::contract::STATUS_OK;
 use crate::errors::{Error, Result};
@@ -22,25 +27,36 @@ pub(super) const SCAN_MMAP_SIZE: i64 = 1 << 30;
 /// Long enough to ride out another process's commit, short enough to report a real lock.
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
-/// Plain ok rows per multi-row INSERT: 5 parameters a row, well within SQLite's limit
+/// Plain ok rows per multi-row INSERT: 6 parameters a row, well within SQLite's limit
 /// of 32,766; beyond a few dozen rows the statement's fixed cost no longer shows.
 const PLAIN_ROWS_PER_INSERT: usize = 64;
 
-/// `INSERT` of `rows` plain ok rows, 5 values each (status 0 and 1 attempt fixed).
+/// `INSERT` of `rows` plain ok rows, 5 values each (status 0 and 1 attempt fixed) and
+/// their checksum if `checksummed` (format 2).
 ///
 /// `OR FAIL`: a statement that writes several rows and may abort half way needs a
 /// statement journal (a copy of each page it touches, to undo just that statement);
 /// with FAIL nothing is undone per statement, and none is kept (~10% of a row's cost).
 /// Nothing is lost by it: any failure rolls back the whole transaction (`append`).
-fn plain_insert(rows: usize) -> String {
-    let values = format!("(?, ?, {STATUS_OK}, ?, 1, ?, ?)");
+fn plain_insert(rows: usize, checksummed: bool) -> String {
+    let (column, value) = if checksummed {
+        (", checksum", ", ?")
+    } else {
+        ("", "")
+    };
+    let values = format!("(?, ?, {STATUS_OK}, ?, 1, ?, ?{value})");
     format!(
-        "INSERT OR FAIL INTO items (key, version, status, output, attempts, started, ended) VALUES {}",
+        "INSERT OR FAIL INTO items (key, version, status, output, attempts, started, ended{column}) VALUES {}",
         vec![values; rows].join(", ")
     )
 }
 
-static PLAIN_INSERT_FULL: LazyLock<String> = LazyLock::new(|| plain_insert(PLAIN_ROWS_PER_INSERT));
+static PLAIN_INSERT_FULL: LazyLock<[String; 2]> = LazyLock::new(|| {
+    [
+        plain_insert(PLAIN_ROWS_PER_INSERT, false),
+        plain_insert(PLAIN_ROWS_PER_INSERT, true),
+    ]
+});
 
 /// An open SQLite checkpoint.
 pub struct Store {
@@ -51,6 +67,9 @@ pub struct Store {
     /// only while the path still names that file.
     pub(super) identity: Option<FileIdentity>,
     pub(super) conn: Connection,
+    /// Format 2: rows carry checksums, written and checked. A format-1 file is read and
+    /// written as format 1 (README "Checkpoint files").
+    pub(super) checksummed: bool,
 }
 
 impl Store {
@@ -63,6 +82,14 @@ impl Store {
             path: name.clone(),
             reason: err.to_string(),
         })?;
+        // Nothing is written to a file found damaged: its first bytes are checked
+        // before SQLite opens it, the rest before anything is written (`prepare`).
+        check_raw_header(path, &name)?;
+        let checked = if has_write_ahead_log(path) {
+            Some(Self::check_read_only(path, &name)?)
+        } else {
+            None
+        };
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags).map_err(|e| sqlite_error(&name, e))?;
         let identity = file_identity(path);
@@ -71,9 +98,25 @@ impl Store {
             file: path.to_path_buf(),
             identity,
             conn,
+            checksummed: true,
         };
-        store.prepare(synchronous)?;
+        store.prepare(synchronous, checked)?;
         Ok(store)
+    }
+
+    /// The checks of an existing file through a read-only connection (one left with a
+    /// write-ahead log, which closing a read-write connection would write back into
+    /// it); the file's format, or None for a new (empty) database.
+    fn check_read_only(path: &Path, name: &str) -> Result<Option<i64>> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| sqlite_error(name, e))?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| sqlite_error(name, e))?;
+        let header = Header::read(&conn).map_err(|e| sqlite_error(name, e))?;
+        if header.is_fresh() {
+            return Ok(None);
+        }
+        check_existing(&conn, name, header.application_id, header.user_version).map(Some)
     }
 
     pub fn path(&self) -> &str {
@@ -84,15 +127,24 @@ impl Store {
         sqlite_error(&self.path, err)
     }
 
-    fn prepare(&mut self, synchronous: Synchronous) -> Result<()> {
+    /// `checked`: the format an earlier read-only check found (`check_read_only`).
+    fn prepare(&mut self, synchronous: Synchronous, checked: Option<Option<i64>>) -> Result<()> {
         self.conn
             .busy_timeout(BUSY_TIMEOUT)
             .map_err(|e| self.fail(e))?;
         let mut header = Header::read(&self.conn).map_err(|e| self.fail(e))?;
         if header.is_fresh() {
             header = self.initialize().map_err(|e| self.fail(e))?;
+        } else if checked.flatten().is_none() {
+            check_existing(
+                &self.conn,
+                &self.path,
+                header.application_id,
+                header.user_version,
+            )?;
         }
         self.check_header(&header)?;
+        self.checksummed = header.user_version != UNCHECKED_FORMAT;
         self.conn
             .execute_batch("PRAGMA journal_mode=WAL")
             .and_then(|()| self.conn.execute_batch(synchronous.pragma()))
@@ -107,8 +159,14 @@ impl Store {
     /// behind. Where SQLite cannot set up its shared memory (a read-only directory
     /// without the `-shm` a writer leaves), the file is opened as immutable: no writer
     /// can be changing it then.
+    ///
+    /// The checks of [`Store::open`] come first: a damaged file is refused before it is
+    /// read, and a format-1 file is read without checksums.
     pub fn open_read_only(path: &Path) -> Result<Self> {
         let name = path.to_string_lossy().into_owned();
+        if path.is_file() {
+            check_raw_header(path, &name)?;
+        }
         let shared = OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let attempts = [
             (OpenFlags::SQLITE_OPEN_READ_WRITE | shared, "mode=rw"),
@@ -127,13 +185,21 @@ impl Store {
             });
             match opened {
                 Ok((conn, header)) => {
-                    let store = Store {
+                    let mut store = Store {
                         path: name,
                         file: path.to_path_buf(),
                         identity: file_identity(path),
                         conn,
+                        checksummed: true,
                     };
                     store.check_header(&header)?;
+                    let format = check_existing(
+                        &store.conn,
+                        &store.path,
+                        header.application_id,
+                        header.user_version,
+                    )?;
+                    store.checksummed = format != UNCHECKED_FORMAT;
                     return Ok(store);
                 }
                 Err(err) => last_error = Some(err),
@@ -191,22 +257,51 @@ impl Store {
 
     /// Every known function version, oldest first.
     pub fn versions(&self) -> Result<Vec<VersionRow>> {
-        let read = || -> rusqlite::Result<Vec<VersionRow>> {
-            let mut stmt = self.conn.prepare_cached(
-                "SELECT id, fingerprint, parts, uses, created FROM versions ORDER BY id",
-            )?;
+        let read = || -> rusqlite::Result<Vec<(VersionRow, Option<i64>)>> {
+            let mut stmt = self.conn.prepare_cached(if self.checksummed {
+                "SELECT id, fingerprint, parts, uses, created, checksum FROM versions ORDER BY id"
+            } else {
+                "SELECT id, fingerprint, parts, uses, created, NULL FROM versions ORDER BY id"
+            })?;
             let rows = stmt.query_map([], |row| {
-                Ok(VersionRow {
-                    id: row.get(0)?,
-                    fingerprint: row.get(1)?,
-                    parts: row.get(2)?,
-                    uses: row.get(3)?,
-                    created: row.get(4)?,
-                })
+                Ok((
+                    VersionRow {
+                        id: row.get(0)?,
+                        fingerprint: row.get(1)?,
+                        parts: row.get(2)?,
+                        uses: row.get(3)?,
+                        created: row.get(4)?,
+                    },
+                    row.get(5)?,
+                ))
             })?;
             rows.collect()
         };
-        read().map_err(|e| self.fail(e))
+        let found = read().map_err(|e| self.fail(e))?;
+        found
+            .into_iter()
+            .map(|(version, checksum)| {
+                let expected = || {
+                    version_checksum(
+                        version.id,
+                        &version.fingerprint,
+                        &version.parts,
+                        version.uses,
+                        version.created,
+                    )
+                };
+                match checksum {
+                    Some(checksum) if checksum != expected() => Err(Error::Corrupt {
+                        path: self.path.clone(),
+                        problem: format!(
+                            "function version {} does not match its checksum",
+                            version.id
+                        ),
+                    }),
+                    _ => Ok(version),
+                }
+            })
+            .collect()
     }
 
     /// Registers a version and commits at once; `uses = None` makes it use its own id.
@@ -216,17 +311,35 @@ impl Store {
         parts: &str,
         uses: Option<i64>,
     ) -> Result<i64> {
+        let checksummed = self.checksummed;
         let mut insert = || -> rusqlite::Result<i64> {
             let tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
-                "INSERT INTO versions (fingerprint, parts, uses, created) VALUES (?1, ?2, ?3, ?4)",
-                params![fingerprint, parts, uses.unwrap_or(0), unix_now()],
-            )?;
-            let id = tx.last_insert_rowid();
-            if uses.is_none() {
-                tx.execute("UPDATE versions SET uses = id WHERE id = ?1", [id])?;
+            let id: i64 =
+                tx.query_row("SELECT coalesce(max(id), 0) + 1 FROM versions", [], |row| {
+                    row.get(0)
+                })?;
+            let (uses, created) = (uses.unwrap_or(id), unix_now());
+            if checksummed {
+                tx.execute(
+                    "INSERT INTO versions (id, fingerprint, parts, uses, created, checksum) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        id,
+                        fingerprint,
+                        parts,
+                        uses,
+                        created,
+                        version_checksum(id, fingerprint, parts, uses, created)
+                    ],
+                )?;
+            } else {
+                tx.execute(
+                    "INSERT INTO versions (id, fingerprint, parts, uses, created) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![id, fingerprint, parts, uses, created],
+                )?;
             }
             tx.commit()?;
             Ok(id)
@@ -241,6 +354,8 @@ impl Store {
     /// statement step per group instead of per row. Any other row is inserted on its
     /// own, with all 11 values, at its place.
     pub fn append(&mut self, rows: &[ItemRow]) -> Result<()> {
+        let checksummed = self.checksummed;
+        let per_row = if checksummed { 6 } else { 5 };
         let mut write = || -> rusqlite::Result<()> {
             let tx = self
                 .conn
@@ -251,9 +366,9 @@ impl Store {
                 let (group, after) = rest.split_at(plain);
                 for group in group.chunks(PLAIN_ROWS_PER_INSERT) {
                     let sql = if group.len() == PLAIN_ROWS_PER_INSERT {
-                        &*PLAIN_INSERT_FULL
+                        &PLAIN_INSERT_FULL[usize::from(checksummed)]
                     } else {
-                        &plain_insert(group.len())
+                        &plain_insert(group.len(), checksummed)
                     };
                     let mut insert = tx.prepare_cached(sql)?;
                     // Bound one by one (monomorphic, no parameter-count check per row).
@@ -264,18 +379,25 @@ impl Store {
                         insert.raw_bind_parameter(index + 3, &row.output)?;
                         insert.raw_bind_parameter(index + 4, row.started)?;
                         insert.raw_bind_parameter(index + 5, row.ended)?;
-                        index += 5;
+                        if checksummed {
+                            insert.raw_bind_parameter(index + 6, &row_checksum(row)[..])?;
+                        }
+                        index += per_row;
                     }
                     insert.raw_execute()?;
                 }
                 let Some((row, after)) = after.split_first() else {
                     break;
                 };
-                let mut insert = tx.prepare_cached(
+                let mut insert = tx.prepare_cached(if checksummed {
+                    "INSERT INTO items (key, version, status, input, output, error_type, \
+                     error, traceback, attempts, started, ended, checksum) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                } else {
                     "INSERT INTO items (key, version, status, input, output, error_type, \
                      error, traceback, attempts, started, ended) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                )?;
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                })?;
                 insert.raw_bind_parameter(1, &row.key[..])?;
                 insert.raw_bind_parameter(2, row.version)?;
                 insert.raw_bind_parameter(3, row.status)?;
@@ -287,6 +409,9 @@ impl Store {
                 insert.raw_bind_parameter(9, row.attempts)?;
                 insert.raw_bind_parameter(10, row.started)?;
                 insert.raw_bind_parameter(11, row.ended)?;
+                if checksummed {
+                    insert.raw_bind_parameter(12, &row_checksum(row)[..])?;
+                }
                 insert.raw_execute()?;
                 rest = after;
             }
@@ -330,19 +455,40 @@ impl Store {
     ) -> Result<Vec<RowInfo>> {
         let mut stmt = self
             .conn
-            .prepare_cached(
+            .prepare_cached(if self.checksummed {
+                // Every row, not only `version`'s: one whose version number is damaged
+                // must be met (and fail its checksum), not filtered out unseen.
+                "SELECT seq, key, version, status, input, error_type, error, traceback, \
+                 attempts, started, ended, checksum FROM items \
+                 WHERE seq > ?1 AND ?2 IS ?2 AND ?3 IS NOT NULL ORDER BY seq"
+            } else {
                 "SELECT seq, key, version, status, input, error_type, error, traceback, \
                  attempts, started, ended FROM items \
-                 WHERE seq > ?1 AND (?2 IS NULL OR version = ?2) ORDER BY seq LIMIT ?3",
-            )
+                 WHERE seq > ?1 AND (?2 IS NULL OR version = ?2) ORDER BY seq LIMIT ?3"
+            })
             .map_err(|e| self.fail(e))?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let sql_limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut rows = stmt
-            .query(params![after, version, limit])
+            .query(params![after, version, sql_limit])
             .map_err(|e| self.fail(e))?;
         let mut page = Vec::new();
+        let mut sequence = Sequence::from(after.saturating_add(1).max(1));
         while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
             let key = key_at(&self.path, row, 1)?;
+            if self.checksummed {
+                sequence.check(&self.path, row)?;
+                let row_version: i64 = row.get(2).map_err(|e| self.fail(e))?;
+                let status = row.get(3).map_err(|e| self.fail(e))?;
+                let checksum = checksum_at(&self.path, row, 11)?;
+                if !head_matches(&checksum, &key, row_version, status)
+                    || !rest_matches(&checksum, &read_rest(&self.path, row, 4)?)
+                {
+                    return Err(mismatch(&self.path, row));
+                }
+                if version.is_some_and(|wanted| wanted != row_version) {
+                    continue;
+                }
+            }
             let info = (|| -> rusqlite::Result<RowInfo> {
                 Ok(RowInfo {
                     seq: row.get(0)?,
@@ -360,6 +506,9 @@ impl Store {
             })()
             .map_err(|e| self.fail(e))?;
             page.push(info);
+            if page.len() >= limit {
+                break;
+            }
         }
         Ok(page)
     }
@@ -516,11 +665,11 @@ mod tests {
             .unwrap();
         Connection::open(&newer)
             .unwrap()
-            .execute_batch("PRAGMA user_version = 2")
+            .execute_batch("PRAGMA user_version = 3")
             .unwrap();
         assert!(matches!(
             Store::open(&newer, Synchronous::Full),
-            Err(Error::Format { found: 2, .. })
+            Err(Error::Format { found: 3, .. })
         ));
     }
 

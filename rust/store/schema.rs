@@ -14,7 +14,9 @@ pub(super) const SCHEMA: &str = include_str!("../../python/snapperable/schema.sq
 /// `PRAGMA application_id` of a snapperable checkpoint: "SnaP".
 pub const APPLICATION_ID: i64 = 0x536e_6150;
 /// `PRAGMA user_version`: the newest format this code reads and the one it writes.
-pub const FORMAT_VERSION: i64 = 1;
+pub const FORMAT_VERSION: i64 = 2;
+/// The format without row checksums, read and written as it is (README).
+pub const UNCHECKED_FORMAT: i64 = 1;
 /// Fewer bytes than any item row takes in the file (its 16-byte key alone is more):
 /// bounds how many rows a file of a given size can hold.
 pub(super) const MIN_ROW_BYTES: i64 = 16;
@@ -105,7 +107,16 @@ impl Synchronous {
 /// SQLite's own message.
 pub fn sqlite_error(path: &str, err: rusqlite::Error) -> Error {
     let path = path.to_owned();
+    // A read past the end of the file, which only a damaged page number (or a file cut
+    // short) asks for.
+    let short_read = err
+        .sqlite_error()
+        .is_some_and(|e| e.extended_code == rusqlite::ffi::SQLITE_IOERR_SHORT_READ);
     match err.sqlite_error_code() {
+        _ if short_read => Error::Corrupt {
+            path,
+            problem: err.to_string(),
+        },
         Some(ErrorCode::NotADatabase) => Error::NotACheckpoint {
             path,
             reason: err.to_string(),

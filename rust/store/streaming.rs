@@ -9,6 +9,7 @@ use rusqlite::types::ValueRef;
 use rusqlite::Row;
 
 use super::open::Store;
+use super::row_checksum::{checksum_at, head_matches, mismatch, output_matches, Sequence};
 use super::schema::{corrupt_row, key_at};
 use crate::contract::{KEY_SIZE, STATUS_OK};
 use crate::errors::Result;
@@ -169,30 +170,52 @@ impl Store {
         };
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT seq, key, status, output FROM items WHERE version = ?1 ORDER BY seq",
-            )
+            .prepare_cached(if self.checksummed {
+                // Every row, not only `version`'s: a row whose version number is damaged
+                // must be met (and fail its checksum), not filtered out unseen.
+                "SELECT seq, key, status, checksum, output, version FROM items \
+                 WHERE ?1 IS NOT NULL ORDER BY seq"
+            } else {
+                "SELECT seq, key, status, NULL, output, version FROM items \
+                 WHERE version = ?1 ORDER BY seq"
+            })
             .map_err(|e| self.fail(e))?;
         let mut found = stmt.query([version]).map_err(|e| self.fail(e))?;
+        let mut sequence = Sequence::from(1);
         while let Some(row) = found.next().map_err(|e| self.fail(e))? {
             let key = key_at(&self.path, row, 1)?;
             let status: i64 = row.get(2).map_err(|e| self.fail(e))?;
-            // Borrowed from SQLite's row buffer: the caller copies it once, if at all.
-            let output = if status == STATUS_OK {
-                match row.get_ref(3).map_err(|e| self.fail(e))? {
-                    ValueRef::Blob(output) => Some(output),
-                    ValueRef::Null => None,
-                    _ => {
-                        return Err(corrupt_row(
-                            &self.path,
-                            row,
-                            "has an output that is not a blob",
-                        ))
-                    }
+            let checksum = if self.checksummed {
+                sequence.check(&self.path, row)?;
+                let row_version: i64 = row.get(5).map_err(|e| self.fail(e))?;
+                let checksum = checksum_at(&self.path, row, 3)?;
+                if !head_matches(&checksum, &key, row_version, status) {
+                    return Err(mismatch(&self.path, row));
                 }
+                if row_version != version {
+                    continue;
+                }
+                Some(checksum)
             } else {
                 None
             };
+            // Borrowed from SQLite's row buffer: the caller copies it once, if at all.
+            let stored = match row.get_ref(4).map_err(|e| self.fail(e))? {
+                ValueRef::Blob(output) => Some(output),
+                ValueRef::Null => None,
+                _ => {
+                    return Err(corrupt_row(
+                        &self.path,
+                        row,
+                        "has an output that is not a blob",
+                    ))
+                }
+            };
+            // Checked in the scanning thread, on the borrowed value (the head was above).
+            if checksum.is_some_and(|checksum| !output_matches(&checksum, stored)) {
+                return Err(mismatch(&self.path, row));
+            }
+            let output = if status == STATUS_OK { stored } else { None };
             if !each(row, key, output)? {
                 break;
             }

@@ -110,8 +110,8 @@ class PickleReader:
             raise CheckpointError.failed(path, f"cannot open it for reading: {exc}") from exc
         try:
             header = os.pread(self._fd, _HEADER.size, 0)
-            if not (len(header) < _HEADER.size and _EMPTY_HEADER.startswith(header)):
-                self._check_header(header)  # else a new file, its header not yet written
+            if header:  # else a new file, its header not yet written
+                self._check_header(header)
         except BaseException:
             os.close(self._fd)
             raise
@@ -125,7 +125,12 @@ class PickleReader:
         return CheckpointCorruptError.damaged(self.path, problem)
 
     def _check_header(self, header: bytes) -> None:
-        """Refuse a file that is not a pickle checkpoint, or of a newer format."""
+        """Refuse a file that is not a pickle checkpoint, or of a newer format, or whose
+        header is cut short: the header is one write of 16 bytes, so no crash leaves
+        part of it, and a file that short was cut by something else (it may have held
+        frames). Only an empty file is a new checkpoint."""
+        if len(header) < _HEADER.size and MAGIC.startswith(header[: len(MAGIC)]):
+            raise self._corrupt(f"its header is cut short ({len(header)} bytes of {_HEADER.size})")
         magic, version, reserved = (
             _HEADER.unpack(header) if len(header) == _HEADER.size else (b"", 0, 0)
         )
@@ -272,9 +277,7 @@ class PickleStore(WriterBackedStore, PickleReader):
         """Write the header of a new file, check an old one, cut off a torn tail."""
         size = os.fstat(self._fd).st_size
         header = os.pread(self._fd, _HEADER.size, 0)
-        if len(header) < _HEADER.size and _EMPTY_HEADER.startswith(header):
-            # New file, or a crash while its header was being written: nothing was saved.
-            os.ftruncate(self._fd, 0)
+        if not header:  # a new file (only an empty one is: see ``_check_header``)
             os.write(self._fd, _EMPTY_HEADER)
             os.fsync(self._fd)
             fsync_directory(self.path)
