@@ -155,23 +155,38 @@ def plain_ok_values(rows: Iterable[Tuple[bytes, int, float, float, bytes]]) -> l
     return values
 
 
+_unpack_checksum = CHECKSUM.unpack
+_pack_head = _HEAD.pack
+_pack_field_head = _PRESENT.pack
+_NULL_CRC = _crc32(_NULL)
+
+
 def head_matches(checksum: object, key: object, version: object, status: object) -> bool:
-    """Does ``checksum`` (as stored) check for these fields? (The key scan's test.)"""
-    if type(checksum) is not bytes or len(checksum) != CHECKSUM.size:
+    """Does ``checksum`` (as stored) check for these fields? (The key scan's test.)
+
+    Made for every row at each ``start()`` and ``load()``: one call, no exception
+    raised for a row that checks (``_head_crc``'s tests, inline)."""
+    if (
+        type(checksum) is not bytes or type(key) is not bytes or len(key) != KEY_SIZE
+        or type(version) is not int or type(status) is not int
+    ):
         return False
-    head, out, rest = CHECKSUM.unpack(checksum)
     try:
-        return bool(_head_crc(key, version, status, out, rest) == head)
-    except WrongType:
+        head, out, rest = _unpack_checksum(checksum)
+        return bool(_crc32(_pack_head(key, version, status, out, rest)) == head)
+    except struct.error:  # not 12 bytes, or an integer out of range
         return False
 
 
 def output_matches(checksum: bytes, output: object) -> bool:
-    """Does the output check? (After ``head_matches``.)"""
-    try:
-        return bool(_blob(output, 0) == CHECKSUM.unpack(checksum)[1])
-    except WrongType:
+    """Does the output check? (After ``head_matches``; ``_blob``, inline.)"""
+    if type(output) is bytes:
+        found = _crc32(output, _crc32(_pack_field_head(1, len(output))))
+    elif output is None:
+        found = _NULL_CRC
+    else:
         return False
+    return bool(found == _unpack_checksum(checksum)[1])
 
 
 def rest_matches(
