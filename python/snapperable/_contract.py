@@ -18,7 +18,7 @@ from typing import Any, Callable, Final, Iterator, Literal, NamedTuple, Optional
 # Bytes of one input key (BLAKE2b digest size; README "Item identity").
 KEY_SIZE: Final = 16
 
-# Status of an item row (DESIGN 6.1): the integer stored in the `status` column.
+# Status of an item row (docs/architecture.md 6.1): the integer stored in the `status` column.
 STATUS_OK: Final = 0
 STATUS_FAILED: Final = 1
 
@@ -28,13 +28,13 @@ Synchronous = Literal["full", "normal"]
 SQLITE_APPLICATION_ID: Final = 0x536E6150
 
 
-# One finished item as the writer appends it (DESIGN 6.1):
+# One finished item as the writer appends it (docs/architecture.md 6.1):
 #   (key, version, status, input, output, error_type, error, traceback, attempts,
 #    started, ended)
 # The Snapper builds one per item; both SQLite stores and the pickle store save them as
 # given. ``input`` and ``output`` are pickles (protocol 4); ``input`` is kept for failed
 # items. A plain tuple, not a NamedTuple: it is built on the hot path, where a
-# NamedTuple costs ~0.5 µs an item, more than the rest of the bookkeeping.
+# NamedTuple costs more than the rest of the bookkeeping (benches/README.md).
 ItemRow = Tuple[
     bytes, int, int, Optional[bytes], Optional[bytes], Optional[str], Optional[str],
     Optional[str], int, float, float,

@@ -96,7 +96,7 @@ log = logging.getLogger("snapperable")
 VersionPolicy = Literal["reprocess", "keep", "raise"]
 ExecutorChoice = Union[Literal["thread", "process"], "Executor", "Client"]
 RateLimit = Union[int, float, str]
-# What version= pins: a str or any constant (DESIGN 5), e.g. ("v2", llm.model_name).
+# What version= pins: a str or any constant (docs/architecture.md 5), e.g. ("v2", llm.model_name).
 # None only inside a tuple: version=None means "not pinned".
 VersionValue = Union[
     None, bool, int, float, complex, str, bytes, Enum,
@@ -389,7 +389,7 @@ class Snapper(Generic[T, R]):
         return self._fingerprint
 
     def _resolve_version(self, store: CheckpointReader) -> None:
-        """Decide which version's results this Snapper reads and writes (DESIGN 5).
+        """Decide which version's results this Snapper reads and writes (docs/architecture.md 5).
 
         Nothing is written here: ``plan()`` and the loads only read. What ``start()``
         must record about it (a new version, an accepted change, a return to an older

@@ -1,4 +1,4 @@
-"""A checkpoint in one append-only file of checksummed pickle frames (DESIGN 6.2).
+"""A checkpoint in one append-only file of checksummed pickle frames (docs/architecture.md 6.2).
 
 Layout, all integers little-endian:
 
