@@ -63,6 +63,18 @@ def test_checksums_are_the_figures_the_rust_core_checks() -> None:
     failed = _row_checksum.row_checksum(bytes([7]) * 16, 3, 1, b"in", None, "ValueError", "bad é", "Traceback", 3, 1.5, 2.25)
     assert failed.hex() == "99968d328def02d22a7e4c72"
     assert _row_checksum.version_checksum(1, "fp", "{}", 1, 0.5) == 2738404838
+    # The writer's batch form: the same bytes, each row's fields then its checksum
+    # (outputs of one length share a cached field head; a large one is not copied).
+    rows = [
+        (bytes([7]) * 16, 3, 1.5, 2.25, b"\x80\x04K\x02."),
+        (bytes([8]) * 16, 4, 1.0, 3.0, b"\x80\x04K\x03."),
+        (bytes([9]) * 16, 3, 2.5, 2.75, b"\x80\x04" + bytes(range(256)) * 8),
+    ]
+    values = _row_checksum.plain_ok_values(rows)
+    assert [bytes(v) if isinstance(v, bytearray) else v for v in values[:6]] == [*rows[0], plain]
+    assert [bytes(v) if isinstance(v, bytearray) else v for v in values] == [
+        value for row in rows for value in (*row, _row_checksum.plain_ok_checksum(*row))
+    ]
 
 
 def test_both_backends_write_rows_that_check(checkpoint: str) -> None:

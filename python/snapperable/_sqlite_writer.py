@@ -45,11 +45,11 @@ import struct
 import sys
 from collections import deque
 from itertools import chain, groupby
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from snapperable._contract import STATUS_OK, Synchronous
-from snapperable._row_checksum import plain_ok_checksum, row_checksum
-from snapperable._writer import PLAIN_OK_ROW_LENGTH, PendingRow
+from snapperable._row_checksum import plain_ok_values, row_checksum
+from snapperable._writer import PLAIN_OK_ROW_LENGTH, PendingRow, PlainOkRow
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -111,7 +111,7 @@ def commit_rows(conn: sqlite3.Connection, rows: Sequence[PendingRow], checksumme
     try:
         for length, run in groupby(rows, len):
             if length == PLAIN_OK_ROW_LENGTH:
-                _insert_plain(conn, list(run), inserts)
+                _insert_plain(conn, list(run), inserts)  # type: ignore[arg-type]  # plain rows, by their length
             elif checksummed:
                 conn.executemany(inserts.item, ((*row, row_checksum(*row)) for row in run))
             else:
@@ -123,19 +123,20 @@ def commit_rows(conn: sqlite3.Connection, rows: Sequence[PendingRow], checksumme
         raise
 
 
-def _insert_plain(conn: sqlite3.Connection, rows: Sequence[PendingRow], inserts: _Inserts) -> None:
-    if inserts.checksummed:
-        rows = [(*row, plain_ok_checksum(*row)) for row in rows]
+def _insert_plain(conn: sqlite3.Connection, rows: Sequence[PlainOkRow], inserts: _Inserts) -> None:
     step = PLAIN_ROWS_PER_INSERT
     full = len(rows) - len(rows) % step
+    # Each statement's parameters made as it is run: one flat list (no tuple a row),
+    # and copies of one statement's outputs at a time (see ``plain_ok_values``).
+    values = plain_ok_values if inserts.checksummed else _flat
     if full:
-        conn.executemany(
-            inserts.plain_full,
-            (tuple(chain.from_iterable(rows[i : i + step])) for i in range(0, full, step)),
-        )
+        conn.executemany(inserts.plain_full, (values(rows[i : i + step]) for i in range(0, full, step)))
     if full < len(rows):
-        rest = rows[full:]
-        conn.execute(inserts.plain(len(rest)), tuple(chain.from_iterable(rest)))
+        conn.execute(inserts.plain(len(rows) - full), values(rows[full:]))
+
+
+def _flat(rows: Iterable[PlainOkRow]) -> list[object]:
+    return list(chain.from_iterable(rows))
 
 
 # -- the parent's side ------------------------------------------------------------------
