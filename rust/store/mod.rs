@@ -18,6 +18,7 @@ mod folding;
 mod key_scan;
 mod open;
 mod row_checksum;
+mod scan;
 mod schema;
 mod streaming;
 

@@ -6,11 +6,11 @@
 use std::mem;
 
 use rusqlite::types::ValueRef;
-use rusqlite::Row;
 
 use super::open::Store;
 use super::row_checksum::{checksum_at, head_matches, mismatch, output_matches, Sequence};
-use super::schema::{corrupt_row, key_at};
+use super::scan::{RowScan, ScanRow};
+use super::schema::{corrupt_row, key_at, wrong_type};
 use crate::contract::{KEY_SIZE, STATUS_OK};
 use crate::errors::Result;
 use crate::keys::{all_distinct, key_prefix, keys_distinct, Key};
@@ -161,33 +161,35 @@ impl Store {
         &self,
         version: i64,
         mapped: bool,
-        mut each: impl FnMut(&Row<'_>, Key, Option<&[u8]>) -> Result<bool>,
+        mut each: impl FnMut(&ScanRow<'_>, Key, Option<&[u8]>) -> Result<bool>,
     ) -> Result<()> {
         let _mapped = if mapped {
             Some(self.mapped_for_scan()?)
         } else {
             None
         };
-        let mut stmt = self
-            .conn
-            .prepare_cached(if self.checksummed {
+        let mut found = RowScan::new(
+            &self.conn,
+            if self.checksummed {
                 // Every row, not only `version`'s: a row whose version number is damaged
                 // must be met (and fail its checksum), not filtered out unseen.
-                "SELECT seq, key, status, checksum, output, version FROM items \
-                 WHERE ?1 IS NOT NULL ORDER BY seq"
+                c"SELECT seq, key, status, checksum, output, version FROM items \
+                  WHERE ?1 IS NOT NULL ORDER BY seq"
             } else {
-                "SELECT seq, key, status, NULL, output, version FROM items \
-                 WHERE version = ?1 ORDER BY seq"
-            })
-            .map_err(|e| self.fail(e))?;
-        let mut found = stmt.query([version]).map_err(|e| self.fail(e))?;
+                c"SELECT seq, key, status, NULL, output, version FROM items \
+                  WHERE version = ?1 ORDER BY seq"
+            },
+            &[version],
+        )
+        .map_err(|e| self.fail(e))?;
         let mut sequence = Sequence::from(1);
         while let Some(row) = found.next().map_err(|e| self.fail(e))? {
+            let row = &row;
             let key = key_at(&self.path, row, 1)?;
-            let status: i64 = row.get(2).map_err(|e| self.fail(e))?;
+            let status = row.integer(2).ok_or_else(|| wrong_type(&self.path, row))?;
             let checksum = if self.checksummed {
                 sequence.check(&self.path, row)?;
-                let row_version: i64 = row.get(5).map_err(|e| self.fail(e))?;
+                let row_version = row.integer(5).ok_or_else(|| wrong_type(&self.path, row))?;
                 let checksum = checksum_at(&self.path, row, 3)?;
                 if !head_matches(&checksum, &key, row_version, status) {
                     return Err(mismatch(&self.path, row));
@@ -200,7 +202,7 @@ impl Store {
                 None
             };
             // Borrowed from SQLite's row buffer: the caller copies it once, if at all.
-            let stored = match row.get_ref(4).map_err(|e| self.fail(e))? {
+            let stored = match row.value(4) {
                 ValueRef::Blob(output) => Some(output),
                 ValueRef::Null => None,
                 _ => {
