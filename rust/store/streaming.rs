@@ -1,7 +1,7 @@
-//! A load that streams: the outputs of a version's rows in the order saved, handed over
-//! a chunk at a time while the scan goes on, as long as the rows are what the caller
-//! expects (then the answer needs no lookup and no table); and the scan of outputs
-//! that every load reads through.
+//! A load that streams: the outputs of a version's rows in the order asked (the keys'
+//! order, or the order saved), handed over a chunk at a time while the scan goes on, as
+//! long as the rows are what the caller expects (then the answer needs no table of all
+//! outputs); and the scan of outputs that every load reads through.
 
 use std::mem;
 
@@ -85,9 +85,9 @@ pub enum Streamed {
 }
 
 impl Store {
-    /// The saved outputs of `version`'s ok rows in the order saved, sent to `send` a
-    /// chunk at a time while the scan goes on, as long as the rows are what `expected`
-    /// says; then the answer of a load needs no lookup (and no table) at all. Returns
+    /// The saved outputs of `version`'s ok rows in the order `expected` gives, sent to
+    /// `send` a chunk at a time while the scan goes on, as long as the rows are what
+    /// `expected` says; then the answer of a load needs no table of all outputs. Returns
     /// [`Streamed::NotInOrder`] as soon as they are not, or when `send` returns false.
     ///
     /// Distinct keys are checked by their first eight bytes (keys are digests): a false
