@@ -36,7 +36,8 @@ def project_toml(meta: dict[str, object]) -> str:
         return "[" + ", ".join(f'"{v}"' for v in values) + "]"
 
     extras = meta.get("optional-dependencies", {})
-    assert isinstance(extras, dict)
+    scripts = meta.get("scripts", {})
+    assert isinstance(extras, dict) and isinstance(scripts, dict)
     lines = [
         "[build-system]",
         'requires = ["setuptools>=61"]',
@@ -53,6 +54,9 @@ def project_toml(meta: dict[str, object]) -> str:
         "",
         "[project.optional-dependencies]",
         *(f"{name} = {toml_list(deps)}" for name, deps in extras.items()),
+        "",
+        "[project.scripts]",
+        *(f'{name} = "{target}"' for name, target in scripts.items()),
         "",
         "[tool.setuptools]",
         'packages = ["snapperable", "snapperable.storage"]',

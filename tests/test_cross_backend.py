@@ -1,5 +1,5 @@
 """A checkpoint written by one backend is resumed by the other, in a separate process,
-with zero rework (DESIGN 3: both backends read and write the same files)."""
+with zero rework (docs/architecture.md 3: both backends read and write the same files)."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ CHILD = str(TESTS / "crash_child.py")
 STORAGES = ["sqlite", "pickle"]
 SUFFIX = {"sqlite": "db", "pickle": "pkl"}
 
-# The pickle-frame layout (DESIGN 6.2, pickle_storage.py), parsed here independently.
+# The pickle-frame layout (docs/architecture.md 6.2, pickle_storage.py), parsed here independently.
 PICKLE_HEADER_SIZE = 16
 PICKLE_FRAME = struct.Struct("<cQI")
 PICKLE_FRAME_HEADER_SIZE = PICKLE_FRAME.size + 4

@@ -1,4 +1,4 @@
-"""Input keys (DESIGN 4): test vectors for every row of the table, on both backends.
+"""Input keys (docs/architecture.md 4): test vectors for every row of the table, on both backends.
 
 The expected canonical bytes are written out by hand here, not computed by the code
 under test, so an encoding change cannot pass unnoticed.
@@ -6,8 +6,9 @@ under test, so an encoding change cannot pass unnoticed.
 
 from __future__ import annotations
 
-import enum
+import math
 import pickle
+import struct
 import threading
 from hashlib import blake2b
 
@@ -15,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from samples import Color, ExplodingReduce, Name
 from snapperable import _backend, keys
 from snapperable.keys import canon
 
@@ -23,12 +25,9 @@ def key_of(canonical_hex: str) -> bytes:
     return blake2b(b"K1" + bytes.fromhex(canonical_hex), digest_size=16).digest()
 
 
-class Color(enum.IntEnum):
-    RED = 1
-
-
-class Name(str):
-    pass
+def float_from_hex(text: str) -> float:
+    value: float = struct.unpack(">d", bytes.fromhex(text))[0]
+    return value
 
 
 VECTORS: list[tuple[object, str]] = [
@@ -48,6 +47,11 @@ VECTORS: list[tuple[object, str]] = [
     (0.0, "66" "0000000000000000"),
     (float("nan"), "66" "7ff8000000000000"),
     (float("-inf"), "66" "fff0000000000000"),
+    (math.inf, "66" "7ff0000000000000"),
+    (-math.nan, "66" "7ff8000000000000"),
+    (float_from_hex("7ff0000000000001"), "66" "7ff8000000000000"),  # a signalling NaN
+    (float_from_hex("fff8000000000042"), "66" "7ff8000000000000"),  # a negative NaN with a payload
+    (5e-324, "66" "0000000000000001"),  # the smallest subnormal
     ("", "73" "00000000"),
     ("hé", "73" "03000000" "68c3a9"),
     ("\ud800", "73" "03000000" "eda080"),  # a lone surrogate, kept by surrogatepass
@@ -122,15 +126,22 @@ def test_input_keys_fast_path_equals_the_reference_encoding(items: list[object])
     assert _backend.backend.input_keys(items) == expected
 
 
+any_keys = st.lists(st.binary(min_size=16, max_size=16), max_size=40)
 # A small pool, so that claims repeat keys, within themselves and with the set.
-pooled_keys = st.lists(st.sampled_from([bytes([b]) * 16 for b in range(6)]), max_size=30)
+pooled_keys = st.lists(st.sampled_from([bytes([b]) * 16 for b in range(8)]), max_size=40)
 
 
-@given(pooled_keys, pooled_keys)
-def test_claim_takes_the_first_position_of_each_key_not_in_the_set(added: list[bytes], queried: list[bytes]) -> None:
+@given(st.one_of(st.tuples(any_keys, any_keys), st.tuples(pooled_keys, pooled_keys)))
+def test_key_set_is_a_set_and_claims_the_first_position_of_each_new_key(
+    added_and_queried: tuple[list[bytes], list[bytes]],
+) -> None:
+    added, queried = added_and_queried
     key_set = _backend.backend.new_key_set()
     for key in added:
         key_set.add(key)
+    assert len(key_set) == len(set(added))
+    assert sorted(key_set) == sorted(set(added))
+    assert [key in key_set for key in queried] == [key in added for key in queried]
     expected, seen = [], set(added)
     for i, key in enumerate(queried):
         if key not in seen:
@@ -155,6 +166,11 @@ def test_nesting_limit() -> None:
     _backend.backend.input_key(nested(256))
     with pytest.raises(TypeError, match="deeper than 256.*key="):
         _backend.backend.input_key(nested(257))
+
+
+def test_base_exceptions_from_pickling_pass_through() -> None:
+    with pytest.raises(KeyboardInterrupt):
+        _backend.backend.input_key([ExplodingReduce(KeyboardInterrupt())])
 
 
 @pytest.mark.parametrize("value", [lambda: 1, threading.Lock(), [threading.Lock()]], ids=["lambda", "lock", "in-list"])

@@ -1,4 +1,4 @@
-"""Upgrading snapperable never reprocesses an unchanged function (DESIGN 5, issue 9).
+"""Upgrading snapperable never reprocesses an unchanged function (docs/architecture.md 5, issue 9).
 
 tests/fixtures/ holds checkpoints written by an earlier release (fingerprint scheme 1,
 see MANIFEST.json) from the functions of tests/fixture_functions.py, which are never

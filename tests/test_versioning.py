@@ -1,4 +1,5 @@
-"""Function fingerprints (DESIGN 5): what must change them, what must not, and the words.
+"""Function fingerprints (docs/architecture.md 5): what must change them, what must not,
+and the words.
 
 Each test writes real source files and imports them, so an "edit" is a second file with
 the edited text, imported again.
@@ -556,7 +557,7 @@ def test_explain_change_is_empty_exactly_when_parts_are_equal(
     assert len(explanation) == len(differing)
 
 
-# --- the rule: logic and constants count, state by type only (DESIGN 5) -----------------
+# --- the rule: logic and constants count, state by type only (docs/architecture.md 5) ---
 
 
 STATE = """

@@ -1,5 +1,7 @@
 """snapperable: resumable long loops with automatic checkpointing."""
 
+from typing import TYPE_CHECKING
+
 from snapperable._backend import BACKEND_NAME as backend
 from snapperable.errors import (
     CheckpointCorruptError,
@@ -34,7 +36,21 @@ from snapperable.storage.pickle_storage import PickleSnapshotStorage
 from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
 from snapperable.verification import VerifyResult, verify
 
+if TYPE_CHECKING:
+    from snapperable.reader import CheckpointReader, ItemRecord, open_checkpoint
+
 __version__ = "0.1.0"
+
+# Imported on first use (PEP 562): the reader is not needed to run a loop.
+_LAZY = {"open_checkpoint", "CheckpointReader", "ItemRecord"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        from snapperable import reader
+
+        return getattr(reader, name)
+    raise AttributeError(f"module 'snapperable' has no attribute {name!r}")
 
 __all__ = [
     "Snapper",
@@ -49,6 +65,9 @@ __all__ = [
     "NotDone",
     "ProcessingMetric",
     "RunPlan",
+    "open_checkpoint",
+    "CheckpointReader",
+    "ItemRecord",
     "verify",
     "VerifyResult",
     "generate_metrics_report",

@@ -18,7 +18,7 @@ from typing import Any, Callable, Final, Iterator, Literal, NamedTuple, Optional
 # Bytes of one input key (BLAKE2b digest size; README "Item identity").
 KEY_SIZE: Final = 16
 
-# Status of an item row (DESIGN 6.1): the integer stored in the `status` column.
+# Status of an item row (docs/architecture.md 6.1): the integer stored in the `status` column.
 STATUS_OK: Final = 0
 STATUS_FAILED: Final = 1
 
@@ -28,13 +28,13 @@ Synchronous = Literal["full", "normal"]
 SQLITE_APPLICATION_ID: Final = 0x536E6150
 
 
-# One finished item as the writer appends it (DESIGN 6.1):
+# One finished item as the writer appends it (docs/architecture.md 6.1):
 #   (key, version, status, input, output, error_type, error, traceback, attempts,
 #    started, ended)
 # The Snapper builds one per item; both SQLite stores and the pickle store save them as
 # given. ``input`` and ``output`` are pickles (protocol 4); ``input`` is kept for failed
 # items. A plain tuple, not a NamedTuple: it is built on the hot path, where a
-# NamedTuple costs ~0.5 µs an item, more than the rest of the bookkeeping.
+# NamedTuple costs more than the rest of the bookkeeping (benches/README.md).
 ItemRow = Tuple[
     bytes, int, int, Optional[bytes], Optional[bytes], Optional[str], Optional[str],
     Optional[str], int, float, float,
@@ -55,7 +55,8 @@ ROW_ENDED: Final = 10
 
 
 class RowInfo(NamedTuple):
-    """An item row as read back for metrics and reports: everything but the output."""
+    """An item row as read back for metrics, reports and the reader; ``output`` (a
+    pickle, or None for a failed row) only from ``rows(..., with_output=True)``."""
 
     seq: int
     key: bytes
@@ -68,6 +69,7 @@ class RowInfo(NamedTuple):
     attempts: int
     started: float
     ended: float
+    output: Optional[bytes] = None
 
 
 class VersionRow(NamedTuple):
@@ -111,7 +113,8 @@ class KeySet(Protocol):
 class CheckpointReader(Protocol):
     """An open checkpoint's reads. Opened for reading only (``open_sqlite_reader``, a
     pickle file opened read-only), it needs no lock and writes nothing, so it reads
-    beside a running writer and on a read-only file; ``CheckpointStore`` adds writes."""
+    beside a running writer and on a read-only file; ``CheckpointStore`` adds writes.
+    (The public ``snapperable.reader.CheckpointReader`` is built on it.)"""
 
     @property
     def path(self) -> str:
@@ -145,8 +148,19 @@ class CheckpointReader(Protocol):
         """Unpickled latest ok output of every key, in the order each key was first saved."""
         ...
 
-    def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
-        """Every row (all versions when ``version`` is None), in the order saved."""
+    def rows(self, version: Optional[int], with_output: bool = False) -> Iterator[RowInfo]:
+        """Every row (all versions when ``version`` is None), in the order saved,
+        streamed; with its pickled output when ``with_output``."""
+        ...
+
+    def meta(self) -> dict[str, str]:
+        """What the file says of itself: ``format_version``, and ``created_by`` where
+        the format keeps it (SQLite's ``meta`` table)."""
+        ...
+
+    def integrity_check(self) -> Optional[str]:
+        """The first damage to the file's structure (SQLite: ``PRAGMA
+        integrity_check`` over every page; pickle: every frame's checksums), or None."""
         ...
 
     def close(self) -> None:

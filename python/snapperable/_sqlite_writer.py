@@ -3,21 +3,22 @@
 ``commit_rows`` is the one place that turns item rows into SQL; the pure-Python store
 calls it in its writer thread, and so does the writer process.
 
-Why a process: a thread that calls ``sqlite3`` gives up the GIL around every statement
-and must take it back afterwards, and while the loop runs Python code that takes up to
-the interpreter's switch interval (5 ms). With a fast ``fn`` the writer thread then fell
-behind, the loop waited for room in the bounded buffer, and the two ran in turn instead
-of side by side: 12x the floor where the goal is 8x. So once a commit holds
-``PROCESS_MIN_ROWS`` rows (a loop faster than its commits; a slow ``fn`` never gets
-there and pays nothing), the store starts a writer process. The thread then only
-marshals each batch (about 0.15 µs a row) and sends it over a socket; the process commits
-it on another core, with no GIL to share, and answers once it is durable. The next
-batch is sent before that answer is read (``WriterProcess.send``), so the child never
-waits for the thread. About 6x the floor now. A process that cannot be started (no
-``sys.executable``, an embedded interpreter) leaves the commits in the thread.
+Why a process (docs/architecture.md 8): a thread that calls ``sqlite3`` gives up the GIL
+around every statement and must take it back afterwards, and while the loop runs Python
+code that takes up to the interpreter's switch interval. With a fast ``fn`` the writer
+thread then fell behind, the loop waited for room in the bounded buffer, and the two ran
+in turn instead of side by side, missing the pure backend's throughput goal. So once a
+commit holds ``PROCESS_MIN_ROWS`` rows (a loop faster than its commits; a slow ``fn``
+never gets there and pays nothing), the store starts a writer process. The thread then
+only marshals each batch and sends it over a socket; the process commits it on another
+core, with no GIL to share, and answers once it is durable. The next batch is sent
+before that answer is read (``WriterProcess.send``), so the child never waits for the
+thread. (The figures, before and after, are in ``benches/README.md``.) A process that
+cannot be started (no ``sys.executable``, an embedded interpreter) leaves the commits in
+the thread.
 
 ``socket`` and ``subprocess`` are imported when a process is started: most runs never
-start one, and together they took a fifth of the pure backend's import time.
+start one, and they are a large part of the pure backend's import time.
 
 The protocol, over the child's stdin (a socket) and stdout (a pipe):
 

@@ -1,10 +1,11 @@
-"""The pure-Python pending buffer and group-commit writer thread (DESIGN section 7).
+"""The pure-Python pending buffer and group-commit writer thread (docs/architecture.md 7).
 
 Used by the pure-Python SQLite store and by the pickle store; the Rust core has its own
-(``rust/writer.rs``) with the same behaviour. Items are handed over with ``record``,
-which only appends to a list; a background thread commits whatever has accumulated in
-one transaction, so a slow commit (an fsync) groups every item that finished meanwhile
-and the per-item cost stays small even at ``batch_size=1``.
+(``rust/writer.rs``) with the same behaviour. Items are handed over with ``record``, or
+by the per-item loop ``ItemRowWriter.process``, which only append to a queue; a
+background thread commits whatever has accumulated in one transaction, so a slow
+commit (an fsync) groups every item that finished meanwhile and the per-item cost stays
+small even at ``batch_size=1``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ MAX_PENDING_BYTES = 64 << 20
 
 Row = TypeVar("Row")
 
-# The per-item loop brings the writer's byte count up to date at least this often.
+# `ItemRowWriter.process` brings the writer's byte count up to date at least this often.
 _UNCOUNTED_BYTES = 1 << 20
 
 # What ``process`` records for nearly every item, a plain success (ok at the first
@@ -115,21 +116,8 @@ class GroupCommitWriter(Generic[Row]):
         if self._error is not None or self._closing:
             self._refuse()
         self._pending.append(row)
-        self._count_bytes(size)
-        self._after_recording()
-
-    # The per-item loop (`WriterBackedStore.process`) appends to `_pending` itself and
-    # brings the byte count up to date in bulk: `_count_bytes` whenever it stops, with
-    # `_after_recording` as soon as the writer is idle (to wake), the buffer is full, or
-    # many bytes went uncounted. A writer that fails or stops sets `_writer_idle` too,
-    # so that one test per item notices everything. Rows are not counted by the loop:
-    # `flush` counts the deque itself, so a Ctrl-C at any point cannot make it wait for
-    # rows that do not exist, nor skip one that does. (Bytes only bound memory; a Ctrl-C
-    # may leave them off by one chunk, and `_wait_for_room` never waits on an empty
-    # deque.)
-    def _count_bytes(self, size: int) -> None:
-        """``size`` more bytes of rows were appended to ``_pending``."""
         self._recorded_bytes += size
+        self._after_recording()
 
     def _after_recording(self) -> None:
         """Raise the writer's failure, time the oldest pending row, wake an idle writer,
@@ -255,17 +243,83 @@ class GroupCommitWriter(Generic[Row]):
                 self._cond.notify_all()
 
 
+class ItemRowWriter(GroupCommitWriter[PendingRow]):
+    """The writer of the pure stores' item rows, with the per-item loop that feeds it.
+
+    ``process`` is its one appending method besides ``record``: the hot loop of
+    ``CheckpointStore.process``. It is a method of the writer because of how it feeds
+    the buffer. Each row costs an append and one test: the loop appends to ``_pending``
+    itself and brings the byte count up to date in bulk, and the rest of ``record``'s
+    work (raising the writer's failure, timing the oldest row, waking the writer,
+    waiting for room) runs only when the writer is idle, the buffer is full, or many
+    bytes went uncounted. A writer that fails or stops sets ``_writer_idle`` too, so
+    that the one test notices everything. (An appending method that takes rows from
+    the store, over a generator or one call per row, costs the loop more:
+    ``benches/README.md``.)
+
+    Rows are not counted by the loop: ``flush`` counts the deque itself, so a Ctrl-C at
+    any point can neither make it wait for rows that do not exist nor skip one that
+    does. (Bytes only bound memory; a Ctrl-C may leave them off by one chunk, and
+    ``_wait_for_room`` never waits on an empty deque.)
+    """
+
+    def process(
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        keys: bytes,
+        positions: Sequence[int],
+        version: int,
+    ) -> Optional[ProcessStop]:
+        """``CheckpointStore.process`` (see ``_contract``): a plain ok row for each item.
+
+        Refuses before the first item, so that nothing is computed for rows that could
+        not be saved.
+        """
+        if self._error is not None or self._closing:
+            self._refuse()
+        pending = self._pending
+        append = pending.append
+        max_rows = self._max_pending
+        now = time.time
+        dumps = pickle.dumps
+        protocol = PICKLE_PROTOCOL
+        key_size = KEY_SIZE
+        size = 0  # bytes appended, not yet in _recorded_bytes
+        try:
+            for index, position in enumerate(positions):
+                started = now()
+                try:
+                    output = fn(items[position])
+                except BaseException as exc:
+                    return index, started, exc, False, None
+                try:
+                    payload = dumps(output, protocol)
+                except BaseException as exc:
+                    return index, started, exc, True, output
+                at = position * key_size
+                append((keys[at : at + key_size], version, started, now(), payload))
+                size += len(payload)
+                if self._writer_idle or len(pending) >= max_rows or size >= _UNCOUNTED_BYTES:
+                    counted, size = size, 0
+                    self._recorded_bytes += counted
+                    self._after_recording()
+        finally:
+            self._recorded_bytes += size
+        return None
+
+
 class WriterBackedStore:
     """The write half of the pure-Python stores (SQLite and pickle).
 
-    Rows go through a ``GroupCommitWriter`` to the subclass's ``_commit``; ``close``
+    Rows go through an ``ItemRowWriter`` to the subclass's ``_commit``; ``close``
     stops the writer, then ``_release`` lets go of the file.
     """
 
     flush: Callable[[], None]  # bound straight to the writer's
 
     def _start_writer(self, path: str, batch_size: int, max_wait_time: Optional[float]) -> None:
-        self._writer: GroupCommitWriter[PendingRow] = GroupCommitWriter(
+        self._writer = ItemRowWriter(
             self._commit,
             settle=self._settle,
             batch_size=batch_size,
@@ -288,39 +342,7 @@ class WriterBackedStore:
         version: int,
     ) -> Optional[ProcessStop]:
         """The per-item hot loop of the pure-Python backend (contract in ``_contract``)."""
-        writer = self._writer
-        if writer._error is not None or writer._closing:
-            writer._refuse()
-        # Rows go straight onto the writer's queue; see GroupCommitWriter._count_bytes.
-        pending = writer._pending
-        append = pending.append
-        max_rows = writer._max_pending
-        now = time.time
-        dumps = pickle.dumps
-        protocol = PICKLE_PROTOCOL
-        key_size = KEY_SIZE
-        size = 0  # bytes appended, not yet counted
-        try:
-            for index, position in enumerate(positions):
-                started = now()
-                try:
-                    output = fn(items[position])
-                except BaseException as exc:
-                    return index, started, exc, False, None
-                try:
-                    payload = dumps(output, protocol)
-                except BaseException as exc:
-                    return index, started, exc, True, output
-                at = position * key_size
-                append((keys[at : at + key_size], version, started, now(), payload))
-                size += len(payload)
-                if writer._writer_idle or len(pending) >= max_rows or size >= _UNCOUNTED_BYTES:
-                    counted_size, size = size, 0
-                    writer._count_bytes(counted_size)
-                    writer._after_recording()
-        finally:
-            writer._count_bytes(size)
-        return None
+        return self._writer.process(fn, items, keys, positions, version)
 
     def _commit(self, rows: list[PendingRow]) -> Optional[int]:
         """Commit ``rows`` (see ``GroupCommitWriter`` for a pipelined commit's return)."""

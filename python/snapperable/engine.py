@@ -80,11 +80,14 @@ EWMA_WEIGHT = 0.2  # weight of the newest task in the running per-item duration
 # -- the failure policy and the recording, as the Snapper provides them ------------------
 class Policy(Protocol):
     """What the driver asks the Snapper after an attempt failed (``Snapper._on_failure``,
-    ``Snapper._check_consecutive``, ``Snapper._failure_row``)."""
+    ``Snapper._check_consecutive``, ``Snapper._failure_row``), and what an ok row keeps
+    of its input (``Snapper._ok_input``: its pickle with ``store_inputs=True``)."""
 
     def _on_failure(self, item: Any, exc: BaseException, attempts: int) -> Any: ...
 
     def _check_consecutive(self, count: int, last: BaseException) -> None: ...
+
+    def _ok_input(self, item: Any) -> Optional[bytes]: ...
 
     def _failure_row(self, key: bytes, version: int, item: Any, failure: Any, started: float, ended: float) -> ItemRow: ...
 
@@ -610,7 +613,10 @@ class Driver:
         if error is None:
             self._alive -= 1
             self._store.record(
-                (entry.key, self._version, STATUS_OK, None, payload, None, None, None, entry.attempts, entry.started, ended)
+                (
+                    entry.key, self._version, STATUS_OK, self._policy._ok_input(entry.item), payload,
+                    None, None, None, entry.attempts, entry.started, ended,
+                )
             )
             self._consecutive = 0
             if self._progress is not None:

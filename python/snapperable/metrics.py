@@ -170,7 +170,7 @@ class RunPlan:
     retry_failed_items: bool
     version_changes: list[str] = field(default_factory=list)
     # What the current function version covers, and how: "code", "helper clean",
-    # "global MODEL = 'large'", "global client: type only" (DESIGN 5).
+    # "global MODEL = 'large'", "global client: type only" (docs/architecture.md 5).
     version_covers: list[str] = field(default_factory=list)
     # on_version_change="raise" and the function changed: start() raises
     # FunctionChangedError instead of processing (the counts say what it would face).

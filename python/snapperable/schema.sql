@@ -1,4 +1,4 @@
--- The SQLite checkpoint format, version 2 (DESIGN 6.1). Both backends run this file
+-- The SQLite checkpoint format, version 2 (docs/architecture.md 6.1). Both backends run this file
 -- as it is (the Rust core embeds it with include_str!), so there is one schema; both
 -- also check an existing file against it (format 1: the same without `checksum`).
 -- application_id 0x536e6150 ("SnaP") marks the file as a snapperable checkpoint;

@@ -17,6 +17,7 @@ referenced.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from typing import (
     Literal,
     Optional,
     TYPE_CHECKING,
+    Sequence,
     Sized,
     TypeVar,
     Union,
@@ -53,6 +55,7 @@ from snapperable._contract import (
     CheckpointStore,
     ItemRow,
     KeySet,
+    ProcessStop,
 )
 from snapperable.errors import (
     CheckpointError,
@@ -96,7 +99,7 @@ log = logging.getLogger("snapperable")
 VersionPolicy = Literal["reprocess", "keep", "raise"]
 ExecutorChoice = Union[Literal["thread", "process"], "Executor", "Client"]
 RateLimit = Union[int, float, str]
-# What version= pins: a str or any constant (DESIGN 5), e.g. ("v2", llm.model_name).
+# What version= pins: a str or any constant (docs/architecture.md 5), e.g. ("v2", llm.model_name).
 # None only inside a tuple: version=None means "not pinned".
 VersionValue = Union[
     None, bool, int, float, complex, str, bytes, Enum,
@@ -150,6 +153,10 @@ class Snapper(Generic[T, R]):
       to the work; the checkpoint stays here).
     - ``rate_limit``: at most this many calls started per second (``10``, ``"10/s"``,
       ``"600/min"``), over all workers, retries included.
+    - ``store_inputs``: keep each ok item's pickled input too (failed items always keep
+      theirs), so that the checkpoint alone pairs inputs with outputs
+      (``open_checkpoint``, ``snapperable export``). Off by default: it costs a pickle
+      of every input and a larger file.
     """
 
     # An ``async def fn`` returning R makes a Snapper of R, not of its coroutines.
@@ -177,6 +184,7 @@ class Snapper(Generic[T, R]):
         workers: Optional[int] = None,
         executor: Optional[ExecutorChoice] = None,
         rate_limit: Optional[RateLimit] = None,
+        store_inputs: bool = False,
     ) -> None: ...
 
     @overload
@@ -203,6 +211,7 @@ class Snapper(Generic[T, R]):
         workers: Optional[int] = None,
         executor: Optional[ExecutorChoice] = None,
         rate_limit: Optional[RateLimit] = None,
+        store_inputs: bool = False,
     ) -> None: ...
 
     def __init__(
@@ -228,6 +237,7 @@ class Snapper(Generic[T, R]):
         workers: Optional[int] = None,
         executor: Optional[ExecutorChoice] = None,
         rate_limit: Optional[RateLimit] = None,
+        store_inputs: bool = False,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
@@ -299,6 +309,7 @@ class Snapper(Generic[T, R]):
         self.retry_backoff = retry_backoff
         self.retry_max_backoff = retry_max_backoff
         self.progress: ProgressSetting = check_setting(progress)
+        self.store_inputs = store_inputs
         self.failed_items: list[FailedItem[T]] = []
         self._checkpoint: Optional[OpenCheckpoint] = None
         self._in_with = False
@@ -389,7 +400,7 @@ class Snapper(Generic[T, R]):
         return self._fingerprint
 
     def _resolve_version(self, store: CheckpointReader) -> None:
-        """Decide which version's results this Snapper reads and writes (DESIGN 5).
+        """Decide which version's results this Snapper reads and writes (docs/architecture.md 5).
 
         Nothing is written here: ``plan()`` and the loads only read. What ``start()``
         must record about it (a new version, an accepted change, a return to an older
@@ -770,6 +781,12 @@ class Snapper(Generic[T, R]):
         """
         fn = self.fn
         store = checkpoint.store
+        # store_inputs=True runs the per-item loop here, in Python, on both backends, so
+        # that the backends' loops (Rust's in particular) stay as they are: they record
+        # no input, and the default costs nothing more.
+        process: Callable[[Callable[[T], R], list[T], bytes, list[int], int], Optional[ProcessStop]] = (
+            functools.partial(_process_storing_inputs, store) if self.store_inputs else store.process
+        )
         consecutive_failures = 0
 
         def unkeyable_failed(error: BaseException) -> None:
@@ -782,7 +799,7 @@ class Snapper(Generic[T, R]):
                 # A live bar gets batches it can follow; else the whole chunk at once.
                 size = progress.batch(len(todo))
                 batch = todo if size >= len(todo) else todo[:size]
-                stop = store.process(fn, chunk, keys, batch, version)
+                stop = process(fn, chunk, keys, batch, version)
                 finished = len(batch) if stop is None else stop[0]
                 if finished:
                     consecutive_failures = 0
@@ -805,7 +822,7 @@ class Snapper(Generic[T, R]):
                     self._check_consecutive(consecutive_failures, outcome.exception)
                     continue
                 payload, attempts = outcome
-                ok_row = (key, version, STATUS_OK, None, payload, None, None, None, attempts, started, time.time())
+                ok_row = (key, version, STATUS_OK, self._ok_input(item), payload, None, None, None, attempts, started, time.time())
                 store.record(ok_row)
                 progress.saved(1)
                 consecutive_failures = 0
@@ -846,19 +863,19 @@ class Snapper(Generic[T, R]):
         self.failed_items.append(FailedItem(item, exc))
         return _Failed(exc, attempts)
 
+    def _ok_input(self, item: T) -> Optional[bytes]:
+        """The input an ok row keeps: its pickle with ``store_inputs``, else none."""
+        return _pickled_or_none(item) if self.store_inputs else None
+
     def _failure_row(
         self, key: bytes, version: int, item: T, failure: "_Failed", started: float, ended: float
     ) -> ItemRow:
         exc = failure.exception
-        try:
-            pickled_input: Optional[bytes] = pickle.dumps(item, PICKLE_PROTOCOL)
-        except Exception:  # the failure is still recorded, without its input
-            pickled_input = None
         return (
             key,
             version,
             STATUS_FAILED,
-            pickled_input,
+            _pickled_or_none(item),
             None,
             f"{type(exc).__module__}.{type(exc).__qualname__}",
             str.__str__(str(exc)),  # an exact str, whatever type the exception's __str__ returns
@@ -1065,6 +1082,43 @@ class _Failed:
 
 
 _NO_OUTPUT = object()  # marks "fn raised" apart from "pickling the output raised"
+
+
+def _pickled_or_none(item: object) -> Optional[bytes]:
+    """The pickle of an input to keep in its row; None if it cannot be pickled (the
+    row is still recorded, without its input)."""
+    try:
+        return pickle.dumps(item, PICKLE_PROTOCOL)
+    except Exception:
+        return None
+
+
+def _process_storing_inputs(
+    store: CheckpointStore,
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    keys: bytes,
+    positions: Sequence[int],
+    version: int,
+) -> Optional[ProcessStop]:
+    """``store.process`` (same contract, ``_contract.CheckpointStore``) for
+    ``store_inputs=True``: each ok row keeps its pickled input."""
+    for index, position in enumerate(positions):
+        item = items[position]
+        started = time.time()
+        try:
+            output = fn(item)
+        except BaseException as exc:
+            return index, started, exc, False, None
+        try:
+            payload = pickle.dumps(output, PICKLE_PROTOCOL)
+        except BaseException as exc:
+            return index, started, exc, True, output
+        key = keys[position * KEY_SIZE : (position + 1) * KEY_SIZE]
+        store.record(
+            (key, version, STATUS_OK, _pickled_or_none(item), payload, None, None, None, 1, started, time.time())
+        )
+    return None
 
 
 def _outcomes_in_place(

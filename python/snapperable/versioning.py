@@ -1,4 +1,4 @@
-"""Function fingerprints and "what changed" explanations (DESIGN section 5).
+"""Function fingerprints and "what changed" explanations (docs/architecture.md 5).
 
 A version is the function's **logic and constants**, never the **state** of the objects
 it touches: a restart of unchanged code must not redo finished work, and an edit of the
@@ -549,7 +549,7 @@ class _Walk:
         return parts
 
     def instance_parts(self, parts: _Parts, obj: object, top: bool) -> None:
-        """The attributes of the instance a method is bound to (rule 4 of DESIGN 5).
+        """The attributes of the instance a method is bound to (rule 4 of docs/architecture.md 5).
 
         At the top, one part per attribute, standing for scheme 1's ``instance`` part
         (its digest over the attributes) when they are all constants; in a value, that

@@ -27,6 +27,8 @@ use crate::writer::{Pending, Policy};
 
 /// Rows fetched per query while iterating `rows()`: bounds memory on huge checkpoints.
 const ROWS_PAGE: usize = 1024;
+/// ... and with their outputs, which may each be large.
+const ROWS_WITH_OUTPUT_PAGE: usize = 128;
 /// Outputs copied into Python `bytes` at a time before they are unpickled: bounds the
 /// extra memory of a load while keeping the per-output overhead off the binding.
 const UNPICKLE_CHUNK: usize = 4096;
@@ -286,16 +288,34 @@ impl PySqliteCheckpoint {
         self.unpickle_all(py, &latest, &indexes)
     }
 
-    /// Every row (of `version`, or of all versions if None) in the order saved.
-    #[pyo3(signature = (version))]
-    fn rows(slf: Bound<'_, Self>, version: Option<i64>) -> PyRowIterator {
+    /// Every row (of `version`, or of all versions if None) in the order saved; with
+    /// its pickled output if `with_output`.
+    #[pyo3(signature = (version, with_output = false))]
+    fn rows(slf: Bound<'_, Self>, version: Option<i64>, with_output: bool) -> PyRowIterator {
         PyRowIterator {
             checkpoint: slf.unbind(),
             version,
+            with_output,
             after: 0,
             page: VecDeque::new(),
             exhausted: false,
         }
+    }
+
+    /// The `meta` table as a dict (`format_version`, `created_by`).
+    fn meta<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let pairs = py.detach(|| self.inner.with_store(|store| store.meta()))?;
+        let meta = PyDict::new(py);
+        for (name, value) in pairs {
+            meta.set_item(name, value)?;
+        }
+        Ok(meta)
+    }
+
+    /// The first problem `PRAGMA integrity_check` finds, or None for a sound file.
+    fn integrity_check(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        let lines = py.detach(|| self.inner.with_store(|store| store.integrity_check(1)))?;
+        Ok(lines.into_iter().next().filter(|line| line != "ok"))
     }
 
     /// Flushes, then copies every committed row from the WAL into the database file.
@@ -513,6 +533,7 @@ fn item_row(row: &Bound<'_, PyAny>) -> PyResult<ItemRow> {
 pub struct PyRowIterator {
     checkpoint: Py<PySqliteCheckpoint>,
     version: Option<i64>,
+    with_output: bool,
     /// The `seq` of the last row fetched.
     after: i64,
     page: VecDeque<RowInfo>,
@@ -528,13 +549,14 @@ impl PyRowIterator {
     fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
         if self.page.is_empty() && !self.exhausted {
             let checkpoint = self.checkpoint.get();
-            let (version, after) = (self.version, self.after);
+            let (version, after, with_output) = (self.version, self.after, self.with_output);
+            let limit = if with_output { ROWS_WITH_OUTPUT_PAGE } else { ROWS_PAGE };
             let page = py.detach(|| {
                 checkpoint
                     .inner
-                    .with_store(|store| store.rows_after(version, after, ROWS_PAGE))
+                    .with_store(|store| store.rows_after(version, after, limit, with_output))
             })?;
-            self.exhausted = page.len() < ROWS_PAGE;
+            self.exhausted = page.len() < limit;
             if let Some(last) = page.last() {
                 self.after = last.seq;
             }
@@ -555,6 +577,7 @@ impl PyRowIterator {
             row.attempts,
             row.started,
             row.ended,
+            row.output.map(|output| PyBytes::new(py, &output)),
         );
         row_info_class(py)?.call1(fields).map(Some)
     }

@@ -6,17 +6,18 @@ use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 use std::time::Duration;
 
+use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::checks::{check_existing, check_raw_header, has_write_ahead_log};
 use super::row_checksum::{
-    checksum_at, head_matches, mismatch, read_rest, rest_matches, row_checksum, version_checksum,
-    Sequence,
+    checksum_at, head_matches, mismatch, output_matches, read_rest, rest_matches, row_checksum,
+    version_checksum, Sequence,
 };
 use super::scan::RowScan;
 use super::schema::{
-    corrupt_row, key_at, sqlite_error, wrong_type, unix_now, ItemRow, RowInfo, Synchronous, VersionRow, APPLICATION_ID,
-    FORMAT_VERSION, MIN_ROW_BYTES, SCHEMA, UNCHECKED_FORMAT,
+    corrupt_row, key_at, sqlite_error, unix_now, wrong_type, ItemRow, RowInfo, Synchronous,
+    VersionRow, APPLICATION_ID, FORMAT_VERSION, MIN_ROW_BYTES, SCHEMA, UNCHECKED_FORMAT,
 };
 use crate::contract::STATUS_OK;
 use crate::errors::{Error, Result};
@@ -453,24 +454,27 @@ impl Store {
         version: Option<i64>,
         after: i64,
         limit: usize,
+        with_output: bool,
     ) -> Result<Vec<RowInfo>> {
         let sql_limit = i64::try_from(limit).unwrap_or(i64::MAX);
         // `?2 IS ?2` binds the version (or NULL, as -1 never is a version, for all).
         let (wanted, any) = (version.unwrap_or(-1), i64::from(version.is_none()));
+        // The output, when asked for, is column 12 (after the checksum, or a NULL).
         let mut rows = RowScan::new(
             &self.conn,
             if self.checksummed {
                 // Every row, not only `version`'s: one whose version number is damaged
                 // must be met (and fail its checksum), not filtered out unseen.
                 c"SELECT seq, key, version, status, input, error_type, error, traceback, \
-                  attempts, started, ended, checksum FROM items \
-                  WHERE seq > ?1 AND ?2 IS ?2 AND ?3 IS ?3 AND ?4 IS NOT NULL ORDER BY seq"
+                  attempts, started, ended, checksum, CASE WHEN ?5 THEN output END \
+                  FROM items WHERE seq > ?1 AND ?2 IS ?2 AND ?3 IS ?3 AND ?4 IS NOT NULL \
+                  ORDER BY seq"
             } else {
                 c"SELECT seq, key, version, status, input, error_type, error, traceback, \
-                  attempts, started, ended FROM items \
+                  attempts, started, ended, NULL, CASE WHEN ?5 THEN output END FROM items \
                   WHERE seq > ?1 AND (?3 OR version = ?2) ORDER BY seq LIMIT ?4"
             },
-            &[after, wanted, any, sql_limit],
+            &[after, wanted, any, sql_limit, i64::from(with_output)],
         )
         .map_err(|e| self.fail(e))?;
         let mut page = Vec::new();
@@ -484,11 +488,17 @@ impl Store {
                 return Err(wrong_type(&self.path, row));
             };
             let rest = read_rest(&self.path, row, 4)?;
+            let output = match row.value(12) {
+                ValueRef::Blob(output) => Some(output),
+                ValueRef::Null => None,
+                _ => return Err(wrong_type(&self.path, row)),
+            };
             if self.checksummed {
                 sequence.check(&self.path, row)?;
                 let checksum = checksum_at(&self.path, row, 11)?;
                 if !head_matches(&checksum, &key, row_version, status)
                     || !rest_matches(&checksum, &rest)
+                    || (with_output && !output_matches(&checksum, output))
                 {
                     return Err(mismatch(&self.path, row));
                 }
@@ -516,12 +526,38 @@ impl Store {
                 attempts: rest.attempts,
                 started: rest.started,
                 ended: rest.ended,
+                output: output.map(<[u8]>::to_vec),
             });
             if page.len() >= limit {
                 break;
             }
         }
         Ok(page)
+    }
+
+    /// The `meta` table's (name, value) pairs: the format version and who created the file.
+    pub fn meta(&self) -> Result<Vec<(String, String)>> {
+        let read = || -> rusqlite::Result<Vec<(String, String)>> {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT name, value FROM meta ORDER BY name")?;
+            let pairs = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            pairs.collect()
+        };
+        read().map_err(|e| self.fail(e))
+    }
+
+    /// What `PRAGMA integrity_check` reports: `["ok"]` for a sound file, else up to
+    /// `limit` problems, each one line. Reads every page; writes nothing.
+    pub fn integrity_check(&self, limit: u32) -> Result<Vec<String>> {
+        let read = || -> rusqlite::Result<Vec<String>> {
+            let mut stmt = self
+                .conn
+                .prepare(&format!("PRAGMA integrity_check({})", limit.max(1)))?;
+            let lines = stmt.query_map([], |row| row.get(0))?;
+            lines.collect()
+        };
+        read().map_err(|e| self.fail(e))
     }
 
     /// Copies every committed row from the WAL into the database file and empties the
@@ -696,7 +732,7 @@ mod tests {
         let reader = Store::open_read_only(&path).unwrap();
         assert_eq!(reader.versions().unwrap().len(), 1);
         writer.append(&[row(2, v1, 0, Some(b"two"))]).unwrap();
-        assert_eq!(reader.rows_after(Some(v1), 0, 10).unwrap().len(), 2);
+        assert_eq!(reader.rows_after(Some(v1), 0, 10, false).unwrap().len(), 2);
         reader.close().unwrap();
         writer.close().unwrap();
 
@@ -730,7 +766,7 @@ mod tests {
             rows.push(row);
         }
         store.append(&rows).unwrap();
-        let read = store.rows_after(Some(v1), 0, 1000).unwrap();
+        let read = store.rows_after(Some(v1), 0, 1000, false).unwrap();
         let expected: Vec<(Key, i64, i64, f64)> = rows
             .iter()
             .map(|r| (r.key, r.status, r.attempts, r.started))

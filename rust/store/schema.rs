@@ -41,7 +41,8 @@ pub struct ItemRow {
     pub ended: f64,
 }
 
-/// An item row read back for reports: everything but the output.
+/// An item row read back for reports and the reader; `output` only when asked for
+/// (metrics and reports never need it, and outputs are most of a file's bytes).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowInfo {
     pub seq: i64,
@@ -55,6 +56,7 @@ pub struct RowInfo {
     pub attempts: i64,
     pub started: f64,
     pub ended: f64,
+    pub output: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

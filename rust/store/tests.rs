@@ -107,9 +107,9 @@ fn round_trip_with_superseding_rows() {
     assert_eq!(latest.get(&[2; 16]), Some(&b"two"[..]));
     assert_eq!(latest.get(&[3; 16]), None);
 
-    let all = store.rows_after(None, 0, 100).unwrap();
+    let all = store.rows_after(None, 0, 100, false).unwrap();
     assert_eq!(all.len(), 6);
-    let page = store.rows_after(Some(v1), all[1].seq, 2).unwrap();
+    let page = store.rows_after(Some(v1), all[1].seq, 2, false).unwrap();
     assert_eq!(
         page.iter().map(|r| r.seq).collect::<Vec<_>>(),
         vec![all[2].seq, all[3].seq]

@@ -230,8 +230,14 @@ class EmptyCheckpoint:
     def all_outputs(self, version: int) -> list[Any]:
         return []
 
-    def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
+    def rows(self, version: Optional[int], with_output: bool = False) -> Iterator[RowInfo]:
         return iter(())
+
+    def meta(self) -> dict[str, str]:
+        return {}
+
+    def integrity_check(self) -> Optional[str]:
+        return None
 
     def close(self) -> None:
         pass
@@ -280,3 +286,32 @@ def _identity_of(path: str) -> Optional[tuple[int, int]]:
     except OSError:
         return None
     return info.st_dev, info.st_ino
+
+
+def holder_pid(path: str) -> Optional[int]:
+    """The pid of the process holding the checkpoint at ``path`` (this process's, if a
+    Snapper here holds it), or None when it is free.
+
+    Only looks: the lock file is opened read-only (never created) and tested with
+    ``F_TEST``, which takes no lock. A holder's pid is what it wrote into the lock
+    file; 0 if it cannot be read.
+    """
+    real = os.path.realpath(path)
+    with _registry_lock:
+        if _held_in_process.get(real) == os.getpid():
+            return os.getpid()
+    try:
+        fd = os.open(real + ".lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # no lock file: never held (or not by this version's Snapper)
+    try:
+        try:
+            os.lockf(fd, os.F_TEST, 0)
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise CheckpointError.failed(path, f"cannot test its lock file: {exc}") from exc
+        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else 0
+    finally:
+        os.close(fd)

@@ -1,4 +1,4 @@
-"""A checkpoint in one append-only file of checksummed pickle frames (DESIGN 6.2).
+"""A checkpoint in one append-only file of checksummed pickle frames (docs/architecture.md 6.2).
 
 Layout, all integers little-endian:
 
@@ -100,6 +100,7 @@ class PickleReader:
     # A truncated last frame: one being appended (a reader beside a writer), or damage
     # (the store, which cut any torn tail off when it opened).
     _tail_may_be_in_flight = True
+    _tail_start = _HEADER.size
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -245,14 +246,35 @@ class PickleReader:
     def all_outputs(self, version: int) -> list[Any]:
         return _folding.outputs_in_save_order(self._latest_outputs(version), self.path)
 
-    def rows(self, version: Optional[int]) -> Iterator[RowInfo]:
+    def rows(self, version: Optional[int], with_output: bool = False) -> Iterator[RowInfo]:
         for seq, row in self._item_rows():
             if version is None or row[ROW_VERSION] == version:
-                key, version_id, status, pickled_input, _, error_type, error, tb, attempts, started, ended = row
+                key, version_id, status, pickled_input, output, error_type, error, tb, attempts, started, ended = row
                 yield RowInfo(
                     seq, key, version_id, status, pickled_input, error_type, error, tb,
-                    attempts, started, ended,
+                    attempts, started, ended, output if with_output else None,
                 )
+
+    def meta(self) -> dict[str, str]:
+        """The format version, from the header (the format keeps no creator)."""
+        header = os.pread(self._fd, _HEADER.size, 0)
+        version = _HEADER.unpack(header)[1] if len(header) == _HEADER.size else FORMAT_VERSION
+        return {"format_version": str(version)}
+
+    def integrity_check(self) -> Optional[str]:
+        """Every frame's checksums, to the end of the file (a reader: of the committed
+        frames, see ``_tail_may_be_in_flight``); the first damage, or None."""
+        try:
+            for _ in self._frames(os.fstat(self._fd).st_size, stop_at_torn_tail=self._tail_may_be_in_flight):
+                pass
+        except CheckpointCorruptError as exc:
+            return str(exc)
+        return None
+
+    def torn_tail_bytes(self) -> int:
+        """Bytes after the last intact frame, as of the last full read: what a crash
+        (or a live writer mid-append) left, cut off by the next run."""
+        return max(0, os.fstat(self._fd).st_size - self._tail_start)
 
 class PickleStore(WriterBackedStore, PickleReader):
     """The ``CheckpointStore`` of a pickle-frame file."""

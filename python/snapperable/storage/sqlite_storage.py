@@ -1,4 +1,4 @@
-"""The default storage: a SQLite checkpoint (format in DESIGN 6.1 and the README)."""
+"""The default storage: a SQLite checkpoint (format in docs/architecture.md 6.1 and the README)."""
 
 from __future__ import annotations
 
