@@ -175,6 +175,11 @@ impl Checkpoint {
         self.writer.as_ref().map_or(Ok(()), Writer::flush)
     }
 
+    /// Rows recorded but not yet committed (none for a reader).
+    pub fn unsaved(&self) -> Result<u64> {
+        self.writer.as_ref().map_or(Ok(0), Writer::unsaved)
+    }
+
     /// Commits what is pending, stops the writer and closes the file. Idempotent. The
     /// file is released even when the writer failed; that failure is then raised.
     pub fn close(&self) -> Result<()> {

@@ -330,6 +330,12 @@ impl<T: Weigh + Send + 'static> Writer<T> {
         }
     }
 
+    /// Rows recorded but not yet committed.
+    pub fn unsaved(&self) -> Result<u64> {
+        let state = self.state()?;
+        Ok(state.recorded - state.committed)
+    }
+
     /// Returns once every row recorded before the call is committed.
     pub fn flush(&self) -> Result<()> {
         let mut state = self.state()?;

@@ -411,6 +411,33 @@ def test_compact_refused_while_held_here_and_failing_leaves_the_original(made: S
     assert not (tmp_path / "no").exists()
 
 
+def test_move_sets_a_checkpoint_aside_with_its_files_and_refuses_while_held(
+    made: SnapshotStorage[Any], tmp_path: Path
+) -> None:
+    before = loads_of(made)
+    # A name that says nothing of the format: the command tells it from the bytes.
+    target = tmp_path / "aside" / "old-run"
+    target.parent.mkdir()
+    with Snapper(range(3), Flaky(set()), snapshot_storage=made, version="v2") as s:
+        s.start()  # holds the file to the end of the block
+        code, _, err = run("move", made.path, str(target))
+        assert code == cli.EXIT_HELD and "held" in err and err.count("\n") == 1, err
+    assert not target.exists()
+    code, out, err = run("move", made.path, str(target))
+    assert code == 0, err
+    assert out == f"{made.path} moved to {target}\n"
+    assert not Path(made.path).exists() and not Path(made.path + ".lock").exists()
+    assert not Path(made.path + "-wal").exists()
+    moved: SnapshotStorage[Any] = (
+        SQLiteSnapshotStorage(str(target)) if isinstance(made, SQLiteSnapshotStorage) else PickleSnapshotStorage(str(target))
+    )
+    assert loads_of(moved) == before
+    code, _, err = run("move", str(target), str(target))
+    assert code == cli.EXIT_UNREADABLE and "exists" in err
+    code, _, err = run("move", made.path, str(tmp_path / "x"))
+    assert code == cli.EXIT_UNREADABLE and made.path in err
+
+
 def test_a_file_made_by_one_backend_is_read_by_the_other(made: SnapshotStorage[Any], backend: str) -> None:
     from conftest import BACKENDS
 

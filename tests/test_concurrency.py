@@ -414,9 +414,10 @@ def test_bad_arguments() -> None:
 KILL_AT = [1, 211, 397]  # items logged since the run began, at each kill
 KILL_ITEMS = 1000
 KILL_WORKERS = 32
-# Finished items a kill may lose: those the driver had not recorded yet (a window of
-# 2 x workers) plus what the writer had not committed (batch_size 1: about one commit's
-# worth, which grows while a commit is slow); the margin covers a descheduled writer.
+# Finished items a kill may lose: those taken but not yet saved, which the engine keeps
+# within its window of 2 x workers, the writer's uncommitted rows included (it waits for
+# a commit rather than take more); the margin covers the rows of the tasks that
+# completed since the engine last looked.
 KILL_LOSS = 2 * KILL_WORKERS + 16
 
 

@@ -119,6 +119,18 @@ def test_rows_iterate_across_pages(open_store: StoreOpener) -> None:
     assert store.all_outputs(version) == list(range(2500))
 
 
+def test_unsaved_counts_recorded_rows_until_committed(open_store: StoreOpener) -> None:
+    store = open_store(batch_size=10_000)  # nothing starts a commit but a flush
+    version = store.add_version("fp", "{}", None)
+    assert store.unsaved() == 0
+    for i in range(7):
+        store.record(ok_row(i, version, i))
+    assert store.unsaved() == 7
+    store.flush()
+    assert store.unsaved() == 0
+    assert len(store.key_set(version, STATUS_OK)) == 7
+
+
 def test_records_from_many_threads_are_all_saved(store: CheckpointStore) -> None:
     version = store.add_version("fp", "{}", None)
 

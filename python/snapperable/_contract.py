@@ -208,6 +208,13 @@ class CheckpointStore(CheckpointReader, Protocol):
         """Return once every recorded row is committed (durable per the store's setting)."""
         ...
 
+    def unsaved(self) -> int:
+        """Rows recorded but not yet committed: what a crash now would lose of them.
+
+        The concurrent engine keeps this, with the items it has taken, within its
+        window (docs/architecture.md 7)."""
+        ...
+
     def fold_wal_into_file(self) -> None:
         """Flush, then make the file hold every committed row by itself: SQLite copies
         its WAL into the database file (``wal_checkpoint(TRUNCATE)``); a pickle file

@@ -168,6 +168,10 @@ class GroupCommitWriter(Generic[Row]):
             if self._error is not None:
                 self._raise_error()
 
+    def unsaved(self) -> int:
+        """Rows recorded but not yet committed (read without the lock: a snapshot)."""
+        return self._taken + len(self._pending) - self._committed
+
     def close(self) -> None:
         """Flush, then stop the thread. Idempotent; raises a writer failure if there was one."""
         with self._cond:
@@ -317,6 +321,7 @@ class WriterBackedStore:
     """
 
     flush: Callable[[], None]  # bound straight to the writer's
+    unsaved: Callable[[], int]  # likewise
 
     def _start_writer(self, path: str, batch_size: int, max_wait_time: Optional[float]) -> None:
         self._writer = ItemRowWriter(
@@ -328,6 +333,7 @@ class WriterBackedStore:
             size_of=_output_bytes,
         )
         self.flush = self._writer.flush
+        self.unsaved = self._writer.unsaved
         self._closed = False
 
     def record(self, row: ItemRow) -> None:

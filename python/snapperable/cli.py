@@ -1,7 +1,7 @@
 """The ``snapperable`` command (also ``python -m snapperable``): look inside a checkpoint.
 
-Every command but ``compact`` only reads (``snapperable.reader``): no hold, no lock
-file, nothing written, so they work while a run holds the file. Errors are one line on
+Every command but ``compact`` and ``move`` only reads (``snapperable.reader``): no
+hold, no lock file, nothing written, so they work while a run holds the file. Errors are one line on
 stderr naming the file, never a traceback. Exit codes (``EXIT_*``):
 
 - 0: done (``check``: the file is sound);
@@ -9,7 +9,7 @@ stderr naming the file, never a traceback. Exit codes (``EXIT_*``):
   damage is named);
 - 2: the command line is wrong (argparse's own code);
 - 3: the file cannot be read or written: missing, a directory, no permission;
-- 4: another process holds the checkpoint (``compact`` refuses);
+- 4: another process holds the checkpoint (``compact`` and ``move`` refuse);
 - 5: an optional dependency is missing (``export --format parquet`` needs pyarrow).
 """
 
@@ -229,6 +229,21 @@ def cmd_compact(args: argparse.Namespace, out: IO[str]) -> int:
     return EXIT_OK
 
 
+def cmd_move(args: argparse.Namespace, out: IO[str]) -> int:
+    from snapperable.reader import detect_format
+    from snapperable.storage.files import move_checkpoint
+    from snapperable.storage.pickle_storage import PickleSnapshotStorage
+    from snapperable.storage.sqlite_storage import SQLiteSnapshotStorage
+
+    # The format from the file's bytes, not its name: a SQLite checkpoint moves with
+    # its -wal and -shm, whatever it is called.
+    storage: Any = (
+        PickleSnapshotStorage(args.path) if detect_format(args.path) == "pickle" else SQLiteSnapshotStorage(args.path)
+    )
+    out.write(f"{args.path} moved to {move_checkpoint(storage, args.destination)}\n")
+    return EXIT_OK
+
+
 # -- the parser -------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -276,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compact.add_argument("-o", "--output", metavar="OUT", help="the new checkpoint (must not exist)")
     compact.add_argument("--in-place", action="store_true", help="replace PATH atomically")
+    move = command(
+        "move",
+        "move a checkpoint aside to start over (with its -wal, -shm and lock file; refused while held)",
+        cmd_move,
+    )
+    move.add_argument("destination", metavar="DEST", help="the new path, on the same filesystem (must not exist)")
     return parser
 
 

@@ -508,6 +508,7 @@ class Driver:
         limiter = self._limiter
         batch = self._batch()
         try:
+            self._bound_unsaved(batch)
             while len(self._tasks) < self._max_tasks:
                 if limiter is not None and now < limiter.next_at:
                     break
@@ -526,6 +527,18 @@ class Driver:
         except BaseException as exc:  # reading the iterable or keying raised; or a pickle
             self.stop(exc)
         return out
+
+    def _bound_unsaved(self, batch: int) -> None:
+        """Keep the items taken but not yet saved within the window, the writer's
+        uncommitted rows included: when those rows are what fills it, wait for a commit
+        (the GIL is released meanwhile; running tasks go on) before taking more. So a
+        crash loses at most about a window of items, however slow the commits."""
+        if self._claims is None:
+            return
+        window = self._max_tasks * batch
+        taken = self._alive - len(self._retries)
+        if taken < window <= taken + self._store.unsaved():
+            self._store.flush()
 
     def _gather(self, now: float, batch: int) -> list[_Entry]:
         entries: list[_Entry] = []

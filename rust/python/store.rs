@@ -250,6 +250,11 @@ impl PySqliteCheckpoint {
         Ok(py.detach(|| self.inner.flush())?)
     }
 
+    /// Rows recorded but not yet committed.
+    fn unsaved(&self) -> PyResult<u64> {
+        Ok(self.inner.unsaved()?)
+    }
+
     /// Unpickled outputs of the latest ok row of each key, in the order of `keys`.
     fn outputs_for<'py>(
         &self,
