@@ -277,6 +277,12 @@ type FastBuild = BuildHasherDefault<KeyHasher>;
 /// A map from keys to `V`, hashed as cheaply as [`KeySet`].
 pub struct KeyMap<V>(HashMap<KeyHash, V, FastBuild>);
 
+impl<V> Default for KeyMap<V> {
+    fn default() -> Self {
+        Self(HashMap::default())
+    }
+}
+
 impl<V> KeyMap<V> {
     pub fn with_capacity(capacity: usize) -> Self {
         Self(HashMap::with_capacity_and_hasher(
@@ -292,6 +298,15 @@ impl<V> KeyMap<V> {
 
     pub fn get(&self, key: &Key) -> Option<&V> {
         self.0.get(&KeyHash(*key))
+    }
+
+    pub fn remove(&mut self, key: &Key) -> Option<V> {
+        self.0.remove(&KeyHash(*key))
+    }
+
+    /// The entries, in no particular order.
+    pub fn into_entries(self) -> impl Iterator<Item = (Key, V)> {
+        self.0.into_iter().map(|(key, value)| (key.0, value))
     }
 
     pub fn values(&self) -> impl Iterator<Item = &V> + '_ {

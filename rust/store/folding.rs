@@ -2,9 +2,8 @@
 //! needs when it must look keys up (a run with failures, repeated inputs, or another
 //! order than the one saved).
 
-use rusqlite::Row;
-
 use super::open::Store;
+use super::scan::ScanRow;
 use super::schema::corrupt_row;
 use crate::errors::{Error, Result};
 use crate::keys::{order_for_table, Key, KeyMap};
@@ -114,7 +113,7 @@ impl Store {
     /// The latest row of each key of `version`.
     pub fn latest_outputs(&self, version: i64) -> Result<LatestOutputs> {
         let too_many =
-            |row: &Row<'_>| corrupt_row(&self.path, row, "is past the most rows one read can hold");
+            |row: &ScanRow<'_>| corrupt_row(&self.path, row, "is past the most rows one read can hold");
         let bound = self.row_bound()?;
         let (mut rows, mut ends, mut arena) = (
             Vec::with_capacity(bound),

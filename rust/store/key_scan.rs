@@ -5,11 +5,12 @@
 
 use std::path::Path;
 
-use rusqlite::{params, Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags};
 
 use super::open::{file_identity, FileIdentity, Store, BUSY_TIMEOUT, SCAN_MMAP_SIZE};
 use super::row_checksum::{checksum_at, head_matches, mismatch, Sequence};
-use super::schema::{key_at, sqlite_error};
+use super::scan::RowScan;
+use super::schema::{key_at, wrong_type, sqlite_error};
 use crate::contract::{KEY_SIZE, STATUS_FAILED, STATUS_OK};
 use crate::errors::{Error, Result};
 use crate::keys::{
@@ -82,23 +83,26 @@ impl Store {
         let mut latest: KeyVersionMap<i64> = KeyVersionMap::default();
         latest.reserve(self.row_bound()?);
         let _mapped = self.mapped_for_scan()?;
-        let mut stmt = self
-            .conn
-            .prepare_cached(if self.checksummed {
-                "SELECT seq, key, version, status, checksum FROM items ORDER BY seq"
+        let mut rows = RowScan::new(
+            &self.conn,
+            if self.checksummed {
+                c"SELECT seq, key, version, status, checksum FROM items ORDER BY seq"
             } else {
-                "SELECT seq, key, version, status FROM items ORDER BY seq"
-            })
-            .map_err(|e| self.fail(e))?;
-        let mut rows = stmt.query([]).map_err(|e| self.fail(e))?;
+                c"SELECT seq, key, version, status FROM items ORDER BY seq"
+            },
+            &[],
+        )
+        .map_err(|e| self.fail(e))?;
         let mut sequence = Sequence::from(1);
         while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
+            let row = &row;
             if self.checksummed {
                 sequence.check(&self.path, row)?;
             }
             let key = key_at(&self.path, row, 1)?;
-            let row_version: i64 = row.get(2).map_err(|e| self.fail(e))?;
-            let row_status: i64 = row.get(3).map_err(|e| self.fail(e))?;
+            let (Some(row_version), Some(row_status)) = (row.integer(2), row.integer(3)) else {
+                return Err(wrong_type(&self.path, row));
+            };
             if self.checksummed
                 && !head_matches(
                     &checksum_at(&self.path, row, 4)?,
@@ -258,23 +262,27 @@ fn scan_key_status(
     statuses: &mut Vec<i64>,
 ) -> Result<()> {
     let fail = |e| sqlite_error(path, e);
-    let mut stmt = conn
-        .prepare_cached(if checksummed {
-            "SELECT seq, key, status, checksum, version FROM items \
-             WHERE seq >= ?1 AND seq <= ?2 AND ?3 IS NOT NULL ORDER BY seq"
-        } else {
-            "SELECT seq, key, status, NULL, version FROM items \
-             WHERE seq >= ?1 AND seq <= ?2 AND version = ?3 ORDER BY seq"
-        })
-        .map_err(fail)?;
     // A format-2 table's rows are numbered from 1 (see `Sequence`).
     let (first, last) = range.unwrap_or((if checksummed { 1 } else { i64::MIN }, i64::MAX));
-    let mut found = stmt.query(params![first, last, version]).map_err(fail)?;
+    let mut found = RowScan::new(
+        conn,
+        if checksummed {
+            c"SELECT seq, key, status, checksum, version FROM items \
+              WHERE seq >= ?1 AND seq <= ?2 AND ?3 IS NOT NULL ORDER BY seq"
+        } else {
+            c"SELECT seq, key, status, NULL, version FROM items \
+              WHERE seq >= ?1 AND seq <= ?2 AND version = ?3 ORDER BY seq"
+        },
+        &[first, last, version],
+    )
+    .map_err(fail)?;
     let mut sequence = Sequence::from(first);
     while let Some(row) = found.next().map_err(fail)? {
+        let row = &row;
         let key = key_at(path, row, 1)?;
-        let status: i64 = row.get(2).map_err(fail)?;
-        let row_version: i64 = row.get(4).map_err(fail)?;
+        let (Some(status), Some(row_version)) = (row.integer(2), row.integer(4)) else {
+            return Err(wrong_type(path, row));
+        };
         if checksummed {
             sequence.check(path, row)?;
             if !head_matches(&checksum_at(path, row, 3)?, &key, row_version, status) {

@@ -8,16 +8,18 @@
 //! One file per concern: `schema` (the format's constants and row types, and how a
 //! stored row is read), `checks` (what is checked of a file before anything is written
 //! to it), `row_checksum` (the format-2 checksums), `open` (opening a file, appending,
-//! small reads), `key_scan`
-//! (the key sets that plan a run, scanned on two threads when large), `folding` (the
-//! latest output of each key, for a load that must look keys up) and `streaming` (a
-//! load that streams outputs in the order saved).
+//! small reads), `scan` (the
+//! full scans' rows, read through SQLite's C API), `key_scan` (the key sets that plan a
+//! run, scanned on two threads when large), `folding` (the latest output of each key,
+//! for a load that must look keys up) and `streaming` (a load that streams outputs in
+//! the order asked, as long as the rows come in that order or nearly).
 
 mod checks;
 mod folding;
 mod key_scan;
 mod open;
 mod row_checksum;
+mod scan;
 mod schema;
 mod streaming;
 

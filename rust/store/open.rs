@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 use std::time::Duration;
 
+use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::checks::{check_existing, check_raw_header, has_write_ahead_log};
@@ -13,9 +14,10 @@ use super::row_checksum::{
     checksum_at, head_matches, mismatch, output_matches, read_rest, rest_matches, row_checksum,
     version_checksum, Sequence,
 };
+use super::scan::RowScan;
 use super::schema::{
-    key_at, sqlite_error, unix_now, ItemRow, RowInfo, Synchronous, VersionRow, APPLICATION_ID,
-    FORMAT_VERSION, MIN_ROW_BYTES, SCHEMA, UNCHECKED_FORMAT,
+    corrupt_row, key_at, sqlite_error, unix_now, wrong_type, ItemRow, RowInfo, Synchronous,
+    VersionRow, APPLICATION_ID, FORMAT_VERSION, MIN_ROW_BYTES, SCHEMA, UNCHECKED_FORMAT,
 };
 use crate::contract::STATUS_OK;
 use crate::errors::{Error, Result};
@@ -454,38 +456,49 @@ impl Store {
         limit: usize,
         with_output: bool,
     ) -> Result<Vec<RowInfo>> {
+        let sql_limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // `?2 IS ?2` binds the version (or NULL, as -1 never is a version, for all).
+        let (wanted, any) = (version.unwrap_or(-1), i64::from(version.is_none()));
         // The output, when asked for, is column 12 (after the checksum, or a NULL).
-        let mut stmt = self
-            .conn
-            .prepare_cached(if self.checksummed {
+        let mut rows = RowScan::new(
+            &self.conn,
+            if self.checksummed {
                 // Every row, not only `version`'s: one whose version number is damaged
                 // must be met (and fail its checksum), not filtered out unseen.
-                "SELECT seq, key, version, status, input, error_type, error, traceback, \
-                 attempts, started, ended, checksum, CASE WHEN ?4 THEN output END FROM items \
-                 WHERE seq > ?1 AND ?2 IS ?2 AND ?3 IS NOT NULL ORDER BY seq"
+                c"SELECT seq, key, version, status, input, error_type, error, traceback, \
+                  attempts, started, ended, checksum, CASE WHEN ?5 THEN output END \
+                  FROM items WHERE seq > ?1 AND ?2 IS ?2 AND ?3 IS ?3 AND ?4 IS NOT NULL \
+                  ORDER BY seq"
             } else {
-                "SELECT seq, key, version, status, input, error_type, error, traceback, \
-                 attempts, started, ended, NULL, CASE WHEN ?4 THEN output END FROM items \
-                 WHERE seq > ?1 AND (?2 IS NULL OR version = ?2) ORDER BY seq LIMIT ?3"
-            })
-            .map_err(|e| self.fail(e))?;
-        let sql_limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut rows = stmt
-            .query(params![after, version, sql_limit, with_output])
-            .map_err(|e| self.fail(e))?;
+                c"SELECT seq, key, version, status, input, error_type, error, traceback, \
+                  attempts, started, ended, NULL, CASE WHEN ?5 THEN output END FROM items \
+                  WHERE seq > ?1 AND (?3 OR version = ?2) ORDER BY seq LIMIT ?4"
+            },
+            &[after, wanted, any, sql_limit, i64::from(with_output)],
+        )
+        .map_err(|e| self.fail(e))?;
         let mut page = Vec::new();
         let mut sequence = Sequence::from(after.saturating_add(1).max(1));
         while let Some(row) = rows.next().map_err(|e| self.fail(e))? {
+            let row = &row;
             let key = key_at(&self.path, row, 1)?;
-            let output: Option<Vec<u8>> = row.get(12).map_err(|e| self.fail(e))?;
+            let (Some(seq), Some(row_version), Some(status)) =
+                (row.integer(0), row.integer(2), row.integer(3))
+            else {
+                return Err(wrong_type(&self.path, row));
+            };
+            let rest = read_rest(&self.path, row, 4)?;
+            let output = match row.value(12) {
+                ValueRef::Blob(output) => Some(output),
+                ValueRef::Null => None,
+                _ => return Err(wrong_type(&self.path, row)),
+            };
             if self.checksummed {
                 sequence.check(&self.path, row)?;
-                let row_version: i64 = row.get(2).map_err(|e| self.fail(e))?;
-                let status = row.get(3).map_err(|e| self.fail(e))?;
                 let checksum = checksum_at(&self.path, row, 11)?;
                 if !head_matches(&checksum, &key, row_version, status)
-                    || !rest_matches(&checksum, &read_rest(&self.path, row, 4)?)
-                    || (with_output && !output_matches(&checksum, output.as_deref()))
+                    || !rest_matches(&checksum, &rest)
+                    || (with_output && !output_matches(&checksum, output))
                 {
                     return Err(mismatch(&self.path, row));
                 }
@@ -493,24 +506,28 @@ impl Store {
                     continue;
                 }
             }
-            let info = (|| -> rusqlite::Result<RowInfo> {
-                Ok(RowInfo {
-                    seq: row.get(0)?,
-                    key,
-                    version: row.get(2)?,
-                    status: row.get(3)?,
-                    input: row.get(4)?,
-                    error_type: row.get(5)?,
-                    error: row.get(6)?,
-                    traceback: row.get(7)?,
-                    attempts: row.get(8)?,
-                    started: row.get(9)?,
-                    ended: row.get(10)?,
-                    output,
-                })
-            })()
-            .map_err(|e| self.fail(e))?;
-            page.push(info);
+            let text = |bytes: Option<&[u8]>| -> Result<Option<String>> {
+                bytes
+                    .map(|bytes| {
+                        String::from_utf8(bytes.to_vec())
+                            .map_err(|_| corrupt_row(&self.path, row, "holds a text that is not UTF-8"))
+                    })
+                    .transpose()
+            };
+            page.push(RowInfo {
+                seq,
+                key,
+                version: row_version,
+                status,
+                input: rest.input.map(<[u8]>::to_vec),
+                error_type: text(rest.error_type)?,
+                error: text(rest.error)?,
+                traceback: text(rest.traceback)?,
+                attempts: rest.attempts,
+                started: rest.started,
+                ended: rest.ended,
+                output: output.map(<[u8]>::to_vec),
+            });
             if page.len() >= limit {
                 break;
             }

@@ -10,10 +10,9 @@
 
 use crc32fast::Hasher;
 use rusqlite::types::ValueRef;
-use rusqlite::Row;
 
-use super::schema::{corrupt_row, sqlite_error, ItemRow};
-use crate::contract::KEY_SIZE;
+use super::scan::ScanRow;
+use super::schema::{corrupt_row, wrong_type, ItemRow};
 use crate::errors::{Error, Result};
 use crate::keys::Key;
 
@@ -21,26 +20,123 @@ use crate::keys::Key;
 pub(super) const CHECKSUM_SIZE: usize = 12;
 pub(super) type Checksum = [u8; CHECKSUM_SIZE];
 
+/// The CRC-32 tables of slicing-by-8: `TABLES[k][b]` is the CRC of byte `b` followed by
+/// `k` zero bytes. The rows' CRCs cover a few dozen bytes each, where a table walk over
+/// whole words (inlined, on values already in registers) is several times faster than
+/// a call into `crc32fast`, which wins only on long inputs (its SIMD folding).
+static TABLES: [[u32; 256]; 8] = crc_tables();
+
+const fn crc_tables() -> [[u32; 256]; 8] {
+    let mut tables = [[0u32; 256]; 8];
+    let mut byte = 0;
+    while byte < 256 {
+        let mut crc = byte as u32;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 1 != 0 { 0xEDB8_8320 ^ (crc >> 1) } else { crc >> 1 };
+            bit += 1;
+        }
+        tables[0][byte] = crc;
+        byte += 1;
+    }
+    let mut byte = 0;
+    while byte < 256 {
+        let mut k = 1;
+        while k < 8 {
+            let previous = tables[k - 1][byte];
+            tables[k][byte] = (previous >> 8) ^ tables[0][(previous & 0xff) as usize];
+            k += 1;
+        }
+        byte += 1;
+    }
+    tables
+}
+
+/// Inputs at least this long go to `crc32fast` (whose SIMD folding then wins).
+const LONG_INPUT: usize = 128;
+
+/// A running CRC-32 (zlib's), in its inverted working form.
+#[derive(Clone, Copy)]
+struct Crc(u32);
+
+impl Crc {
+    fn new() -> Self {
+        Crc(!0)
+    }
+
+    /// Eight bytes, little-endian: one step of the tables.
+    #[inline]
+    fn word(&mut self, word: u64) {
+        let t = &TABLES;
+        let low = (word as u32) ^ self.0;
+        let high = (word >> 32) as u32;
+        let at = |value: u32, shift: u32| ((value >> shift) & 0xff) as usize;
+        self.0 = t[7][at(low, 0)]
+            ^ t[6][at(low, 8)]
+            ^ t[5][at(low, 16)]
+            ^ t[4][at(low, 24)]
+            ^ t[3][at(high, 0)]
+            ^ t[2][at(high, 8)]
+            ^ t[1][at(high, 16)]
+            ^ t[0][at(high, 24)];
+    }
+
+    #[inline]
+    fn bytes(&mut self, bytes: &[u8]) {
+        if bytes.len() >= LONG_INPUT {
+            let mut hasher = Hasher::new_with_initial(!self.0);
+            hasher.update(bytes);
+            self.0 = !hasher.finalize();
+            return;
+        }
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            let mut eight = [0u8; 8];
+            eight.copy_from_slice(word);
+            self.word(u64::from_le_bytes(eight));
+        }
+        for &byte in words.remainder() {
+            self.0 = TABLES[0][((self.0 ^ u32::from(byte)) & 0xff) as usize] ^ (self.0 >> 8);
+        }
+    }
+
+    fn finish(self) -> u32 {
+        !self.0
+    }
+}
+
 /// A nullable blob or text field: the byte 0, or the byte 1, a u32 length and the bytes.
-fn field(hasher: &mut Hasher, value: Option<&[u8]>) {
+#[inline]
+fn field(crc: &mut Crc, value: Option<&[u8]>) {
+    /// Values up to this long are joined to their head in one run of bytes (a small
+    /// output: a word step and a few bytes, not two runs of single bytes).
+    const SHORT: usize = 59;
     match value {
-        None => hasher.update(&[0]),
+        None => crc.bytes(&[0]),
         Some(bytes) => {
             // SQLite holds at most 2^31 bytes a value, so the length fits.
             let length = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
             let mut head = [1u8; 5];
             head[1..].copy_from_slice(&length.to_le_bytes());
-            hasher.update(&head);
-            hasher.update(bytes);
+            if bytes.len() <= SHORT {
+                let mut joined = [0u8; SHORT + 5];
+                joined[..5].copy_from_slice(&head);
+                joined[5..5 + bytes.len()].copy_from_slice(bytes);
+                crc.bytes(&joined[..5 + bytes.len()]);
+            } else {
+                crc.bytes(&head);
+                crc.bytes(bytes);
+            }
         }
     }
 }
 
 /// `out`: the CRC-32 of the output field.
+#[inline]
 pub(super) fn out_crc(output: Option<&[u8]>) -> u32 {
-    let mut hasher = Hasher::new();
-    field(&mut hasher, output);
-    hasher.finalize()
+    let mut crc = Crc::new();
+    field(&mut crc, output);
+    crc.finish()
 }
 
 /// The fields of an item row that `rest` covers, borrowed as read.
@@ -57,29 +153,32 @@ pub(super) struct Rest<'a> {
 
 impl Rest<'_> {
     pub(super) fn crc(&self) -> u32 {
-        let mut hasher = Hasher::new();
-        field(&mut hasher, self.input);
-        field(&mut hasher, self.error_type);
-        field(&mut hasher, self.error);
-        field(&mut hasher, self.traceback);
-        let mut counts = [0u8; 24];
-        counts[..8].copy_from_slice(&self.attempts.to_le_bytes());
-        counts[8..16].copy_from_slice(&self.started.to_le_bytes());
-        counts[16..].copy_from_slice(&self.ended.to_le_bytes());
-        hasher.update(&counts);
-        hasher.finalize()
+        let mut crc = Crc::new();
+        field(&mut crc, self.input);
+        field(&mut crc, self.error_type);
+        field(&mut crc, self.error);
+        field(&mut crc, self.traceback);
+        crc.word(self.attempts as u64);
+        crc.word(self.started.to_bits());
+        crc.word(self.ended.to_bits());
+        crc.finish()
     }
 }
 
-/// `head`: the CRC-32 of key, version, status, `out` and `rest`, as one 44-byte block.
+/// `head`: the CRC-32 of key, version, status, `out` and `rest`, as one 40-byte block,
+/// fed as the five little-endian words it is made of (no buffer).
+#[inline]
 fn head_crc(key: &Key, version: i64, status: i64, out: u32, rest: u32) -> u32 {
-    let mut block = [0u8; KEY_SIZE + 24];
-    block[..KEY_SIZE].copy_from_slice(key);
-    block[KEY_SIZE..KEY_SIZE + 8].copy_from_slice(&version.to_le_bytes());
-    block[KEY_SIZE + 8..KEY_SIZE + 16].copy_from_slice(&status.to_le_bytes());
-    block[KEY_SIZE + 16..KEY_SIZE + 20].copy_from_slice(&out.to_le_bytes());
-    block[KEY_SIZE + 20..].copy_from_slice(&rest.to_le_bytes());
-    crc32fast::hash(&block)
+    let (mut first, mut second) = ([0u8; 8], [0u8; 8]);
+    first.copy_from_slice(&key[..8]);
+    second.copy_from_slice(&key[8..]);
+    let mut crc = Crc::new();
+    crc.word(u64::from_le_bytes(first));
+    crc.word(u64::from_le_bytes(second));
+    crc.word(version as u64);
+    crc.word(status as u64);
+    crc.word(u64::from(out) | (u64::from(rest) << 32));
+    crc.finish()
 }
 
 /// The `index`th u32 of a checksum (0 `head`, 1 `out`, 2 `rest`).
@@ -134,24 +233,25 @@ pub(super) fn version_checksum(
     uses: i64,
     created: f64,
 ) -> i64 {
-    let mut hasher = Hasher::new();
-    hasher.update(&id.to_le_bytes());
-    hasher.update(&uses.to_le_bytes());
-    hasher.update(&created.to_le_bytes());
-    field(&mut hasher, Some(fingerprint.as_bytes()));
-    field(&mut hasher, Some(parts.as_bytes()));
-    i64::from(hasher.finalize())
+    let mut crc = Crc::new();
+    crc.word(id as u64);
+    crc.word(uses as u64);
+    crc.word(created.to_bits());
+    field(&mut crc, Some(fingerprint.as_bytes()));
+    field(&mut crc, Some(parts.as_bytes()));
+    i64::from(crc.finish())
 }
 
 /// The [`Rest`] of `row` from column `first` on (input, error_type, error, traceback,
 /// attempts, started, ended), borrowed from SQLite's row buffer. A value of another
 /// type than the schema's is damage.
-pub(super) fn read_rest<'row>(path: &str, row: &'row Row<'_>, first: usize) -> Result<Rest<'row>> {
-    let value = |offset: usize| {
-        row.get_ref(first + offset)
-            .map_err(|e| sqlite_error(path, e))
-    };
-    let wrong = || corrupt_row(path, row, "holds a value of another type than its column's");
+pub(super) fn read_rest<'row>(
+    path: &str,
+    row: &'row ScanRow<'_>,
+    first: usize,
+) -> Result<Rest<'row>> {
+    let value = |offset: usize| Ok(row.value(first + offset));
+    let wrong = || wrong_type(path, row);
     let bytes = |offset: usize, text: bool| -> Result<Option<&'row [u8]>> {
         match value(offset)? {
             ValueRef::Null => Ok(None),
@@ -180,14 +280,16 @@ pub(super) fn read_rest<'row>(path: &str, row: &'row Row<'_>, first: usize) -> R
 }
 
 /// The checksum column at `index` of `row`: 12 bytes of blob, or damage.
-pub(super) fn checksum_at(path: &str, row: &Row<'_>, index: usize) -> Result<Checksum> {
-    match row.get_ref(index).map_err(|e| sqlite_error(path, e))? {
+#[inline]
+pub(super) fn checksum_at(path: &str, row: &ScanRow<'_>, index: usize) -> Result<Checksum> {
+    match row.value(index) {
         ValueRef::Blob(bytes) => Checksum::try_from(bytes).map_err(|_| malformed(path, row)),
         _ => Err(malformed(path, row)),
     }
 }
 
-fn malformed(path: &str, row: &Row<'_>) -> Error {
+#[cold]
+fn malformed(path: &str, row: &ScanRow<'_>) -> Error {
     corrupt_row(
         path,
         row,
@@ -210,9 +312,11 @@ impl Sequence {
     }
 
     /// Checks the `seq` (column 0) of the next row the scan met.
-    pub(super) fn check(&mut self, path: &str, row: &Row<'_>) -> Result<()> {
-        let seq: i64 = row.get(0).map_err(|e| sqlite_error(path, e))?;
-        if seq != self.next {
+    #[inline]
+    pub(super) fn check(&mut self, path: &str, row: &ScanRow<'_>) -> Result<()> {
+        let seq = row.integer(0);
+        if seq != Some(self.next) {
+            let seq = seq.unwrap_or(i64::MIN);
             return Err(corrupt_row(
                 path,
                 row,
@@ -222,7 +326,7 @@ impl Sequence {
                 ),
             ));
         }
-        self.next = seq.saturating_add(1);
+        self.next = self.next.saturating_add(1);
         Ok(())
     }
 
@@ -239,13 +343,15 @@ impl Sequence {
 }
 
 /// The error of a row whose checksum does not check.
-pub(super) fn mismatch(path: &str, row: &Row<'_>) -> Error {
+#[cold]
+pub(super) fn mismatch(path: &str, row: &ScanRow<'_>) -> Error {
     corrupt_row(path, row, "does not match its checksum")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::contract::KEY_SIZE;
 
     /// Values `python/snapperable/_row_checksum.py` computes for the same rows
     /// (`tests/test_checksums.py` checks the same figures from Python).
@@ -277,6 +383,33 @@ mod tests {
         };
         assert_eq!(hex(&row_checksum(&failed)), "99968d328def02d22a7e4c72");
         assert_eq!(version_checksum(1, "fp", "{}", 1, 0.5), 2_738_404_838);
+    }
+
+    #[test]
+    fn the_tables_compute_zlibs_crc_at_every_length_and_split() {
+        let data: Vec<u8> = (0..400u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for length in 0..data.len() {
+            let input = &data[..length];
+            let mut crc = Crc::new();
+            crc.bytes(input);
+            assert_eq!(crc.finish(), crc32fast::hash(input), "length {length}");
+            let (front, back) = input.split_at(length / 3);
+            let mut split = Crc::new();
+            split.bytes(front);
+            split.bytes(back);
+            assert_eq!(split.finish(), crc32fast::hash(input), "length {length}, split");
+            let mut as_field = Crc::new();
+            field(&mut as_field, Some(input));
+            let mut expected = vec![1u8];
+            expected.extend_from_slice(&(length as u32).to_le_bytes());
+            expected.extend_from_slice(input);
+            assert_eq!(as_field.finish(), crc32fast::hash(&expected), "field {length}");
+        }
+        let mut words = Crc::new();
+        words.word(u64::from_le_bytes([1, 2, 3, 4, 5, 6, 7, 8]));
+        assert_eq!(words.finish(), crc32fast::hash(&[1, 2, 3, 4, 5, 6, 7, 8]));
     }
 
     fn hex(bytes: &[u8]) -> String {

@@ -3,7 +3,11 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::{ErrorCode, Row};
+use rusqlite::ErrorCode;
+
+use super::scan::ScanRow;
+
+use rusqlite::types::ValueRef;
 
 use crate::contract::STATUS_OK;
 use crate::errors::{Error, Result};
@@ -144,12 +148,12 @@ pub fn sqlite_error(path: &str, err: rusqlite::Error) -> Error {
 
 /// The key in column `index` of `row`, read from the checkpoint at `path`; a key that
 /// is not a 16-byte blob means the file was damaged or written by something else.
-pub(super) fn key_at(path: &str, row: &Row<'_>, index: usize) -> Result<Key> {
-    let value = row.get_ref(index).map_err(|e| sqlite_error(path, e))?;
-    value
-        .as_blob()
-        .ok()
-        .and_then(|blob| Key::try_from(blob).ok())
+#[inline]
+pub(super) fn key_at(path: &str, row: &ScanRow<'_>, index: usize) -> Result<Key> {
+    match row.value(index) {
+        ValueRef::Blob(blob) => Key::try_from(blob).ok(),
+        _ => None,
+    }
         .ok_or_else(|| Error::BadKey {
             path: path.to_owned(),
             seq: row_seq(row),
@@ -157,7 +161,7 @@ pub(super) fn key_at(path: &str, row: &Row<'_>, index: usize) -> Result<Key> {
 }
 
 /// Damage found in the item row `row` (its `seq` in column 0) of the checkpoint at `path`.
-pub(super) fn corrupt_row(path: &str, row: &Row<'_>, problem: &str) -> Error {
+pub(super) fn corrupt_row(path: &str, row: &ScanRow<'_>, problem: &str) -> Error {
     Error::BadRow {
         path: path.to_owned(),
         seq: row_seq(row),
@@ -165,9 +169,16 @@ pub(super) fn corrupt_row(path: &str, row: &Row<'_>, problem: &str) -> Error {
     }
 }
 
+/// A row with a value of another type than its column's (say, a version that is not an
+/// integer): damage.
+#[cold]
+pub(super) fn wrong_type(path: &str, row: &ScanRow<'_>) -> Error {
+    corrupt_row(path, row, "holds a value of another type than its column's")
+}
+
 /// The `seq` of `row` (column 0), None if even that is unreadable.
-fn row_seq(row: &Row<'_>) -> Option<i64> {
-    row.get::<_, i64>(0).ok()
+fn row_seq(row: &ScanRow<'_>) -> Option<i64> {
+    row.integer(0)
 }
 
 /// Now, in Unix seconds, as `time.time()` gives it: the time of the rows' `started` and

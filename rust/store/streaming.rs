@@ -1,19 +1,19 @@
-//! A load that streams: the outputs of a version's rows in the order saved, handed over
-//! a chunk at a time while the scan goes on, as long as the rows are what the caller
-//! expects (then the answer needs no lookup and no table); and the scan of outputs
-//! that every load reads through.
+//! A load that streams: the outputs of a version's rows in the order asked (the keys'
+//! order, or the order saved), handed over a chunk at a time while the scan goes on, as
+//! long as the rows are what the caller expects (then the answer needs no table of all
+//! outputs); and the scan of outputs that every load reads through.
 
 use std::mem;
 
 use rusqlite::types::ValueRef;
-use rusqlite::Row;
 
 use super::open::Store;
 use super::row_checksum::{checksum_at, head_matches, mismatch, output_matches, Sequence};
-use super::schema::{corrupt_row, key_at};
+use super::scan::{RowScan, ScanRow};
+use super::schema::{corrupt_row, key_at, wrong_type};
 use crate::contract::{KEY_SIZE, STATUS_OK};
 use crate::errors::Result;
-use crate::keys::{all_distinct, key_prefix, keys_distinct, Key};
+use crate::keys::{all_distinct, key_prefix, keys_distinct, Key, KeyMap};
 
 /// Outputs of one version copied out of a scan, back to back: what [`Store::outputs_in_order`]
 /// hands over at a time.
@@ -66,8 +66,10 @@ impl OutputChunk {
 /// Which rows [`Store::outputs_in_order`] expects.
 #[derive(Debug, Clone, Copy)]
 pub enum InOrder<'a> {
-    /// Exactly one row per key of this buffer of concatenated keys, in its order: the
-    /// rows of a run that found no failure and no repeated input.
+    /// Exactly one row per key of this buffer of concatenated keys, in its order or
+    /// nearly (see [`Early`]): the rows of a run that found no repeated input and
+    /// retried no failure, saved in the order of its inputs or, by a concurrent run, in
+    /// the order they completed.
     Keys(&'a [u8]),
     /// Rows of distinct keys.
     DistinctKeys,
@@ -83,9 +85,9 @@ pub enum Streamed {
 }
 
 impl Store {
-    /// The saved outputs of `version`'s ok rows in the order saved, sent to `send` a
-    /// chunk at a time while the scan goes on, as long as the rows are what `expected`
-    /// says; then the answer of a load needs no lookup (and no table) at all. Returns
+    /// The saved outputs of `version`'s ok rows in the order `expected` gives, sent to
+    /// `send` a chunk at a time while the scan goes on, as long as the rows are what
+    /// `expected` says; then the answer of a load needs no table of all outputs. Returns
     /// [`Streamed::NotInOrder`] as soon as they are not, or when `send` returns false.
     ///
     /// Distinct keys are checked by their first eight bytes (keys are digests): a false
@@ -98,7 +100,9 @@ impl Store {
     ) -> Result<Streamed> {
         let mut chunk = OutputChunk::default();
         let mut stopped = false;
+        // Keys: how many of them have had their row; DistinctKeys: rows seen.
         let mut seen = 0usize;
+        let mut early = Early::default();
         let mut prefixes: Vec<u64> = Vec::new();
         match expected {
             // Fewer rows in the file than keys (say, repeated inputs, processed once):
@@ -113,26 +117,49 @@ impl Store {
         // checkpoint: +200 MB of RSS), and here the scan is not the slow side anyway
         // (it runs beside the unpickling); read through SQLite's small page cache it
         // was even faster (1M rows: 0.21 s against 0.28 s for the whole load).
+        let key_at = |keys: &[u8], index: usize| {
+            let at = index.saturating_mul(KEY_SIZE);
+            keys.get(at..at.saturating_add(KEY_SIZE))
+                .and_then(|key| Key::try_from(key).ok())
+        };
         self.scan_outputs(version, false, |_, key, output| {
-            match expected {
-                InOrder::Keys(keys) => {
-                    let at = seen.saturating_mul(KEY_SIZE);
-                    if keys.get(at..at.saturating_add(KEY_SIZE)) != Some(&key[..]) {
-                        stopped = true;
-                        return Ok(false);
+            let mut emit = |output: Option<&[u8]>| {
+                if let Some(output) = output {
+                    chunk.push(output);
+                    if chunk.is_full() && !send(mem::take(&mut chunk)) {
+                        return false;
                     }
                 }
-                InOrder::DistinctKeys => prefixes.push(key_prefix(&key)),
-            }
-            seen += 1;
-            if let Some(output) = output {
-                chunk.push(output);
-                if chunk.is_full() && !send(mem::take(&mut chunk)) {
-                    stopped = true;
-                    return Ok(false);
+                true
+            };
+            let going = match expected {
+                InOrder::Keys(keys) if key_at(keys, seen) == Some(key) => {
+                    seen += 1;
+                    let mut going = emit(output);
+                    // The rows that came early for the keys now next, in their order.
+                    while going && !early.is_empty() {
+                        let Some(span) = key_at(keys, seen).and_then(|key| early.take(&key))
+                        else {
+                            break;
+                        };
+                        seen += 1;
+                        going = emit(early.output(span));
+                    }
+                    going
                 }
+                // Ahead of its key's turn (or of no key asked for, or a second row of a
+                // key): kept until its turn, within the window.
+                InOrder::Keys(_) => early.keep(key, output),
+                InOrder::DistinctKeys => {
+                    prefixes.push(key_prefix(&key));
+                    seen += 1;
+                    emit(output)
+                }
+            };
+            if !going {
+                stopped = true;
             }
-            Ok(true)
+            Ok(going)
         })?;
         if stopped {
             return Ok(Streamed::NotInOrder);
@@ -141,8 +168,12 @@ impl Store {
             return Ok(Streamed::NotInOrder);
         }
         let distinct = match expected {
+            // Every key had its row and no row is left over: with distinct keys, each
+            // key's row was its only one, so its output is its latest.
             InOrder::Keys(keys) => {
-                seen.checked_mul(KEY_SIZE) == Some(keys.len()) && keys_distinct(keys)
+                early.is_empty()
+                    && seen.checked_mul(KEY_SIZE) == Some(keys.len())
+                    && keys_distinct(keys)
             }
             InOrder::DistinctKeys => all_distinct(prefixes),
         };
@@ -153,6 +184,88 @@ impl Store {
         })
     }
 
+}
+
+/// The rows of a nearly ordered load that came before their key's turn (a concurrent
+/// run saves rows as they complete, a few thousand at most out of place): held until
+/// then, their outputs back to back in one buffer. More than [`Early::MAX_ROWS`] rows
+/// or [`Early::MAX_BYTES`] bytes out of place, or two rows of one key, and the load
+/// takes the general way: the window bounds the memory of a streaming load.
+#[derive(Default)]
+struct Early {
+    /// Per key: where its output lies in `arena`, or None if its row has none.
+    rows: KeyMap<Option<(usize, usize)>>,
+    arena: Vec<u8>,
+    /// Bytes of `arena` still held by a row (the rest were taken).
+    held: usize,
+}
+
+impl Early {
+    const MAX_ROWS: usize = 1 << 16;
+    const MAX_BYTES: usize = 64 << 20;
+
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Keeps the row of `key` for later; false if the window is full or `key` already
+    /// has a row here.
+    fn keep(&mut self, key: Key, output: Option<&[u8]>) -> bool {
+        let length = output.map_or(0, <[u8]>::len);
+        if self.rows.len() >= Self::MAX_ROWS || self.held + length > Self::MAX_BYTES {
+            return false;
+        }
+        if self.rows.is_empty() {
+            self.arena.clear();
+            self.held = 0;
+        }
+        // Taken rows leave their bytes behind: once they are most of the buffer, it is
+        // rebuilt with only the rows still held (amortized: each byte moves at most once
+        // per halving).
+        if self.arena.len() > 2 * self.held + (1 << 20) {
+            self.compact();
+        }
+        let span = output.map(|output| {
+            let start = self.arena.len();
+            self.arena.extend_from_slice(output);
+            (start, self.arena.len())
+        });
+        self.held += length;
+        self.rows.insert(key, span).is_none()
+    }
+
+    /// Where the output of the row kept for `key` lies (`Some(None)`: a row without
+    /// one), if one is kept; read it with [`Early::output`] before the next `keep`.
+    fn take(&mut self, key: &Key) -> Option<Option<(usize, usize)>> {
+        let span = self.rows.remove(key)?;
+        if let Some((start, end)) = span {
+            self.held -= end - start;
+        }
+        Some(span)
+    }
+
+    fn output(&self, span: Option<(usize, usize)>) -> Option<&[u8]> {
+        span.map(|(start, end)| self.arena.get(start..end).unwrap_or_default())
+    }
+
+    fn compact(&mut self) {
+        let mut arena = Vec::with_capacity(self.held);
+        let old = mem::take(&mut self.rows);
+        let mut rows = KeyMap::with_capacity(old.len());
+        for (key, span) in old.into_entries() {
+            let span = span.map(|(start, end)| {
+                let from = arena.len();
+                arena.extend_from_slice(self.arena.get(start..end).unwrap_or_default());
+                (from, arena.len())
+            });
+            rows.insert(key, span);
+        }
+        self.rows = rows;
+        self.arena = arena;
+    }
+}
+
+impl Store {
     /// Calls `each` with `(row, key, output)` for each row of `version` in `seq` order,
     /// until it returns false; `output` is the saved output of an ok row (None for a
     /// failed row, or an ok row without one). An output that is neither a blob nor
@@ -161,33 +274,35 @@ impl Store {
         &self,
         version: i64,
         mapped: bool,
-        mut each: impl FnMut(&Row<'_>, Key, Option<&[u8]>) -> Result<bool>,
+        mut each: impl FnMut(&ScanRow<'_>, Key, Option<&[u8]>) -> Result<bool>,
     ) -> Result<()> {
         let _mapped = if mapped {
             Some(self.mapped_for_scan()?)
         } else {
             None
         };
-        let mut stmt = self
-            .conn
-            .prepare_cached(if self.checksummed {
+        let mut found = RowScan::new(
+            &self.conn,
+            if self.checksummed {
                 // Every row, not only `version`'s: a row whose version number is damaged
                 // must be met (and fail its checksum), not filtered out unseen.
-                "SELECT seq, key, status, checksum, output, version FROM items \
-                 WHERE ?1 IS NOT NULL ORDER BY seq"
+                c"SELECT seq, key, status, checksum, output, version FROM items \
+                  WHERE ?1 IS NOT NULL ORDER BY seq"
             } else {
-                "SELECT seq, key, status, NULL, output, version FROM items \
-                 WHERE version = ?1 ORDER BY seq"
-            })
-            .map_err(|e| self.fail(e))?;
-        let mut found = stmt.query([version]).map_err(|e| self.fail(e))?;
+                c"SELECT seq, key, status, NULL, output, version FROM items \
+                  WHERE version = ?1 ORDER BY seq"
+            },
+            &[version],
+        )
+        .map_err(|e| self.fail(e))?;
         let mut sequence = Sequence::from(1);
         while let Some(row) = found.next().map_err(|e| self.fail(e))? {
+            let row = &row;
             let key = key_at(&self.path, row, 1)?;
-            let status: i64 = row.get(2).map_err(|e| self.fail(e))?;
+            let status = row.integer(2).ok_or_else(|| wrong_type(&self.path, row))?;
             let checksum = if self.checksummed {
                 sequence.check(&self.path, row)?;
-                let row_version: i64 = row.get(5).map_err(|e| self.fail(e))?;
+                let row_version = row.integer(5).ok_or_else(|| wrong_type(&self.path, row))?;
                 let checksum = checksum_at(&self.path, row, 3)?;
                 if !head_matches(&checksum, &key, row_version, status) {
                     return Err(mismatch(&self.path, row));
@@ -200,7 +315,7 @@ impl Store {
                 None
             };
             // Borrowed from SQLite's row buffer: the caller copies it once, if at all.
-            let stored = match row.get_ref(4).map_err(|e| self.fail(e))? {
+            let stored = match row.value(4) {
                 ValueRef::Blob(output) => Some(output),
                 ValueRef::Null => None,
                 _ => {
@@ -270,17 +385,20 @@ mod tests {
         let (sent, found) = streamed(&store, v1, InOrder::DistinctKeys);
         assert_eq!((sent.len(), found), (9_999, Streamed::Complete));
 
-        // Fewer keys, other keys, another order: not in order.
+        // Fewer keys, other keys: not in order.
         let fewer = &keys[..keys.len() - KEY_SIZE];
         assert_eq!(
             streamed(&store, v1, InOrder::Keys(fewer)).1,
             Streamed::NotInOrder
         );
+        // Another order, close to the one saved: streamed, in the order asked.
         let mut swapped = keys.clone();
         swapped[..2 * KEY_SIZE].rotate_left(KEY_SIZE);
+        let (sent, found) = streamed(&store, v1, InOrder::Keys(&swapped));
+        assert_eq!(found, Streamed::Complete);
         assert_eq!(
-            streamed(&store, v1, InOrder::Keys(&swapped)).1,
-            Streamed::NotInOrder
+            (&sent[0][..], &sent[1][..], sent.len()),
+            (&1u32.to_le_bytes()[..], &0u32.to_le_bytes()[..], 9_999)
         );
         // A receiver that stops makes it stop.
         let stopped = store.outputs_in_order(v1, InOrder::DistinctKeys, |_| false);
@@ -306,5 +424,85 @@ mod tests {
             streamed(&store, v2, InOrder::Keys(&many)),
             (vec![], Streamed::NotInOrder)
         );
+    }
+
+    #[test]
+    fn outputs_in_order_stream_rows_out_of_place_within_the_window() {
+        let dir = TempDir::new();
+        let mut store = Store::open(&dir.file("run.db"), Synchronous::Normal).unwrap();
+        let v1 = store.add_version("fp1", "{}", None).unwrap();
+        let n = 20_000u32;
+        let keyed = |i: u32, status: i64| {
+            let output = i.to_le_bytes();
+            let mut row = row(0, v1, status, (status == 0).then_some(&output[..]));
+            row.key[..4].copy_from_slice(&i.to_le_bytes());
+            row
+        };
+        // Completion order: each block of 64 reversed, one row 5,000 places late, and a
+        // failed row out of place.
+        let mut order: Vec<u32> = (0..n).collect();
+        for block in order.chunks_mut(64) {
+            block.reverse();
+        }
+        let late = order.remove(100);
+        order.insert(5_100, late);
+        let rows: Vec<ItemRow> = order
+            .iter()
+            .map(|&i| keyed(i, if i == 300 { STATUS_FAILED } else { 0 }))
+            .collect();
+        store.append(&rows).unwrap();
+        let keys: Vec<u8> = (0..n).flat_map(|i| keyed(i, 0).key).collect();
+        let (sent, found) = streamed(&store, v1, InOrder::Keys(&keys));
+        assert_eq!(found, Streamed::Complete);
+        let expected: Vec<Vec<u8>> = (0..n)
+            .filter(|&i| i != 300)
+            .map(|i| i.to_le_bytes().to_vec())
+            .collect();
+        assert_eq!(sent, expected);
+
+        // A later row of a key already loaded, or a key without a row: the general way.
+        store.append(&[keyed(7, 0)]).unwrap();
+        assert_eq!(
+            streamed(&store, v1, InOrder::Keys(&keys)).1,
+            Streamed::NotInOrder
+        );
+        let mut more = keys.clone();
+        more.extend_from_slice(&keyed(n + 1, 0).key);
+        more.extend_from_slice(&keyed(n + 2, 0).key);
+        assert_eq!(
+            streamed(&store, v1, InOrder::Keys(&more)).1,
+            Streamed::NotInOrder
+        );
+    }
+
+    #[test]
+    fn outputs_in_order_give_up_beyond_the_window() {
+        let dir = TempDir::new();
+        let mut store = Store::open(&dir.file("run.db"), Synchronous::Normal).unwrap();
+        let v1 = store.add_version("fp1", "{}", None).unwrap();
+        let n = u32::try_from(Early::MAX_ROWS).unwrap() + 10;
+        let keyed = |i: u32| {
+            let mut row = row(0, v1, 0, Some(b"x"));
+            row.key[..4].copy_from_slice(&i.to_le_bytes());
+            row
+        };
+        // The first key's row saved last: every other row waits for it.
+        let rows: Vec<ItemRow> = (1..n).chain([0]).map(keyed).collect();
+        store.append(&rows).unwrap();
+        let keys: Vec<u8> = (0..n).flat_map(|i| keyed(i).key).collect();
+        assert_eq!(
+            streamed(&store, v1, InOrder::Keys(&keys)).1,
+            Streamed::NotInOrder
+        );
+        // Within the window, the same shape streams.
+        let few = 1_000u32;
+        let dir = TempDir::new();
+        let mut store = Store::open(&dir.file("run.db"), Synchronous::Normal).unwrap();
+        let v1 = store.add_version("fp1", "{}", None).unwrap();
+        let rows: Vec<ItemRow> = (1..few).chain([0]).map(keyed).collect();
+        store.append(&rows).unwrap();
+        let keys: Vec<u8> = (0..few).flat_map(|i| keyed(i).key).collect();
+        let (sent, found) = streamed(&store, v1, InOrder::Keys(&keys));
+        assert_eq!((sent.len(), found), (1_000, Streamed::Complete));
     }
 }
