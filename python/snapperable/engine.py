@@ -508,7 +508,6 @@ class Driver:
         limiter = self._limiter
         batch = self._batch()
         try:
-            self._bound_unsaved(batch)
             while len(self._tasks) < self._max_tasks:
                 if limiter is not None and now < limiter.next_at:
                     break
@@ -528,17 +527,24 @@ class Driver:
             self.stop(exc)
         return out
 
-    def _bound_unsaved(self, batch: int) -> None:
-        """Keep the items taken but not yet saved within the window, the writer's
-        uncommitted rows included: when those rows are what fills it, wait for a commit
-        (the GIL is released meanwhile; running tasks go on) before taking more. So a
-        crash loses at most about a window of items, however slow the commits."""
-        if self._claims is None:
-            return
-        window = self._max_tasks * batch
+    def backlogged(self) -> bool:
+        """Do rows the writer has yet to commit fill the window? Items taken but not yet
+        saved stay within it, those rows included, so that a crash loses about a window
+        of items however slow the commits: the loop then calls ``wait_for_commit``
+        (off an event loop's thread) before it asks ``ready`` for more."""
+        if self._claims is None or self.stopping is not None:
+            return False
+        window = self._max_tasks * self._batch()
         taken = self._alive - len(self._retries)
-        if taken < window <= taken + self._store.unsaved():
+        return taken < window <= taken + self._store.unsaved()
+
+    def wait_for_commit(self) -> None:
+        """Return once every recorded row is committed (the GIL is released meanwhile;
+        running tasks go on); a writer failure stops the run."""
+        try:
             self._store.flush()
+        except BaseException as exc:
+            self.stop(exc)
 
     def _gather(self, now: float, batch: int) -> list[_Entry]:
         entries: list[_Entry] = []
@@ -723,6 +729,8 @@ def _drive(driver: Driver, runner: Runner, results: "queue.SimpleQueue[Any]", do
     cancelled = False
     while True:
         try:
+            if driver.backlogged():
+                driver.wait_for_commit()
             now = time.monotonic()
             for task_id, work in driver.ready(now):
                 runner.submit(task_id, work, done)
@@ -766,6 +774,11 @@ async def run_async(driver: Driver, fn: Callable[[Any], Awaitable[Any]]) -> None
 
     pacer = driver.pacer
     turns = asyncio.Lock() if pacer is not None else None
+    committing = [False]  # a wait_for_commit runs in a thread: pump again when it ends
+
+    def committed(_: object) -> None:
+        committing[0] = False
+        pump()
 
     async def attempt(task_id: int, item: Any) -> None:
         started = time.time() if pacer is None or turns is None else await pacer.turn(turns)
@@ -787,6 +800,12 @@ async def run_async(driver: Driver, fn: Callable[[Any], Awaitable[Any]]) -> None
         pump()
 
     def pump() -> None:
+        if committing[0]:
+            return
+        if driver.backlogged():  # never block the loop on a commit: the tasks run on it
+            committing[0] = True
+            loop.run_in_executor(None, driver.wait_for_commit).add_done_callback(committed)
+            return
         now = time.monotonic()
         for task_id, (_, items, _) in driver.ready(now):
             running[task_id] = loop.create_task(attempt(task_id, items[0]))
