@@ -283,14 +283,25 @@ def test_retry_waits_without_holding_the_worker(storage: SnapshotStorage[Any], k
     assert sorted(m.attempts for m in snapper.load_metrics()) == [1] * 9 + [2]
 
 
-def test_unpicklable_output_is_an_item_failure(storage: SnapshotStorage[Any]) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_unpicklable_output_is_an_item_failure(storage: SnapshotStorage[Any], kind: str) -> None:
+    # The driver pickles what ran in this process as it records it: the failure is the
+    # item's, the items after it are recorded, and none of them ran twice.
+    calls: list[int] = []
+
     def fn(x: int) -> Any:
+        calls.append(x)
         return threading.Lock() if x == 2 else x
 
-    snapper = snap(storage, range(5), fn, skip_item_errors=True)
+    async def afn(x: int) -> Any:
+        return fn(x)
+
+    snapper = snap(storage, range(5), afn if kind == "async" else fn, skip_item_errors=True)
     snapper.start()
     assert snapper.load() == [0, 1, 3, 4]
-    assert type(snapper.failed_items[0].exception).__name__ == "UnpicklableOutputError"
+    assert sorted(calls) == [0, 1, 2, 3, 4]
+    assert [type(f.exception).__name__ for f in snapper.failed_items] == ["UnpicklableOutputError"]
+    assert "lock" in str(snapper.failed_items[0].exception)
 
 
 # -- rate limits ------------------------------------------------------------------------------

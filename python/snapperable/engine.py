@@ -23,8 +23,9 @@ records; this module executes. Its parts:
 Work crosses to a runner as ``(fn, items)``; for a runner whose work leaves the process
 (``Runner.remote``) as ``(pickled fn or None, [pickled item, ...])``, pickled here so
 that what cannot be pickled is named before it is sent. Either way the worker calls
-``fn`` on each item, times it where it ran and pickles the output there, and sends back
-one ``Outcome`` per item.
+``fn`` on each item, times it where it ran, and sends back one ``Outcome`` per item:
+with the output pickled where it ran if that is another process, else as it is (the
+driver pickles it as it records it).
 """
 
 from __future__ import annotations
@@ -54,16 +55,18 @@ from typing import (
     Union,
 )
 
-from snapperable._contract import PICKLE_PROTOCOL, STATUS_FAILED, STATUS_OK, CheckpointStore, ItemRow
+from snapperable._contract import PICKLE_PROTOCOL, STATUS_OK, CheckpointStore, ItemRow
 from snapperable.errors import UnpicklableOutputError
 
 if TYPE_CHECKING:  # imported where used: a run on threads needs neither (asyncio: ~50 ms)
     import asyncio
     import multiprocessing.context
 
-# What a worker sends back per item: (started, ended, pickled output or None, exception
-# or None), Unix times measured where it ran.
-Outcome = Tuple[float, float, Optional[bytes], Optional[BaseException]]
+# What a worker sends back per item: (started, ended, output, exception or None), Unix
+# times measured where it ran. The output is the object itself where the work runs in
+# this process (the driver pickles it as it records it), its pickle (or None) from
+# another process.
+Outcome = Tuple[float, float, Any, Optional[BaseException]]
 # A task's result: its outcomes in order, or why the whole task failed (a broken pool, a
 # result that could not come back), or CANCELLED (it never started).
 TaskResult = Union[list[Outcome], BaseException, str]
@@ -183,15 +186,17 @@ def _outcome_of(fn: Callable[[Any], Any], item: Any, pace: Optional[Callable[[],
         output = fn(item)
     except BaseException as exc:
         return started, time.time(), None, exc
-    try:
-        payload = pickle.dumps(output, PICKLE_PROTOCOL)
-    except BaseException as exc:
-        return started, time.time(), None, UnpicklableOutputError.of(output, exc)
-    return started, time.time(), payload, None
+    return started, time.time(), output, None
 
 
 def run_items(fn: Callable[[Any], Any], items: Sequence[Any], pace: Optional[Callable[[], float]] = None) -> list[Outcome]:
-    """A task in this process: each item's outcome, in order (each start paced by ``pace``)."""
+    """A task in this process: each item's outcome, in order (each start paced by ``pace``).
+
+    Outputs stay unpickled: the driver pickles them as it records them, in its own
+    thread. Pickled here, in many threads at once, each small pickle would be carved
+    from a 4 KiB buffer in that thread's malloc arena, and the holes they leave there stay
+    resident after the run (benches/README.md, "peak RSS" of the concurrent rows).
+    """
     return [_outcome_of(fn, item, pace) for item in items]
 
 
@@ -236,7 +241,13 @@ def run_remote(
         _last_fn = (fn_pickle, fn)
     outcomes = []
     for item_pickle in item_pickles:
-        started, ended, payload, exc = _outcome_of(fn, pickle.loads(item_pickle))
+        started, ended, output, exc = _outcome_of(fn, pickle.loads(item_pickle))
+        payload = None
+        if exc is None:
+            try:
+                payload = pickle.dumps(output, PICKLE_PROTOCOL)
+            except BaseException as error:
+                exc = UnpicklableOutputError.of(output, error)
         if exc is not None:
             exc = _travelling(exc, dumps)
         outcomes.append((started, ended, payload, exc))
@@ -354,7 +365,7 @@ class ExecutorRunner:
     def __init__(self, executor: Executor, *, remote: bool, owned: bool, fn_pickle: Optional[bytes]) -> None:
         self._executor = executor
         self.remote = remote
-        self.target_task_seconds = 0.01 if remote else 0.001
+        self.target_task_seconds = 0.05 if remote else 0.001
         self._owned = owned
         self._fn_pickle = fn_pickle  # None: the pool's initializer has fn already
         self._futures: dict[int, "Future[list[Outcome]]"] = {}
@@ -451,7 +462,9 @@ class Driver:
     ``batch`` items go out while fewer than ``max_tasks`` are in flight; ``batch`` grows
     from 1 while items turn out shorter than ``target_task_seconds``. Items waiting for
     a retry are not in the window, but at most as many as it holds may wait: beyond
-    that, new items wait for retries to fall due.
+    that, new items wait for retries to fall due. ``commit_slack``: how many rows the
+    writer may have yet to commit beyond the window before no more items are taken
+    (see ``backlogged``).
     """
 
     def __init__(
@@ -467,9 +480,10 @@ class Driver:
         target_task_seconds: float,
         batching: bool,
         limiter: Optional[RateLimiter],
-        progress: Optional[Callable[[int], None]],
+        progress: Optional[Callable[[int, int], None]],  # (rows saved, of which failed)
         pickle_hint: str = "",
         dumps: Optional[Callable[[object], bytes]] = None,
+        commit_slack: int = 0,
     ) -> None:
         self._policy = policy
         self._store = store
@@ -477,6 +491,7 @@ class Driver:
         self._fn = fn
         self._claims: Optional[Iterator[tuple[Any, bytes]]] = claims
         self._max_tasks = max_tasks
+        self._commit_slack = commit_slack
         self._remote = remote
         self._target = target_task_seconds
         self._batching = batching and limiter is None
@@ -528,15 +543,16 @@ class Driver:
         return out
 
     def backlogged(self) -> bool:
-        """Do rows the writer has yet to commit fill the window? Items taken but not yet
-        saved stay within it, those rows included, so that a crash loses about a window
-        of items however slow the commits: the loop then calls ``wait_for_commit``
-        (off an event loop's thread) before it asks ``ready`` for more."""
+        """Do rows the writer has yet to commit fill the window (and its ``commit_slack``)?
+        Items taken but not yet saved stay within it, those rows included, so that a
+        crash loses about a window of items however slow the commits: the loop then
+        calls ``wait_for_commit`` (off an event loop's thread) before it asks ``ready``
+        for more."""
         if self._claims is None or self.stopping is not None:
             return False
         window = self._max_tasks * self._batch()
         taken = self._alive - len(self._retries)
-        return taken < window <= taken + self._store.unsaved()
+        return taken < window and window + self._commit_slack <= taken + self._store.unsaved()
 
     def wait_for_commit(self) -> None:
         """Return once every recorded row is committed (the GIL is released meanwhile;
@@ -618,14 +634,24 @@ class Driver:
             spent = sum(ended - started for started, ended, _, _ in result) / len(result)
             self._per_item = spent if self._per_item == 0.0 else (
                 self._per_item + EWMA_WEIGHT * (spent - self._per_item))
-        for entry, outcome in zip(entries, result):
+        in_process = not self._remote  # outputs to pickle here (see run_items)
+        saved = 0  # ok rows recorded, reported to the progress bar once per task
+        for entry, (started, ended, payload, error) in zip(entries, result):
+            if in_process and error is None:
+                try:
+                    payload = pickle.dumps(payload, PICKLE_PROTOCOL)
+                except BaseException as exc:
+                    payload, error = None, UnpicklableOutputError.of(payload, exc)
             try:
-                self._finish(entry, outcome)
+                saved += self._finish(entry, started, ended, payload, error)
             except BaseException as exc:  # the policy says stop, or the writer failed
                 self.stop(exc)
+        if saved and self._progress is not None:
+            self._progress(saved, 0)
 
-    def _finish(self, entry: _Entry, outcome: Outcome) -> None:
-        started, ended, payload, error = outcome
+    def _finish(self, entry: _Entry, started: float, ended: float, payload: Optional[bytes],
+                error: Optional[BaseException]) -> bool:
+        """Record one item's outcome; True if it was an ok row (not yet reported to progress)."""
         entry.attempts += 1
         if entry.attempts == 1:
             entry.started = started
@@ -638,12 +664,10 @@ class Driver:
                 )
             )
             self._consecutive = 0
-            if self._progress is not None:
-                self._progress(STATUS_OK)
-            return
+            return True
         if self.stopping is not None:
             self._alive -= 1  # not recorded: a resumed run tries it again
-            return
+            return False
         try:
             decision = self._policy._on_failure(entry.item, error, entry.attempts)
         except BaseException:
@@ -651,13 +675,14 @@ class Driver:
             raise
         if isinstance(decision, float):  # retry it after this delay, on the next free worker
             heapq.heappush(self._retries, (time.monotonic() + decision, id(entry), entry))
-            return
+            return False
         self._alive -= 1
         self._store.record(self._policy._failure_row(entry.key, self._version, entry.item, decision, entry.started, ended))
         self._consecutive += 1
         if self._progress is not None:
-            self._progress(STATUS_FAILED)
+            self._progress(1, 1)
         self._policy._check_consecutive(self._consecutive, error)
+        return False
 
 
 # -- the loops --------------------------------------------------------------------------------
@@ -791,10 +816,7 @@ async def run_async(driver: Driver, fn: Callable[[Any], Awaitable[Any]]) -> None
         except BaseException as exc:
             outcome = (started, time.time(), None, exc)
         else:
-            try:
-                outcome = (started, time.time(), pickle.dumps(output, PICKLE_PROTOCOL), None)
-            except BaseException as exc:
-                outcome = (started, time.time(), None, UnpicklableOutputError.of(output, exc))
+            outcome = (started, time.time(), output, None)
         running.pop(task_id, None)
         driver.complete(task_id, [outcome])
         pump()

@@ -322,10 +322,12 @@ class Snapper(Generic[T, R]):
         self._changes: list[str] = []
         self._version_conflict: Optional[str] = None  # on_version_change="raise" refused a change
         self._fingerprint: "Optional[versioning.Fingerprint]" = None
-        # Keys of the iterable in order, one bytes per chunk (16 bytes an input), kept by
-        # start() for load(); chunks, not one buffer, so that keeping them never needs
-        # a second copy of them all while start() runs.
-        self._key_chunks: Optional[list[bytes]] = None
+        # Keys of the iterable in order (16 bytes an input), kept by start() for load():
+        # one bytearray that start() appends each chunk's keys to, made bytes on first
+        # use. One buffer grows in place (a large one by remapping its pages), where
+        # many small ones, joined later, left holes in the heap that stayed resident
+        # through the load (benches/README.md, the concurrent run's peak RSS).
+        self._keys: Union[None, bytes, bytearray] = None
         self._one_shot_read = False
 
     # -- holding the checkpoint ---------------------------------------------------------
@@ -558,13 +560,11 @@ class Snapper(Generic[T, R]):
 
     def _current_keys(self) -> bytes:
         """Keys of the current iterable in order; from the last complete ``start`` if any."""
-        if self._key_chunks is None:
-            self._key_chunks = [keys for _, keys, _ in self._keyed_chunks()]
-        if len(self._key_chunks) != 1:
-            # Kept joined from now on: one copy of the keys, not the chunks plus a join
-            # per load (3M inputs: 48 MB less while load() builds its result).
-            self._key_chunks = [b"".join(self._key_chunks)]
-        return self._key_chunks[0]
+        if self._keys is None:
+            self._keys = b"".join(keys for _, keys, _ in self._keyed_chunks())
+        elif isinstance(self._keys, bytearray):
+            self._keys = bytes(self._keys)  # and the buffer is freed: one copy is kept
+        return self._keys
 
     def _chunks(self) -> Iterator[list[T]]:
         """The iterable, ``CHUNK`` items at a time: read lazily, never all at once."""
@@ -637,15 +637,15 @@ class Snapper(Generic[T, R]):
                     skip.add(key)
             total = len(self.iterable) if isinstance(self.iterable, Sized) else None
             progress = Progress(self.progress, total)
-            key_chunks: list[bytes] = []
+            keys = bytearray()
             try:
-                yield checkpoint, version, skip, progress, key_chunks
-                self._key_chunks = key_chunks
+                yield checkpoint, version, skip, progress, keys
+                self._keys = keys
             except BaseException:
                 # A one-shot iterator cannot be read again: a later load() returns the
                 # saved outputs of what this run read of it, rather than raising.
-                if self._one_shot_read and key_chunks:
-                    self._key_chunks = key_chunks
+                if self._one_shot_read and keys:
+                    self._keys = keys
                 raise
             finally:
                 try:
@@ -700,19 +700,21 @@ class Snapper(Generic[T, R]):
         """The engine's driver over what ``run`` claims; ``runner=None``: an ``async def fn``."""
         from snapperable import engine
 
-        checkpoint, version, skip, progress, key_chunks = run
+        checkpoint, version, skip, progress, keys_read = run
         workers = self._worker_count()
         drivers: list[engine.Driver] = []  # the one below, for failures found while keying
         claims = (
             (chunk[p], keys[p * KEY_SIZE : (p + 1) * KEY_SIZE])
             for chunk, keys, todo in self._claimed(
-                checkpoint, version, skip, progress, key_chunks, lambda error: drivers[0].failed_unrun(error)
+                checkpoint, version, skip, progress, keys_read, lambda error: drivers[0].failed_unrun(error)
             )
             for p in todo
         )
         limiter = None if self._start_interval is None else engine.RateLimiter(self._start_interval)
         # In flight: a task per worker plus one queued each, so no worker waits for the
-        # driver; with a rate limit or on an event loop, one each (a task starts when sent).
+        # driver; with a rate limit or on an event loop, one each (a task starts when sent),
+        # and as many rows again may wait for their commit: either way, about 2 x workers
+        # tasks are taken but not saved, and a commit never holds up the next start.
         queued = runner is not None and limiter is None
         driver = engine.Driver(
             self,
@@ -725,9 +727,10 @@ class Snapper(Generic[T, R]):
             target_task_seconds=0.0 if runner is None else runner.target_task_seconds,
             batching=runner is not None,
             limiter=limiter,
-            progress=lambda status: progress.saved(1, failed=int(status == STATUS_FAILED)),
+            progress=progress.saved,
             pickle_hint=f"the workers of executor={self.executor!r}",
             dumps=getattr(runner, "item_dumps", None),
+            commit_slack=0 if queued else workers,
         )
         drivers.append(driver)
         return driver
@@ -738,17 +741,17 @@ class Snapper(Generic[T, R]):
         version: int,
         skip: KeySet,
         progress: Progress,
-        key_chunks: list[bytes],
+        keys_read: bytearray,
         unkeyable_failed: Callable[[BaseException], None],
     ) -> Iterator[tuple[list[T], bytes, list[int]]]:
         """Per chunk of the iterable: the chunk, its keys, and the positions in it to
-        process (claimed: added to ``skip``). Appends each chunk's keys to ``key_chunks``.
+        process (claimed: added to ``skip``). Appends each chunk's keys to ``keys_read``.
         Items whose key raised (``skip_item_errors``) are recorded as failed here, each
         then reported to ``unkeyable_failed``, which counts it as a failure in a row."""
         store = checkpoint.store
         for chunk, keys, unkeyable in self._keyed_chunks(run=True):
             checkpoint.verify_in_place()  # a stat per chunk: stop soon after an rm or mv
-            key_chunks.append(keys)
+            keys_read += keys
             todo = skip.claim(keys)  # duplicates within the chunk are claimed once
             progress.already_done(len(chunk) - len(todo))  # done before, or duplicates
             if unkeyable:  # skip_item_errors: recorded as failed, if claimed (not failed before)
@@ -770,13 +773,13 @@ class Snapper(Generic[T, R]):
         version: int,
         skip: KeySet,
         progress: Progress,
-        key_chunks: list[bytes],
+        keys_read: bytearray,
     ) -> None:
         """The loop: key a chunk, claim what is not done, have the store process it.
 
         ``store.process`` runs the per-item loop (in Rust with the Rust core) and stops
         at an item that raised; the failure is handled here, and processing goes on
-        after it. Appends the keys of every chunk read, in order, to ``key_chunks``,
+        after it. Appends the keys of every chunk read, in order, to ``keys_read``,
         for ``load``.
         """
         fn = self.fn
@@ -794,7 +797,7 @@ class Snapper(Generic[T, R]):
             consecutive_failures += 1
             self._check_consecutive(consecutive_failures, error)
 
-        for chunk, keys, todo in self._claimed(checkpoint, version, skip, progress, key_chunks, unkeyable_failed):
+        for chunk, keys, todo in self._claimed(checkpoint, version, skip, progress, keys_read, unkeyable_failed):
             while todo:
                 # A live bar gets batches it can follow; else the whole chunk at once.
                 size = progress.batch(len(todo))
@@ -939,7 +942,7 @@ class Snapper(Generic[T, R]):
                 key_chunks.append(chunk_keys)
             keys = b"".join(key_chunks)
             if self._one_shot_read:
-                self._key_chunks = [keys]  # for a later load(): it cannot read them again
+                self._keys = keys  # for a later load(): it cannot read them again
             outcomes, failed = _outcomes_in_place(store, version, keys, NOT_DONE)
             if failed:
                 failures = {
@@ -1009,7 +1012,7 @@ class Snapper(Generic[T, R]):
         by_duration = sorted(metrics, key=lambda m: m.duration)
         extremes = by_duration[:MAX_OUTLIERS] + by_duration[-MAX_OUTLIERS:]  # fast and slow outliers
         wanted = {m.key for m in extremes} | {m.key for m in metrics if not m.success}
-        if iter(self.iterable) is self.iterable and self._key_chunks is None:
+        if iter(self.iterable) is self.iterable and self._keys is None:
             return {}
         try:
             keys = self._current_keys()
@@ -1034,7 +1037,7 @@ class Snapper(Generic[T, R]):
             version = self._version_id
             assert version is not None
             if iter(self.iterable) is not self.iterable:
-                self._key_chunks = None  # re-read: items may have been added since start()
+                self._keys = None  # re-read: items may have been added since start()
             keys = self._current_keys()
             done, failed = store.key_sets(version)
             done_elsewhere = store.key_set(None, STATUS_OK)
@@ -1068,7 +1071,7 @@ class Snapper(Generic[T, R]):
 
 
 # What a run's plan hands to the sequential loop or to the engine (``_running``).
-_Run = tuple[OpenCheckpoint, int, KeySet, Progress, list[bytes]]
+_Run = tuple[OpenCheckpoint, int, KeySet, Progress, bytearray]
 
 
 class _Failed:
