@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+import snapperable
 from crash_child import VERSION, item_of, make_storage, output_of
 from snapperable import Snapper, SnapshotStorage, SQLiteSnapshotStorage, TooManyConsecutiveErrors
 from snapperable.engine import RATE_MARGIN, parse_rate_limit, process_context
@@ -393,6 +394,19 @@ def test_unpicklable_fn_or_item_named_before_any_work(db: SQLiteSnapshotStorage[
     with pytest.raises(TypeError, match="item .*lock.* cannot be pickled"):
         snap(db, [lock, lock], pid_of, executor="process", key=lambda _: 1).start()
     assert snap(db, range(5), pid_of).load() == []  # nothing ran, nothing was saved
+
+
+@once  # the pool and the driver do not depend on the backend
+def test_a_run_that_fails_before_its_loop_stops_the_pool_it_started(tmp_path: Path) -> None:
+    # The pool's workers start before the checkpoint is opened; a file that is no
+    # checkpoint fails the open, and the workers are stopped, not left behind.
+    import multiprocessing
+
+    path = tmp_path / "not-a-checkpoint.db"
+    path.write_bytes(b"this is not a SQLite file" * 100)
+    with pytest.raises(snapperable.CheckpointCorruptError):
+        snap(SQLiteSnapshotStorage(str(path)), range(5), pid_of, executor="process", workers=2).start()
+    assert multiprocessing.active_children() == []
 
 
 @once  # the pool and the driver do not depend on the backend

@@ -296,7 +296,8 @@ class Runner(Protocol):
     - A remote runner may have ``item_dumps``, the pickler of its items (default: pickle,
       protocol 4); the Dask runner pickles them as Dask would, with cloudpickle.
     - ``close(wait)``: release what the runner started (never a user's executor);
-      ``wait=False`` (a second Ctrl-C) does not wait for running work.
+      ``wait=False`` (a second Ctrl-C) does not wait for running work. Only the first
+      call counts: a later one returns at once.
     """
 
     remote: bool
@@ -318,6 +319,7 @@ class ThreadRunner:
 
     def __init__(self, workers: int) -> None:
         self._tasks: "queue.SimpleQueue[Optional[tuple[int, Work, Done]]]" = queue.SimpleQueue()
+        self._closed = False
         self._threads = [
             threading.Thread(target=self._work, name=f"snapperable-worker-{i}", daemon=True) for i in range(workers)
         ]
@@ -347,6 +349,9 @@ class ThreadRunner:
                 task[2](task[0], CANCELLED)
 
     def close(self, wait: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
         for _ in self._threads:
             self._tasks.put(None)
         if wait:
@@ -370,6 +375,7 @@ class ExecutorRunner:
         self._fn_pickle = fn_pickle  # None: the pool's initializer has fn already
         self._futures: dict[int, "Future[list[Outcome]]"] = {}
         self._lock = threading.Lock()
+        self._closed = False
 
     def submit(self, task_id: int, work: Work, done: Done) -> None:
         fn, items, pace = work
@@ -398,8 +404,9 @@ class ExecutorRunner:
             future.cancel()  # only succeeds for what has not started
 
     def close(self, wait: bool) -> None:
-        if not self._owned:
+        if not self._owned or self._closed:
             return
+        self._closed = True
         if not wait:
             # Ours, and abandoned: stop the workers rather than wait for their items.
             processes = getattr(self._executor, "_processes", None) or {}
@@ -438,6 +445,11 @@ def process_runner(fn: Callable[[Any], Any], workers: int) -> ExecutorRunner:
     pool = ProcessPoolExecutor(
         workers, mp_context=process_context(), initializer=init_process_worker, initargs=(fn_pickle,)
     )
+    # The pool starts a process only when a task is submitted: start them all now (with a
+    # call that does nothing), so that they boot and unpickle fn while the run opens its
+    # checkpoint, rather than after.
+    for _ in range(workers):
+        pool.submit(os.getpid)
     return ExecutorRunner(pool, remote=True, owned=True, fn_pickle=None)
 
 

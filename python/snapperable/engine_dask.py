@@ -195,6 +195,8 @@ class DaskRunner:
             self._client.cancel([future for _, future in unstarted])
 
     def close(self, wait: bool) -> None:
+        if self._closed.is_set():
+            return
         self._closed.set()
         if wait:
             return  # every task has reported: there is nothing of ours left on the cluster

@@ -589,18 +589,19 @@ class Snapper(Generic[T, R]):
         concurrently and each is saved as it completes; an ``async def fn`` runs on an
         event loop of its own in a helper thread (so this works inside a running loop).
         """
-        with self._running() as run:
-            if not self._concurrent:
+        if not self._concurrent:
+            with self._running() as run:
                 self._run(*run)
-                return
-            from snapperable import engine
+            return
+        from snapperable import engine
 
-            if self._is_async:
+        if self._is_async:
+            with self._running() as run:
                 fn = self.fn
                 engine.async_in_thread(lambda: self._driver(run, None), fn).wait_blocking()
-            else:
-                runner = self._runner()
-                engine.run_sync(self._driver(run, runner), runner)
+            return
+        with self._runner_started() as runner, self._running() as run:
+            engine.run_sync(self._driver(run, runner), runner)
 
     async def astart(self) -> None:
         """``start()`` for code inside an event loop: ``await snapper.astart()``.
@@ -612,12 +613,12 @@ class Snapper(Generic[T, R]):
         """
         from snapperable import engine
 
-        with self._running() as run:
-            if self._is_async:
+        if self._is_async:
+            with self._running() as run:
                 await engine.run_async(self._driver(run, None), self.fn)
-            else:
-                runner = self._runner()
-                await engine.sync_in_thread(self._driver(run, runner), runner).wait_async()
+            return
+        with self._runner_started() as runner, self._running() as run:
+            await engine.sync_in_thread(self._driver(run, runner), runner).wait_async()
 
     @property
     def _concurrent(self) -> bool:
@@ -669,6 +670,18 @@ class Snapper(Generic[T, R]):
                 return cluster_threads(client)
             return getattr(self.executor, "_max_workers", None) or os.cpu_count() or 1
         return 1
+
+    @contextmanager
+    def _runner_started(self) -> Iterator["engine.Runner"]:
+        """The runner, made before the checkpoint is opened: a process pool's workers
+        start (and import what ``fn`` needs) while this process opens and scans it. The
+        engine's loop closes it; if the run fails before the loop starts, this does."""
+        runner = self._runner()
+        try:
+            yield runner
+        except BaseException:
+            runner.close(wait=True)  # a second close (the loop closed it) does nothing
+            raise
 
     def _runner(self) -> "engine.Runner":
         """Where a plain ``fn``'s tasks run (``executor=``)."""
