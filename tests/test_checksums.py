@@ -147,6 +147,30 @@ def test_every_column_is_covered(checkpoint: str, column: str, value: object, re
     assert not result.ok and result.seq == 9, result
 
 
+# Above the Rust core's SPLIT_SCAN_ROWS (100,000): its key scan and its load read the
+# table in two halves at once (the second through a connection of its own).
+LARGE = 150_000
+
+
+def test_a_table_read_in_halves_loads_all_and_finds_damage_in_either_half(tmp_path: Path) -> None:
+    path = str(tmp_path / "large.db")
+    expected = [label(x) for x in range(LARGE)]
+    assert run(path, LARGE) == expected
+    assert run(path, LARGE) == expected  # resumed: the key scan and the load, both in halves
+    snapper = Snapper(range(LARGE), label, snapshot_storage=SQLiteSnapshotStorage[str](path), version=VERSION)
+    assert snapper.load_all() == expected
+    for seq in (LARGE // 4, LARGE - 10):
+        damaged = str(tmp_path / f"damaged-{seq}.db")
+        shutil.copy(path, damaged)
+        conn = sqlite3.connect(damaged)
+        conn.execute("UPDATE items SET output = ? WHERE seq = ?", (pickle.dumps("other", protocol=4), seq))
+        conn.commit()
+        conn.close()
+        reader = Snapper(range(LARGE), label, snapshot_storage=SQLiteSnapshotStorage[str](damaged), version=VERSION)
+        with pytest.raises(CheckpointCorruptError, match=f"item row {seq} "):
+            reader.load()
+
+
 def test_a_damaged_function_version_is_corrupt(checkpoint: str) -> None:
     conn = sqlite3.connect(checkpoint)
     conn.execute("UPDATE versions SET fingerprint = 'x' || fingerprint")

@@ -3,14 +3,12 @@
 //! stay sequential): a large table is scanned in two halves on two threads, the second
 //! through a read-only connection of its own (`Reader`).
 
-use std::path::Path;
+use rusqlite::Connection;
 
-use rusqlite::{Connection, OpenFlags};
-
-use super::open::{file_identity, FileIdentity, Store, BUSY_TIMEOUT, SCAN_MMAP_SIZE};
+use super::open::{Reader, Store};
 use super::row_checksum::{checksum_at, head_matches, mismatch, Sequence};
 use super::scan::RowScan;
-use super::schema::{key_at, wrong_type, sqlite_error};
+use super::schema::{key_at, sqlite_error, wrong_type};
 use crate::contract::{KEY_SIZE, STATUS_FAILED, STATUS_OK};
 use crate::errors::{Error, Result};
 use crate::keys::{
@@ -21,7 +19,7 @@ use crate::keys::{
 /// in two halves on two threads, the second through a read-only connection of its own.
 /// Below it the second connection and thread cost more than they save (1M rows: about
 /// 150 ms for one scan).
-const SPLIT_SCAN_ROWS: usize = 100_000;
+pub(super) const SPLIT_SCAN_ROWS: usize = 100_000;
 
 impl Store {
     /// Keys whose latest row for `version` (for any version if `None`) has `status`.
@@ -171,18 +169,13 @@ impl Store {
         // A format-2 table's rows are numbered from 1 (see `Sequence`): scanned from
         // there, a damaged first number is a gap, not a row left out.
         let first = if self.checksummed { 1 } else { first };
-        // The connection stays on this thread (it is not `Sync`): the other one gets
-        // only what it needs to open its own.
-        let reader = Reader {
-            path: &self.path,
-            file: &self.file,
-            identity: self.identity,
-            checksummed: self.checksummed,
-        };
+        let reader = self.reader();
         let second = std::thread::scope(|scope| {
             let later = std::thread::Builder::new()
                 .name("snapperable-scan".to_owned())
-                .spawn_scoped(scope, || reader.scan(version, (split + 1, last), bound));
+                .spawn_scoped(scope, || {
+                    scan_with(&reader, version, (split + 1, last), bound)
+                });
             let earlier = scan_key_status(
                 &self.conn,
                 &self.path,
@@ -300,58 +293,35 @@ fn scan_key_status(
     Ok(())
 }
 
-/// What a second, read-only connection to a store's file needs to know.
-struct Reader<'a> {
-    path: &'a str,
-    file: &'a Path,
-    identity: Option<FileIdentity>,
-    checksummed: bool,
-}
-
-impl Reader<'_> {
-    /// The keys and statuses of the rows of `version` in the inclusive `range`, read
-    /// through a read-only connection of their own, opened as [`Store::open`] opens
-    /// its one (flags, busy timeout; mapped like [`Store::mapped_for_scan`]). None if
-    /// that connection cannot be had, or the path no longer names the file the store
-    /// opened: then the caller scans the range itself.
-    fn scan(
-        &self,
-        version: i64,
-        range: (i64, i64),
-        bound: usize,
-    ) -> Result<Option<(Vec<u8>, Vec<i64>)>> {
-        let same_file = || self.identity.is_some() && file_identity(self.file) == self.identity;
-        if !same_file() {
-            return Ok(None);
-        }
-        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let Ok(conn) = Connection::open_with_flags(self.file, flags) else {
-            return Ok(None);
-        };
-        let prepared = conn
-            .busy_timeout(BUSY_TIMEOUT)
-            .and_then(|()| conn.pragma_update(None, "mmap_size", SCAN_MMAP_SIZE));
-        // Checked again once open: the name was not moved to another file meanwhile.
-        if prepared.is_err() || !same_file() {
-            return Ok(None);
-        }
-        // About half the rows; the first half's buffers are sized for all of them.
-        let rows = bound / 2 + 1;
-        let mut keys = Vec::with_capacity(rows.saturating_mul(KEY_SIZE));
-        let mut statuses = Vec::with_capacity(rows);
-        scan_key_status(
-            &conn,
-            self.path,
-            self.checksummed,
-            version,
-            Some(range),
-            &mut keys,
-            &mut statuses,
-        )?;
-        // Closed (and unmapped) here: a read-only connection has nothing to report.
-        drop(conn);
-        Ok(Some((keys, statuses)))
-    }
+/// The keys and statuses of the rows of `version` in the inclusive `range`, read through
+/// a read-only connection of their own (mapped, as the store's own is for a key scan).
+/// None if that connection cannot be had (see [`Reader::connect`]): then the caller
+/// scans the range itself.
+fn scan_with(
+    reader: &Reader<'_>,
+    version: i64,
+    range: (i64, i64),
+    bound: usize,
+) -> Result<Option<(Vec<u8>, Vec<i64>)>> {
+    let Some(conn) = reader.connect(true) else {
+        return Ok(None);
+    };
+    // About half the rows; the first half's buffers are sized for all of them.
+    let rows = bound / 2 + 1;
+    let mut keys = Vec::with_capacity(rows.saturating_mul(KEY_SIZE));
+    let mut statuses = Vec::with_capacity(rows);
+    scan_key_status(
+        &conn,
+        reader.path,
+        reader.checksummed,
+        version,
+        Some(range),
+        &mut keys,
+        &mut statuses,
+    )?;
+    // Closed (and unmapped) here: a read-only connection has nothing to report.
+    drop(conn);
+    Ok(Some((keys, statuses)))
 }
 
 /// `(key, status)` pairs of concatenated keys and their statuses, in table order (see
@@ -373,7 +343,7 @@ fn key_status_rows(keys: &[u8], statuses: Vec<i64>) -> Vec<(Key, i64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::{keys_of, row, TempDir};
+    use crate::store::tests::{keys_of, row, rows_across_the_middle, TempDir};
     use crate::store::{ItemRow, Synchronous};
 
     #[test]
@@ -418,31 +388,6 @@ mod tests {
         let (mut ok, failed) = store.key_sets(v1).unwrap();
         assert_eq!((ok.len(), failed.len()), (6, 0));
         assert_eq!(ok.claim(&keys_of(&[7, 6, 1])).unwrap(), vec![0]);
-    }
-
-    /// Rows of `v1` and `v2` interleaved, with failures and superseding rows on both
-    /// sides of the middle `seq` (where a split scan divides the table).
-    fn rows_across_the_middle(v1: i64, v2: i64) -> Vec<ItemRow> {
-        let keyed = |i: u32, version: i64, status: i64| {
-            let mut row = row(0, version, status, (status == 0).then_some(&b"out"[..]));
-            row.key[..4].copy_from_slice(&i.to_le_bytes());
-            row
-        };
-        let mut rows = Vec::new();
-        for i in 0..4000u32 {
-            let status = i64::from(i % 13 == 5); // some failed
-            rows.push(keyed(i, v1, status));
-            if i % 3 == 0 {
-                rows.push(keyed(i, v2, 0)); // another version, interleaved
-            }
-            if i % 101 == 7 {
-                rows.push(keyed(4000 - i, v1, 1 - status)); // supersedes a later key
-            }
-            if i % 97 == 3 && i > 10 {
-                rows.push(keyed(i - 10, v1, 1)); // supersedes an earlier key
-            }
-        }
-        rows
     }
 
     #[test]

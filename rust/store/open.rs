@@ -509,8 +509,9 @@ impl Store {
             let text = |bytes: Option<&[u8]>| -> Result<Option<String>> {
                 bytes
                     .map(|bytes| {
-                        String::from_utf8(bytes.to_vec())
-                            .map_err(|_| corrupt_row(&self.path, row, "holds a text that is not UTF-8"))
+                        String::from_utf8(bytes.to_vec()).map_err(|_| {
+                            corrupt_row(&self.path, row, "holds a text that is not UTF-8")
+                        })
                     })
                     .transpose()
             };
@@ -590,6 +591,49 @@ impl Store {
 
 /// What identifies a file whatever its name: device and inode (None where unknown).
 pub(super) type FileIdentity = (u64, u64);
+
+/// What a second, read-only connection to a store's file needs to know: a scan split in
+/// two halves reads the second through one (the store's own connection is not `Sync`
+/// and stays on its thread).
+pub(super) struct Reader<'a> {
+    pub(super) path: &'a str,
+    file: &'a Path,
+    identity: Option<FileIdentity>,
+    pub(super) checksummed: bool,
+}
+
+impl Store {
+    pub(super) fn reader(&self) -> Reader<'_> {
+        Reader {
+            path: &self.path,
+            file: &self.file,
+            identity: self.identity,
+            checksummed: self.checksummed,
+        }
+    }
+}
+
+impl Reader<'_> {
+    /// A read-only connection of its own, opened as [`Store::open`] opens its one
+    /// (flags, busy timeout), mapped as [`Store::mapped_for_scan`] maps it if `mapped`.
+    /// None if it cannot be had, or the path no longer names the file the store
+    /// opened: then the caller scans that half itself.
+    pub(super) fn connect(&self, mapped: bool) -> Option<Connection> {
+        let same_file = || self.identity.is_some() && file_identity(self.file) == self.identity;
+        if !same_file() {
+            return None;
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(self.file, flags).ok()?;
+        let mut prepared = conn.busy_timeout(BUSY_TIMEOUT);
+        if mapped {
+            prepared =
+                prepared.and_then(|()| conn.pragma_update(None, "mmap_size", SCAN_MMAP_SIZE));
+        }
+        // Checked again once open: the name was not moved to another file meanwhile.
+        (prepared.is_ok() && same_file()).then_some(conn)
+    }
+}
 
 #[cfg(unix)]
 pub(super) fn file_identity(path: &Path) -> Option<FileIdentity> {

@@ -4,15 +4,18 @@
 //! outputs); and the scan of outputs that every load reads through.
 
 use std::mem;
+use std::sync::mpsc;
 
 use rusqlite::types::ValueRef;
+use rusqlite::Connection;
 
+use super::key_scan::SPLIT_SCAN_ROWS;
 use super::open::Store;
 use super::row_checksum::{checksum_at, head_matches, mismatch, output_matches, Sequence};
 use super::scan::{RowScan, ScanRow};
-use super::schema::{corrupt_row, key_at, wrong_type};
+use super::schema::{corrupt_row, key_at, sqlite_error, wrong_type};
 use crate::contract::{KEY_SIZE, STATUS_OK};
-use crate::errors::Result;
+use crate::errors::{Error, Result};
 use crate::keys::{all_distinct, key_prefix, keys_distinct, Key, KeyMap};
 
 /// Outputs of one version copied out of a scan, back to back: what [`Store::outputs_in_order`]
@@ -122,7 +125,7 @@ impl Store {
             keys.get(at..at.saturating_add(KEY_SIZE))
                 .and_then(|key| Key::try_from(key).ok())
         };
-        self.scan_outputs(version, false, |_, key, output| {
+        self.scan_outputs_in_halves(version, SPLIT_SCAN_ROWS, |key, output| {
             let mut emit = |output: Option<&[u8]>| {
                 if let Some(output) = output {
                     chunk.push(output);
@@ -138,8 +141,7 @@ impl Store {
                     let mut going = emit(output);
                     // The rows that came early for the keys now next, in their order.
                     while going && !early.is_empty() {
-                        let Some(span) = key_at(keys, seen).and_then(|key| early.take(&key))
-                        else {
+                        let Some(span) = key_at(keys, seen).and_then(|key| early.take(&key)) else {
                             break;
                         };
                         seen += 1;
@@ -183,7 +185,6 @@ impl Store {
             Streamed::NotInOrder
         })
     }
-
 }
 
 /// The rows of a nearly ordered load that came before their key's turn (a concurrent
@@ -274,68 +275,280 @@ impl Store {
         &self,
         version: i64,
         mapped: bool,
-        mut each: impl FnMut(&ScanRow<'_>, Key, Option<&[u8]>) -> Result<bool>,
+        each: impl FnMut(&ScanRow<'_>, Key, Option<&[u8]>) -> Result<bool>,
     ) -> Result<()> {
         let _mapped = if mapped {
             Some(self.mapped_for_scan()?)
         } else {
             None
         };
-        let mut found = RowScan::new(
+        scan_output_range(
             &self.conn,
-            if self.checksummed {
-                // Every row, not only `version`'s: a row whose version number is damaged
-                // must be met (and fail its checksum), not filtered out unseen.
-                c"SELECT seq, key, status, checksum, output, version FROM items \
-                  WHERE ?1 IS NOT NULL ORDER BY seq"
-            } else {
-                c"SELECT seq, key, status, NULL, output, version FROM items \
-                  WHERE version = ?1 ORDER BY seq"
-            },
-            &[version],
+            &self.path,
+            self.checksummed,
+            version,
+            None,
+            each,
         )
-        .map_err(|e| self.fail(e))?;
-        let mut sequence = Sequence::from(1);
-        while let Some(row) = found.next().map_err(|e| self.fail(e))? {
-            let row = &row;
-            let key = key_at(&self.path, row, 1)?;
-            let status = row.integer(2).ok_or_else(|| wrong_type(&self.path, row))?;
-            let checksum = if self.checksummed {
-                sequence.check(&self.path, row)?;
-                let row_version = row.integer(5).ok_or_else(|| wrong_type(&self.path, row))?;
-                let checksum = checksum_at(&self.path, row, 3)?;
-                if !head_matches(&checksum, &key, row_version, status) {
-                    return Err(mismatch(&self.path, row));
+    }
+
+    /// [`Self::scan_outputs`] without a mapping, `each` given `(key, output)`; on a
+    /// table of more than `split_above` rows, in two halves at once (a parameter only so
+    /// that tests can lower it).
+    ///
+    /// The scan, not the unpickling beside it, is the slow side of a load, and most of
+    /// it is reading and checking rows: this thread scans the first half and hands its
+    /// rows to `each` while another checks the second half through a read-only
+    /// connection of its own and buffers its rows, at most [`CheckedRows::AHEAD`]
+    /// batches ahead; `each` gets those once the first half is done, in order. Both
+    /// halves end at one `max(seq)` read first, as the key scan's do (see
+    /// `key_status_columns_split_above`): what one scan would have found. An error of
+    /// the first half comes first, as in one scan; one of the second after the rows
+    /// before it.
+    pub(super) fn scan_outputs_in_halves(
+        &self,
+        version: i64,
+        split_above: usize,
+        mut each: impl FnMut(Key, Option<&[u8]>) -> Result<bool>,
+    ) -> Result<()> {
+        let split = if self.row_bound()? > split_above {
+            self.split_point()?
+        } else {
+            None
+        };
+        let Some((first, split, last)) = split else {
+            return self.scan_outputs(version, false, |_, key, output| each(key, output));
+        };
+        // A format-2 table's rows are numbered from 1 (see `Sequence`).
+        let first = if self.checksummed { 1 } else { first };
+        let later_half = Some((split + 1, last));
+        let reader = self.reader();
+        let (going, scanned) = std::thread::scope(|scope| -> Result<(bool, bool)> {
+            let (sender, batches) = mpsc::sync_channel::<CheckedRows>(CheckedRows::AHEAD);
+            // Ok(false): no second connection, nothing sent; the half is scanned below.
+            let later = std::thread::Builder::new()
+                .name("snapperable-scan".to_owned())
+                .spawn_scoped(scope, move || -> Result<bool> {
+                    let Some(conn) = reader.connect(false) else {
+                        return Ok(false);
+                    };
+                    let mut batch = CheckedRows::default();
+                    let path = reader.path;
+                    let scan = scan_output_range(
+                        &conn,
+                        path,
+                        reader.checksummed,
+                        version,
+                        later_half,
+                        |_, key, output| {
+                            batch.push(key, output);
+                            // A send fails once the receiver is gone: it stopped, stop too.
+                            Ok(!batch.is_full() || sender.send(mem::take(&mut batch)).is_ok())
+                        },
+                    );
+                    // The rows before a damaged one too: one scan would hand them over
+                    // before it fails (and `each` may stop before the damage).
+                    if !batch.is_empty() {
+                        let _ = sender.send(batch);
+                    }
+                    scan.map(|()| true)
+                });
+            let mut going = true;
+            let earlier = scan_output_range(
+                &self.conn,
+                &self.path,
+                self.checksummed,
+                version,
+                Some((first, split)),
+                |_, key, output| {
+                    going = each(key, output)?;
+                    Ok(going)
+                },
+            );
+            // Until the other thread ends (and drops its sender): what it buffered.
+            let mut refused = None; // an error of `each`, after the thread is joined
+            if earlier.is_ok() && going {
+                'batches: for batch in batches.iter() {
+                    for (key, output) in batch.rows() {
+                        match each(key, output) {
+                            Ok(true) => {}
+                            Ok(false) => going = false,
+                            Err(err) => refused = Some(err),
+                        }
+                        if !going || refused.is_some() {
+                            break 'batches;
+                        }
+                    }
                 }
-                if row_version != version {
-                    continue;
-                }
-                Some(checksum)
-            } else {
-                None
-            };
-            // Borrowed from SQLite's row buffer: the caller copies it once, if at all.
-            let stored = match row.value(4) {
-                ValueRef::Blob(output) => Some(output),
-                ValueRef::Null => None,
-                _ => {
-                    return Err(corrupt_row(
-                        &self.path,
-                        row,
-                        "has an output that is not a blob",
-                    ))
-                }
-            };
-            // Checked in the scanning thread, on the borrowed value (the head was above).
-            if checksum.is_some_and(|checksum| !output_matches(&checksum, stored)) {
-                return Err(mismatch(&self.path, row));
             }
-            let output = if status == STATUS_OK { stored } else { None };
-            if !each(row, key, output)? {
-                break;
+            drop(batches); // a thread still sending stops at its next batch
+            let scanned = match later {
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|payload| Err(Error::panicked(&self.path, "scan", &*payload))),
+                Err(_) => Ok(false), // no thread: scanned below, on this one
+            };
+            earlier?;
+            if let Some(err) = refused {
+                return Err(err);
             }
+            if !going {
+                return Ok((false, true)); // stopped by `each`: what lies after is not read
+            }
+            Ok((true, scanned?))
+        })?;
+        if going && !scanned {
+            // No second connection (or not to this file): the second half here.
+            scan_output_range(
+                &self.conn,
+                &self.path,
+                self.checksummed,
+                version,
+                later_half,
+                |_, key, output| each(key, output),
+            )?;
         }
         Ok(())
+    }
+}
+
+/// Calls `each` with `(row, key, output)` for each row of `version` with `seq` in the
+/// inclusive `range` (every row if None), in `seq` order, until it returns false: see
+/// [`checked_output`]. A format-2 range scanned to its end must have met every row.
+fn scan_output_range(
+    conn: &Connection,
+    path: &str,
+    checksummed: bool,
+    version: i64,
+    range: Option<(i64, i64)>,
+    mut each: impl FnMut(&ScanRow<'_>, Key, Option<&[u8]>) -> Result<bool>,
+) -> Result<()> {
+    let fail = |e| sqlite_error(path, e);
+    // A format-2 table's rows are numbered from 1 (see `Sequence`).
+    let (first, last) = range.unwrap_or((if checksummed { 1 } else { i64::MIN }, i64::MAX));
+    let mut found = RowScan::new(
+        conn,
+        if checksummed {
+            // Every row, not only `version`'s: a row whose version number is damaged
+            // must be met (and fail its checksum), not filtered out unseen.
+            c"SELECT seq, key, status, checksum, output, version FROM items \
+              WHERE ?1 IS NOT NULL AND seq >= ?2 AND seq <= ?3 ORDER BY seq"
+        } else {
+            c"SELECT seq, key, status, NULL, output, version FROM items \
+              WHERE version = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY seq"
+        },
+        &[version, first, last],
+    )
+    .map_err(fail)?;
+    let mut sequence = Sequence::from(first);
+    while let Some(row) = found.next().map_err(fail)? {
+        let row = &row;
+        let Some((key, output)) = checked_output(path, checksummed, version, &mut sequence, row)?
+        else {
+            continue;
+        };
+        if !each(row, key, output)? {
+            return Ok(());
+        }
+    }
+    if checksummed && range.is_some() {
+        sequence.finish(path, last)?;
+    }
+    Ok(())
+}
+
+/// A row's key and, for an ok row that has one, its saved output.
+type KeyedOutput<'r> = (Key, Option<&'r [u8]>);
+
+/// The key and output (of an ok row) of a row of a load's scan, checked: in a format-2
+/// table its number, its head checksum (which covers key, version, status and the
+/// stored CRCs of the rest) and its output, on the values borrowed from SQLite's row
+/// buffer. None for a row of another version. An output that is neither a blob nor
+/// NULL is damage.
+#[inline]
+fn checked_output<'r>(
+    path: &str,
+    checksummed: bool,
+    version: i64,
+    sequence: &mut Sequence,
+    row: &'r ScanRow<'_>,
+) -> Result<Option<KeyedOutput<'r>>> {
+    let key = key_at(path, row, 1)?;
+    let status = row.integer(2).ok_or_else(|| wrong_type(path, row))?;
+    let checksum = if checksummed {
+        sequence.check(path, row)?;
+        let row_version = row.integer(5).ok_or_else(|| wrong_type(path, row))?;
+        let checksum = checksum_at(path, row, 3)?;
+        if !head_matches(&checksum, &key, row_version, status) {
+            return Err(mismatch(path, row));
+        }
+        if row_version != version {
+            return Ok(None);
+        }
+        Some(checksum)
+    } else {
+        None
+    };
+    let stored = match row.value(4) {
+        ValueRef::Blob(output) => Some(output),
+        ValueRef::Null => None,
+        _ => return Err(corrupt_row(path, row, "has an output that is not a blob")),
+    };
+    if checksum.is_some_and(|checksum| !output_matches(&checksum, stored)) {
+        return Err(mismatch(path, row));
+    }
+    Ok(Some((key, if status == STATUS_OK { stored } else { None })))
+}
+
+/// Checked rows of the second half of a split load scan, buffered until the first half
+/// is handed over: one buffer of records, each a key, a u64 length (`u64::MAX`: no
+/// output) and the output's bytes. One buffer, not one per column: it is most of what a
+/// split load holds beyond what one scan holds.
+#[derive(Default)]
+struct CheckedRows {
+    records: Vec<u8>,
+}
+
+impl CheckedRows {
+    /// Bytes a batch holds before it is sent (or one larger output).
+    const BATCH_BYTES: usize = 256 << 10;
+    /// Batches the second half may be ahead: at most 16 MiB buffered, which holds the
+    /// whole second half of a 1M-row load of small outputs (24 bytes a row and the
+    /// output). A larger load buffers no more; its second thread waits.
+    const AHEAD: usize = 64;
+    const WITHOUT: u64 = u64::MAX;
+
+    fn push(&mut self, key: Key, output: Option<&[u8]>) {
+        self.records.extend_from_slice(&key);
+        let length = output.map_or(Self::WITHOUT, |output| output.len() as u64);
+        self.records.extend_from_slice(&length.to_le_bytes());
+        self.records.extend_from_slice(output.unwrap_or_default());
+    }
+
+    fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    fn is_full(&self) -> bool {
+        self.records.len() >= Self::BATCH_BYTES
+    }
+
+    /// The rows, in the order scanned.
+    fn rows(&self) -> impl Iterator<Item = (Key, Option<&[u8]>)> + '_ {
+        let mut rest = &self.records[..];
+        std::iter::from_fn(move || {
+            let (key, after) = rest.split_first_chunk::<KEY_SIZE>()?;
+            let (length, after) = after.split_first_chunk::<8>()?;
+            let length = u64::from_le_bytes(*length);
+            if length == Self::WITHOUT {
+                rest = after;
+                return Some((*key, None));
+            }
+            let length = usize::try_from(length).ok()?;
+            let (output, after) = after.split_at_checked(length)?;
+            rest = after;
+            Some((*key, Some(output)))
+        })
     }
 }
 
@@ -343,7 +556,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::contract::STATUS_FAILED;
-    use crate::store::tests::{keys_of, row, TempDir};
+    use crate::store::tests::{keys_of, row, rows_across_the_middle, TempDir};
     use crate::store::{ItemRow, Synchronous};
 
     /// The outputs `outputs_in_order` sends, and what it found.
@@ -504,5 +717,107 @@ mod tests {
         let keys: Vec<u8> = (0..few).flat_map(|i| keyed(i).key).collect();
         let (sent, found) = streamed(&store, v1, InOrder::Keys(&keys));
         assert_eq!((sent.len(), found), (1_000, Streamed::Complete));
+    }
+
+    /// `(key, output)` of what `scan_outputs_in_halves` hands over, until `stop_after`
+    /// rows (then `each` says stop); or its error.
+    fn halves(
+        store: &Store,
+        version: i64,
+        split_above: usize,
+        stop_after: usize,
+    ) -> Result<Vec<(Key, Option<Vec<u8>>)>> {
+        let mut seen = Vec::new();
+        store.scan_outputs_in_halves(version, split_above, |key, output| {
+            seen.push((key, output.map(<[u8]>::to_vec)));
+            Ok(seen.len() < stop_after)
+        })?;
+        Ok(seen)
+    }
+
+    #[test]
+    fn halves_hand_over_exactly_what_one_scan_does() {
+        let dir = TempDir::new();
+        let path = dir.file("run.db");
+        let mut store = Store::open(&path, Synchronous::Normal).unwrap();
+        let v1 = store.add_version("fp1", "{}", None).unwrap();
+        let v2 = store.add_version("fp2", "{}", None).unwrap();
+        store.append(&rows_across_the_middle(v1, v2)).unwrap();
+        for version in [v1, v2, 99] {
+            let single = halves(&store, version, usize::MAX, usize::MAX).unwrap();
+            assert_eq!(
+                halves(&store, version, 0, usize::MAX).unwrap(),
+                single,
+                "version {version}"
+            );
+        }
+        let single = halves(&store, v1, usize::MAX, usize::MAX).unwrap();
+        assert!(single.len() > 4000 && single.iter().any(|(_, output)| output.is_none()));
+
+        // The name moved to another file: the second half is read through the store's
+        // own connection instead, with the same result.
+        std::fs::rename(&path, dir.file("moved.db")).unwrap();
+        Store::open(&path, Synchronous::Normal)
+            .unwrap()
+            .close()
+            .unwrap();
+        assert_eq!(halves(&store, v1, 0, usize::MAX).unwrap(), single);
+    }
+
+    #[test]
+    fn halves_stop_where_each_says_and_read_nothing_after() {
+        let dir = TempDir::new();
+        let mut store = Store::open(&dir.file("run.db"), Synchronous::Normal).unwrap();
+        let v1 = store.add_version("fp1", "{}", None).unwrap();
+        store.append(&rows_across_the_middle(v1, v1 + 1)).unwrap();
+        let all = halves(&store, v1, usize::MAX, usize::MAX).unwrap();
+        // Damage near the end, after both stopping points: never met.
+        store
+            .conn
+            .execute_batch(
+                "UPDATE items SET output = x'00' WHERE seq = (SELECT max(seq) - 1 FROM items)",
+            )
+            .unwrap();
+        for stop_after in [10, all.len() - 50] {
+            let seen = halves(&store, v1, 0, stop_after).unwrap();
+            assert_eq!(seen, all[..stop_after], "stopped after {stop_after}");
+        }
+    }
+
+    #[test]
+    fn halves_report_damage_in_either_half_as_one_scan_does() {
+        for damage in [
+            "UPDATE items SET output = x'00' WHERE seq = (SELECT min(seq) + 3 FROM items)",
+            "UPDATE items SET output = x'00' WHERE seq = (SELECT max(seq) - 3 FROM items)",
+            "UPDATE items SET key = x'0102' WHERE seq = (SELECT max(seq) - 3 FROM items)",
+        ] {
+            let dir = TempDir::new();
+            let mut store = Store::open(&dir.file("run.db"), Synchronous::Normal).unwrap();
+            let v1 = store.add_version("fp1", "{}", None).unwrap();
+            store.append(&rows_across_the_middle(v1, v1 + 1)).unwrap();
+            store.conn.execute_batch(damage).unwrap();
+            let single = halves(&store, v1, usize::MAX, usize::MAX);
+            assert!(single.is_err(), "{damage}");
+            assert_eq!(
+                halves(&store, v1, 0, usize::MAX).err(),
+                single.err(),
+                "{damage}"
+            );
+        }
+        // A row missing just before the split: the first half ends short of it.
+        let dir = TempDir::new();
+        let mut store = Store::open(&dir.file("run.db"), Synchronous::Normal).unwrap();
+        let v1 = store.add_version("fp1", "{}", None).unwrap();
+        store.append(&rows_across_the_middle(v1, v1 + 1)).unwrap();
+        let (_, split, _) = store.split_point().unwrap().unwrap();
+        store
+            .conn
+            .execute(&format!("DELETE FROM items WHERE seq = {split}"), [])
+            .unwrap();
+        assert!(halves(&store, v1, usize::MAX, usize::MAX).is_err());
+        assert!(matches!(
+            halves(&store, v1, 0, usize::MAX),
+            Err(Error::Corrupt { .. })
+        ));
     }
 }

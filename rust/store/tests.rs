@@ -7,6 +7,31 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::*;
 use crate::contract::{KEY_SIZE, STATUS_OK};
 
+/// Rows of `v1` and `v2` interleaved, with failures and superseding rows on both
+/// sides of the middle `seq` (where a split scan divides the table).
+pub(crate) fn rows_across_the_middle(v1: i64, v2: i64) -> Vec<ItemRow> {
+    let keyed = |i: u32, version: i64, status: i64| {
+        let mut row = row(0, version, status, (status == 0).then_some(&b"out"[..]));
+        row.key[..4].copy_from_slice(&i.to_le_bytes());
+        row
+    };
+    let mut rows = Vec::new();
+    for i in 0..4000u32 {
+        let status = i64::from(i % 13 == 5); // some failed
+        rows.push(keyed(i, v1, status));
+        if i % 3 == 0 {
+            rows.push(keyed(i, v2, 0)); // another version, interleaved
+        }
+        if i % 101 == 7 {
+            rows.push(keyed(4000 - i, v1, 1 - status)); // supersedes a later key
+        }
+        if i % 97 == 3 && i > 10 {
+            rows.push(keyed(i - 10, v1, 1)); // supersedes an earlier key
+        }
+    }
+    rows
+}
+
 /// A fresh directory under the system temp dir, removed on drop.
 pub(crate) struct TempDir(pub PathBuf);
 
