@@ -293,8 +293,8 @@ impl Store {
     }
 
     /// [`Self::scan_outputs`] without a mapping, `each` given `(key, output)`; on a
-    /// table of more than `split_above` rows, in two halves at once (a parameter only so
-    /// that tests can lower it).
+    /// table of more than `split_above` rows (a parameter only so that tests can lower
+    /// it) and at most [`CheckedRows::MOST_ROWS`], in two halves at once.
     ///
     /// The scan, not the unpickling beside it, is the slow side of a load, and most of
     /// it is reading and checking rows: this thread scans the first half and hands its
@@ -311,7 +311,8 @@ impl Store {
         split_above: usize,
         mut each: impl FnMut(Key, Option<&[u8]>) -> Result<bool>,
     ) -> Result<()> {
-        let split = if self.row_bound()? > split_above {
+        let bound = self.row_bound()?;
+        let split = if bound > split_above && bound <= CheckedRows::MOST_ROWS {
             self.split_point()?
         } else {
             None
@@ -332,7 +333,7 @@ impl Store {
                     let Some(conn) = reader.connect(false) else {
                         return Ok(false);
                     };
-                    let mut batch = CheckedRows::default();
+                    let mut batch = CheckedRows::new();
                     let path = reader.path;
                     let scan = scan_output_range(
                         &conn,
@@ -343,7 +344,7 @@ impl Store {
                         |_, key, output| {
                             batch.push(key, output);
                             // A send fails once the receiver is gone: it stopped, stop too.
-                            Ok(!batch.is_full() || sender.send(mem::take(&mut batch)).is_ok())
+                            Ok(!batch.is_full() || sender.send(mem::replace(&mut batch, CheckedRows::new())).is_ok())
                         },
                     );
                     // The rows before a damaged one too: one scan would hand them over
@@ -504,7 +505,6 @@ fn checked_output<'r>(
 /// is handed over: one buffer of records, each a key, a u64 length (`u64::MAX`: no
 /// output) and the output's bytes. One buffer, not one per column: it is most of what a
 /// split load holds beyond what one scan holds.
-#[derive(Default)]
 struct CheckedRows {
     records: Vec<u8>,
 }
@@ -516,7 +516,20 @@ impl CheckedRows {
     /// whole second half of a 1M-row load of small outputs (24 bytes a row and the
     /// output). A larger load buffers no more; its second thread waits.
     const AHEAD: usize = 64;
+    /// Rows above which a load reads the table in one scan: the second half would not
+    /// fit in the buffer (at about 32 bytes a row), so its thread would wait, and the
+    /// buffer would cost a larger load's peak memory, there the tighter limit, more
+    /// than the split saves it in time.
+    const MOST_ROWS: usize = 2 * Self::AHEAD * Self::BATCH_BYTES / 32;
     const WITHOUT: u64 = u64::MAX;
+
+    /// Sized for a full batch at once: grown by doubling, each batch would leave the
+    /// buffers it outgrew behind in this thread's heap, resident through the load.
+    fn new() -> Self {
+        CheckedRows {
+            records: Vec::with_capacity(Self::BATCH_BYTES + 4096),
+        }
+    }
 
     fn push(&mut self, key: Key, output: Option<&[u8]>) {
         self.records.extend_from_slice(&key);
