@@ -217,6 +217,30 @@ def test_iterable_read_lazily_with_a_bounded_window(tmp_path: Path, kind: str) -
     assert max(ahead) <= CHUNK + 2 * workers + 1
 
 
+def test_tasks_shrink_as_the_end_nears(db: SQLiteSnapshotStorage[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Guided scheduling: with the iterable's length known, each task takes at most its
+    # share (1 / tasks in flight) of what is left, so the last ones are single items.
+    from snapperable import engine
+
+    tasks: list[tuple[int, int]] = []  # (items left before the task, its size)
+    gather = engine.Driver._gather
+
+    def recording(self: engine.Driver, now: float, batch: int) -> list[Any]:
+        left = 3000 - self._taken
+        entries = gather(self, now, batch)
+        if entries:
+            tasks.append((left, len(entries)))
+        return entries
+
+    monkeypatch.setattr(engine.Driver, "_gather", recording)
+    snap(db, list(range(3000)), output_of, workers=2).start()
+    assert sum(size for _, size in tasks) == 3000
+    max_tasks = 2 * 2
+    assert all(size <= -(-left // max_tasks) for left, size in tasks), tasks
+    assert max(size for _, size in tasks) > 100  # tiny items: large tasks while much is left
+    assert [size for _, size in tasks[-max_tasks:]] == [1] * max_tasks
+
+
 # -- 4. failures -------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_error_stops_taking_items_saves_the_finished_ones_then_raises(storage: SnapshotStorage[Any], kind: str) -> None:

@@ -447,10 +447,18 @@ def process_runner(fn: Callable[[Any], Any], workers: int) -> ExecutorRunner:
     )
     # The pool starts a process only when a task is submitted: start them all now (with a
     # call that does nothing), so that they boot and unpickle fn while the run opens its
-    # checkpoint, rather than after.
-    for _ in range(workers):
-        pool.submit(os.getpid)
+    # checkpoint, rather than after. From a thread: the first submit waits for the fork
+    # server to start, which this thread need not wait for.
+    threading.Thread(target=_start_processes, args=(pool, workers), name="snapperable-pool-start", daemon=True).start()
     return ExecutorRunner(pool, remote=True, owned=True, fn_pickle=None)
+
+
+def _start_processes(pool: Executor, workers: int) -> None:
+    try:
+        for _ in range(workers):
+            pool.submit(os.getpid)
+    except RuntimeError:  # the run ended (and shut the pool down) first
+        pass
 
 
 # -- the driver -----------------------------------------------------------------------------
@@ -474,9 +482,12 @@ class Driver:
     ``batch`` items go out while fewer than ``max_tasks`` are in flight; ``batch`` grows
     from 1 while items turn out shorter than ``target_task_seconds``. Items waiting for
     a retry are not in the window, but at most as many as it holds may wait: beyond
-    that, new items wait for retries to fall due. ``commit_slack``: how many rows the
+    that, new items wait for retries to fall due. ``commit_slack``: how many tasks' rows the
     writer may have yet to commit beyond the window before no more items are taken
-    (see ``backlogged``).
+    (see ``backlogged``). ``expected``: how many items the iterable holds, if known:
+    as the end nears, a task takes at most its share of what is left (guided
+    scheduling), so that the workers finish together rather than one waiting for the
+    others' last large tasks.
     """
 
     def __init__(
@@ -496,6 +507,7 @@ class Driver:
         pickle_hint: str = "",
         dumps: Optional[Callable[[object], bytes]] = None,
         commit_slack: int = 0,
+        expected: Optional[int] = None,
     ) -> None:
         self._policy = policy
         self._store = store
@@ -504,6 +516,8 @@ class Driver:
         self._claims: Optional[Iterator[tuple[Any, bytes]]] = claims
         self._max_tasks = max_tasks
         self._commit_slack = commit_slack
+        self._expected = expected
+        self._taken = 0  # items taken from claims (done ones are skipped before: at most expected)
         self._remote = remote
         self._target = target_task_seconds
         self._batching = batching and limiter is None
@@ -525,7 +539,11 @@ class Driver:
     def _batch(self) -> int:
         if not self._batching or self._per_item <= 0.0:
             return 1
-        return max(1, min(MAX_BATCH, int(self._target / self._per_item)))
+        batch = max(1, min(MAX_BATCH, int(self._target / self._per_item)))
+        if self._expected is not None:  # at most a share of what may be left
+            left = self._expected - self._taken
+            batch = min(batch, max(1, -(-left // self._max_tasks)))
+        return batch
 
     def ready(self, now: float) -> list[tuple[int, Work]]:
         """Tasks to start now, as ``(task_id, work)``."""
@@ -533,12 +551,11 @@ class Driver:
         if self.stopping is not None:
             return out
         limiter = self._limiter
-        batch = self._batch()
         try:
             while len(self._tasks) < self._max_tasks:
                 if limiter is not None and now < limiter.next_at:
                     break
-                entries = self._gather(now, batch)
+                entries = self._gather(now, self._batch())
                 if not entries:
                     break
                 if limiter is not None:
@@ -562,9 +579,10 @@ class Driver:
         for more."""
         if self._claims is None or self.stopping is not None:
             return False
-        window = self._max_tasks * self._batch()
+        batch = self._batch()
+        window = self._max_tasks * batch
         taken = self._alive - len(self._retries)
-        return taken < window and window + self._commit_slack <= taken + self._store.unsaved()
+        return taken < window and window + self._commit_slack * batch <= taken + self._store.unsaved()
 
     def wait_for_commit(self) -> None:
         """Return once every recorded row is committed (the GIL is released meanwhile;
@@ -593,6 +611,7 @@ class Driver:
                 pickled = picklable(f"item {reprlib.repr(item)}", item, self._pickle_hint, self._dumps)
             entries.append(_Entry(item, key, pickled))
             self._alive += 1
+            self._taken += 1
         return entries
 
     def wakeup(self, now: float) -> Optional[float]:

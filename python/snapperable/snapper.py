@@ -725,9 +725,10 @@ class Snapper(Generic[T, R]):
         )
         limiter = None if self._start_interval is None else engine.RateLimiter(self._start_interval)
         # In flight: a task per worker plus one queued each, so no worker waits for the
-        # driver; with a rate limit or on an event loop, one each (a task starts when sent),
-        # and as many rows again may wait for their commit: either way, about 2 x workers
-        # tasks are taken but not saved, and a commit never holds up the next start.
+        # driver, and one more task's rows may wait for their commit; with a rate limit
+        # or on an event loop, one each (a task starts when sent), and as many again may
+        # wait for their commit. Either way about 2 x workers tasks are taken but not
+        # saved, and a commit does not hold up the next start.
         queued = runner is not None and limiter is None
         driver = engine.Driver(
             self,
@@ -743,7 +744,8 @@ class Snapper(Generic[T, R]):
             progress=progress.saved,
             pickle_hint=f"the workers of executor={self.executor!r}",
             dumps=getattr(runner, "item_dumps", None),
-            commit_slack=0 if queued else workers,
+            commit_slack=1 if queued else workers,
+            expected=len(self.iterable) if isinstance(self.iterable, Sized) else None,
         )
         drivers.append(driver)
         return driver
