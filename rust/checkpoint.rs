@@ -102,15 +102,18 @@ impl Checkpoint {
     }
 
     /// Opens an existing checkpoint for reading only (`Store::open_read_only`): no
-    /// writer, nothing written, no lock of the writer's needed.
-    pub fn open_reader(path: &Path) -> Result<Self> {
-        let opened = Store::open_read_only(path)?;
-        Ok(Checkpoint {
+    /// writer, nothing written, no lock of the writer's needed. None for a database
+    /// never initialized: it has nothing saved.
+    pub fn open_reader(path: &Path) -> Result<Option<Self>> {
+        let Some(opened) = Store::open_read_only(path)? else {
+            return Ok(None);
+        };
+        Ok(Some(Checkpoint {
             path: opened.path().to_owned(),
             store: Arc::new(Mutex::new(Some(opened))),
             writer: None,
             reader: AtomicU64::new(0),
-        })
+        }))
     }
 
     /// The writer, or the error for a write to a checkpoint opened for reading.

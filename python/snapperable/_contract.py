@@ -245,6 +245,8 @@ class Backend(Protocol):
         """Open (creating with mode 0600 if missing) a SQLite checkpoint at ``path``."""
         ...
 
-    def open_sqlite_reader(self, path: str) -> CheckpointReader:
-        """Open the existing SQLite checkpoint at ``path`` for reading only."""
+    def open_sqlite_reader(self, path: str) -> Optional[CheckpointReader]:
+        """Open the existing SQLite checkpoint at ``path`` for reading only. None for a
+        database made but never initialized (what a creation cut short by a crash
+        leaves, and what ``open_sqlite`` initializes): nothing is saved in it."""
         ...

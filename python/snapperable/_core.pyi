@@ -51,8 +51,9 @@ def open_sqlite(
 ) -> SqliteCheckpoint:
     """Open (creating with mode 0600 if missing) a SQLite checkpoint at ``path``."""
 
-def open_sqlite_reader(path: str) -> SqliteCheckpoint:
-    """Open an existing SQLite checkpoint at ``path`` for reading only; writes raise."""
+def open_sqlite_reader(path: str) -> Optional[SqliteCheckpoint]:
+    """Open an existing SQLite checkpoint at ``path`` for reading only; writes raise.
+    None for a database never initialized (nothing saved)."""
 
 @final
 class KeySet:

@@ -100,6 +100,11 @@ def new_key_set() -> PyKeySet:
     return PyKeySet()
 
 
+class _NeverInitialized(Exception):
+    """The database was made but never initialized (what a creation cut short leaves):
+    ``open_sqlite_reader`` reads it as empty, and ``open_sqlite`` initializes it."""
+
+
 class PySQLiteReader:
     """A SQLite checkpoint through ``sqlite3``, opened for reading: nothing is created
     and no row written, so it reads beside a running writer (a WAL reader) and on a
@@ -146,6 +151,8 @@ class PySQLiteReader:
                 failure = exc
                 continue
             try:
+                if app_id == 0 and conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None:
+                    raise _NeverInitialized  # as SQLite sees it: a hot journal rolled back
                 self._check_existing(conn, header or _sqlite_file.SQLiteHeader(app_id, user_version))
             except BaseException:
                 conn.close()
@@ -557,8 +564,11 @@ _INFO_COLUMNS = "key, version, status, input, error_type, error, traceback, atte
 _CHECKED_KEY = f"CASE WHEN typeof(key) = 'blob' AND length(key) = {KEY_SIZE} THEN key END"
 
 
-def open_sqlite_reader(path: str) -> PySQLiteReader:
-    return PySQLiteReader(path)
+def open_sqlite_reader(path: str) -> Optional[PySQLiteReader]:
+    try:
+        return PySQLiteReader(path)
+    except _NeverInitialized:
+        return None
 
 
 def _can_start_process() -> bool:

@@ -140,18 +140,19 @@ pub fn open_sqlite(
     })
 }
 
-/// Opens an existing SQLite checkpoint at `path` for reading only; writes raise.
+/// Opens an existing SQLite checkpoint at `path` for reading only; writes raise. None
+/// for a database never initialized (nothing saved).
 #[pyfunction]
 pub fn open_sqlite_reader(
     py: Python<'_>,
     path: Bound<'_, PyString>,
-) -> PyResult<PySqliteCheckpoint> {
+) -> PyResult<Option<PySqliteCheckpoint>> {
     let os_path: PathBuf = path.extract()?;
-    let inner = py.detach(|| Checkpoint::open_reader(&os_path))?;
-    Ok(PySqliteCheckpoint {
+    let opened = py.detach(|| Checkpoint::open_reader(&os_path))?;
+    Ok(opened.map(|inner| PySqliteCheckpoint {
         path: path.unbind(),
         inner,
-    })
+    }))
 }
 
 fn max_wait(seconds: Option<f64>) -> Result<Option<Duration>, Error> {

@@ -163,8 +163,10 @@ impl Store {
     /// can be changing it then.
     ///
     /// The checks of [`Store::open`] come first: a damaged file is refused before it is
-    /// read, and a format-1 file is read without checksums.
-    pub fn open_read_only(path: &Path) -> Result<Self> {
+    /// read, and a format-1 file is read without checksums. None for a database made
+    /// but never initialized (what a creation cut short leaves, and what
+    /// [`Store::open`] initializes): it reads as a checkpoint with nothing saved.
+    pub fn open_read_only(path: &Path) -> Result<Option<Self>> {
         let name = path.to_string_lossy().into_owned();
         if path.is_file() {
             check_raw_header(path, &name)?;
@@ -186,6 +188,7 @@ impl Store {
                 Ok((conn, header))
             });
             match opened {
+                Ok((_, header)) if header.is_fresh() => return Ok(None),
                 Ok((conn, header)) => {
                     let mut store = Store {
                         path: name,
@@ -202,7 +205,7 @@ impl Store {
                         header.user_version,
                     )?;
                     store.checksummed = format != UNCHECKED_FORMAT;
-                    return Ok(store);
+                    return Ok(Some(store));
                 }
                 Err(err) => last_error = Some(err),
             }
@@ -773,7 +776,7 @@ mod tests {
         let mut writer = Store::open(&path, Synchronous::Normal).unwrap();
         let v1 = writer.add_version("fp1", "{}", None).unwrap();
         writer.append(&[row(1, v1, 0, Some(b"out"))]).unwrap();
-        let reader = Store::open_read_only(&path).unwrap();
+        let reader = Store::open_read_only(&path).unwrap().unwrap();
         assert_eq!(reader.versions().unwrap().len(), 1);
         writer.append(&[row(2, v1, 0, Some(b"two"))]).unwrap();
         assert_eq!(reader.rows_after(Some(v1), 0, 10, false).unwrap().len(), 2);
@@ -789,6 +792,15 @@ mod tests {
             Store::open_read_only(&foreign),
             Err(Error::NotACheckpoint { .. })
         ));
+
+        // Made but never initialized (a creation cut short): nothing saved in it.
+        let made = dir.file("made.db");
+        Connection::open(&made)
+            .unwrap()
+            .execute_batch("PRAGMA journal_mode=WAL")
+            .unwrap();
+        assert!(std::fs::metadata(&made).unwrap().len() > 0);
+        assert!(matches!(Store::open_read_only(&made), Ok(None)));
     }
 
     #[test]

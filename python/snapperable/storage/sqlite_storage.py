@@ -8,7 +8,7 @@ from typing import Optional, TypeVar, Union
 from snapperable import _backend
 from snapperable._contract import SQLITE_APPLICATION_ID, CheckpointReader, CheckpointStore, Synchronous
 from snapperable.errors import CheckpointError
-from snapperable.storage.base import SnapshotStorage
+from snapperable.storage.base import EmptyCheckpoint, SnapshotStorage
 
 R = TypeVar("R")
 
@@ -49,7 +49,8 @@ class SQLiteSnapshotStorage(SnapshotStorage[R]):
         return f"application_id {application_id}"
 
     def _open_reader(self) -> CheckpointReader:
-        return _backend.backend.open_sqlite_reader(self.path)
+        reader = _backend.backend.open_sqlite_reader(self.path)
+        return reader if reader is not None else EmptyCheckpoint(self.path)
 
     def _open_store(self, batch_size: int, max_wait_time: Optional[float]) -> CheckpointStore:
         directory = os.path.dirname(self.path)
