@@ -23,6 +23,7 @@ import logging
 import os
 import pickle
 import random
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -108,6 +109,9 @@ VersionValue = Union[
 VERSION_POLICIES = ("reprocess", "keep", "raise")
 UNREGISTERED = -1  # the id of a version start() has yet to record: no rows have it
 CHUNK = 1024  # inputs keyed and checked against the done set per backend call
+# Chunks keyed while the file's key scan runs, at most (see _key_sets_while_keying): 16 MiB
+# of keys, which start() keeps anyway.
+READ_AHEAD_CHUNKS = 1024
 _NO_PLACEHOLDER: Any = object()  # load() without missing=: leave out what has no output
 
 
@@ -486,7 +490,7 @@ class Snapper(Generic[T, R]):
         return self._version_id
 
     # -- keys ---------------------------------------------------------------------------
-    def _keyed_chunks(self, *, run: bool = False) -> Iterator[tuple[list[T], bytes, dict[int, ItemKeyError]]]:
+    def _keyed_chunks(self, *, run: bool = False) -> Iterator["_KeyedChunk[T]"]:
         """``(chunk, keys, unkeyable)`` for each chunk of the iterable: see ``_keys_of``.
 
         ``run``: an item whose key raises ``ItemKeyError`` ends the chunks after the
@@ -632,7 +636,7 @@ class Snapper(Generic[T, R]):
         with self._holding() as checkpoint:
             store = checkpoint.store
             version = self._register_version(store)
-            skip, failed = store.key_sets(version)
+            skip, failed, keyed = self._key_sets_while_keying(store, version)
             if not self.retry_failed_items:
                 for key in failed:
                     skip.add(key)
@@ -640,7 +644,7 @@ class Snapper(Generic[T, R]):
             progress = Progress(self.progress, total)
             keys = bytearray()
             try:
-                yield checkpoint, version, skip, progress, keys
+                yield checkpoint, version, skip, progress, keys, keyed
                 self._keys = keys
             except BaseException:
                 # A one-shot iterator cannot be read again: a later load() returns the
@@ -654,6 +658,50 @@ class Snapper(Generic[T, R]):
                 finally:
                     progress.close()
             checkpoint.verify_in_place()  # all saved: to the file the path still names?
+
+    def _key_sets_while_keying(
+        self, store: CheckpointStore, version: int
+    ) -> tuple[KeySet, KeySet, Iterator["_KeyedChunk[T]"]]:
+        """``store.key_sets(version)``, and the run's keyed chunks (``_keyed_chunks``): the
+        first ones, up to ``READ_AHEAD_CHUNKS``, keyed while the scan runs.
+
+        The scan of the file runs in a helper thread (the Rust core's releases the GIL)
+        while this one keys the iterable's first chunks, which the run does next anyway:
+        on a resume the two take about as long. Only for an iterable that can be read
+        again (a list, say): a one-shot iterator is read no further ahead than before.
+        What reading ahead raised (a key that cannot be computed, say) is raised after
+        the chunks before it, where a run without reading ahead would raise it.
+        """
+        keyed = self._keyed_chunks(run=True)
+        if iter(self.iterable) is self.iterable:
+            return (*store.key_sets(version), keyed)
+        found: list[Union[tuple[KeySet, KeySet], BaseException]] = []
+
+        def scan() -> None:
+            try:
+                found.append(store.key_sets(version))
+            except BaseException as exc:  # raised below, in this thread
+                found.append(exc)
+
+        thread = threading.Thread(target=scan, name="snapperable-key-scan", daemon=True)
+        thread.start()
+        ahead: list[_KeyedChunk[T]] = []
+        error: Optional[Exception] = None
+        try:
+            while thread.is_alive() and len(ahead) < READ_AHEAD_CHUNKS:
+                try:
+                    ahead.append(next(keyed))
+                except StopIteration:
+                    break
+                except Exception as exc:
+                    error = exc
+                    break
+        finally:
+            thread.join()  # the store is not closed under a scan (say, on Ctrl-C)
+        result = found[0]
+        if isinstance(result, BaseException):
+            raise result
+        return (*result, _chained(ahead, error, keyed))
 
     def _worker_count(self) -> int:
         if self.workers is not None:
@@ -713,13 +761,13 @@ class Snapper(Generic[T, R]):
         """The engine's driver over what ``run`` claims; ``runner=None``: an ``async def fn``."""
         from snapperable import engine
 
-        checkpoint, version, skip, progress, keys_read = run
+        checkpoint, version, skip, progress, keys_read, keyed = run
         workers = self._worker_count()
         drivers: list[engine.Driver] = []  # the one below, for failures found while keying
         claims = (
             (chunk[p], keys[p * KEY_SIZE : (p + 1) * KEY_SIZE])
             for chunk, keys, todo in self._claimed(
-                checkpoint, version, skip, progress, keys_read, lambda error: drivers[0].failed_unrun(error)
+                checkpoint, version, skip, progress, keys_read, keyed, lambda error: drivers[0].failed_unrun(error)
             )
             for p in todo
         )
@@ -757,14 +805,16 @@ class Snapper(Generic[T, R]):
         skip: KeySet,
         progress: Progress,
         keys_read: bytearray,
+        keyed: Iterator["_KeyedChunk[T]"],
         unkeyable_failed: Callable[[BaseException], None],
     ) -> Iterator[tuple[list[T], bytes, list[int]]]:
-        """Per chunk of the iterable: the chunk, its keys, and the positions in it to
-        process (claimed: added to ``skip``). Appends each chunk's keys to ``keys_read``.
+        """Per chunk of ``keyed`` (the iterable's, see ``_key_sets_while_keying``): the
+        chunk, its keys, and the positions in it to process (claimed: added to ``skip``).
+        Appends each chunk's keys to ``keys_read``.
         Items whose key raised (``skip_item_errors``) are recorded as failed here, each
         then reported to ``unkeyable_failed``, which counts it as a failure in a row."""
         store = checkpoint.store
-        for chunk, keys, unkeyable in self._keyed_chunks(run=True):
+        for chunk, keys, unkeyable in keyed:
             checkpoint.verify_in_place()  # a stat per chunk: stop soon after an rm or mv
             keys_read += keys
             todo = skip.claim(keys)  # duplicates within the chunk are claimed once
@@ -789,6 +839,7 @@ class Snapper(Generic[T, R]):
         skip: KeySet,
         progress: Progress,
         keys_read: bytearray,
+        keyed: Iterator["_KeyedChunk[T]"],
     ) -> None:
         """The loop: key a chunk, claim what is not done, have the store process it.
 
@@ -812,7 +863,7 @@ class Snapper(Generic[T, R]):
             consecutive_failures += 1
             self._check_consecutive(consecutive_failures, error)
 
-        for chunk, keys, todo in self._claimed(checkpoint, version, skip, progress, keys_read, unkeyable_failed):
+        for chunk, keys, todo in self._claimed(checkpoint, version, skip, progress, keys_read, keyed, unkeyable_failed):
             while todo:
                 # A live bar gets batches it can follow; else the whole chunk at once.
                 size = progress.batch(len(todo))
@@ -1086,7 +1137,18 @@ class Snapper(Generic[T, R]):
 
 
 # What a run's plan hands to the sequential loop or to the engine (``_running``).
-_Run = tuple[OpenCheckpoint, int, KeySet, Progress, bytearray]
+_Run = tuple[OpenCheckpoint, int, KeySet, Progress, bytearray, Iterator["_KeyedChunk[Any]"]]
+# A chunk of the iterable, its keys, and the items among it whose key cannot be computed
+# (``Snapper._keys_of``).
+_KeyedChunk = tuple[list[T], bytes, dict[int, ItemKeyError]]
+
+
+def _chained(ahead: list[_KeyedChunk[T]], error: Optional[Exception], rest: Iterator[_KeyedChunk[T]]) -> Iterator[_KeyedChunk[T]]:
+    """The chunks keyed ahead, then what reading ahead raised, if anything, or the rest."""
+    yield from ahead
+    if error is not None:
+        raise error
+    yield from rest
 
 
 class _Failed:
