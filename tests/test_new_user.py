@@ -337,6 +337,44 @@ def test_an_interrupt_in_key_is_not_an_item_failure(storage: SnapshotStorage[Any
         Snapper([1, 2, 3], str, snapshot_storage=storage, key=interrupted, skip_item_errors=True).start()
 
 
+class _SlowKeyScan:
+    """A store whose key scan takes long: start() keys its list ahead meanwhile."""
+
+    def __init__(self, store: Any, scanned: list[float]) -> None:
+        self._store = store
+        self._scanned = scanned
+
+    def key_sets(self, version: int) -> Any:
+        time.sleep(0.3)
+        found = self._store.key_sets(version)
+        self._scanned.append(time.monotonic())
+        return found
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_a_key_error_met_while_keying_ahead_comes_after_the_items_before_it(
+    storage: SnapshotStorage[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scanned: list[float] = []
+    opened = type(storage)._open_store
+    monkeypatch.setattr(type(storage), "_open_store", lambda self, *a: _SlowKeyScan(opened(self, *a), scanned))
+    keyed_at: list[float] = []
+
+    def key(x: int) -> int:
+        if x == 2500:
+            keyed_at.append(time.monotonic())
+            raise ValueError("no key for 2500")
+        return x
+
+    with pytest.raises(ItemKeyError, match="position 2500"):
+        Snapper(list(range(3000)), str, snapshot_storage=storage, key=key).start()
+    assert keyed_at[0] < scanned[0], "the list was not keyed while the scan ran"
+    monkeypatch.undo()
+    assert Snapper(list(range(2500)), str, snapshot_storage=storage, key=key).load() == [str(x) for x in range(2500)]
+
+
 # -- item 9: plan() previews under on_version_change="raise"; its text agrees with its counts --
 def double(x: int) -> int:
     return x * 2
