@@ -7,8 +7,8 @@ use rusqlite::Connection;
 
 use super::open::{Reader, Store};
 use super::row_checksum::{checksum_at, head_matches, mismatch, Sequence};
-use super::scan::RowScan;
-use super::schema::{key_at, sqlite_error, wrong_type};
+use super::scan::{scan_seq_range, RowScan};
+use super::schema::{key_at, wrong_type};
 use crate::contract::{KEY_SIZE, STATUS_FAILED, STATUS_OK};
 use crate::errors::{Error, Result};
 use crate::keys::{
@@ -254,43 +254,27 @@ fn scan_key_status(
     keys: &mut Vec<u8>,
     statuses: &mut Vec<i64>,
 ) -> Result<()> {
-    let fail = |e| sqlite_error(path, e);
-    // A format-2 table's rows are numbered from 1 (see `Sequence`).
-    let (first, last) = range.unwrap_or((if checksummed { 1 } else { i64::MIN }, i64::MAX));
-    let mut found = RowScan::new(
-        conn,
-        if checksummed {
-            c"SELECT seq, key, status, checksum, version FROM items \
-              WHERE seq >= ?1 AND seq <= ?2 AND ?3 IS NOT NULL ORDER BY seq"
-        } else {
-            c"SELECT seq, key, status, NULL, version FROM items \
-              WHERE seq >= ?1 AND seq <= ?2 AND version = ?3 ORDER BY seq"
-        },
-        &[first, last, version],
-    )
-    .map_err(fail)?;
-    let mut sequence = Sequence::from(first);
-    while let Some(row) = found.next().map_err(fail)? {
-        let row = &row;
+    let sql = if checksummed {
+        c"SELECT seq, key, status, checksum, version FROM items \
+          WHERE ?1 IS NOT NULL AND seq >= ?2 AND seq <= ?3 ORDER BY seq"
+    } else {
+        c"SELECT seq, key, status, NULL, version FROM items \
+          WHERE version = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY seq"
+    };
+    scan_seq_range(conn, path, checksummed, sql, version, range, |row| {
         let key = key_at(path, row, 1)?;
         let (Some(status), Some(row_version)) = (row.integer(2), row.integer(4)) else {
             return Err(wrong_type(path, row));
         };
-        if checksummed {
-            sequence.check(path, row)?;
-            if !head_matches(&checksum_at(path, row, 3)?, &key, row_version, status) {
-                return Err(mismatch(path, row));
-            }
+        if checksummed && !head_matches(&checksum_at(path, row, 3)?, &key, row_version, status) {
+            return Err(mismatch(path, row));
         }
         if row_version == version {
             keys.extend_from_slice(&key);
             statuses.push(status);
         }
-    }
-    if checksummed && range.is_some() {
-        sequence.finish(path, last)?;
-    }
-    Ok(())
+        Ok(true)
+    })
 }
 
 /// The keys and statuses of the rows of `version` in the inclusive `range`, read through
@@ -343,7 +327,7 @@ fn key_status_rows(keys: &[u8], statuses: Vec<i64>) -> Vec<(Key, i64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::{keys_of, row, rows_across_the_middle, TempDir};
+    use crate::store::tests::{keys_of, row, rows_across_the_middle, split_table, TempDir};
     use crate::store::{ItemRow, Synchronous};
 
     #[test]
@@ -393,11 +377,7 @@ mod tests {
     #[test]
     fn split_scan_finds_exactly_what_one_scan_finds() {
         let dir = TempDir::new();
-        let path = dir.file("run.db");
-        let mut store = Store::open(&path, Synchronous::Normal).unwrap();
-        let v1 = store.add_version("fp1", "{}", None).unwrap();
-        let v2 = store.add_version("fp2", "{}", None).unwrap();
-        store.append(&rows_across_the_middle(v1, v2)).unwrap();
+        let (path, store, v1, v2) = split_table(&dir);
         let (first, split, last) = store.split_point().unwrap().unwrap();
         assert!(first < split && split < last);
         for version in [v1, v2, 99] {

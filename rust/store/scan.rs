@@ -16,6 +16,43 @@ use rusqlite::ffi;
 use rusqlite::types::ValueRef;
 use rusqlite::Connection;
 
+use super::row_checksum::Sequence;
+use super::schema::sqlite_error;
+use crate::errors::Result;
+
+/// Hands each row of `sql` to `each`, in `seq` order, until it returns false. `sql`
+/// reads the items table with `seq` as its first column, and binds `?1` to `version`
+/// and `?2`, `?3` to the inclusive `seq` range (every row if `range` is None). In a
+/// format-2 table (`checksummed`) each row's number is checked before `each` sees it
+/// (see `Sequence`), and a range scanned to its end must have met every row of it.
+pub(super) fn scan_seq_range(
+    conn: &Connection,
+    path: &str,
+    checksummed: bool,
+    sql: &CStr,
+    version: i64,
+    range: Option<(i64, i64)>,
+    mut each: impl FnMut(&ScanRow<'_>) -> Result<bool>,
+) -> Result<()> {
+    let fail = |e| sqlite_error(path, e);
+    // A format-2 table's rows are numbered from 1 (see `Sequence`).
+    let (first, last) = range.unwrap_or((if checksummed { 1 } else { i64::MIN }, i64::MAX));
+    let mut found = RowScan::new(conn, sql, &[version, first, last]).map_err(fail)?;
+    let mut sequence = Sequence::from(first);
+    while let Some(row) = found.next().map_err(fail)? {
+        if checksummed {
+            sequence.check(path, &row)?;
+        }
+        if !each(&row)? {
+            return Ok(());
+        }
+    }
+    if checksummed && range.is_some() {
+        sequence.finish(path, last)?;
+    }
+    Ok(())
+}
+
 /// A prepared query over one connection, finalized when dropped; its rows are read one
 /// at a time ([`RowScan::next`]), each borrowed until the next.
 pub(super) struct RowScan<'conn> {

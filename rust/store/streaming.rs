@@ -11,9 +11,9 @@ use rusqlite::Connection;
 
 use super::key_scan::SPLIT_SCAN_ROWS;
 use super::open::Store;
-use super::row_checksum::{checksum_at, head_matches, mismatch, output_matches, Sequence};
-use super::scan::{RowScan, ScanRow};
-use super::schema::{corrupt_row, key_at, sqlite_error, wrong_type};
+use super::row_checksum::{checksum_at, head_matches, mismatch, output_matches};
+use super::scan::{scan_seq_range, ScanRow};
+use super::schema::{corrupt_row, key_at, wrong_type};
 use crate::contract::{KEY_SIZE, STATUS_OK};
 use crate::errors::{Error, Result};
 use crate::keys::{all_distinct, key_prefix, keys_distinct, Key, KeyMap};
@@ -415,7 +415,7 @@ impl Store {
 
 /// Calls `each` with `(row, key, output)` for each row of `version` with `seq` in the
 /// inclusive `range` (every row if None), in `seq` order, until it returns false: see
-/// [`checked_output`]. A format-2 range scanned to its end must have met every row.
+/// [`checked_output`] and [`scan_seq_range`].
 fn scan_output_range(
     conn: &Connection,
     path: &str,
@@ -424,46 +424,29 @@ fn scan_output_range(
     range: Option<(i64, i64)>,
     mut each: impl FnMut(&ScanRow<'_>, Key, Option<&[u8]>) -> Result<bool>,
 ) -> Result<()> {
-    let fail = |e| sqlite_error(path, e);
-    // A format-2 table's rows are numbered from 1 (see `Sequence`).
-    let (first, last) = range.unwrap_or((if checksummed { 1 } else { i64::MIN }, i64::MAX));
-    let mut found = RowScan::new(
-        conn,
-        if checksummed {
-            // Every row, not only `version`'s: a row whose version number is damaged
-            // must be met (and fail its checksum), not filtered out unseen.
-            c"SELECT seq, key, status, checksum, output, version FROM items \
-              WHERE ?1 IS NOT NULL AND seq >= ?2 AND seq <= ?3 ORDER BY seq"
-        } else {
-            c"SELECT seq, key, status, NULL, output, version FROM items \
-              WHERE version = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY seq"
-        },
-        &[version, first, last],
-    )
-    .map_err(fail)?;
-    let mut sequence = Sequence::from(first);
-    while let Some(row) = found.next().map_err(fail)? {
-        let row = &row;
-        let Some((key, output)) = checked_output(path, checksummed, version, &mut sequence, row)?
-        else {
-            continue;
-        };
-        if !each(row, key, output)? {
-            return Ok(());
+    let sql = if checksummed {
+        // Every row, not only `version`'s: a row whose version number is damaged must
+        // be met (and fail its checksum), not filtered out unseen.
+        c"SELECT seq, key, status, checksum, output, version FROM items \
+          WHERE ?1 IS NOT NULL AND seq >= ?2 AND seq <= ?3 ORDER BY seq"
+    } else {
+        c"SELECT seq, key, status, NULL, output, version FROM items \
+          WHERE version = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY seq"
+    };
+    scan_seq_range(conn, path, checksummed, sql, version, range, |row| {
+        match checked_output(path, checksummed, version, row)? {
+            Some((key, output)) => each(row, key, output),
+            None => Ok(true),
         }
-    }
-    if checksummed && range.is_some() {
-        sequence.finish(path, last)?;
-    }
-    Ok(())
+    })
 }
 
 /// A row's key and, for an ok row that has one, its saved output.
 type KeyedOutput<'r> = (Key, Option<&'r [u8]>);
 
 /// The key and output (of an ok row) of a row of a load's scan, checked: in a format-2
-/// table its number, its head checksum (which covers key, version, status and the
-/// stored CRCs of the rest) and its output, on the values borrowed from SQLite's row
+/// table its head checksum (which covers key, version, status and the stored CRCs of
+/// the rest) and its output (its number is checked by `scan_seq_range`), on the values borrowed from SQLite's row
 /// buffer. None for a row of another version. An output that is neither a blob nor
 /// NULL is damage.
 #[inline]
@@ -471,13 +454,11 @@ fn checked_output<'r>(
     path: &str,
     checksummed: bool,
     version: i64,
-    sequence: &mut Sequence,
     row: &'r ScanRow<'_>,
 ) -> Result<Option<KeyedOutput<'r>>> {
     let key = key_at(path, row, 1)?;
     let status = row.integer(2).ok_or_else(|| wrong_type(path, row))?;
     let checksum = if checksummed {
-        sequence.check(path, row)?;
         let row_version = row.integer(5).ok_or_else(|| wrong_type(path, row))?;
         let checksum = checksum_at(path, row, 3)?;
         if !head_matches(&checksum, &key, row_version, status) {
@@ -569,7 +550,7 @@ impl CheckedRows {
 mod tests {
     use super::*;
     use crate::contract::STATUS_FAILED;
-    use crate::store::tests::{keys_of, row, rows_across_the_middle, TempDir};
+    use crate::store::tests::{keys_of, row, rows_across_the_middle, split_table, TempDir};
     use crate::store::{ItemRow, Synchronous};
 
     /// The outputs `outputs_in_order` sends, and what it found.
@@ -751,11 +732,7 @@ mod tests {
     #[test]
     fn halves_hand_over_exactly_what_one_scan_does() {
         let dir = TempDir::new();
-        let path = dir.file("run.db");
-        let mut store = Store::open(&path, Synchronous::Normal).unwrap();
-        let v1 = store.add_version("fp1", "{}", None).unwrap();
-        let v2 = store.add_version("fp2", "{}", None).unwrap();
-        store.append(&rows_across_the_middle(v1, v2)).unwrap();
+        let (path, store, v1, v2) = split_table(&dir);
         for version in [v1, v2, 99] {
             let single = halves(&store, version, usize::MAX, usize::MAX).unwrap();
             assert_eq!(

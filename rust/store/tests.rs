@@ -32,6 +32,17 @@ pub(crate) fn rows_across_the_middle(v1: i64, v2: i64) -> Vec<ItemRow> {
     rows
 }
 
+/// A store at `run.db` in `dir` with two versions and [`rows_across_the_middle`]:
+/// `(path, store, v1, v2)`, for the tests of a scan split in two halves.
+pub(crate) fn split_table(dir: &TempDir) -> (PathBuf, Store, i64, i64) {
+    let path = dir.file("run.db");
+    let mut store = Store::open(&path, Synchronous::Normal).unwrap();
+    let v1 = store.add_version("fp1", "{}", None).unwrap();
+    let v2 = store.add_version("fp2", "{}", None).unwrap();
+    store.append(&rows_across_the_middle(v1, v2)).unwrap();
+    (path, store, v1, v2)
+}
+
 /// A fresh directory under the system temp dir, removed on drop.
 pub(crate) struct TempDir(pub PathBuf);
 
