@@ -151,8 +151,8 @@ class PySQLiteReader:
                 failure = exc
                 continue
             try:
-                if app_id == 0 and conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None:
-                    raise _NeverInitialized  # as SQLite sees it: a hot journal rolled back
+                if _sqlite_file.never_initialized(conn):
+                    raise _NeverInitialized
                 self._check_existing(conn, header or _sqlite_file.SQLiteHeader(app_id, user_version))
             except BaseException:
                 conn.close()
@@ -423,8 +423,7 @@ class PySQLiteStore(WriterBackedStore, PySQLiteReader):
         conn = self._open_connection(read_only=False)
         try:
             configure(conn, synchronous)
-            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if header is None or (header.application_id == 0 and tables == 0):
+            if header is None or _sqlite_file.never_initialized(conn):
                 # One transaction: a crash leaves either no schema or all of it.
                 conn.executescript(f"BEGIN IMMEDIATE; {_sqlite_file.schema_sql()};")
                 conn.executemany(

@@ -86,6 +86,15 @@ def read_header(path: str) -> Optional[SQLiteHeader]:
     return SQLiteHeader(application_id, user_version)
 
 
+def never_initialized(conn: sqlite3.Connection) -> bool:
+    """A database SQLite made but snapperable never initialized (no application_id, no
+    tables), as ``conn`` sees it (a hot journal rolled back): a new file, or what a crash
+    between its making and the first commit leaves. The store initializes it; a reader
+    reads it as empty. (The Rust core's rule: ``Header::is_fresh``.)"""
+    application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    return application_id == 0 and conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None
+
+
 def _has_log(path: str) -> bool:
     try:
         return os.path.getsize(path + "-wal") > 0

@@ -625,6 +625,11 @@ class Snapper(Generic[T, R]):
             await engine.sync_in_thread(self._driver(run, runner), runner).wait_async()
 
     @property
+    def _one_shot(self) -> bool:
+        """Is the iterable a one-shot iterator (a generator, say), which one read uses up?"""
+        return iter(self.iterable) is self.iterable
+
+    @property
     def _concurrent(self) -> bool:
         """Whether ``start`` needs the engine; else the sequential loop, as it always was."""
         return self._is_async or self.workers is not None or self.executor is not None or self._start_interval is not None
@@ -673,7 +678,7 @@ class Snapper(Generic[T, R]):
         the chunks before it, where a run without reading ahead would raise it.
         """
         keyed = self._keyed_chunks(run=True)
-        if iter(self.iterable) is self.iterable:
+        if self._one_shot:
             return (*store.key_sets(version), keyed)
         found: list[Union[tuple[KeySet, KeySet], BaseException]] = []
 
@@ -1049,7 +1054,7 @@ class Snapper(Generic[T, R]):
         would be used up): its metrics keep ``input_item=None`` unless stored.
         """
         found: dict[bytes, T] = {}
-        if not wanted or iter(self.iterable) is self.iterable:
+        if not wanted or self._one_shot:
             return found
         for chunk, keys, _ in self._keyed_chunks():
             for position, item in enumerate(chunk):
@@ -1078,7 +1083,7 @@ class Snapper(Generic[T, R]):
         by_duration = sorted(metrics, key=lambda m: m.duration)
         extremes = by_duration[:MAX_OUTLIERS] + by_duration[-MAX_OUTLIERS:]  # fast and slow outliers
         wanted = {m.key for m in extremes} | {m.key for m in metrics if not m.success}
-        if iter(self.iterable) is self.iterable and self._keys is None:
+        if self._one_shot and self._keys is None:
             return {}
         try:
             keys = self._current_keys()
@@ -1102,7 +1107,7 @@ class Snapper(Generic[T, R]):
         with self._reading() as store:
             version = self._version_id
             assert version is not None
-            if iter(self.iterable) is not self.iterable:
+            if not self._one_shot:
                 self._keys = None  # re-read: items may have been added since start()
             keys = self._current_keys()
             done, failed = store.key_sets(version)

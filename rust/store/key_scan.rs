@@ -21,6 +21,9 @@ use crate::keys::{
 /// 150 ms for one scan).
 pub(super) const SPLIT_SCAN_ROWS: usize = 100_000;
 
+/// An inclusive range of `seq`.
+pub(super) type SeqRange = (i64, i64);
+
 impl Store {
     /// Keys whose latest row for `version` (for any version if `None`) has `status`.
     pub fn key_set(&self, version: Option<i64>, status: i64) -> Result<KeySet> {
@@ -149,12 +152,7 @@ impl Store {
         let mut keys = Vec::with_capacity(bound.saturating_mul(KEY_SIZE));
         let mut statuses = Vec::with_capacity(bound);
         let _mapped = self.mapped_for_scan()?;
-        let split = if bound > split_above {
-            self.split_point()?
-        } else {
-            None
-        };
-        let Some((first, split, last)) = split else {
+        let Some((earlier_half, later_half)) = self.halves(bound, split_above)? else {
             scan_key_status(
                 &self.conn,
                 &self.path,
@@ -166,22 +164,17 @@ impl Store {
             )?;
             return Ok((keys, statuses));
         };
-        // A format-2 table's rows are numbered from 1 (see `Sequence`): scanned from
-        // there, a damaged first number is a gap, not a row left out.
-        let first = if self.checksummed { 1 } else { first };
         let reader = self.reader();
         let second = std::thread::scope(|scope| {
             let later = std::thread::Builder::new()
                 .name("snapperable-scan".to_owned())
-                .spawn_scoped(scope, || {
-                    scan_with(&reader, version, (split + 1, last), bound)
-                });
+                .spawn_scoped(scope, || scan_with(&reader, version, later_half, bound));
             let earlier = scan_key_status(
                 &self.conn,
                 &self.path,
                 self.checksummed,
                 version,
-                Some((first, split)),
+                Some(earlier_half),
                 &mut keys,
                 &mut statuses,
             );
@@ -206,12 +199,32 @@ impl Store {
                 &self.path,
                 self.checksummed,
                 version,
-                Some((split + 1, last)),
+                Some(later_half),
                 &mut keys,
                 &mut statuses,
             )?,
         }
         Ok((keys, statuses))
+    }
+
+    /// The two inclusive `seq` ranges a scan split in halves reads, one after the other,
+    /// or None for a table of at most `split_above` rows (by `bound`, its
+    /// [`Store::row_bound`]) or one that cannot be split (see [`Store::split_point`]).
+    pub(super) fn halves(
+        &self,
+        bound: usize,
+        split_above: usize,
+    ) -> Result<Option<(SeqRange, SeqRange)>> {
+        if bound <= split_above {
+            return Ok(None);
+        }
+        let Some((first, split, last)) = self.split_point()? else {
+            return Ok(None);
+        };
+        // A format-2 table's rows are numbered from 1 (see `Sequence`): scanned from
+        // there, a damaged first number is a gap, not a row left out.
+        let first = if self.checksummed { 1 } else { first };
+        Ok(Some(((first, split), (split + 1, last))))
     }
 
     /// `(first, split, last)` to scan as `first..=split` and `split + 1..=last`, or

@@ -312,17 +312,15 @@ impl Store {
         mut each: impl FnMut(Key, Option<&[u8]>) -> Result<bool>,
     ) -> Result<()> {
         let bound = self.row_bound()?;
-        let split = if bound > split_above && bound <= CheckedRows::MOST_ROWS {
-            self.split_point()?
+        let halves = if bound <= CheckedRows::MOST_ROWS {
+            self.halves(bound, split_above)?
         } else {
             None
         };
-        let Some((first, split, last)) = split else {
+        let Some((earlier_half, later_half)) = halves else {
             return self.scan_outputs(version, false, |_, key, output| each(key, output));
         };
-        // A format-2 table's rows are numbered from 1 (see `Sequence`).
-        let first = if self.checksummed { 1 } else { first };
-        let later_half = Some((split + 1, last));
+        let later_half = Some(later_half);
         let reader = self.reader();
         let (going, scanned) = std::thread::scope(|scope| -> Result<(bool, bool)> {
             let (sender, batches) = mpsc::sync_channel::<CheckedRows>(CheckedRows::AHEAD);
@@ -344,7 +342,10 @@ impl Store {
                         |_, key, output| {
                             batch.push(key, output);
                             // A send fails once the receiver is gone: it stopped, stop too.
-                            Ok(!batch.is_full() || sender.send(mem::replace(&mut batch, CheckedRows::new())).is_ok())
+                            Ok(!batch.is_full()
+                                || sender
+                                    .send(mem::replace(&mut batch, CheckedRows::new()))
+                                    .is_ok())
                         },
                     );
                     // The rows before a damaged one too: one scan would hand them over
@@ -360,7 +361,7 @@ impl Store {
                 &self.path,
                 self.checksummed,
                 version,
-                Some((first, split)),
+                Some(earlier_half),
                 |_, key, output| {
                     going = each(key, output)?;
                     Ok(going)
@@ -433,12 +434,18 @@ fn scan_output_range(
         c"SELECT seq, key, status, NULL, output, version FROM items \
           WHERE version = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY seq"
     };
-    scan_seq_range(conn, path, checksummed, sql, version, range, |row| {
-        match checked_output(path, checksummed, version, row)? {
+    scan_seq_range(
+        conn,
+        path,
+        checksummed,
+        sql,
+        version,
+        range,
+        |row| match checked_output(path, checksummed, version, row)? {
             Some((key, output)) => each(row, key, output),
             None => Ok(true),
-        }
-    })
+        },
+    )
 }
 
 /// A row's key and, for an ok row that has one, its saved output.
